@@ -1,0 +1,29 @@
+# One command for each chore. `make install` once, then the others.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install lint test run fake-api bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+
+install: $(PY)
+
+lint: $(PY)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+
+test: $(PY)
+	$(PY) -m pytest -q
+
+run: $(PY)
+	$(VENV)/bin/valmi-sidecar run
+
+fake-api: $(PY)
+	$(VENV)/bin/valmi-sidecar fake-api
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist

@@ -1,0 +1,279 @@
+"""The two kinds of event Valmi meters, their validation, and their exact upstream bodies.
+
+Pure functions, no I/O: the receiver decodes and validates a request body here, and the
+store keeps the upstream body that this module produced, byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+import msgspec
+
+Kind = Literal["action", "outcome"]
+KINDS: Final[tuple[Kind, Kind]] = ("action", "outcome")
+
+#: Upstream path of each kind (the same path the sidecar serves locally).
+PATHS: Final[Mapping[Kind, str]] = {"action": "/v1/actions", "outcome": "/v1/outcomes"}
+#: The field that names an event's type, per kind.
+TYPE_FIELDS: Final[Mapping[Kind, str]] = {"action": "action_type", "outcome": "outcome_type"}
+
+MAX_NAME_CHARS: Final = 256
+MAX_TIMESTAMP_CHARS: Final = 64
+MAX_BATCH_EVENTS: Final = 1000
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 255
+
+_REQUIRED: Final[Mapping[Kind, tuple[str, ...]]] = {
+    "action": ("agent_key", "action_type"),
+    "outcome": ("agent_key", "outcome_type", "value"),
+}
+_ALLOWED: Final[Mapping[Kind, frozenset[str]]] = {
+    "action": frozenset({"agent_key", "action_type", "metadata", "timestamp"}),
+    "outcome": frozenset({"agent_key", "outcome_type", "value", "metadata", "timestamp"}),
+}
+_BATCH_FIELDS: Final[Mapping[str, Kind]] = {"actions": "action", "outcomes": "outcome"}
+
+_decoder: Final = msgspec.json.Decoder()
+_encoder: Final = msgspec.json.Encoder()
+_sorted_encoder: Final = msgspec.json.Encoder(order="sorted")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a request body: where (a field path) and what."""
+
+    field: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"field": self.field, "message": self.message}
+
+
+class ValidationError(Exception):
+    """A request body that cannot be accepted; lists every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        where = f"{first.field}: " if first.field else ""
+        super().__init__(f"{where}{first.message}{more}")
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A validated event, stamped at ingest and ready to be stored.
+
+    ``body`` is the exact JSON the flusher sends upstream: the client's fields as sent,
+    with ``timestamp`` filled with the receipt time when the client left it out.
+    ``fingerprint`` identifies what the client sent (before the timestamp was filled), so
+    that a retry with the same ``Idempotency-Key`` and a different body is told apart.
+    """
+
+    id: str
+    idem_key: str
+    kind: Kind
+    body: bytes
+    fingerprint: bytes
+    agent_key: str
+    event_type: str
+    value: float | None
+    received_at: float
+    created_at: str
+
+
+def rfc3339(ts: float) -> str:
+    """Format a Unix time as RFC 3339 UTC with milliseconds: ``2024-01-15T10:30:00.123Z``."""
+    dt = datetime.fromtimestamp(ts, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def new_event_id(ts: float) -> str:
+    """A time-ordered, unique event id: ``evt_`` + 12 hex digits of milliseconds + 16 random."""
+    return f"evt_{int(ts * 1000):012x}{os.urandom(8).hex()}"
+
+
+def decode(raw: bytes) -> Any:
+    """Decode a JSON request body, or raise ``ValidationError`` saying why it is not JSON."""
+    try:
+        return _decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ValidationError([Problem("", f"the body is not valid JSON: {exc}")]) from exc
+
+
+def _check_name(obj: Mapping[str, Any], name: str, where: str, out: list[Problem]) -> None:
+    value = obj.get(name)
+    if name not in obj or value is None:
+        out.append(Problem(where + name, "is required"))
+    elif not isinstance(value, str):
+        out.append(Problem(where + name, f"must be a string, not {_json_type(value)}"))
+    elif not value.strip():
+        out.append(Problem(where + name, "must not be empty"))
+    elif len(value) > MAX_NAME_CHARS:
+        out.append(
+            Problem(where + name, f"must be at most {MAX_NAME_CHARS} characters, not {len(value)}")
+        )
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def check_body(kind: Kind, obj: object, where: str = "") -> list[Problem]:
+    """Every problem with one event body (an empty list when it is valid)."""
+    if not isinstance(obj, dict):
+        return [Problem(where.rstrip("."), f"must be a JSON object, not {_json_type(obj)}")]
+    out: list[Problem] = []
+    for name in _REQUIRED[kind]:
+        if name == "value":
+            continue
+        _check_name(obj, name, where, out)
+    if kind == "outcome":
+        value = obj.get("value")
+        if "value" not in obj or value is None:
+            out.append(Problem(where + "value", "is required"))
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            out.append(Problem(where + "value", f"must be a number, not {_json_type(value)}"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(Problem(where + "value", "must be a finite number"))
+    if "metadata" in obj and not isinstance(obj["metadata"], dict):
+        out.append(
+            Problem(where + "metadata", f"must be an object, not {_json_type(obj['metadata'])}")
+        )
+    if "timestamp" in obj:
+        ts = obj["timestamp"]
+        if not isinstance(ts, str):
+            out.append(
+                Problem(where + "timestamp", f"must be an ISO 8601 string, not {_json_type(ts)}")
+            )
+        elif len(ts) > MAX_TIMESTAMP_CHARS or not _parses_iso8601(ts):
+            out.append(
+                Problem(
+                    where + "timestamp",
+                    "must be an ISO 8601 date-time, such as 2024-01-15T10:30:00Z",
+                )
+            )
+    for name in sorted(set(obj) - _ALLOWED[kind]):
+        allowed = ", ".join(sorted(_ALLOWED[kind]))
+        out.append(Problem(where + name, f"is not a field of an {kind}; allowed: {allowed}"))
+    return out
+
+
+def _parses_iso8601(ts: str) -> bool:
+    try:
+        datetime.fromisoformat(ts)
+    except ValueError:
+        return False
+    return True
+
+
+def _stamp(
+    kind: Kind, obj: dict[str, Any], idem_key: str | None, received_at: float, created_at: str
+) -> NewEvent:
+    fingerprint = hashlib.blake2b(
+        kind.encode() + b"\0" + _sorted_encoder.encode(obj), digest_size=16
+    ).digest()
+    if "timestamp" not in obj:
+        obj = {**obj, "timestamp": created_at}
+    event_id = new_event_id(received_at)
+    value = obj.get("value") if kind == "outcome" else None
+    return NewEvent(
+        id=event_id,
+        idem_key=idem_key if idem_key is not None else event_id,
+        kind=kind,
+        body=_encoder.encode(obj),
+        fingerprint=fingerprint,
+        agent_key=obj["agent_key"],
+        event_type=obj[TYPE_FIELDS[kind]],
+        value=float(value) if value is not None else None,
+        received_at=received_at,
+        created_at=created_at,
+    )
+
+
+def parse_one(
+    kind: Kind, raw: bytes, *, idem_key: str | None = None, now: float | None = None
+) -> NewEvent:
+    """Validate one action or outcome body and stamp it; raise ``ValidationError`` if bad."""
+    obj = decode(raw)
+    problems = check_body(kind, obj)
+    if problems:
+        raise ValidationError(problems)
+    received_at = time.time() if now is None else now
+    return _stamp(kind, obj, idem_key, received_at, rfc3339(received_at))
+
+
+def parse_batch(
+    raw: bytes, *, idem_key: str | None = None, now: float | None = None
+) -> list[NewEvent]:
+    """Validate a ``{"actions": [...], "outcomes": [...]}`` batch, all or nothing.
+
+    Every problem is listed with the index of its event (``actions[3].value``). With an
+    ``Idempotency-Key``, event *i* of the batch (actions first) gets the key ``KEY:i``.
+    """
+    obj = decode(raw)
+    if not isinstance(obj, dict):
+        raise ValidationError(
+            [Problem("", f"the body must be a JSON object, not {_json_type(obj)}")]
+        )
+    problems: list[Problem] = []
+    for name in sorted(set(obj) - set(_BATCH_FIELDS)):
+        problems.append(Problem(name, "is not a field of a batch; allowed: actions, outcomes"))
+    items: list[tuple[Kind, dict[str, Any]]] = []
+    for field, kind in _BATCH_FIELDS.items():
+        if field not in obj:
+            continue
+        entries = obj[field]
+        if not isinstance(entries, list):
+            problems.append(Problem(field, f"must be an array, not {_json_type(entries)}"))
+            continue
+        for i, entry in enumerate(entries):
+            found = check_body(kind, entry, f"{field}[{i}].")
+            problems.extend(found)
+            if not found:
+                items.append((kind, entry))
+    total = sum(len(v) for k, v in obj.items() if k in _BATCH_FIELDS and isinstance(v, list))
+    if not problems and total == 0:
+        problems.append(Problem("", "the batch has no events; send at least one action or outcome"))
+    if total > MAX_BATCH_EVENTS:
+        problems.append(
+            Problem("", f"a batch holds at most {MAX_BATCH_EVENTS} events, not {total}; split it")
+        )
+    if problems:
+        raise ValidationError(problems)
+    received_at = time.time() if now is None else now
+    created_at = rfc3339(received_at)
+    return [
+        _stamp(
+            kind, entry, None if idem_key is None else f"{idem_key}:{i}", received_at, created_at
+        )
+        for i, (kind, entry) in enumerate(items)
+    ]
+
+
+def check_idempotency_key(key: str) -> str | None:
+    """The problem with a client's ``Idempotency-Key`` header, or ``None`` when it is usable."""
+    if not key.strip():
+        return "must not be empty"
+    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        return f"must be at most {MAX_IDEMPOTENCY_KEY_CHARS} characters"
+    if not key.isprintable() or not key.isascii():
+        return "must be printable ASCII"
+    return None
