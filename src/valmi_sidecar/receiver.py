@@ -1,0 +1,315 @@
+"""The local HTTP API (aiohttp): routes, limits, and one error shape for every refusal.
+
+An event is answered ``202`` only after the store committed it. Every refusal has the
+shape ``{"error": {"code": ..., "message": ..., "details": [...]}}`` and stores nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from . import events
+from .config import Settings
+from .events import Kind, NewEvent, ValidationError
+from .store import IdempotencyConflictError, QueueFullError, Store, StoreError
+
+log = structlog.get_logger("valmi_sidecar.receiver")
+
+_encode: Final = msgspec.json.Encoder().encode
+_JSON: Final = "application/json"
+#: Seconds a client should wait before retrying when the sidecar is shutting down.
+RETRY_AFTER_DRAINING_S: Final = 5
+#: Seconds a client should wait before retrying after a failed disk write.
+RETRY_AFTER_STORE_ERROR_S: Final = 2
+
+
+@dataclass
+class Lifecycle:
+    """What the receiver must know of the service's state: ready to accept, or draining."""
+
+    ready: bool = False
+    draining: bool = False
+
+
+StatusFn = Callable[[], dict[str, Any]]
+MetricsFn = Callable[[], bytes]
+
+SETTINGS: Final = web.AppKey("settings", Settings)
+STORE: Final = web.AppKey("store", Store)
+LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
+STATUS: Final = web.AppKey[StatusFn]("status")
+METRICS: Final = web.AppKey[MetricsFn]("metrics")
+
+
+class ApiError(Exception):
+    """A refusal: HTTP status, a stable code, a message saying what to do, details."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Sequence[dict[str, str]] = (),
+        *,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = list(details)
+        self.retry_after_s = retry_after_s
+
+    def response(self) -> web.Response:
+        body = {"error": {"code": self.code, "message": self.message, "details": self.details}}
+        headers = {}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(self.retry_after_s)
+        return web.Response(
+            status=self.status, body=_encode(body), content_type=_JSON, headers=headers
+        )
+
+
+_HTTP_CODES: Final = {
+    404: ("not_found", "no such endpoint; see the README for the local API"),
+    405: ("method_not_allowed", "this endpoint does not take that method"),
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every refusal, aiohttp's own included, in the one error shape."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPRequestEntityTooLarge as exc:
+        return _too_large(request.app[SETTINGS].max_body_bytes, exc.text).response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+        return ApiError(exc.status, code, message).response()
+    except Exception:
+        # A bug, not a refusal: say so without detail (the log has it), and store nothing.
+        log.exception("request_failed", path=request.path)
+        return ApiError(
+            500, "internal_error", "the sidecar failed to handle this request; see its log"
+        ).response()
+
+
+def _too_large(limit: int, _detail: str | None = None) -> ApiError:
+    return ApiError(
+        413,
+        "payload_too_large",
+        f"the body is larger than {limit} bytes; send fewer events per request",
+    )
+
+
+def _check_token(request: web.Request) -> None:
+    token = request.app[SETTINGS].ingest_token
+    if token is None:
+        return  # An agent's own Authorization header (its Valmi key) is ignored.
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    expected = token.reveal().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), expected):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "this sidecar requires its ingest token: send 'Authorization: Bearer <token>'",
+        )
+
+
+def _check_accepting(request: web.Request) -> None:
+    if request.app[LIFECYCLE].draining:
+        raise ApiError(
+            503,
+            "shutting_down",
+            "the sidecar is shutting down; retry shortly (events already accepted are kept)",
+            retry_after_s=RETRY_AFTER_DRAINING_S,
+        )
+
+
+async def _read_json_body(request: web.Request) -> bytes:
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != _JSON and not media.endswith("+json"):
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"the body must be JSON (Content-Type: application/json), not {media or 'empty'}",
+            )
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    return await request.read()
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    problem = events.check_idempotency_key(key)
+    if problem is not None:
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            f"Idempotency-Key {problem}",
+            [{"field": "Idempotency-Key", "message": problem}],
+        )
+    return key
+
+
+async def _store(request: web.Request, new: list[NewEvent]) -> list[Any]:
+    try:
+        return await request.app[STORE].submit(new)
+    except QueueFullError as exc:
+        raise ApiError(
+            503,
+            "queue_full",
+            f"the sidecar's queue is full ({exc}); retry later, nothing was stored",
+            retry_after_s=exc.retry_after_s,
+        ) from exc
+    except IdempotencyConflictError as exc:
+        raise ApiError(
+            409,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with a different body; "
+            "use a new key for a new event",
+            [{"field": "Idempotency-Key", "message": f"already used: {exc.key}"}],
+        ) from exc
+    except StoreError as exc:
+        raise ApiError(
+            503,
+            "store_unavailable",
+            "the sidecar could not write the event to disk; retry shortly, nothing was stored",
+            retry_after_s=RETRY_AFTER_STORE_ERROR_S,
+        ) from exc
+
+
+def _refuse(exc: ValidationError) -> ApiError:
+    return ApiError(
+        400,
+        "invalid_request",
+        str(exc),
+        [p.as_dict() for p in exc.problems],
+    )
+
+
+async def _ingest_one(request: web.Request, kind: Kind) -> web.Response:
+    _check_token(request)
+    _check_accepting(request)
+    raw = await _read_json_body(request)
+    key = _idempotency_key(request)
+    try:
+        event = events.parse_one(kind, raw, idem_key=key)
+    except ValidationError as exc:
+        raise _refuse(exc) from exc
+    (accepted,) = await _store(request, [event])
+    headers = {"Idempotent-Replayed": "true"} if accepted.duplicate else None
+    body = {"id": accepted.id, "status": "queued", "created_at": accepted.created_at}
+    return web.Response(status=202, body=_encode(body), content_type=_JSON, headers=headers)
+
+
+async def post_action(request: web.Request) -> web.Response:
+    return await _ingest_one(request, "action")
+
+
+async def post_outcome(request: web.Request) -> web.Response:
+    return await _ingest_one(request, "outcome")
+
+
+async def post_batch(request: web.Request) -> web.Response:
+    _check_token(request)
+    _check_accepting(request)
+    raw = await _read_json_body(request)
+    key = _idempotency_key(request)
+    try:
+        batch = events.parse_batch(raw, idem_key=key)
+    except ValidationError as exc:
+        raise _refuse(exc) from exc
+    accepted = await _store(request, batch)
+    body = {
+        "status": "queued",
+        "events": [
+            {"kind": ev.kind, "id": a.id, "created_at": a.created_at}
+            for ev, a in zip(batch, accepted, strict=True)
+        ],
+    }
+    headers = {"Idempotent-Replayed": "true"} if all(a.duplicate for a in accepted) else None
+    return web.Response(status=202, body=_encode(body), content_type=_JSON, headers=headers)
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.Response(body=_encode({"status": "alive"}), content_type=_JSON)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    lifecycle = request.app[LIFECYCLE]
+    store = request.app[STORE]
+    settings = request.app[SETTINGS]
+    counts = store.counts()
+    problems = []
+    if not lifecycle.ready:
+        problems.append("starting")
+    if lifecycle.draining:
+        problems.append("shutting down")
+    if not store.writable:
+        problems.append("the database is not writable (disk full or failing?)")
+    if (
+        counts.queued >= settings.max_queue_events
+        or counts.queued_bytes >= settings.max_queue_bytes
+    ):
+        problems.append("the queue is full")
+    if problems:
+        body = {"status": "not_ready", "reasons": problems}
+        return web.Response(status=503, body=_encode(body), content_type=_JSON)
+    return web.Response(body=_encode({"status": "ready"}), content_type=_JSON)
+
+
+async def status(request: web.Request) -> web.Response:
+    _check_token(request)
+    return web.Response(body=_encode(request.app[STATUS]()), content_type=_JSON)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS](), headers={"Content-Type": "text/plain; version=0.0.4"}
+    )
+
+
+def build_app(
+    settings: Settings,
+    lifecycle: Lifecycle,
+    status_fn: StatusFn,
+    metrics_fn: MetricsFn,
+) -> web.Application:
+    """The local API. The caller owns the lifecycle and sets ``app[STORE]`` in a cleanup
+    context before the first request; this module only serves them."""
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[LIFECYCLE] = lifecycle
+    app[STATUS] = status_fn
+    app[METRICS] = metrics_fn
+    app.router.add_post("/v1/actions", post_action)
+    app.router.add_post("/v1/outcomes", post_outcome)
+    app.router.add_post("/v1/batch", post_batch)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

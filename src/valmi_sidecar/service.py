@@ -1,0 +1,277 @@
+"""Wiring and lifecycle: start-up order, signals, the bounded drain, exit codes.
+
+Start-up: settings (given), data-directory lock and database (the store), the upstream
+HTTP client, the flusher, then listen; ``/readyz`` turns 200 only after all of them.
+Shutdown (SIGTERM/SIGINT): ``/readyz`` and new posts turn 503, the listener closes,
+requests in flight finish (``shutdown_grace_s``), the flusher gets a final flush
+(``final_flush_s``), then the client and the store close, in reverse order. Each
+resource is one aiohttp cleanup context, torn down only if its start succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+
+from . import __version__
+from .config import Settings
+from .flusher import Flusher
+from .logs import configure_logging
+from .metrics import render_metrics
+from .receiver import STORE, Lifecycle, build_app
+from .store import Store, StoreError
+from .upstream import Upstream
+
+log = structlog.get_logger("valmi_sidecar.service")
+
+#: Extra seconds allowed for closing the HTTP client and the database.
+CLOSE_TIMEOUT_S: Final = 10.0
+
+
+class Sidecar:
+    """One running sidecar: the resources, their order, and the exit code."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.lifecycle = Lifecycle()
+        self.exit_code = 0
+        self.address: tuple[str, int] | None = None
+        self._store: Store | None = None
+        self._upstream: Upstream | None = None
+        self._flusher: Flusher | None = None
+        self._flusher_task: asyncio.Task[None] | None = None
+        self._stop_requested = asyncio.Event()
+        self._stopping = False
+        self._runner: web.AppRunner | None = None
+        self._started_at = time.time()
+
+    # --- resources, one cleanup context each -------------------------------------
+
+    async def _store_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        s = self.settings
+        self._store = await Store.open(
+            s.data_dir,
+            durability=s.durability,
+            max_queue_bytes=s.max_queue_bytes,
+            max_queue_events=s.max_queue_events,
+            dedup_window_s=s.dedup_window_s,
+        )
+        app[STORE] = self._store
+        try:
+            yield
+        finally:
+            await asyncio.wait_for(self._store.close(), CLOSE_TIMEOUT_S)
+
+    async def _upstream_ctx(self, _app: web.Application) -> AsyncIterator[None]:
+        s = self.settings
+        if s.api_key is None:
+            log.warning(
+                "forwarding_disabled",
+                reason="no API key: set VALMI_API_KEY or VALMI_API_KEY_FILE and restart; "
+                "events are accepted and kept until then",
+            )
+            yield
+            return
+        self._upstream = Upstream(
+            s.api_url,
+            s.api_key,
+            timeout_s=s.upstream_timeout_s,
+            max_connections=s.upstream_concurrency,
+        )
+        try:
+            yield
+        finally:
+            await asyncio.wait_for(self._upstream.aclose(), CLOSE_TIMEOUT_S)
+
+    async def _flusher_ctx(self, _app: web.Application) -> AsyncIterator[None]:
+        assert self._store is not None
+        self._flusher = Flusher(self._store, self._upstream, self.settings)
+        task = asyncio.create_task(self._flusher.run(), name="flusher")
+        task.add_done_callback(self._on_background_done)
+        self._flusher_task = task
+        try:
+            yield
+        finally:
+            await self._final_flush(self._flusher, task)
+
+    async def _final_flush(self, flusher: Flusher, task: asyncio.Task[None]) -> None:
+        bound = self.settings.final_flush_s
+        if not task.done():
+            try:
+                await asyncio.wait_for(flusher.drain(bound), bound + CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                log.error("final_flush_overran", bound_s=bound)
+        if not task.done():
+            task.cancel()
+        # Wait for the task to end; its own failure was already reported by the callback.
+        await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+
+    def _on_background_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            if not self._stopping:
+                log.error("background_task_cancelled", task=task.get_name())
+                self.request_stop(exit_code=1)
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("background_task_crashed", task=task.get_name(), exc_info=exc)
+            self.request_stop(exit_code=1)
+        elif not self._stopping:
+            log.error("background_task_ended", task=task.get_name())
+            self.request_stop(exit_code=1)
+
+    # --- status -------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The JSON for ``/v1/status``: counts that reconcile, queue age, upstream state."""
+        assert self._store is not None
+        c = self._store.counts()
+        now = time.time()
+        flusher = self._flusher
+        state = flusher.state if flusher is not None else "disabled"
+        return {
+            "version": __version__,
+            "ready": self.lifecycle.ready and not self.lifecycle.draining,
+            "draining": self.lifecycle.draining,
+            "uptime_s": round(now - self._started_at, 3),
+            "events": {
+                "received": c.received,
+                "queued": c.queued,
+                "in_flight": flusher.in_flight if flusher is not None else 0,
+                "delivered": c.delivered,
+                "dead_lettered": c.dead_lettered,
+                "duplicates": c.duplicates,
+            },
+            "queue": {
+                "events": c.queued,
+                "bytes": c.queued_bytes,
+                "max_events": self.settings.max_queue_events,
+                "max_bytes": self.settings.max_queue_bytes,
+            },
+            "oldest_queued_age_s": (
+                None if c.oldest_queued_at is None else round(now - c.oldest_queued_at, 3)
+            ),
+            "upstream": {
+                "url": self.settings.api_url,
+                "state": state,
+                "forwarding": self._upstream is not None,
+                "last_error": flusher.last_error if flusher is not None else None,
+            },
+        }
+
+    def _metrics(self) -> bytes:
+        assert self._store is not None
+        flusher = self._flusher
+        return render_metrics(
+            self._store.counts(),
+            in_flight=flusher.in_flight if flusher is not None else 0,
+            upstream_state=flusher.state if flusher is not None else "disabled",
+        )
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def request_stop(self, exit_code: int = 0) -> None:
+        """Ask for a graceful shutdown (what SIGTERM does). The first non-zero code wins."""
+        if exit_code and not self.exit_code:
+            self.exit_code = exit_code
+        self._stop_requested.set()
+
+    async def start(self) -> None:
+        """Open every resource in order, then listen. Raises if any step fails (after
+        tearing down what had started)."""
+        s = self.settings
+        app = build_app(s, self.lifecycle, self.status, self._metrics)
+        app.cleanup_ctx.extend([self._store_ctx, self._upstream_ctx, self._flusher_ctx])
+        # No access log line per request unless asked: aiohttp's own logger, then routed
+        # through structlog by logs.configure_logging.
+        extra: dict[str, Any] = {} if s.access_log else {"access_log": None}
+        runner = web.AppRunner(
+            app, handle_signals=False, shutdown_timeout=s.shutdown_grace_s, **extra
+        )
+        self._runner = runner
+        try:
+            await runner.setup()
+            site = web.TCPSite(runner, s.host, s.port, backlog=1024)
+            await site.start()
+        except BaseException:
+            self._stopping = True
+            await runner.cleanup()
+            raise
+        host, port = runner.addresses[0][:2]
+        self.address = (host, port)
+        self.lifecycle.ready = True
+        log.info(
+            "sidecar_ready",
+            listen=f"{host}:{port}",
+            data_dir=str(s.data_dir),
+            durability=s.durability,
+            forwarding=self._upstream is not None,
+            queued=self._store.counts().queued if self._store else 0,
+            version=__version__,
+        )
+
+    async def stop(self) -> None:
+        """The bounded drain: stop intake, finish requests, final flush, close in reverse."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.lifecycle.draining = True
+        log.info("shutdown_started")
+        runner = self._runner
+        if runner is not None:
+            bound = (
+                self.settings.shutdown_grace_s + self.settings.final_flush_s + 3 * CLOSE_TIMEOUT_S
+            )
+            try:
+                await asyncio.wait_for(runner.cleanup(), bound)
+            except TimeoutError:
+                log.error("shutdown_overran", bound_s=bound)
+                self.exit_code = self.exit_code or 1
+        counts = self._store.counts() if self._store is not None else None
+        log.info(
+            "shutdown_complete",
+            queued=counts.queued if counts else None,
+            delivered=counts.delivered if counts else None,
+            exit_code=self.exit_code,
+        )
+
+    async def serve(self) -> int:
+        """Run until SIGTERM/SIGINT or a background failure; return the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            try:
+                await self.start()
+            except (StoreError, OSError) as exc:
+                log.error("startup_failed", error=str(exc))
+                return 1
+            await self._stop_requested.wait()
+            await self.stop()
+            return self.exit_code
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
+def _loop_factory() -> Any:
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: PLC0415 (optional: Linux only)
+
+        return uvloop.new_event_loop
+    return None
+
+
+def run(settings: Settings) -> int:
+    """Run the sidecar in the foreground; the exit code for the process."""
+    secrets = [s.reveal() for s in (settings.api_key, settings.ingest_token) if s is not None]
+    configure_logging(settings.log_level, settings.log_format, secrets)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(Sidecar(settings).serve())
