@@ -1,0 +1,311 @@
+"""The local HTTP API, through a real sidecar on 127.0.0.1: answers, refusals, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from valmi_sidecar.config import Secret
+from valmi_sidecar.fake_api import FakeValmi
+
+from .conftest import ACTION, OUTCOME, SidecarFactory, wait_until
+
+
+def error_of(resp: httpx.Response) -> dict[str, Any]:
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert {"code", "message", "details"} <= set(body["error"])
+    err: dict[str, Any] = body["error"]
+    return err
+
+
+async def test_action_is_answered_202_with_id_and_receipt_time(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    resp = await client.post(f"{url}/v1/actions", json=ACTION)
+    assert 202 == resp.status_code
+    body = resp.json()
+    assert "queued" == body["status"]
+    assert body["id"].startswith("evt_")
+    assert body["created_at"].endswith("Z")
+
+
+async def test_outcome_is_answered_202(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    resp = await client.post(f"{url}/v1/outcomes", json=OUTCOME)
+    assert 202 == resp.status_code
+
+
+async def test_bad_fields_are_refused_400_listing_every_problem_and_nothing_is_stored(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    sidecar, url = await sidecar_factory()
+    resp = await client.post(
+        f"{url}/v1/outcomes", json={"agent_key": "", "value": True, "metadata": [], "x": 1}
+    )
+    assert 400 == resp.status_code
+    err = error_of(resp)
+    assert "invalid_request" == err["code"]
+    assert {"agent_key", "outcome_type", "value", "metadata", "x"} == {
+        d["field"] for d in err["details"]
+    }
+    assert 0 == (await client.get(f"{url}/v1/status")).json()["events"]["received"]
+    assert sidecar.exit_code == 0
+
+
+async def test_malformed_json_is_refused_400(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    resp = await client.post(
+        f"{url}/v1/actions", content=b'{"agent_key": ', headers={"Content-Type": "application/json"}
+    )
+    assert 400 == resp.status_code
+    assert "not valid JSON" in error_of(resp)["message"]
+
+
+async def test_body_over_one_mebibyte_is_refused_413(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    big = {**ACTION, "metadata": {"blob": "x" * (1024 * 1024)}}
+    resp = await client.post(f"{url}/v1/actions", json=big)
+    assert 413 == resp.status_code
+    assert "payload_too_large" == error_of(resp)["code"]
+
+
+async def test_body_over_the_limit_without_content_length_is_refused_413(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+
+    async def chunks() -> Any:
+        for _ in range(40):
+            yield b"x" * 65536
+
+    resp = await client.post(f"{url}/v1/actions", content=chunks())
+    assert 413 == resp.status_code
+    assert "payload_too_large" == error_of(resp)["code"]
+
+
+async def test_non_json_content_type_is_refused_415(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    resp = await client.post(
+        f"{url}/v1/actions", content=json.dumps(ACTION), headers={"Content-Type": "text/plain"}
+    )
+    assert 415 == resp.status_code
+    assert "unsupported_media_type" == error_of(resp)["code"]
+
+
+async def test_missing_content_type_is_taken_as_json(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    req = client.build_request("POST", f"{url}/v1/actions", content=json.dumps(ACTION).encode())
+    del req.headers["Content-Type"]
+    resp = await client.send(req)
+    assert 202 == resp.status_code
+
+
+async def test_agent_authorization_header_is_ignored_without_an_ingest_token(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    resp = await client.post(
+        f"{url}/v1/actions", json=ACTION, headers={"Authorization": "Bearer sk_api_abc123xyz"}
+    )
+    assert 202 == resp.status_code
+
+
+async def test_ingest_token_is_required_when_set(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory(ingest_token=Secret("tok-123"))
+    missing = await client.post(f"{url}/v1/actions", json=ACTION)
+    wrong = await client.post(
+        f"{url}/v1/actions", json=ACTION, headers={"Authorization": "Bearer nope"}
+    )
+    right = await client.post(
+        f"{url}/v1/actions", json=ACTION, headers={"Authorization": "Bearer tok-123"}
+    )
+    assert [401, 401, 202] == [missing.status_code, wrong.status_code, right.status_code]
+    assert "unauthorized" == error_of(missing)["code"]
+    assert "tok-123" not in missing.text
+
+
+async def test_retry_with_same_idempotency_key_returns_original_and_stores_nothing(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    headers = {"Idempotency-Key": "order-42"}
+    first = await client.post(f"{url}/v1/actions", json=ACTION, headers=headers)
+    again = await client.post(f"{url}/v1/actions", json=ACTION, headers=headers)
+    assert [202, 202] == [first.status_code, again.status_code]
+    assert first.json() == again.json()
+    assert "true" == again.headers["Idempotent-Replayed"]
+    events = (await client.get(f"{url}/v1/status")).json()["events"]
+    assert (1, 1) == (events["received"], events["duplicates"])
+
+
+async def test_same_idempotency_key_with_another_body_is_409(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    headers = {"Idempotency-Key": "order-43"}
+    await client.post(f"{url}/v1/actions", json=ACTION, headers=headers)
+    other = await client.post(
+        f"{url}/v1/actions", json={**ACTION, "action_type": "tool_call"}, headers=headers
+    )
+    assert 409 == other.status_code
+    assert "idempotency_key_reused" == error_of(other)["code"]
+
+
+async def test_bad_idempotency_key_is_refused_400(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    resp = await client.post(f"{url}/v1/actions", json=ACTION, headers={"Idempotency-Key": " "})
+    assert 400 == resp.status_code
+    assert "invalid_idempotency_key" == error_of(resp)["code"]
+
+
+async def test_batch_is_accepted_whole(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    resp = await client.post(
+        f"{url}/v1/batch", json={"actions": [ACTION, ACTION], "outcomes": [OUTCOME]}
+    )
+    assert 202 == resp.status_code
+    assert ["action", "action", "outcome"] == [e["kind"] for e in resp.json()["events"]]
+    assert 3 == (await client.get(f"{url}/v1/status")).json()["events"]["received"]
+
+
+async def test_batch_with_one_bad_event_stores_none(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    resp = await client.post(
+        f"{url}/v1/batch", json={"actions": [ACTION, {"agent_key": "a"}], "outcomes": [OUTCOME]}
+    )
+    assert 400 == resp.status_code
+    assert ["actions[1].action_type"] == [d["field"] for d in error_of(resp)["details"]]
+    assert 0 == (await client.get(f"{url}/v1/status")).json()["events"]["received"]
+
+
+async def test_full_queue_answers_503_with_retry_after_and_keeps_what_it_has(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory(max_queue_events=3)
+    answers = [(await client.post(f"{url}/v1/actions", json=ACTION)).status_code for _ in range(4)]
+    assert [202, 202, 202, 503] == answers
+    full = await client.post(f"{url}/v1/actions", json=ACTION)
+    assert "queue_full" == error_of(full)["code"]
+    assert int(full.headers["Retry-After"]) > 0
+    assert 503 == (await client.get(f"{url}/readyz")).status_code
+    assert 3 == (await client.get(f"{url}/v1/status")).json()["events"]["queued"]
+
+
+async def test_unknown_path_and_method_use_the_error_shape(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    missing = await client.get(f"{url}/v1/nope")
+    wrong_method = await client.get(f"{url}/v1/actions")
+    assert (404, "not_found") == (missing.status_code, error_of(missing)["code"])
+    assert (405, "method_not_allowed") == (
+        wrong_method.status_code,
+        error_of(wrong_method)["code"],
+    )
+
+
+async def test_health_ready_and_status_report_the_sidecar(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient, fake: FakeValmi
+) -> None:
+    _, url = await sidecar_factory(fake.url)
+    assert 200 == (await client.get(f"{url}/healthz")).status_code
+    assert 200 == (await client.get(f"{url}/readyz")).status_code
+    await client.post(f"{url}/v1/actions", json=ACTION)
+    await wait_until(lambda: len(fake.received) == 1, what="delivery")
+
+    async def delivered() -> bool:
+        status = (await client.get(f"{url}/v1/status")).json()
+        return bool(status["events"]["delivered"] == 1)
+
+    await wait_until(delivered, what="status shows delivered")
+    status = (await client.get(f"{url}/v1/status")).json()
+    ev = status["events"]
+    assert ev["received"] == ev["queued"] + ev["delivered"] + ev["dead_lettered"]
+    assert "ok" == status["upstream"]["state"]
+    assert status["oldest_queued_age_s"] is None
+
+
+async def test_status_says_forwarding_is_disabled_without_an_api_key(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory(None)
+    assert 202 == (await client.post(f"{url}/v1/actions", json=ACTION)).status_code
+    status = (await client.get(f"{url}/v1/status")).json()
+    assert "disabled" == status["upstream"]["state"]
+    assert status["upstream"]["forwarding"] is False
+    assert 1 == status["events"]["queued"]
+
+
+async def test_metrics_reconcile_with_status(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory(None)
+    for _ in range(3):
+        await client.post(f"{url}/v1/actions", json=ACTION)
+    text = (await client.get(f"{url}/metrics")).text
+    assert "valmi_sidecar_events_received_total 3.0" in text
+    assert "valmi_sidecar_queue_events 3.0" in text
+    assert 'valmi_sidecar_upstream_state{state="disabled"} 1.0' in text
+
+
+async def test_draining_sidecar_refuses_new_posts_503_and_is_not_ready(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    sidecar, url = await sidecar_factory(None)
+    sidecar.lifecycle.draining = True
+    resp = await client.post(f"{url}/v1/actions", json=ACTION)
+    assert 503 == resp.status_code
+    assert "shutting_down" == error_of(resp)["code"]
+    assert "Retry-After" in resp.headers
+    assert 503 == (await client.get(f"{url}/readyz")).status_code
+    sidecar.lifecycle.draining = False
+
+
+async def test_concurrent_posts_are_all_stored(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory(None)
+    answers = await asyncio.gather(
+        *(client.post(f"{url}/v1/actions", json=ACTION) for _ in range(200))
+    )
+    assert {202} == {r.status_code for r in answers}
+    assert 200 == len({r.json()["id"] for r in answers})
+    assert 200 == (await client.get(f"{url}/v1/status")).json()["events"]["queued"]
+
+
+@pytest.mark.parametrize("path", ["/v1/actions", "/v1/batch"])
+async def test_events_survive_a_restart_on_the_same_data_dir(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient, tmp_path: Path, path: str
+) -> None:
+    data = tmp_path / "restart"
+    sidecar, url = await sidecar_factory(None, data_dir=data)
+    payload: Any = ACTION if path == "/v1/actions" else {"actions": [ACTION]}
+    assert 202 == (await client.post(f"{url}{path}", json=payload)).status_code
+    await sidecar.stop()
+    _, url2 = await sidecar_factory(None, data_dir=data)
+    assert 1 == (await client.get(f"{url2}/v1/status")).json()["events"]["queued"]
