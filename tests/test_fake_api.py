@@ -1,4 +1,7 @@
-"""The fake Valmi API: a real server on loopback, driven with httpx."""
+"""The fake Valmi API: a real server on loopback, driven with httpx.
+
+The ``fake`` fixture (a started ``FakeValmi`` on 127.0.0.1, port 0) is in conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -39,12 +42,8 @@ async def make_fake() -> AsyncIterator[MakeFake]:
 
 
 @pytest.fixture
-async def fake(make_fake: MakeFake) -> FakeValmi:
-    return await make_fake(seed=1)
-
-
-@pytest.fixture
-async def client(fake: FakeValmi) -> AsyncIterator[httpx.AsyncClient]:
+async def api(fake: FakeValmi) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the ``fake`` fixture (tests/conftest.py) that sends the right key."""
     async with httpx.AsyncClient(base_url=fake.url, headers=AUTH, timeout=5.0) as c:
         yield c
 
@@ -58,17 +57,17 @@ class FakeClock:
 
 
 async def test_accepts_an_action_and_an_outcome_and_lists_them(
-    fake: FakeValmi, client: httpx.AsyncClient
+    fake: FakeValmi, api: httpx.AsyncClient
 ) -> None:
-    a = await client.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k1"})
-    o = await client.post("/v1/outcomes", json=OUTCOME)
+    a = await api.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k1"})
+    o = await api.post("/v1/outcomes", json=OUTCOME)
 
     assert (200, 200) == (a.status_code, o.status_code)
     assert a.json()["id"].startswith("action_")
     assert o.json()["id"].startswith("outcome_")
     assert "processed" == a.json()["status"]
     assert a.json()["created_at"].endswith("Z")
-    listed = (await client.get("/_fake/received")).json()
+    listed = (await api.get("/_fake/received")).json()
     assert [
         {"idem_key": "k1", "kind": "action", "body": ACTION, "id": a.json()["id"], "attempts": 1},
         {"idem_key": None, "kind": "outcome", "body": OUTCOME, "id": o.json()["id"], "attempts": 1},
@@ -100,9 +99,9 @@ async def test_refuses_a_wrong_or_missing_key_with_401(
 
 
 async def test_refuses_a_bad_body_with_400_listing_every_problem(
-    fake: FakeValmi, client: httpx.AsyncClient
+    fake: FakeValmi, api: httpx.AsyncClient
 ) -> None:
-    r = await client.post("/v1/outcomes", json={"agent_key": "", "value": "x", "extra": 1})
+    r = await api.post("/v1/outcomes", json={"agent_key": "", "value": "x", "extra": 1})
 
     assert 400 == r.status_code
     error = r.json()["error"]
@@ -111,18 +110,18 @@ async def test_refuses_a_bad_body_with_400_listing_every_problem(
     assert [] == fake.events()
 
 
-async def test_refuses_a_body_that_is_not_json_with_400(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/actions", content=b"{nope")
+async def test_refuses_a_body_that_is_not_json_with_400(api: httpx.AsyncClient) -> None:
+    r = await api.post("/v1/actions", content=b"{nope")
 
     assert 400 == r.status_code
     assert "not valid JSON" in r.json()["error"]["message"]
 
 
 async def test_a_repeated_idempotency_key_returns_the_original_answer(
-    fake: FakeValmi, client: httpx.AsyncClient
+    fake: FakeValmi, api: httpx.AsyncClient
 ) -> None:
-    first = await client.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k"})
-    again = await client.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k"})
+    first = await api.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k"})
+    again = await api.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k"})
 
     assert 200 == again.status_code
     assert first.json() == again.json()
@@ -131,10 +130,10 @@ async def test_a_repeated_idempotency_key_returns_the_original_answer(
 
 
 async def test_requests_without_a_key_are_each_stored(
-    fake: FakeValmi, client: httpx.AsyncClient
+    fake: FakeValmi, api: httpx.AsyncClient
 ) -> None:
     for _ in range(2):
-        assert 200 == (await client.post("/v1/actions", json=ACTION)).status_code
+        assert 200 == (await api.post("/v1/actions", json=ACTION)).status_code
 
     assert [None, None] == [r.idem_key for r in fake.events()]
     assert 0 == fake.duplicates
@@ -184,12 +183,12 @@ async def test_rate_limit_window_starts_again_after_60_seconds(make_fake: MakeFa
 
 
 async def test_error_rate_one_answers_every_request_with_error_status(
-    fake: FakeValmi, client: httpx.AsyncClient
+    fake: FakeValmi, api: httpx.AsyncClient
 ) -> None:
     fake.faults.error_rate = 1.0
     fake.faults.error_status = 502
 
-    answers = [await client.post("/v1/actions", json=ACTION) for _ in range(3)]
+    answers = [await api.post("/v1/actions", json=ACTION) for _ in range(3)]
 
     assert [502, 502, 502] == [r.status_code for r in answers]
     assert [] == fake.events()
@@ -209,39 +208,39 @@ async def test_error_rate_is_reproducible_with_a_seed(make_fake: MakeFake) -> No
 
 
 async def test_unauthorized_fault_refuses_even_a_good_key(
-    fake: FakeValmi, client: httpx.AsyncClient
+    fake: FakeValmi, api: httpx.AsyncClient
 ) -> None:
     fake.faults.unauthorized = True
 
-    assert 401 == (await client.post("/v1/actions", json=ACTION)).status_code
+    assert 401 == (await api.post("/v1/actions", json=ACTION)).status_code
 
 
 async def test_rate_limited_fault_answers_429_with_retry_after(
-    fake: FakeValmi, client: httpx.AsyncClient
+    fake: FakeValmi, api: httpx.AsyncClient
 ) -> None:
     fake.faults = Faults(rate_limited=True, retry_after_s=3.0)
 
-    r = await client.post("/v1/actions", json=ACTION)
+    r = await api.post("/v1/actions", json=ACTION)
 
     assert (429, "3") == (r.status_code, r.headers["Retry-After"])
     assert "rate_limited" == r.json()["error"]["code"]
 
 
-async def test_latency_delays_the_answer(fake: FakeValmi, client: httpx.AsyncClient) -> None:
+async def test_latency_delays_the_answer(fake: FakeValmi, api: httpx.AsyncClient) -> None:
     fake.faults.latency_s = 0.2
     started = time.monotonic()
 
-    r = await client.post("/v1/actions", json=ACTION)
+    r = await api.post("/v1/actions", json=ACTION)
 
     assert 200 == r.status_code
     assert time.monotonic() - started >= 0.2
 
 
 async def test_hang_holds_the_answer_until_switched_off(
-    fake: FakeValmi, client: httpx.AsyncClient
+    fake: FakeValmi, api: httpx.AsyncClient
 ) -> None:
     fake.faults.hang = True
-    pending = asyncio.create_task(client.post("/v1/actions", json=ACTION))
+    pending = asyncio.create_task(api.post("/v1/actions", json=ACTION))
     await fake.wait_until(lambda: fake.requests == 1)
     done, _ = await asyncio.wait({pending}, timeout=0.1)
     assert set() == done
@@ -270,43 +269,43 @@ async def test_stop_drops_a_hanging_request_promptly(make_fake: MakeFake) -> Non
 
 
 async def test_reset_after_store_stores_the_event_and_drops_the_connection(
-    fake: FakeValmi, client: httpx.AsyncClient
+    fake: FakeValmi, api: httpx.AsyncClient
 ) -> None:
     fake.faults.reset_after_store = True
 
     with pytest.raises(httpx.TransportError):
-        await client.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k"})
+        await api.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k"})
 
     assert ["k"] == [r.idem_key for r in fake.events()]
     assert (1, {}) == (fake.dropped, fake.status_counts)
     fake.faults.reset_after_store = False
-    retry = await client.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k"})
+    retry = await api.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k"})
     assert (200, fake.events()[0].id) == (retry.status_code, retry.json()["id"])
 
 
 async def test_go_down_refuses_connections_and_go_up_serves_on_the_same_port(
-    fake: FakeValmi, client: httpx.AsyncClient
+    fake: FakeValmi, api: httpx.AsyncClient
 ) -> None:
-    assert 200 == (await client.post("/v1/actions", json=ACTION)).status_code
+    assert 200 == (await api.post("/v1/actions", json=ACTION)).status_code
     port = fake.port
 
     await fake.go_down()
     with pytest.raises(httpx.ConnectError):
-        await client.post("/v1/actions", json=ACTION)
+        await api.post("/v1/actions", json=ACTION)
     await fake.go_up()
 
     assert port == fake.port
-    assert 200 == (await client.post("/v1/actions", json=ACTION)).status_code
+    assert 200 == (await api.post("/v1/actions", json=ACTION)).status_code
     assert (2, 2) == (len(fake.events()), fake.requests)
 
 
-async def test_control_endpoint_sets_faults(fake: FakeValmi, client: httpx.AsyncClient) -> None:
-    r = await client.post("/_fake/faults", json={"error_rate": 1, "error_status": 500})
+async def test_control_endpoint_sets_faults(fake: FakeValmi, api: httpx.AsyncClient) -> None:
+    r = await api.post("/_fake/faults", json={"error_rate": 1, "error_status": 500})
 
     assert 200 == r.status_code
     assert (1.0, 500) == (r.json()["error_rate"], r.json()["error_status"])
     assert Faults(error_rate=1, error_status=500) == fake.faults
-    assert 500 == (await client.post("/v1/actions", json=ACTION)).status_code
+    assert 500 == (await api.post("/v1/actions", json=ACTION)).status_code
 
 
 @pytest.mark.parametrize(
@@ -320,9 +319,9 @@ async def test_control_endpoint_sets_faults(fake: FakeValmi, client: httpx.Async
     ],
 )
 async def test_control_endpoint_rejects_unknown_fields_and_bad_values(
-    fake: FakeValmi, client: httpx.AsyncClient, change: dict[str, Any], field: str
+    fake: FakeValmi, api: httpx.AsyncClient, change: dict[str, Any], field: str
 ) -> None:
-    r = await client.post("/_fake/faults", json={"unauthorized": True, **change})
+    r = await api.post("/_fake/faults", json={"unauthorized": True, **change})
 
     assert 400 == r.status_code
     assert [field] == [d["field"] for d in r.json()["error"]["details"]]
@@ -335,25 +334,25 @@ async def test_set_faults_rejects_an_unknown_field(fake: FakeValmi) -> None:
 
 
 async def test_control_reset_clears_events_and_counters(
-    fake: FakeValmi, client: httpx.AsyncClient
+    fake: FakeValmi, api: httpx.AsyncClient
 ) -> None:
-    await client.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k"})
-    await client.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k"})
+    await api.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k"})
+    await api.post("/v1/actions", json=ACTION, headers={"Idempotency-Key": "k"})
 
-    r = await client.post("/_fake/reset")
+    r = await api.post("/_fake/reset")
 
     assert 200 == r.status_code
     assert {"events": [], "requests": 0, "duplicates": 0, "dropped": 0, "status_counts": {}} == (
-        (await client.get("/_fake/received")).json()
+        (await api.get("/_fake/received")).json()
     )
     assert [] == fake.arrival_times
 
 
-async def test_received_filters_by_kind(client: httpx.AsyncClient) -> None:
-    await client.post("/v1/actions", json=ACTION)
-    await client.post("/v1/outcomes", json=OUTCOME)
+async def test_received_filters_by_kind(api: httpx.AsyncClient) -> None:
+    await api.post("/v1/actions", json=ACTION)
+    await api.post("/v1/outcomes", json=OUTCOME)
 
-    listed = (await client.get("/_fake/received", params={"kind": "outcome"})).json()
+    listed = (await api.get("/_fake/received", params={"kind": "outcome"})).json()
 
     assert ["outcome"] == [e["kind"] for e in listed["events"]]
 
