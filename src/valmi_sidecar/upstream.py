@@ -1,22 +1,49 @@
 """The httpx client for the Valmi API, and the classification of its answers.
 
-INTERFACE STUB: the signatures below are the contract other modules code against.
+``classify`` and ``classify_exception`` are pure: they turn one upstream answer (a status,
+headers and a body excerpt, or the exception a request raised) into an ``Answer`` that
+says what it means for the event (delivered, retry, dead letter) and for the flusher
+(pause; how long to wait). ``Upstream`` is the I/O edge: one pooled keep-alive client that
+sends an event's stored body, byte for byte, with its idempotency key.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import Final, Literal
 
+import httpx
+
+from . import __version__
 from .config import Secret
+from .events import PATHS
 from .store import QueuedEvent
 
 Verdict = Literal["delivered", "retry", "dead_letter", "pause"]
 
+#: The longest body excerpt an ``Answer.error`` carries.
+EXCERPT_CHARS: Final = 500
+#: ``X-RateLimit-Reset`` values above this are Unix times; at or below, seconds from now.
+EPOCH_THRESHOLD: Final = 1e9
+USER_AGENT: Final = f"valmi-sidecar/{__version__}"
+
+_RETRY_STATUSES: Final = frozenset({408, 425, 429})
+_DEAD_LETTER_STATUSES: Final = frozenset({400, 413, 422})
+_REDACTED: Final = "[redacted]"
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """What one upstream attempt means for the event and for the flusher."""
+    """What one upstream attempt means for the event and for the flusher.
+
+    ``retry_after_s`` and ``rate_limit_reset_s`` are durations in seconds from the moment
+    the answer was classified (never negative); ``None`` when upstream did not say.
+    """
 
     verdict: Verdict
     status: int | None
@@ -26,14 +53,202 @@ class Answer:
     rate_limit_reset_s: float | None = None
 
 
+def excerpt(body: str | bytes, limit: int = EXCERPT_CHARS) -> str:
+    """A one-line excerpt of a response body, at most ``limit`` characters."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    text = " ".join(text[: limit * 4].split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delay-seconds or an HTTP-date; ``None`` if absent
+    or unreadable. A date in the past gives ``0.0``."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" or no zone: HTTP-dates are always GMT
+        when = when.replace(tzinfo=UTC)
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+def parse_rate_limit(
+    headers: Mapping[str, str], *, now: float | None = None
+) -> tuple[int | None, float | None]:
+    """``(X-RateLimit-Remaining, X-RateLimit-Reset as seconds from now)`` from response
+    headers (any letter case); each ``None`` when absent or unreadable. A reset above 1e9 is
+    a Unix time, else a number of seconds."""
+    lowered = _lowered(headers)
+    remaining: int | None = None
+    raw = lowered.get("x-ratelimit-remaining")
+    if raw is not None:
+        try:
+            remaining = max(0, int(float(raw.strip())))
+        except (ValueError, OverflowError):
+            remaining = None
+    reset_s: float | None = None
+    raw = lowered.get("x-ratelimit-reset")
+    if raw is not None:
+        try:
+            reset = float(raw.strip())
+        except ValueError:
+            reset = None
+        if reset is not None and math.isfinite(reset):
+            if reset > EPOCH_THRESHOLD:
+                current = time.time() if now is None else now
+                reset_s = max(0.0, reset - current)
+            else:
+                reset_s = max(0.0, reset)
+    return remaining, reset_s
+
+
+def classify(
+    status: int, headers: Mapping[str, str], body_excerpt: str, *, now: float | None = None
+) -> Answer:
+    """What an upstream HTTP answer means. Pure; ``now`` is the Unix time for HTTP-dates.
+
+    2xx and 409 are delivered; 408, 425, 429 and 5xx are retried; 400, 413 and 422
+    dead-letter the event; 401, 403, 404 and anything else (redirects, other 4xx) pause
+    forwarding, because a wrong key or URL must never dead-letter the queue.
+    """
+    lowered = _lowered(headers)
+    remaining, reset_s = parse_rate_limit(lowered, now=now)
+    detail = excerpt(body_excerpt) or "(empty body)"
+
+    def answer(verdict: Verdict, error: str, retry_after_s: float | None = None) -> Answer:
+        return Answer(
+            verdict=verdict,
+            status=status,
+            error=error,
+            retry_after_s=retry_after_s,
+            rate_limit_remaining=remaining,
+            rate_limit_reset_s=reset_s,
+        )
+
+    if 200 <= status < 300:
+        return answer("delivered", "")
+    if status == 409:
+        return answer(
+            "delivered", "HTTP 409: upstream already has this idempotency key; counted as delivered"
+        )
+    if status in _RETRY_STATUSES or 500 <= status < 600:
+        retry_after = parse_retry_after(lowered.get("retry-after"), now=now)
+        return answer("retry", f"HTTP {status}: {detail}", retry_after)
+    if status in _DEAD_LETTER_STATUSES:
+        return answer("dead_letter", f"HTTP {status}: {detail}")
+    if status == 401:
+        return answer("pause", f"HTTP 401: upstream refused the API key; check api_key ({detail})")
+    if status == 403:
+        return answer(
+            "pause",
+            f"HTTP 403: the API key may not use this endpoint; check api_key and its permissions ({detail})",
+        )
+    if status == 404:
+        return answer(
+            "pause",
+            f"HTTP 404: no such endpoint upstream; check api_url, the API's base URL such as https://api.valmi.io ({detail})",
+        )
+    if 300 <= status < 400:
+        location = excerpt(lowered.get("location", ""), 200) or "no Location"
+        return answer(
+            "pause",
+            f"HTTP {status}: upstream redirects ({location}); set api_url to the final URL",
+        )
+    return answer(
+        "pause", f"HTTP {status}: unexpected answer; check api_url and api_key ({detail})"
+    )
+
+
+def classify_exception(exc: BaseException) -> Answer:
+    """What a request that raised means: a bad URL scheme pauses; any other transport
+    error or timeout is retried. Pure; the caller scrubs secrets from the message."""
+    name = type(exc).__name__
+    message = excerpt(str(exc), 300)
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return Answer(
+            "pause", None, f"{name}: {message or 'bad URL'}; check api_url (http:// or https://)"
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return Answer("retry", None, f"{name}: {message or 'timed out'}")
+    return Answer("retry", None, f"{name}: {message or 'transport error'}")
+
+
+def _lowered(headers: Mapping[str, str]) -> Mapping[str, str]:
+    if isinstance(headers, httpx.Headers):
+        return headers  # already case-insensitive
+    return {k.lower(): v for k, v in headers.items()}
+
+
 class Upstream:
+    """One pooled keep-alive client for the Valmi API.
+
+    ``send`` never raises for an HTTP or transport failure: every outcome is an ``Answer``
+    whose ``error`` never contains the API key. ``transport`` is for tests
+    (``httpx.MockTransport``).
+    """
+
     def __init__(
-        self, api_url: str, api_key: Secret, *, timeout_s: float, max_connections: int
+        self,
+        api_url: str,
+        api_key: Secret,
+        *,
+        timeout_s: float,
+        max_connections: int,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        raise NotImplementedError
+        key = api_key.reveal()
+        if not key.strip() or not key.isascii() or not key.isprintable():
+            raise ValueError("api_key: must be a non-empty printable ASCII string")
+        if max_connections < 1:
+            raise ValueError(f"max_connections: must be at least 1, not {max_connections}")
+        self._key = key
+        self._client = httpx.AsyncClient(
+            base_url=api_url,
+            headers={"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT},
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            follow_redirects=False,
+            transport=transport,
+        )
 
     async def send(self, event: QueuedEvent) -> Answer:
-        raise NotImplementedError
+        """POST the event's stored body to its path, with its idempotency key."""
+        try:
+            response = await self._client.post(
+                PATHS[event.kind],
+                content=event.body,
+                headers={"Content-Type": "application/json", "Idempotency-Key": event.idem_key},
+            )
+        except httpx.HTTPError as exc:
+            return self._scrubbed(classify_exception(exc))
+        status = response.status_code
+        body = (
+            ""
+            if 200 <= status < 300
+            else response.content[: EXCERPT_CHARS * 4].decode("utf-8", "replace")
+        )
+        return self._scrubbed(classify(status, response.headers, body))
 
     async def aclose(self) -> None:
-        raise NotImplementedError
+        await self._client.aclose()
+
+    def _scrubbed(self, answer: Answer) -> Answer:
+        if self._key not in answer.error:
+            return answer
+        return replace(answer, error=answer.error.replace(self._key, _REDACTED))
