@@ -1,0 +1,181 @@
+"""Logging: structlog to stderr, JSON lines in production, readable on a terminal.
+
+Every line passes a redactor that replaces the API key and the ingest token with
+``[redacted]``, both in each field and in the rendered line (defense in depth: the
+secrets should never reach a logger in the first place). The stdlib ``logging`` records
+of aiohttp and friends go through the same processors at the same level.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+REDACTED = "[redacted]"
+LEVELS = ("debug", "info", "warning", "error", "critical")
+FORMATS = ("auto", "json", "console")
+
+
+class _Redactor:
+    """Replace each secret in every string, however deep in dicts, lists and tuples."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        # Longest first, so a secret that contains another is replaced whole.
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def text(self, value: str) -> str:
+        for secret in self._secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+
+    def value(self, value: object) -> object:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {self.value(k): self.value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self.value(v) for v in value)
+        if isinstance(value, BaseException):
+            # Render it now, so that the message of an exception is redacted too.
+            return self.text(repr(value))
+        return value
+
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+        if not self._secrets:
+            return event_dict
+        for key, val in event_dict.items():
+            if key != "exc_info":
+                event_dict[key] = self.value(val)
+        return event_dict
+
+
+class _RedactingRenderer:
+    """Wrap the final renderer and redact its output (catches tracebacks it formats)."""
+
+    def __init__(self, renderer: Processor, redactor: _Redactor) -> None:
+        self._renderer = renderer
+        self._redactor = redactor
+
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> Any:
+        out = self._renderer(logger, method, event_dict)
+        if isinstance(out, str):
+            return self._redactor.text(out)
+        return out
+
+
+class _StderrLogger:
+    """Writes each line to whatever ``sys.stderr`` is *now* (so pytest's capture and a
+    reconfiguration never leave a logger holding a closed stream)."""
+
+    _lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        stream: TextIO = sys.stderr
+        with self._lock:
+            stream.write(message + "\n")
+            stream.flush()
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = msg
+
+
+def _stderr_logger_factory(*args: Any) -> _StderrLogger:
+    return _StderrLogger()
+
+
+class _StderrHandler(logging.Handler):
+    """The stdlib side of the same: formats through structlog, writes to current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            _StderrLogger().msg(line)
+        except Exception:  # noqa: BLE001 - logging's rule: a handler never raises
+            self.handleError(record)
+
+
+def _use_json(fmt: str) -> bool:
+    if fmt == "json":
+        return True
+    if fmt == "console":
+        return False
+    isatty: Callable[[], bool] | None = getattr(sys.stderr, "isatty", None)
+    return not (isatty is not None and isatty())
+
+
+def _drop_stdlib_noise(
+    logger: WrappedLogger, method: str, event_dict: MutableMapping[str, Any]
+) -> EventDict:
+    event_dict.pop("_from_structlog", None)
+    event_dict.pop("_record", None)
+    return dict(event_dict)
+
+
+def configure_logging(
+    level: str,
+    fmt: str = "auto",
+    secrets: Sequence[str] = (),
+    *,
+    access_log: bool = False,
+) -> None:
+    """Send structlog and stdlib logging to stderr at ``level``.
+
+    ``fmt``: ``json`` (one JSON object per line: timestamp, level, event, fields),
+    ``console`` (structlog's readable renderer) or ``auto`` (console on a terminal, else
+    JSON). Every occurrence of a value in ``secrets`` becomes ``[redacted]``.
+    ``aiohttp.access`` is silenced unless ``access_log``. Safe to call again.
+    """
+    level = level.lower()
+    if level not in LEVELS:
+        raise ValueError(f"log level {level!r}: use one of {', '.join(LEVELS)}")
+    if fmt not in FORMATS:
+        raise ValueError(f"log format {fmt!r}: use one of {', '.join(FORMATS)}")
+    number = logging.getLevelNamesMapping()[level.upper()]
+    redactor = _Redactor(secrets)
+    as_json = _use_json(fmt)
+
+    renderer: Processor
+    if as_json:
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    final = _RedactingRenderer(renderer, redactor)
+
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if as_json:
+        # The console renderer formats exceptions itself (and warns if this is present).
+        shared += [structlog.processors.format_exc_info]
+    shared += [redactor]
+
+    structlog.configure(
+        processors=[*shared, final],
+        wrapper_class=structlog.make_filtering_bound_logger(number),
+        context_class=dict,
+        logger_factory=_stderr_logger_factory,
+        # Not cached, so that a later configure_logging() call reaches every logger.
+        cache_logger_on_first_use=False,
+    )
+
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(old)
+    handler = _StderrHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[_drop_stdlib_noise, final],
+        )
+    )
+    root.addHandler(handler)
+    root.setLevel(number)
+    logging.getLogger("aiohttp.access").setLevel(logging.INFO if access_log else logging.WARNING)
