@@ -271,7 +271,8 @@ def _loop_factory() -> Any:
 
 def run(settings: Settings) -> int:
     """Run the sidecar in the foreground; the exit code for the process."""
-    secrets = [s.reveal() for s in (settings.api_key, settings.ingest_token) if s is not None]
-    configure_logging(settings.log_level, settings.log_format, secrets)
+    configure_logging(
+        settings.log_level, settings.log_format, settings.secrets(), access_log=settings.access_log
+    )
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(Sidecar(settings).serve())
