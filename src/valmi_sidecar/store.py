@@ -1,17 +1,82 @@
 """The SQLite queue: schema and migrations, the group-commit writer, lease / settle, counts.
 
-INTERFACE STUB: the signatures below are the contract other modules code against.
+One ``Store`` owns one data directory: an exclusive ``flock`` on ``DIR/lock`` (so two
+sidecars never send the same queue twice) and the database ``DIR/queue.db`` (WAL).
+
+Writes
+    Every write goes through one writer task. ``submit()``, ``settle()`` and ``prune()``
+    put an operation with a future on its queue; the writer takes everything pending (up
+    to ``MAX_GROUP_EVENTS``), runs one transaction on the writer connection and resolves
+    the futures only after ``COMMIT`` returned (group commit). If the transaction fails
+    (disk full, I/O error) it is rolled back and every operation in it fails with
+    ``StoreError``; the writer keeps running, ``writable`` is ``False`` until a commit
+    succeeds again (the writer probes every ``PROBE_INTERVAL_S`` while idle).
+
+    If the writer task itself dies of an unexpected exception, every pending operation
+    fails with ``StoreError`` and the task ends with that exception: the service watches
+    ``Store.writer_task`` (``add_done_callback``) and stops, as for any background task.
+
+Reads
+    ``lease()``, ``next_due_at()`` and ``dead_letters()`` use a second, query-only
+    connection. Under WAL it sees committed data only, so the flusher never sends an
+    event whose commit then failed.
+
+Counts
+    ``counts()`` is an in-memory mirror of the committed state, loaded at open and
+    updated after each commit; ``received == queued + delivered + dead_lettered`` holds
+    at all times (duplicates are counted apart).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+import stat
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal, cast
+
+import aiosqlite
+import msgspec
+import structlog
 
 from .events import Kind, NewEvent
+
+log = structlog.get_logger("valmi_sidecar.store")
+
+#: Events (submitted or settled) in one group-commit transaction, at most (a single
+#: submission is never split, so a group may exceed it by one submission).
+MAX_GROUP_EVENTS: Final = 2_000
+#: The ``Retry-After`` given with ``QueueFullError``.
+QUEUE_FULL_RETRY_AFTER_S: Final = 30
+#: While a commit has failed and nothing else is written, how often the writer tries a
+#: tiny transaction to find out whether the disk is writable again.
+PROBE_INTERVAL_S: Final = 1.0
+#: How long ``close()`` lets the writer commit what is pending before it gives up.
+CLOSE_DRAIN_S: Final = 10.0
+#: SQLite's wait for a lock before ``SQLITE_BUSY``.
+BUSY_TIMEOUT_MS: Final = 5_000
+#: ``keys`` rows deleted per prune transaction (the writer interleaves other work).
+PRUNE_CHUNK: Final = 5_000
+#: Free pages released per ``incremental_vacuum`` step, and free pages kept for reuse.
+VACUUM_STEP_PAGES: Final = 512
+VACUUM_KEEP_PAGES: Final = 1_024
+#: Upper bound of the WAL file once checkpointed (bytes).
+JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
+
+DB_NAME: Final = "queue.db"
+LOCK_NAME: Final = "lock"
+
+#: ``keys.state``: where the event of a key is.
+QUEUED: Final = 0
+DELIVERED: Final = 1
+DEAD: Final = 2
 
 
 class StoreError(Exception):
@@ -109,7 +174,216 @@ class DeadLetterRecord:
     attempts: int
 
 
+# -- schema ----------------------------------------------------------------------------
+
+#: Forward migrations; ``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``
+#: (``PRAGMA user_version``). Append, never edit a released one.
+MIGRATIONS: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL,
+        idem_key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        body BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        agent_key TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        value REAL,
+        received_at REAL NOT NULL,
+        created_at TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE INDEX events_due ON events (next_attempt_at);
+
+    -- One row per event ever accepted, kept for the de-dup window once it left the queue.
+    CREATE TABLE keys (
+        idem_key TEXT PRIMARY KEY,
+        id TEXT NOT NULL,
+        fingerprint BLOB NOT NULL,
+        created_at TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        state INTEGER NOT NULL,   -- 0 queued, 1 delivered, 2 dead-lettered
+        settled_at REAL
+    ) WITHOUT ROWID;
+    CREATE INDEX keys_prunable ON keys (received_at) WHERE state != 0;
+
+    CREATE TABLE dead_letters (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL,
+        idem_key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        body BLOB NOT NULL,
+        agent_key TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        value REAL,
+        received_at REAL NOT NULL,
+        created_at TEXT NOT NULL,
+        dead_at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        status INTEGER,
+        detail TEXT NOT NULL,
+        attempts INTEGER NOT NULL
+    );
+
+    CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO counters (name, value) VALUES
+        ('received', 0), ('delivered', 0), ('dead_lettered', 0), ('duplicates', 0);
+    """,
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+_SELECT_KEYS: Final = (
+    "SELECT idem_key, id, fingerprint, created_at, received_at, state FROM keys"
+    " WHERE idem_key IN (SELECT value FROM json_each(?))"
+)
+_INSERT_KEY: Final = (
+    "INSERT OR REPLACE INTO keys (idem_key, id, fingerprint, created_at, received_at, state)"
+    " VALUES (?, ?, ?, ?, ?, 0)"
+)
+_INSERT_EVENT: Final = (
+    "INSERT INTO events (seq, id, idem_key, kind, body, size, agent_key, event_type, value,"
+    " received_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_SETTLED: Final = (
+    "SELECT seq, idem_key, size FROM events WHERE seq IN (SELECT value FROM json_each(?))"
+)
+_INSERT_DEAD: Final = (
+    "INSERT OR REPLACE INTO dead_letters (seq, id, idem_key, kind, body, agent_key, event_type,"
+    " value, received_at, created_at, dead_at, reason, status, detail, attempts)"
+    " SELECT seq, id, idem_key, kind, body, agent_key, event_type, value, received_at,"
+    " created_at, ?, ?, ?, ?, attempts + 1 FROM events WHERE seq = ?"
+)
+_RETRY: Final = (
+    "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE seq = ?"
+)
+_DELETE_EVENT: Final = "DELETE FROM events WHERE seq = ?"
+_SETTLE_KEY: Final = "UPDATE keys SET state = ?, settled_at = ? WHERE idem_key = ?"
+_BUMP_COUNTERS: Final = (
+    "UPDATE counters SET value = value + CASE name WHEN 'received' THEN ?"
+    " WHEN 'delivered' THEN ? WHEN 'dead_lettered' THEN ? WHEN 'duplicates' THEN ?"
+    " ELSE 0 END"
+)
+_OLDEST: Final = "SELECT seq, received_at FROM events ORDER BY seq LIMIT 1"
+_PRUNE: Final = (
+    "DELETE FROM keys WHERE idem_key IN (SELECT idem_key FROM keys"
+    " WHERE state != 0 AND received_at < ? LIMIT ?)"
+)
+_PROBE: Final = "UPDATE counters SET value = value WHERE name = 'received'"
+
+_json: Final = msgspec.json.Encoder()
+
+
+# -- writer operations -----------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Submit:
+    events: Sequence[NewEvent]
+    future: asyncio.Future[list[Accepted]]
+
+
+@dataclass(slots=True, eq=False)
+class _Settle:
+    settlements: Sequence[Settlement]
+    future: asyncio.Future[None]
+
+
+@dataclass(slots=True, eq=False)
+class _Prune:
+    """Maintenance, run alone in the writer: delete up to ``PRUNE_CHUNK`` expired keys
+    (``cutoff`` is a time), or with ``cutoff=None`` release free pages."""
+
+    cutoff: float | None
+    future: asyncio.Future[int]
+
+
+_Op = _Submit | _Settle | _Prune
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one group transaction changes, applied to the mirror after ``COMMIT``."""
+
+    results: list[tuple[_Op, Any]] = field(default_factory=list)
+    received: int = 0
+    queued_bytes: int = 0
+    delivered: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0
+    removed: int = 0
+    removed_bytes: int = 0
+    next_seq: int = 0
+    oldest: tuple[int, float] | None = None
+    oldest_changed: bool = False
+
+
+class _Fail:
+    """A planned failure of one operation (raised to its caller after the commit)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+# -- the store -------------------------------------------------------------------------
+
+
 class Store:
+    """The durable queue of one data directory. Build it with ``await Store.open(...)``."""
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        lock_fd: int,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        max_queue_bytes: int,
+        max_queue_events: int,
+        dedup_window_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._data_dir = data_dir
+        self._path = data_dir / DB_NAME
+        self._lock_fd: int | None = lock_fd
+        self._writer = writer
+        self._reader = reader
+        self._max_bytes = max_queue_bytes
+        self._max_events = max_queue_events
+        self._window_s = dedup_window_s
+        self._clock = clock
+
+        self._pending: deque[_Op] = deque()
+        self._wakeup = asyncio.Event()
+        self._new_events = asyncio.Event()
+        self._stopping = False
+        self._closing = False
+        self._closed = False
+        self._writable = True
+        self._failure: BaseException | None = None
+        self._group: list[_Op] = []
+        self._writer_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
+
+        # The mirror of committed state.
+        self._received = 0
+        self._delivered = 0
+        self._dead_lettered = 0
+        self._duplicates = 0
+        self._queued = 0
+        self._queued_bytes = 0
+        self._oldest: tuple[int, float] | None = None
+        self._next_seq = 1
+
+        #: Group transactions committed (submits, settles, prunes; probes not counted).
+        self.commits = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
     @classmethod
     async def open(
         cls,
@@ -120,36 +394,676 @@ class Store:
         max_queue_events: int = 5_000_000,
         dedup_window_s: float = 24 * 3600.0,
         clock: Callable[[], float] = time.time,
+        prune_interval_s: float | None = 600.0,
     ) -> Store:
-        raise NotImplementedError
+        """Lock ``data_dir``, open (or create and migrate) its database, start the writer.
+
+        Raises ``DataDirLockedError`` when another sidecar uses the directory and
+        ``StoreError`` when the database cannot be used (newer schema, no WAL, I/O).
+        ``prune_interval_s=None`` turns the periodic prune off (call ``prune()`` yourself).
+        """
+        if durability not in ("full", "normal"):
+            raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
+        data_dir = Path(data_dir)
+        lock_fd = await asyncio.to_thread(_lock_data_dir, data_dir)
+        writer: aiosqlite.Connection | None = None
+        reader: aiosqlite.Connection | None = None
+        try:
+            path = data_dir / DB_NAME
+            await asyncio.to_thread(_create_private, path)
+            writer = await aiosqlite.connect(path, isolation_level="IMMEDIATE")
+            await _setup_writer(writer, path, synchronous=durability.upper())
+            reader = await aiosqlite.connect(path, isolation_level=None)
+            for pragma in (f"busy_timeout = {BUSY_TIMEOUT_MS}", "query_only = ON"):
+                await reader.execute(f"PRAGMA {pragma}")
+            await asyncio.to_thread(_chmod_private, path)
+            store = cls(
+                data_dir=data_dir,
+                lock_fd=lock_fd,
+                writer=writer,
+                reader=reader,
+                max_queue_bytes=max_queue_bytes,
+                max_queue_events=max_queue_events,
+                dedup_window_s=dedup_window_s,
+                clock=clock,
+            )
+            await store._load()
+        except BaseException as exc:
+            for conn in (reader, writer):
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+            os.close(lock_fd)
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot open {data_dir / DB_NAME}: {exc}") from exc
+            raise
+        store._writer_task = asyncio.create_task(store._run_writer(), name="store-writer")
+        if prune_interval_s is not None:
+            store._prune_task = asyncio.create_task(
+                store._run_pruner(prune_interval_s), name="store-prune"
+            )
+        c = store.counts()
+        log.info(
+            "store_opened",
+            path=str(store._path),
+            durability=durability,
+            queued=c.queued,
+            queued_bytes=c.queued_bytes,
+            received=c.received,
+            delivered=c.delivered,
+            dead_lettered=c.dead_lettered,
+        )
+        return store
+
+    async def _load(self) -> None:
+        rows = await self._reader.execute_fetchall("SELECT name, value FROM counters")
+        values = {str(r[0]): int(r[1]) for r in rows}
+        self._received = values["received"]
+        self._delivered = values["delivered"]
+        self._dead_lettered = values["dead_lettered"]
+        self._duplicates = values["duplicates"]
+        rows = await self._reader.execute_fetchall(
+            "SELECT count(*), coalesce(sum(size), 0) FROM events"
+        )
+        for r in rows:
+            self._queued, self._queued_bytes = int(r[0]), int(r[1])
+        for r in await self._reader.execute_fetchall(_OLDEST):
+            self._oldest = (int(r[0]), float(r[1]))
+        for r in await self._reader.execute_fetchall(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+        ):
+            self._next_seq = int(r[0]) + 1
+        if self._received != self._queued + self._delivered + self._dead_lettered:
+            log.warning(
+                "counts_do_not_reconcile",
+                received=self._received,
+                queued=self._queued,
+                delivered=self._delivered,
+                dead_lettered=self._dead_lettered,
+            )
 
     async def close(self) -> None:
-        raise NotImplementedError
+        """Refuse new writes, commit what is pending (bounded by ``CLOSE_DRAIN_S``), stop
+        the writer and the pruner, close both connections and release the lock."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            if self._prune_task is not None:
+                self._prune_task.cancel()
+                await asyncio.wait({self._prune_task})
+            task = self._writer_task
+            if task is not None:
+                self._stopping = True
+                self._wakeup.set()
+                await asyncio.wait({task}, timeout=CLOSE_DRAIN_S)
+                if not task.done():
+                    log.error(
+                        "store_close_timeout", pending=len(self._pending), bound_s=CLOSE_DRAIN_S
+                    )
+                    task.cancel()
+                    await asyncio.wait({task}, timeout=1.0)
+            self._fail_all(StoreError("the store is closed"))
+            for conn in (self._reader, self._writer):
+                try:
+                    await asyncio.wait_for(conn.close(), CLOSE_DRAIN_S)
+                except (sqlite3.Error, ValueError, TimeoutError) as exc:
+                    log.error("store_close_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._closed = True
+            if self._lock_fd is not None:
+                fd, self._lock_fd = self._lock_fd, None
+                os.close(fd)  # releases the flock
+        log.info("store_closed", path=str(self._path), queued=self._queued)
 
-    async def submit(self, events: Sequence[NewEvent]) -> list[Accepted]:
-        raise NotImplementedError
-
-    async def lease(self, limit: int, exclude: Collection[int]) -> list[QueuedEvent]:
-        raise NotImplementedError
-
-    async def settle(self, settlements: Sequence[Settlement]) -> None:
-        raise NotImplementedError
-
-    async def next_due_at(self, exclude: Collection[int]) -> float | None:
-        raise NotImplementedError
-
-    def counts(self) -> Counts:
-        raise NotImplementedError
-
-    async def wait_for_events(self) -> None:
-        raise NotImplementedError
-
-    async def prune(self) -> int:
-        raise NotImplementedError
-
-    async def dead_letters(self, limit: int = 100) -> list[DeadLetterRecord]:
-        raise NotImplementedError
+    # -- public surface ------------------------------------------------------------------
 
     @property
     def writable(self) -> bool:
-        raise NotImplementedError
+        """False after a failed commit (or once the writer stopped) until a commit succeeds."""
+        return self._writable and self._failure is None and not self._closed
+
+    @property
+    def writer_task(self) -> asyncio.Task[None]:
+        """The writer task. It ends only in ``close()``; if it ends otherwise (an unexpected
+        exception, which it carries), the store can no longer write: stop the service."""
+        assert self._writer_task is not None
+        return self._writer_task
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    async def submit(self, events: Sequence[NewEvent]) -> list[Accepted]:
+        """Make ``events`` durable, all or nothing; one ``Accepted`` per event, same order.
+
+        Returns after the commit. Raises ``IdempotencyConflictError`` (a key reused with a
+        different body), ``QueueFullError`` or ``StoreError``; then nothing was stored.
+        """
+        if not events:
+            return []
+        future: asyncio.Future[list[Accepted]] = self._loop_future()
+        self._enqueue(_Submit(events, future))
+        return await future
+
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        """Record the outcome of sending leased events, in one transaction. A settlement
+        for an event no longer queued is ignored."""
+        if not settlements:
+            return
+        future: asyncio.Future[None] = self._loop_future()
+        self._enqueue(_Settle(settlements, future))
+        await future
+
+    async def lease(self, limit: int, exclude: Collection[int]) -> list[QueuedEvent]:
+        """Up to ``limit`` due events, oldest first, skipping the seqs in ``exclude``.
+
+        Nothing is marked in the database: an event leased when the process dies is still
+        queued at restart and is sent again with the same key.
+        """
+        if limit <= 0:
+            return []
+        rows = await self._reader.execute_fetchall(
+            "SELECT seq, id, idem_key, kind, body, received_at, attempts FROM events"
+            " WHERE next_attempt_at <= ? ORDER BY seq LIMIT ?",
+            (self._clock(), limit + len(exclude)),
+        )
+        out: list[QueuedEvent] = []
+        for r in rows:
+            if r[0] in exclude:
+                continue
+            out.append(QueuedEvent(r[0], r[1], r[2], cast(Kind, r[3]), r[4], r[5], r[6]))
+            if len(out) == limit:
+                break
+        return out
+
+    async def next_due_at(self, exclude: Collection[int]) -> float | None:
+        """The earliest ``next_attempt_at`` of the queued events not in ``exclude``."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT seq, next_attempt_at FROM events ORDER BY next_attempt_at LIMIT ?",
+            (len(exclude) + 1,),
+        )
+        for r in rows:
+            if r[0] not in exclude:
+                return float(r[1])
+        return None
+
+    def counts(self) -> Counts:
+        """The committed counts (in memory, no I/O)."""
+        return Counts(
+            received=self._received,
+            queued=self._queued,
+            queued_bytes=self._queued_bytes,
+            delivered=self._delivered,
+            dead_lettered=self._dead_lettered,
+            duplicates=self._duplicates,
+            oldest_queued_at=None if self._oldest is None else self._oldest[1],
+        )
+
+    async def wait_for_events(self) -> None:
+        """Return once a commit added events since the previous call returned."""
+        await self._new_events.wait()
+        self._new_events.clear()
+
+    async def prune(self) -> int:
+        """Forget the idempotency keys older than the de-dup window whose events left the
+        queue, then give free pages back to the file system. Returns the keys deleted."""
+        total = 0
+        while True:
+            n = await self._maintain(self._clock() - self._window_s)
+            total += n
+            if n < PRUNE_CHUNK:
+                break
+        await self._maintain(None)
+        if total:
+            log.info("keys_pruned", n=total)
+        return total
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetterRecord]:
+        """Up to ``limit`` dead letters, oldest event first."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT seq, id, idem_key, kind, body, received_at, dead_at, reason, status,"
+            " detail, attempts FROM dead_letters ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        return [
+            DeadLetterRecord(
+                r[0], r[1], r[2], cast(Kind, r[3]), r[4], r[5], r[6], r[7], r[8], r[9], r[10]
+            )
+            for r in rows
+        ]
+
+    # -- the writer ----------------------------------------------------------------------
+
+    def _loop_future(self) -> asyncio.Future[Any]:
+        if self._closing:
+            raise StoreError("the store is closing")
+        if self._failure is not None:
+            raise StoreError(f"the store's writer stopped: {self._failure!r}")
+        return asyncio.get_running_loop().create_future()
+
+    async def _maintain(self, cutoff: float | None) -> int:
+        future: asyncio.Future[int] = self._loop_future()
+        self._enqueue(_Prune(cutoff, future))
+        return await future
+
+    def _enqueue(self, op: _Op) -> None:
+        self._pending.append(op)
+        self._wakeup.set()
+
+    async def _run_writer(self) -> None:
+        try:
+            while True:
+                if not self._pending:
+                    if self._stopping:
+                        return
+                    self._wakeup.clear()
+                    if self._writable:
+                        await self._wakeup.wait()
+                    else:
+                        try:
+                            await asyncio.wait_for(self._wakeup.wait(), PROBE_INTERVAL_S)
+                        except TimeoutError:
+                            await self._probe()
+                    continue
+                group = self._group = self._take_group()
+                if group:
+                    if isinstance(group[0], _Prune):
+                        await self._commit_prune(group[0])
+                    else:
+                        await self._commit_group(group)
+                self._group = []
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self._failure = exc
+                log.error("store_writer_crashed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self._fail_all(StoreError("the store's writer stopped"))
+
+    def _take_group(self) -> list[_Op]:
+        """Pending operations for one transaction: a prune alone, else submits and settles
+        up to ``MAX_GROUP_EVENTS`` events. Operations whose caller gave up are dropped."""
+        group: list[_Op] = []
+        n = 0
+        pending = self._pending
+        while pending and n < MAX_GROUP_EVENTS:
+            op = pending[0]
+            if isinstance(op, _Prune):
+                if group:
+                    break
+                pending.popleft()
+                if not op.future.done():
+                    return [op]
+                continue
+            pending.popleft()
+            if op.future.done():
+                continue  # cancelled by its caller: not stored, nobody waits for it
+            group.append(op)
+            n += len(op.events) if isinstance(op, _Submit) else len(op.settlements)
+        return group
+
+    def _fail_all(self, error: StoreError) -> None:
+        for op in (*self._group, *self._pending):
+            if not op.future.done():
+                op.future.set_exception(error)
+        self._group = []
+        self._pending.clear()
+
+    async def _commit_group(self, group: list[_Op]) -> None:
+        db = self._writer
+        try:
+            plan = await self._write_group(group)
+            await db.commit()
+        except sqlite3.Error as exc:
+            await self._rollback(exc, len(group))
+            error = StoreError(f"could not commit to {self._path}: {exc}")
+            error.__cause__ = exc
+            for op in group:
+                if not op.future.done():
+                    op.future.set_exception(error)
+            return
+        self._committed()
+        self._received += plan.received
+        self._queued += plan.received - plan.removed
+        self._queued_bytes += plan.queued_bytes - plan.removed_bytes
+        self._delivered += plan.delivered
+        self._dead_lettered += plan.dead_lettered
+        self._duplicates += plan.duplicates
+        self._next_seq = plan.next_seq
+        if plan.oldest_changed:
+            self._oldest = plan.oldest
+        if plan.received:
+            self._new_events.set()
+        for op, result in plan.results:
+            if op.future.done():
+                continue
+            if isinstance(result, _Fail):
+                op.future.set_exception(result.error)
+            else:
+                op.future.set_result(result)
+
+    async def _write_group(self, group: list[_Op]) -> _Plan:
+        """Run the statements of one group (no commit); return what they change."""
+        db = self._writer
+        plan = _Plan(next_seq=self._next_seq, oldest=self._oldest)
+        submits = [op for op in group if isinstance(op, _Submit)]
+        settles = [op for op in group if isinstance(op, _Settle)]
+
+        key_rows: list[tuple[Any, ...]] = []
+        event_rows: list[tuple[Any, ...]] = []
+        if submits:
+            self._plan_submits(submits, plan, key_rows, event_rows, await self._known(submits))
+        if event_rows:
+            await db.executemany(_INSERT_KEY, key_rows)
+            await db.executemany(_INSERT_EVENT, event_rows)
+            if plan.oldest is None:
+                plan.oldest = (event_rows[0][0], event_rows[0][9])
+                plan.oldest_changed = True
+        for op in settles:
+            plan.results.append((op, None))
+        if settles:
+            await self._write_settles(settles, plan)
+        if plan.received or plan.delivered or plan.dead_lettered or plan.duplicates:
+            await db.execute(
+                _BUMP_COUNTERS,
+                (plan.received, plan.delivered, plan.dead_lettered, plan.duplicates),
+            )
+        return plan
+
+    async def _known(self, submits: list[_Submit]) -> dict[str, tuple[Any, ...]]:
+        keys = [e.idem_key for op in submits for e in op.events]
+        rows = await self._writer.execute_fetchall(_SELECT_KEYS, (_json.encode(keys).decode(),))
+        return {r[0]: tuple(r) for r in rows}
+
+    def _plan_submits(
+        self,
+        submits: list[_Submit],
+        plan: _Plan,
+        key_rows: list[tuple[Any, ...]],
+        event_rows: list[tuple[Any, ...]],
+        known: dict[str, tuple[Any, ...]],
+    ) -> None:
+        cutoff = self._clock() - self._window_s
+        # Keys stored by earlier submissions of this group: key -> (id, fingerprint, created_at).
+        group_keys: dict[str, tuple[str, bytes, str]] = {}
+        queued = self._queued
+        queued_bytes = self._queued_bytes
+        seq = plan.next_seq
+        for op in submits:
+            accepted: list[Accepted] = []
+            mine: dict[str, tuple[str, bytes, str]] = {}
+            new: list[NewEvent] = []
+            new_bytes = 0
+            dups = 0
+            failure: Exception | None = None
+            for e in op.events:
+                k = e.idem_key
+                prior = mine.get(k) or group_keys.get(k)
+                if prior is None and k in known:
+                    _, pid, pfp, pcreated, preceived, pstate = known[k]
+                    if pstate == QUEUED or preceived >= cutoff:
+                        prior = (pid, pfp, pcreated)
+                if prior is None:
+                    mine[k] = (e.id, e.fingerprint, e.created_at)
+                    new.append(e)
+                    new_bytes += len(e.body)
+                    accepted.append(Accepted(e.id, e.created_at, duplicate=False))
+                elif prior[1] == e.fingerprint:
+                    dups += 1
+                    accepted.append(Accepted(prior[0], prior[2], duplicate=True))
+                else:
+                    failure = IdempotencyConflictError(k)
+                    break
+            if failure is None and new:
+                if queued + len(new) > self._max_events:
+                    failure = QueueFullError(
+                        f"{queued} events queued, limit max_queue_events={self._max_events}",
+                        QUEUE_FULL_RETRY_AFTER_S,
+                    )
+                elif queued_bytes + new_bytes > self._max_bytes:
+                    failure = QueueFullError(
+                        f"{queued_bytes} bytes queued, limit max_queue_bytes={self._max_bytes}",
+                        QUEUE_FULL_RETRY_AFTER_S,
+                    )
+            if failure is not None:
+                plan.results.append((op, _Fail(failure)))
+                continue
+            group_keys.update(mine)
+            queued += len(new)
+            queued_bytes += new_bytes
+            plan.duplicates += dups
+            for e in new:
+                key_rows.append((e.idem_key, e.id, e.fingerprint, e.created_at, e.received_at))
+                event_rows.append(
+                    (
+                        seq,
+                        e.id,
+                        e.idem_key,
+                        e.kind,
+                        e.body,
+                        len(e.body),
+                        e.agent_key,
+                        e.event_type,
+                        e.value,
+                        e.received_at,
+                        e.created_at,
+                    )
+                )
+                seq += 1
+            plan.results.append((op, accepted))
+        plan.received = queued - self._queued
+        plan.queued_bytes = queued_bytes - self._queued_bytes
+        plan.next_seq = seq
+
+    async def _write_settles(self, settles: list[_Settle], plan: _Plan) -> None:
+        db = self._writer
+        seqs = [s.seq for op in settles for s in op.settlements]
+        rows = await db.execute_fetchall(_SELECT_SETTLED, (_json.encode(seqs).decode(),))
+        present: dict[int, tuple[str, int]] = {int(r[0]): (r[1], int(r[2])) for r in rows}
+        now = self._clock()
+        dead_rows: list[tuple[Any, ...]] = []
+        retry_rows: list[tuple[Any, ...]] = []
+        delete_rows: list[tuple[int]] = []
+        key_rows: list[tuple[Any, ...]] = []
+        for op in settles:
+            for s in op.settlements:
+                found = present.get(s.seq)
+                if found is None:
+                    continue  # no longer queued (settled before, or settled twice here)
+                if isinstance(s, Retry):
+                    retry_rows.append((s.next_attempt_at, s.error, s.seq))
+                    continue
+                del present[s.seq]
+                if isinstance(s, Delivered):
+                    plan.delivered += 1
+                    key_rows.append((DELIVERED, now, found[0]))
+                else:
+                    plan.dead_lettered += 1
+                    key_rows.append((DEAD, now, found[0]))
+                    dead_rows.append((now, s.reason, s.status, s.detail, s.seq))
+                delete_rows.append((s.seq,))
+                plan.removed_bytes += found[1]
+        if retry_rows:
+            await db.executemany(_RETRY, retry_rows)
+        if dead_rows:
+            await db.executemany(_INSERT_DEAD, dead_rows)
+        if delete_rows:
+            await db.executemany(_DELETE_EVENT, delete_rows)
+            await db.executemany(_SETTLE_KEY, key_rows)
+            plan.removed = len(delete_rows)
+            if plan.oldest is not None and any(r[0] == plan.oldest[0] for r in delete_rows):
+                plan.oldest = None
+                for r in await db.execute_fetchall(_OLDEST):
+                    plan.oldest = (int(r[0]), float(r[1]))
+                plan.oldest_changed = True
+
+    async def _commit_prune(self, op: _Prune) -> None:
+        try:
+            if op.cutoff is None:
+                n = await self._vacuum()
+            else:
+                cursor = await self._writer.execute(_PRUNE, (op.cutoff, PRUNE_CHUNK))
+                n = cursor.rowcount
+                await self._writer.commit()
+        except sqlite3.Error as exc:
+            await self._rollback(exc, 1)
+            error = StoreError(f"could not prune {self._path}: {exc}")
+            error.__cause__ = exc
+            if not op.future.done():
+                op.future.set_exception(error)
+            return
+        self._committed()
+        if not op.future.done():
+            op.future.set_result(n)
+
+    async def _vacuum(self) -> int:
+        """Give free pages beyond ``VACUUM_KEEP_PAGES`` back to the file system, in small
+        steps (one big ``incremental_vacuum`` pushes far more pages through the WAL).
+        Returns the pages released. Runs in autocommit mode, each step its own transaction."""
+        rows = await self._writer.execute_fetchall("PRAGMA freelist_count")
+        free = int(next(iter(rows))[0])
+        released = 0
+        while free - released > VACUUM_KEEP_PAGES and not self._stopping:
+            step = min(VACUUM_STEP_PAGES, free - released - VACUUM_KEEP_PAGES)
+            # executescript, not execute: the pragma frees one page per step of the
+            # statement, and sqlite3's execute() steps a column-less statement only once.
+            await self._writer.executescript(f"PRAGMA incremental_vacuum({step});")
+            released += step
+        if released:
+            log.info("store_vacuumed", pages=released)
+        return released
+
+    async def _rollback(self, exc: sqlite3.Error, ops: int) -> None:
+        self._writable = False
+        log.error("commit_failed", error=str(exc), ops=ops, path=str(self._path))
+        try:
+            await self._writer.rollback()
+        except sqlite3.Error as rb_exc:
+            log.error("rollback_failed", error=str(rb_exc))
+
+    def _committed(self) -> None:
+        self.commits += 1
+        if not self._writable:
+            self._writable = True
+            log.info("store_writable_again", path=str(self._path))
+
+    async def _probe(self) -> None:
+        try:
+            await self._writer.execute(_PROBE)
+            await self._writer.commit()
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self._writer.rollback()
+            log.debug("store_probe_failed", error=str(exc))
+            return
+        self._writable = True
+        log.info("store_writable_again", path=str(self._path))
+
+    async def _run_pruner(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.prune()
+            except StoreError as exc:
+                log.error("prune_failed", error=str(exc))
+            except Exception as exc:  # a bug in one prune must not end pruning; logged
+                log.error("prune_crashed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+
+# -- files and connections (blocking helpers run via asyncio.to_thread) -----------------
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Create ``data_dir`` (0700), take its exclusive lock, write our pid; return the fd."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = data_dir.stat()
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        if st.st_uid == os.geteuid():
+            data_dir.chmod(0o700)
+        else:
+            log.warning(
+                "data_dir_not_private", path=str(data_dir), mode=oct(stat.S_IMODE(st.st_mode))
+            )
+    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise DataDirLockedError(
+                f"another valmi-sidecar (pid {holder}) is using {data_dir}; "
+                "stop it or choose another --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it (or make it 0600 if ours)."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    _chmod_private(path)
+
+
+def _chmod_private(path: Path) -> None:
+    """Make the database and its WAL and shared-memory files 0600 (those we own)."""
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if stat.S_IMODE(st.st_mode) != 0o600 and st.st_uid == os.geteuid():
+            p.chmod(0o600)
+
+
+async def _setup_writer(db: aiosqlite.Connection, path: Path, *, synchronous: str) -> None:
+    await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    version = int(next(iter(await db.execute_fetchall("PRAGMA user_version")))[0])
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema version {version}, newer than this valmi-sidecar knows "
+            f"({SCHEMA_VERSION}); run a newer valmi-sidecar or choose another --data-dir"
+        )
+    if version == 0:
+        # Must precede the first table; it is a no-op on a database that has tables.
+        await db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    mode = next(iter(await db.execute_fetchall("PRAGMA journal_mode = WAL")))[0]
+    if str(mode).lower() != "wal":
+        raise StoreError(f"{path}: the file system does not support WAL (journal_mode={mode})")
+    await db.execute(f"PRAGMA synchronous = {synchronous}")
+    await db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        script = MIGRATIONS[target - 1]
+        try:
+            await db.executescript(
+                f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {target};\nCOMMIT;"
+            )
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            raise
+        log.info("store_migrated", path=str(path), version=target)
+
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Accepted",
+    "Counts",
+    "DataDirLockedError",
+    "DeadLetter",
+    "DeadLetterRecord",
+    "Delivered",
+    "IdempotencyConflictError",
+    "QueueFullError",
+    "QueuedEvent",
+    "Retry",
+    "Settlement",
+    "Store",
+    "StoreError",
+]
