@@ -1,37 +1,576 @@
 """The forwarding loop: lease, rate limit, send, settle, back off.
 
-INTERFACE STUB: the signatures below are the contract other modules code against.
+One lease loop takes the oldest due events from the store (never one already in flight),
+passes each through the global gates (a hold set by backoff, ``429``/``Retry-After``,
+``X-RateLimit-*`` or a pause; then the token bucket) and hands it to a sender task, at
+most ``upstream_concurrency`` at a time (one at a time while backing off or paused: a
+probe). Sender outcomes are collected and settled in batches, one store transaction
+each; an event leaves the in-flight set only once its settlement is committed, or at
+once when nothing is to be recorded for it (a pause, a ``429``, a cancelled request),
+so it is never leased twice concurrently and never lost.
+
+The pure parts (``full_jitter``, ``rate_budget``, ``TokenBucket``) are plain code with an
+injectable clock.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import asyncio
+import contextlib
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Final, Literal
+
+import structlog
 
 from .config import Settings
-from .store import Store
-from .upstream import Upstream
+from .store import DeadLetter, Delivered, QueuedEvent, Retry, Settlement, Store, StoreError
+from .upstream import Answer, Upstream
 
 UpstreamState = Literal["ok", "backing_off", "rate_limited", "paused", "disabled"]
 
+#: Consecutive retryable failures, across events, that put the whole flusher in backoff.
+BACKOFF_AFTER_FAILURES: Final = 3
+#: How long finished outcomes wait for company before one settle transaction.
+SETTLE_LINGER_S: Final = 0.005
+#: The longest a single upstream hint (Retry-After, X-RateLimit-Reset) may hold sending.
+MAX_HOLD_S: Final = 24 * 3600.0
+#: How long drain() waits for the loop to wind down after its deadline.
+STOP_GRACE_S: Final = 5.0
+#: How often (at most) a forwarding summary is logged at info.
+SUMMARY_EVERY_S: Final = 10.0
+#: The shortest sleep while waiting for backed-off events, so a clock skew cannot spin.
+MIN_IDLE_S: Final = 0.01
+
+#: Rounding slack for token counts, so a wait of exactly delay() always yields a token.
+_EPSILON: Final = 1e-9
+
+log = structlog.get_logger("valmi_sidecar.flusher")
+
+
+class FlusherError(Exception):
+    """A flusher task failed unexpectedly; the cause is chained. The queue is intact."""
+
+
+def full_jitter(attempts: int, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """Full-jitter backoff: ``uniform(0, min(cap_s, base_s * 2**attempts))``."""
+    exponent = min(max(attempts, 0), 64)
+    return rng.uniform(0.0, min(cap_s, base_s * 2.0**exponent))
+
+
+def rate_budget(limit_per_min: int) -> tuple[float, int]:
+    """``(tokens per second, burst)`` for a limit of ``limit_per_min`` requests a minute.
+
+    The burst is small and is taken out of the rate, with a 1 % margin for latency
+    jitter, so that any 60-s window (a fixed window upstream included) sees at most
+    ``burst + rate * 60 <= limit_per_min`` requests.
+    """
+    if limit_per_min < 1:
+        raise ValueError(f"rate_limit_per_min: must be at least 1, not {limit_per_min}")
+    burst = max(1, min(20, limit_per_min // 200))
+    per_min = float(limit_per_min - burst - limit_per_min // 100)
+    if per_min <= 0:  # a limit of 1/min: the burst is the whole budget; stay just under
+        per_min = 0.9 * limit_per_min
+    return per_min / 60.0, burst
+
+
+class TokenBucket:
+    """A token bucket on a monotonic clock: ``rate_per_s`` tokens a second, ``burst`` at most."""
+
+    def __init__(
+        self, rate_per_s: float, burst: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("a token bucket needs a positive rate and a burst of at least 1")
+        self._rate = rate_per_s
+        self._burst = float(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+
+    def delay(self) -> float:
+        """Seconds until a token is available (``0.0`` when one is available now)."""
+        self._refill()
+        if self._tokens >= 1.0 - _EPSILON:
+            return 0.0
+        return (1.0 - self._tokens) / self._rate
+
+    def take(self) -> bool:
+        """Take a token if one is available now; say whether one was taken."""
+        self._refill()
+        if self._tokens < 1.0 - _EPSILON:
+            return False
+        self._tokens -= 1.0
+        return True
+
 
 class Flusher:
-    def __init__(self, store: Store, upstream: Upstream | None, settings: Settings) -> None:
-        raise NotImplementedError
+    """Forwards the queue upstream; see the module docstring for the design.
 
-    async def run(self) -> None:
-        raise NotImplementedError
+    ``state`` is ``ok``, ``backing_off`` (consecutive failures: global full-jitter
+    wait, then one probe at a time), ``rate_limited`` (a ``429`` or an exhausted
+    ``X-RateLimit-Remaining``: nothing is sent until upstream said), ``paused``
+    (``401``/``403``/``404``/unexpected answers: every event kept, one probe on the backoff
+    schedule) or ``disabled`` (no upstream configured). ``in_flight`` is the number of
+    upstream requests outstanding.
+    """
 
-    async def drain(self, timeout_s: float) -> None:
-        raise NotImplementedError
+    def __init__(
+        self,
+        store: Store,
+        upstream: Upstream | None,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._settings = settings
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()  # noqa: S311 (jitter, not secrets)
+        self._concurrency = max(1, settings.upstream_concurrency)
+        self._batch = max(1, settings.flush_batch_size)
+        rate_per_s, burst = rate_budget(settings.rate_limit_per_min)
+        self._bucket = TokenBucket(rate_per_s, burst)
+
+        self._state: UpstreamState = "disabled" if upstream is None else "ok"
+        self._last_error: str | None = None
+        # Seqs leased and not yet settled (buffered, being sent, or awaiting commit).
+        self._in_flight: set[int] = set()
+        self._buffer: deque[QueuedEvent] = deque()
+        self._sending = 0
+        self._senders: set[asyncio.Task[None]] = set()
+        self._pending: list[Settlement] = []
+        # Global hold (monotonic time) set by backoff, rate limits and pauses.
+        self._hold_until = 0.0
+        self._failures = 0
+        self._pauses = 0
+        self._rate_limits = 0
+        # Bumped whenever a global wait starts: answers to requests sent before it are
+        # stale and do not stretch the wait further (16 failures at once count as one).
+        self._generation = 0
+
+        self._wake = asyncio.Event()
+        self._settle_wake = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._done = asyncio.Event()
+        self._running = False
+        self._closing = False
+
+        self._summary_at = time.monotonic()
+        self._summary = {"delivered": 0, "retried": 0, "dead_lettered": 0}
+
+    # -- public surface ------------------------------------------------------------------
 
     @property
     def state(self) -> UpstreamState:
-        raise NotImplementedError
+        if self._state == "rate_limited" and self._hold_until <= time.monotonic():
+            return "ok"
+        return self._state
 
     @property
     def last_error(self) -> str | None:
-        raise NotImplementedError
+        return self._last_error
 
     @property
     def in_flight(self) -> int:
-        raise NotImplementedError
+        return self._sending
+
+    async def run(self) -> None:
+        """Forward until ``drain()`` stops the loop (or until cancelled).
+
+        With no upstream, idle as ``disabled``. Raises ``FlusherError`` if a task of the
+        flusher or the store fails; events are never lost by that (they stay queued).
+        """
+        if self._running:
+            raise RuntimeError("Flusher.run() is already running")
+        self._running = True
+        self._done.clear()
+        try:
+            if self._upstream is None:
+                self._state = "disabled"
+                log.info("flusher_disabled", reason="no API key configured")
+                await self._stop.wait()
+                return
+            await self._run(self._upstream)
+        finally:
+            self._buffer.clear()
+            self._in_flight.clear()
+            self._running = False
+            self._done.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """The final flush: forward until the queue is empty, ``timeout_s`` passes, or
+        forwarding is paused or disabled; then stop the loop. Requests still running at the
+        deadline are cancelled and their events stay queued (same key next time)."""
+        started = time.monotonic()
+        deadline = started + max(0.0, timeout_s)
+        reason = "not_running"
+        if not self._running:
+            await asyncio.sleep(0)  # let a run() task created just before us begin
+        try:
+            if self._running:
+                reason = await self._wait_drained(deadline)
+        finally:
+            self._stop.set()
+            self._wake.set()
+        if self._running:
+            try:
+                async with asyncio.timeout(STOP_GRACE_S):
+                    await self._done.wait()
+            except TimeoutError:
+                log.warning("flusher_stop_slow", waited_s=STOP_GRACE_S)
+        log.info(
+            "drain_finished",
+            reason=reason,
+            queued=self._queued(),
+            elapsed_ms=round((time.monotonic() - started) * 1000),
+        )
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def _run(self, upstream: Upstream) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                watcher = tg.create_task(self._watch_new_events(), name="flusher-watch")
+                tg.create_task(self._settle_loop(), name="flusher-settle")
+                try:
+                    await self._lease_loop(tg, upstream)
+                finally:
+                    for task in list(self._senders):
+                        task.cancel()
+                    watcher.cancel()
+                    self._release_buffer()
+                    self._closing = True
+                    self._settle_wake.set()
+        except ExceptionGroup as group:
+            first = group.exceptions[0]
+            log.error("flusher_failed", error=f"{type(first).__name__}: {first}")
+            raise FlusherError(f"the flusher stopped: {type(first).__name__}: {first}") from first
+        finally:
+            self._closing = False
+
+    async def _lease_loop(self, tg: asyncio.TaskGroup, upstream: Upstream) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            now = time.monotonic()
+            if self._hold_until > now:
+                await self._wait_wake(self._hold_until - now)
+                continue
+            if self._state == "rate_limited":
+                self._state = "ok"
+            if self._sending >= self._send_limit():
+                await self._wait_wake(None)
+                continue
+            delay = self._bucket.delay()
+            if delay > 0:
+                await self._wait_wake(delay)
+                continue
+            event = await self._next_event()
+            if event is None:
+                await self._wait_wake(await self._idle_timeout())
+                continue
+            if (
+                self._stop.is_set()
+                or self._hold_until > time.monotonic()
+                or self._sending >= self._send_limit()
+            ):
+                self._buffer.appendleft(event)  # the world changed while leasing
+                continue
+            if self._clock() - event.received_at > self._settings.max_event_age_s:
+                self._queue(
+                    DeadLetter(
+                        event.seq,
+                        reason="expired",
+                        status=None,
+                        detail=f"not delivered within max_event_age_s={self._settings.max_event_age_s:g}",
+                    )
+                )
+                self._summary["dead_lettered"] += 1
+                log.warning("event_dead_lettered", id=event.id, reason="expired")
+                continue
+            if not self._bucket.take():
+                self._buffer.appendleft(event)
+                continue
+            self._sending += 1
+            task = tg.create_task(self._send(upstream, event, self._generation))
+            self._senders.add(task)
+            task.add_done_callback(self._senders.discard)
+
+    def _send_limit(self) -> int:
+        return 1 if self._state in ("backing_off", "paused") else self._concurrency
+
+    async def _next_event(self) -> QueuedEvent | None:
+        if not self._buffer:
+            limit = 1 if self._state in ("backing_off", "paused") else self._batch
+            events = await self._store.lease(limit, frozenset(self._in_flight))
+            for event in events:
+                if event.seq not in self._in_flight:
+                    self._in_flight.add(event.seq)
+                    self._buffer.append(event)
+        return self._buffer.popleft() if self._buffer else None
+
+    async def _idle_timeout(self) -> float | None:
+        due = await self._store.next_due_at(frozenset(self._in_flight))
+        if due is None:
+            return None  # woken by new events, a settlement or stop
+        return max(MIN_IDLE_S, due - self._clock())
+
+    async def _wait_wake(self, wait_s: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                await self._wake.wait()
+
+    async def _watch_new_events(self) -> None:
+        while True:
+            await self._store.wait_for_events()
+            self._wake.set()
+
+    # -- senders -------------------------------------------------------------------------
+
+    async def _send(self, upstream: Upstream, event: QueuedEvent, generation: int) -> None:
+        try:
+            answer = await upstream.send(event)
+        except asyncio.CancelledError:
+            self._in_flight.discard(event.seq)  # stays queued; same key next time
+            raise
+        finally:
+            self._sending -= 1
+            self._wake.set()
+        self._on_answer(event, answer, generation)
+
+    def _on_answer(self, event: QueuedEvent, answer: Answer, generation: int) -> None:
+        now = time.monotonic()
+        current = generation == self._generation
+        if answer.verdict != "delivered":
+            self._last_error = answer.error
+        if answer.verdict == "delivered":
+            self._queue(Delivered(event.seq))
+            self._summary["delivered"] += 1
+            self._on_healthy()
+            self._note_rate_limit(answer, now)
+        elif answer.verdict == "dead_letter":
+            self._queue(DeadLetter(event.seq, "rejected", answer.status, answer.error))
+            self._summary["dead_lettered"] += 1
+            log.warning("event_dead_lettered", id=event.id, reason="rejected", status=answer.status)
+            self._on_healthy()
+            self._note_rate_limit(answer, now)
+        elif answer.verdict == "pause":
+            self._in_flight.discard(event.seq)
+            self._on_pause(answer, now, current)
+        elif answer.status == 429:
+            self._in_flight.discard(event.seq)  # not the event's fault: no attempt counted
+            self._on_rate_limited(answer, now, current)
+        else:
+            wait = full_jitter(
+                event.attempts,
+                self._settings.backoff_base_s,
+                self._settings.backoff_cap_s,
+                self._rng,
+            )
+            if answer.retry_after_s is not None:
+                wait = max(wait, min(answer.retry_after_s, MAX_HOLD_S))
+            self._queue(Retry(event.seq, self._clock() + wait, answer.error))
+            self._summary["retried"] += 1
+            self._on_failure(answer, now, current)
+            self._note_rate_limit(answer, now)
+        self._progress.set()
+
+    def _on_healthy(self) -> None:
+        if self._state == "paused":
+            log.info("upstream_resumed", probes=self._pauses)
+        elif self._state == "backing_off":
+            log.info("upstream_recovered", failures=self._failures)
+        if self._state in ("backing_off", "paused"):
+            self._state = "ok"
+            self._hold_until = 0.0
+            self._generation += 1
+        self._failures = 0
+        self._pauses = 0
+        self._rate_limits = 0
+
+    def _on_failure(self, answer: Answer, now: float, current: bool) -> None:
+        if not current:
+            return
+        self._failures += 1
+        hold: float | None = None
+        if answer.retry_after_s is not None:
+            hold = min(answer.retry_after_s, MAX_HOLD_S)
+        if self._failures >= BACKOFF_AFTER_FAILURES:
+            jitter = full_jitter(
+                self._failures - BACKOFF_AFTER_FAILURES,
+                self._settings.backoff_base_s,
+                self._settings.backoff_cap_s,
+                self._rng,
+            )
+            hold = jitter if hold is None else max(hold, jitter)
+        if hold is None:
+            return
+        if self._state in ("ok", "rate_limited"):
+            log.warning(
+                "upstream_backing_off",
+                failures=self._failures,
+                status=answer.status,
+                error=answer.error,
+                wait_s=round(hold, 3),
+            )
+            self._state = "backing_off"
+        self._hold_until = max(self._hold_until, now + hold)
+        self._generation += 1
+
+    def _on_pause(self, answer: Answer, now: float, current: bool) -> None:
+        if self._state == "paused" and not current:
+            return  # another answer to a request sent before the pause
+        self._pauses += 1
+        hold = full_jitter(
+            self._pauses - 1, self._settings.backoff_base_s, self._settings.backoff_cap_s, self._rng
+        )
+        if self._state != "paused":
+            log.error("upstream_paused", status=answer.status, error=answer.error)
+            self._state = "paused"
+            self._release_buffer()
+        self._hold_until = max(self._hold_until, now + hold)
+        self._generation += 1
+
+    def _on_rate_limited(self, answer: Answer, now: float, current: bool) -> None:
+        if current:
+            self._rate_limits += 1
+        if answer.retry_after_s is not None:
+            hold = min(answer.retry_after_s, MAX_HOLD_S)
+        elif answer.rate_limit_reset_s is not None:
+            hold = min(answer.rate_limit_reset_s, MAX_HOLD_S)
+        else:
+            hold = full_jitter(
+                self._rate_limits,
+                self._settings.backoff_base_s,
+                self._settings.backoff_cap_s,
+                self._rng,
+            )
+        if self._state == "ok":
+            log.warning("upstream_rate_limited", status=429, wait_s=round(hold, 3))
+            self._state = "rate_limited"
+        self._release_buffer()  # lease again after the wait: the refused event goes first
+        self._hold_until = max(self._hold_until, now + hold)
+        self._generation += 1
+
+    def _note_rate_limit(self, answer: Answer, now: float) -> None:
+        remaining, reset_s = answer.rate_limit_remaining, answer.rate_limit_reset_s
+        if remaining is None or reset_s is None or reset_s <= 0:
+            return
+        if remaining <= self._sending:
+            if self._state == "ok":
+                log.info("upstream_budget_exhausted", remaining=remaining, wait_s=round(reset_s, 3))
+                self._state = "rate_limited"
+            self._hold_until = max(self._hold_until, now + min(reset_s, MAX_HOLD_S))
+
+    def _release_buffer(self) -> None:
+        for event in self._buffer:
+            self._in_flight.discard(event.seq)
+        self._buffer.clear()
+
+    # -- settling ------------------------------------------------------------------------
+
+    def _queue(self, settlement: Settlement) -> None:
+        self._pending.append(settlement)
+        self._settle_wake.set()
+
+    async def _settle_loop(self) -> None:
+        try:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return
+                    self._settle_wake.clear()
+                    await self._settle_wake.wait()
+                    continue
+                if len(self._pending) < self._batch and not self._closing:
+                    await asyncio.sleep(SETTLE_LINGER_S)
+                await self._commit()
+        except asyncio.CancelledError:
+            if self._pending:  # best effort; unsettled events are re-sent with the same key
+                try:
+                    await self._commit()
+                except StoreError as exc:
+                    log.warning("final_settle_failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+
+    async def _commit(self) -> None:
+        batch, self._pending = self._pending, []
+        started = time.monotonic()
+        await self._store.settle(batch)
+        for settlement in batch:
+            self._in_flight.discard(settlement.seq)
+        log.debug(
+            "batch_settled", n=len(batch), elapsed_ms=round((time.monotonic() - started) * 1000, 1)
+        )
+        self._wake.set()
+        self._progress.set()
+        self._log_summary()
+
+    def _log_summary(self) -> None:
+        now = time.monotonic()
+        if now - self._summary_at < SUMMARY_EVERY_S:
+            return
+        log.info(
+            "batch_forwarded",
+            n=self._summary["delivered"],
+            retried=self._summary["retried"],
+            dead_lettered=self._summary["dead_lettered"],
+            elapsed_ms=round((now - self._summary_at) * 1000),
+        )
+        self._summary = dict.fromkeys(self._summary, 0)
+        self._summary_at = now
+
+    # -- drain ---------------------------------------------------------------------------
+
+    def _queued(self) -> int:
+        return self._store.counts().queued
+
+    async def _wait_drained(self, deadline: float) -> str:
+        while True:
+            self._progress.clear()
+            if self._state in ("paused", "disabled"):
+                return self._state
+            if not self._running:
+                return "stopped"
+            if self._queued() == 0 and not self._pending and self._sending == 0:
+                return "empty"
+            now = time.monotonic()
+            if now >= deadline:
+                return "timeout"
+            if await self._nothing_due_before(deadline):
+                return "nothing_due"
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(deadline - now, 0.1)):
+                    await self._progress.wait()
+
+    async def _nothing_due_before(self, deadline: float) -> bool:
+        """True when no request is running or waiting and none can start before deadline."""
+        if self._sending or self._pending or self._buffer:
+            return False
+        if self._hold_until >= deadline:
+            return True
+        due = await self._store.next_due_at(frozenset(self._in_flight))
+        if due is None:
+            return False
+        return due - self._clock() > deadline - time.monotonic()
+
+
+__all__ = [
+    "BACKOFF_AFTER_FAILURES",
+    "Flusher",
+    "FlusherError",
+    "TokenBucket",
+    "UpstreamState",
+    "full_jitter",
+    "rate_budget",
+]

@@ -1,0 +1,547 @@
+"""The flusher: backoff, rate budget and token bucket (pure), then the forwarding loop
+against a real Store in tmp_path and a real FakeValmi on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from valmi_sidecar.config import Secret
+from valmi_sidecar.events import NewEvent, parse_one
+from valmi_sidecar.fake_api import FakeValmi
+from valmi_sidecar.flusher import Flusher, FlusherError, TokenBucket, full_jitter, rate_budget
+from valmi_sidecar.store import QueuedEvent, Store
+from valmi_sidecar.upstream import Answer, Upstream
+
+from .conftest import DEFAULT_KEY, fast_settings, wait_until
+
+# --- backoff -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attempts", [0, 1, 2, 5, 10, 30])
+def test_full_jitter_stays_within_its_bound(attempts: int) -> None:
+    rng = random.Random(7)
+    bound = min(300.0, 0.5 * 2**attempts)
+    samples = [full_jitter(attempts, 0.5, 300.0, rng) for _ in range(2000)]
+    assert all(0.0 <= s <= bound for s in samples)
+    assert max(samples) > 0.9 * bound  # full jitter: the whole range is used
+    assert min(samples) < 0.1 * bound
+
+
+def test_full_jitter_with_huge_attempts_is_capped() -> None:
+    """No overflow for an event retried for weeks."""
+    assert 0.0 <= full_jitter(10**9, 0.5, 300.0, random.Random(1)) <= 300.0
+
+
+# --- rate budget and token bucket --------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1, 2, 5, 60, 120, 180, 1000, 10_000, 100_000])
+def test_rate_budget_fits_any_60s_window(limit: int) -> None:
+    """burst + 60 s of tokens never exceeds the limit, so a fixed window sees no 429."""
+    rate_per_s, burst = rate_budget(limit)
+    assert 1 <= burst
+    assert int(burst + rate_per_s * 60) <= limit
+
+
+@pytest.mark.parametrize("limit", [1000, 10_000, 100_000])
+def test_rate_budget_uses_most_of_a_large_limit(limit: int) -> None:
+    rate_per_s, burst = rate_budget(limit)
+    assert 0.97 * limit <= burst + rate_per_s * 60
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_starts_full_then_paces() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(2.0, 3, clock=clock)
+    assert [True, True, True, False] == [bucket.take() for _ in range(4)]
+    assert 0.5 == pytest.approx(bucket.delay())
+    clock.now += 0.5
+    assert 0.0 == bucket.delay()
+    assert bucket.take()
+    assert not bucket.take()
+
+
+def test_token_bucket_does_not_save_up_beyond_its_burst() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(10.0, 2, clock=clock)
+    clock.now += 3600
+    assert [True, True, False] == [bucket.take() for _ in range(3)]
+
+
+def test_token_bucket_never_exceeds_the_limit_in_any_sliding_minute() -> None:
+    """Greedy sending for 3 simulated minutes at 120/min: every 60-s window holds <= 120."""
+    clock = FakeClock()
+    rate_per_s, burst = rate_budget(120)
+    bucket = TokenBucket(rate_per_s, burst, clock=clock)
+    sent: list[float] = []
+    start = clock.now
+    while clock.now < start + 180:
+        if bucket.take():
+            sent.append(clock.now)
+        else:
+            clock.now += bucket.delay()
+    j = 0
+    for i, t in enumerate(sent):
+        while j < len(sent) and sent[j] < t + 60:
+            j += 1
+        assert j - i <= 120
+    assert len(sent) >= 0.97 * 120 * 3
+
+
+# --- integration fixtures ------------------------------------------------------------
+
+
+def action(i: int, *, received_at: float | None = None) -> NewEvent:
+    body = {"agent_key": "agent_1", "action_type": "llm_call", "metadata": {"i": i}}
+    return parse_one("action", json.dumps(body).encode(), now=received_at)
+
+
+def outcome(i: int) -> NewEvent:
+    body = {"agent_key": "agent_1", "outcome_type": "hire", "value": i, "metadata": {"i": i}}
+    return parse_one("outcome", json.dumps(body).encode())
+
+
+def order(fake: FakeValmi) -> list[int]:
+    return [r.body["metadata"]["i"] for r in fake.events()]
+
+
+class RecordingUpstream(Upstream):
+    """The real client, noting every attempt: (monotonic time, seq, idempotency key, answer)."""
+
+    def __init__(self, api_url: str, **kwargs: Any) -> None:
+        super().__init__(api_url, Secret(DEFAULT_KEY), **kwargs)
+        self.attempts: list[tuple[float, int, str, Answer]] = []
+
+    async def send(self, event: QueuedEvent) -> Answer:
+        answer = await super().send(event)
+        self.attempts.append((time.monotonic(), event.seq, event.idem_key, answer))
+        return answer
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await Store.open(tmp_path / "data", durability="normal")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+FakeFactory = Callable[..., Awaitable[FakeValmi]]
+
+
+@pytest.fixture
+async def fake_factory() -> AsyncIterator[FakeFactory]:
+    """Fake Valmi APIs with options (rate limit, 409 on duplicates), stopped at the end."""
+    started: list[FakeValmi] = []
+
+    async def start(**kwargs: Any) -> FakeValmi:
+        api = FakeValmi(seed=1, **kwargs)
+        await api.start()
+        started.append(api)
+        return api
+
+    try:
+        yield start
+    finally:
+        for api in started:
+            await api.stop()
+
+
+StartFlusher = Callable[..., Awaitable[tuple[Flusher, "asyncio.Task[None]"]]]
+
+
+@pytest.fixture
+async def start_flusher(store: Store, tmp_path: Path) -> AsyncIterator[StartFlusher]:
+    """Run real flushers on the test's store; each is drained and its client closed at the end.
+
+    ``start(fake_or_none, **settings_overrides)``; pass ``upstream=`` to use a given client
+    and ``rng=`` to fix the jitter.
+    """
+    running: list[tuple[Flusher, asyncio.Task[None], Upstream | None]] = []
+
+    async def start(
+        fake: FakeValmi | None,
+        *,
+        upstream: Upstream | None = None,
+        rng: random.Random | None = None,
+        **overrides: Any,
+    ) -> tuple[Flusher, asyncio.Task[None]]:
+        settings = fast_settings(tmp_path / "data", fake.url if fake else None, **overrides)
+        if upstream is None and fake is not None:
+            upstream = RecordingUpstream(
+                fake.url,
+                timeout_s=settings.upstream_timeout_s,
+                max_connections=settings.upstream_concurrency,
+            )
+        flusher = Flusher(store, upstream, settings, rng=rng)
+        task = asyncio.create_task(flusher.run())
+        running.append((flusher, task, upstream))
+        return flusher, task
+
+    try:
+        yield start
+    finally:
+        for flusher, task, upstream in running:
+            if not task.done():
+                await flusher.drain(0.2)
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, FlusherError):
+                await task
+            if upstream is not None:
+                await upstream.aclose()
+
+
+async def stop(flusher: Flusher, task: asyncio.Task[None], timeout_s: float = 2.0) -> None:
+    await flusher.drain(timeout_s)
+    await asyncio.wait_for(task, 1.0)
+
+
+# --- delivery ------------------------------------------------------------------------
+
+
+async def test_events_are_delivered_once_each_oldest_first(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    await store.submit([action(i) for i in range(20)])
+    flusher, task = await start_flusher(fake, upstream_concurrency=1)
+    await wait_until(lambda: 20 == store.counts().delivered, 10, "20 delivered")
+    assert list(range(20)) == order(fake)
+    assert [1] * 20 == [r.attempts for r in fake.events()]
+    assert 0 == store.counts().queued
+    await stop(flusher, task)
+
+
+async def test_concurrent_forwarding_delivers_every_event_once(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    events = [action(i) for i in range(150)] + [outcome(i) for i in range(150, 200)]
+    await store.submit(events)
+    await start_flusher(fake, upstream_concurrency=16)
+    await wait_until(lambda: 200 == store.counts().delivered, 10, "200 delivered")
+    assert {e.idem_key for e in events} == set(fake.received)
+    assert 200 == fake.requests
+    assert 50 == len(fake.events("outcome"))
+
+
+async def test_an_idle_flusher_forwards_a_new_event_promptly(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    flusher, _ = await start_flusher(fake)
+    await store.submit([action(0)])
+    await wait_until(lambda: 1 == store.counts().delivered, 1.0, "prompt delivery")
+    assert "ok" == flusher.state
+    await store.submit([action(1)])
+    await wait_until(lambda: 2 == store.counts().delivered, 1.0, "prompt delivery again")
+
+
+async def test_outage_then_recovery_delivers_each_key_exactly_once(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    await fake.go_down()
+    events = [action(i) for i in range(30)]
+    await store.submit(events)
+    flusher, _ = await start_flusher(fake)
+    await wait_until(lambda: "backing_off" == flusher.state, 5, "backing_off")
+    assert flusher.last_error is not None
+    assert "ConnectError" in flusher.last_error
+    await fake.go_up()
+    await wait_until(lambda: 30 == store.counts().delivered, 10, "30 delivered after outage")
+    assert "ok" == flusher.state
+    assert {e.idem_key for e in events} == set(fake.received)
+    assert 0 == fake.duplicates
+
+
+async def test_5xx_share_is_retried_with_the_same_key_until_delivered(
+    store: Store, fake_factory: FakeFactory, start_flusher: StartFlusher, tmp_path: Path
+) -> None:
+    fake = await fake_factory()
+    fake.set_faults(error_rate=0.5, error_status=503)
+    upstream = RecordingUpstream(fake.url, timeout_s=2.0, max_connections=4)
+    await store.submit([action(i) for i in range(30)])
+    await start_flusher(fake, upstream=upstream, upstream_concurrency=4)
+    await wait_until(lambda: 30 == store.counts().delivered, 15, "30 delivered through 503s")
+    keys: dict[int, set[str]] = defaultdict(set)
+    tries: dict[int, int] = defaultdict(int)
+    for _, seq, key, _answer in upstream.attempts:
+        keys[seq].add(key)
+        tries[seq] += 1
+    assert all(1 == len(k) for k in keys.values())
+    assert max(tries.values()) > 1
+    assert fake.status_counts.get(503, 0) > 0
+    assert 30 == len(fake.received)
+    assert 0 == store.counts().dead_lettered
+
+
+class UpperBoundRandom(random.Random):
+    """Jitter that always picks the top of its range, so backoff is deterministic."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+async def test_retries_back_off_exponentially_and_never_give_up(
+    store: Store, fake_factory: FakeFactory, start_flusher: StartFlusher
+) -> None:
+    fake = await fake_factory()
+    fake.set_faults(error_rate=1.0, error_status=503)
+    upstream = RecordingUpstream(fake.url, timeout_s=2.0, max_connections=1)
+    await store.submit([action(0)])
+    flusher, task = await start_flusher(
+        fake, upstream=upstream, rng=UpperBoundRandom(), upstream_concurrency=1
+    )
+    await wait_until(lambda: len(upstream.attempts) >= 7, 10, "seven attempts")
+    times = [t for t, *_ in upstream.attempts]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    expected = [min(0.2, 0.01 * 2**k) for k in range(len(gaps))]  # base 0.01 s, cap 0.2 s
+    assert all(g >= e * 0.95 for g, e in zip(gaps, expected, strict=True)), (gaps, expected)
+    assert all(g < e + 0.5 for g, e in zip(gaps, expected, strict=True)), (gaps, expected)
+    assert 0 == store.counts().dead_lettered  # never dropped for too many attempts
+    fake.set_faults(error_rate=0.0)
+    await wait_until(lambda: 1 == store.counts().delivered, 5, "delivered")
+    assert "ok" == flusher.state
+    await stop(flusher, task)
+
+
+async def test_429_retry_after_is_honoured(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    fake.set_faults(rate_limited=True, retry_after_s=0.5)
+    await store.submit([action(i) for i in range(3)])
+    flusher, _ = await start_flusher(fake, upstream_concurrency=1)
+    await wait_until(lambda: "rate_limited" == flusher.state, 5, "rate_limited")
+    fake.set_faults(rate_limited=False)
+    await wait_until(lambda: 3 == store.counts().delivered, 5, "3 delivered")
+    assert 1 == fake.status_counts[429]
+    first_429, next_request = fake.arrival_times[0], fake.arrival_times[1]
+    assert next_request - first_429 >= 0.5
+    assert list(range(3)) == order(fake)  # the refused event kept its place
+
+
+async def test_400_dead_letters_that_event_and_the_others_are_delivered(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    good = [action(i) for i in range(5)]
+    refused = NewEvent(**{**vars_of(action(99)), "body": b'{"agent_key":"agent_1"}'})
+    await store.submit([*good[:2], refused, *good[2:]])
+    await start_flusher(fake)
+    await wait_until(lambda: 5 == store.counts().delivered, 5, "5 delivered")
+    await wait_until(lambda: 1 == store.counts().dead_lettered, 5, "1 dead letter")
+    [record] = await store.dead_letters()
+    assert (refused.idem_key, "rejected", 400) == (record.idem_key, record.reason, record.status)
+    assert "action_type" in record.detail
+    assert 0 == store.counts().queued
+
+
+def vars_of(event: NewEvent) -> dict[str, Any]:
+    return {name: getattr(event, name) for name in NewEvent.__slots__}
+
+
+async def test_401_pauses_keeps_every_event_and_resumes(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    fake.set_faults(unauthorized=True)
+    await store.submit([action(i) for i in range(10)])
+    with capture_logs() as logs:
+        flusher, _ = await start_flusher(fake)
+        await wait_until(lambda: "paused" == flusher.state, 5, "paused")
+        await wait_until(lambda: fake.status_counts.get(401, 0) >= 3, 5, "a few probes")
+        counts = store.counts()
+        assert (10, 0, 0) == (counts.queued, counts.delivered, counts.dead_lettered)
+        assert flusher.last_error is not None
+        assert "401" in flusher.last_error
+        fake.set_faults(unauthorized=False)
+        await wait_until(lambda: 10 == store.counts().delivered, 5, "10 delivered after resume")
+    assert "ok" == flusher.state
+    paused = [e for e in logs if e["event"] == "upstream_paused"]
+    assert 1 == len(paused)
+    assert ("error", 401) == (paused[0]["log_level"], paused[0]["status"])
+    assert 1 == sum(e["event"] == "upstream_resumed" for e in logs)
+    assert DEFAULT_KEY not in repr(logs)
+    assert list(range(10)) == sorted(order(fake))
+
+
+async def test_paused_flusher_probes_one_request_at_a_time(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    fake.set_faults(unauthorized=True, latency_s=0.05)
+    await store.submit([action(i) for i in range(20)])
+    flusher, _ = await start_flusher(fake, upstream_concurrency=8)
+    await wait_until(lambda: "paused" == flusher.state, 5, "paused")
+    before = fake.requests
+    await wait_until(lambda: fake.requests >= before + 3, 5, "three probes")
+    assert flusher.in_flight <= 1
+
+
+async def test_409_on_a_stored_key_counts_as_delivered(
+    store: Store, fake_factory: FakeFactory, start_flusher: StartFlusher
+) -> None:
+    """Upstream stored the event but the answer was lost; the retry's 409 settles it."""
+    fake = await fake_factory(conflict_on_duplicate=True)
+    fake.set_faults(reset_after_store=True)
+    await store.submit([action(i) for i in range(5)])
+    await start_flusher(fake)
+    await wait_until(lambda: 5 == len(fake.received), 5, "5 stored upstream, answers lost")
+    fake.set_faults(reset_after_store=False)
+    await wait_until(lambda: 5 == store.counts().delivered, 5, "5 delivered")
+    assert 5 == fake.status_counts[409]
+    assert 0 == store.counts().dead_lettered
+
+
+# --- rate limits ---------------------------------------------------------------------
+
+
+async def test_rate_limit_paces_requests_and_sees_no_429(
+    store: Store, fake_factory: FakeFactory, start_flusher: StartFlusher
+) -> None:
+    """At 180/min, 12 events take ~3.7 s: never faster than the budget, never a 429."""
+    limit = 180
+    fake = await fake_factory(rate_limit_per_min=limit)
+    await store.submit([action(i) for i in range(12)])
+    await start_flusher(fake, rate_limit_per_min=limit, upstream_concurrency=16)
+    await wait_until(lambda: 12 == store.counts().delivered, 10, "12 delivered")
+    assert 0 == fake.status_counts.get(429, 0)
+    _, burst = rate_budget(limit)
+    times = fake.arrival_times
+    for i in range(len(times)):
+        for j in range(i + 1, len(times)):
+            # requests i..j inclusive fit burst + tokens earned, with 20 ms of slack
+            assert j - i + 1 <= burst + (times[j] - times[i] + 0.02) * limit / 60
+
+
+async def test_exhausted_remaining_budget_waits_for_reset_without_429(
+    store: Store, fake_factory: FakeFactory, start_flusher: StartFlusher
+) -> None:
+    """X-RateLimit-Remaining stops a flusher whose configured budget is too high."""
+    fake = await fake_factory(rate_limit_per_min=5)
+    await store.submit([action(i) for i in range(8)])
+    flusher, task = await start_flusher(fake, rate_limit_per_min=10_000, upstream_concurrency=2)
+    await wait_until(lambda: 5 == store.counts().delivered, 5, "the window's 5 delivered")
+    await wait_until(lambda: "rate_limited" == flusher.state, 5, "rate_limited")
+    assert 0 == fake.status_counts.get(429, 0)
+    assert 3 == store.counts().queued
+    await stop(flusher, task, 0.2)
+    assert 3 == store.counts().queued
+
+
+# --- expiry, drain, disabled, failures -------------------------------------------------
+
+
+async def test_expired_events_are_dead_lettered_without_being_sent(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    old = [action(i, received_at=time.time() - 7200) for i in range(3)]
+    await store.submit([*old, action(3), action(4)])
+    await start_flusher(fake, max_event_age_s=3600.0)
+    await wait_until(lambda: 2 == store.counts().delivered, 5, "2 delivered")
+    await wait_until(lambda: 3 == store.counts().dead_lettered, 5, "3 expired")
+    records = await store.dead_letters()
+    assert {e.idem_key for e in old} == {r.idem_key for r in records}
+    assert {"expired"} == {r.reason for r in records}
+    assert 2 == fake.requests
+    assert [3, 4] == order(fake)
+
+
+async def test_drain_stops_within_its_bound_when_upstream_hangs(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    fake.set_faults(hang=True)
+    await store.submit([action(i) for i in range(5)])
+    flusher, task = await start_flusher(fake, upstream_concurrency=4)
+    await wait_until(lambda: fake.requests >= 4, 5, "requests held by the fake")
+    started = time.monotonic()
+    await flusher.drain(0.3)
+    assert time.monotonic() - started < 0.3 + 0.5
+    await asyncio.wait_for(task, 1.0)  # run() ends cleanly
+    assert 0 == flusher.in_flight
+    counts = store.counts()
+    assert (5, 0) == (counts.queued, counts.delivered)
+
+
+async def test_drain_returns_as_soon_as_the_queue_is_empty(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    await store.submit([action(i) for i in range(10)])
+    flusher, task = await start_flusher(fake)
+    started = time.monotonic()
+    await flusher.drain(10.0)
+    assert time.monotonic() - started < 2.0
+    assert 10 == store.counts().delivered
+    assert task.done()
+
+
+async def test_drain_stops_at_once_when_paused(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    fake.set_faults(unauthorized=True)
+    await store.submit([action(0)])
+    flusher, task = await start_flusher(fake)
+    await wait_until(lambda: "paused" == flusher.state, 5, "paused")
+    started = time.monotonic()
+    await flusher.drain(10.0)
+    assert time.monotonic() - started < 1.0
+    assert task.done()
+    assert 1 == store.counts().queued
+
+
+async def test_disabled_without_upstream_forwards_nothing(
+    store: Store, start_flusher: StartFlusher
+) -> None:
+    flusher, task = await start_flusher(None)
+    assert "disabled" == flusher.state
+    await store.submit([action(i) for i in range(3)])
+    await asyncio.sleep(0)
+    assert not task.done()
+    await flusher.drain(5.0)
+    await asyncio.wait_for(task, 1.0)
+    assert 3 == store.counts().queued
+
+
+class CrashingUpstream(Upstream):
+    async def send(self, event: QueuedEvent) -> Answer:
+        raise RuntimeError("bug in a sender")
+
+
+async def test_a_crashing_sender_makes_run_raise(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    upstream = CrashingUpstream(fake.url, Secret(DEFAULT_KEY), timeout_s=1.0, max_connections=1)
+    await store.submit([action(0)])
+    _, task = await start_flusher(fake, upstream=upstream)
+    with pytest.raises(FlusherError, match="bug in a sender") as info:
+        await asyncio.wait_for(task, 5.0)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert 1 == store.counts().queued  # the event is kept
+
+
+async def test_cancelling_run_propagates_and_keeps_events(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    fake.set_faults(hang=True)
+    await store.submit([action(i) for i in range(3)])
+    _, task = await start_flusher(fake)
+    await wait_until(lambda: fake.requests >= 1, 5, "a request held")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert 3 == store.counts().queued
