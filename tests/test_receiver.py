@@ -112,7 +112,7 @@ async def test_missing_content_type_is_taken_as_json(
 ) -> None:
     _, url = await sidecar_factory()
     req = client.build_request("POST", f"{url}/v1/actions", content=json.dumps(ACTION).encode())
-    del req.headers["Content-Type"]
+    assert "Content-Type" not in req.headers
     resp = await client.send(req)
     assert 202 == resp.status_code
 
@@ -174,7 +174,7 @@ async def test_bad_idempotency_key_is_refused_400(
     sidecar_factory: SidecarFactory, client: httpx.AsyncClient
 ) -> None:
     _, url = await sidecar_factory()
-    resp = await client.post(f"{url}/v1/actions", json=ACTION, headers={"Idempotency-Key": " "})
+    resp = await client.post(f"{url}/v1/actions", json=ACTION, headers={"Idempotency-Key": "k" * 300})
     assert 400 == resp.status_code
     assert "invalid_idempotency_key" == error_of(resp)["code"]
 
