@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from valmi_sidecar.sdnotify import Notifier, socket_address, watchdog_interval
+
+from .conftest import ACTION, SidecarProcessFactory, wait_until
 
 
 class Listener:
@@ -201,3 +206,105 @@ async def test_watchdog_loop_without_watchdog_waits_until_cancelled(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert [] == path_listener.pending()
+
+
+# --- the sidecar as a subprocess, notifying a socket this test binds ---------------------
+
+
+class Collector:
+    """Every datagram the listener receives, gathered by a thread, in order."""
+
+    def __init__(self, listener: Listener) -> None:
+        self._sock = listener.sock
+        self._sock.settimeout(0.05)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._messages: list[str] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(4096)
+            except TimeoutError:
+                continue
+            with self._lock:
+                self._messages.append(data.decode())
+
+    def messages(self) -> list[str]:
+        with self._lock:
+            return list(self._messages)
+
+    def assignments(self) -> list[str]:
+        return [a for m in self.messages() for a in m.split("\n")]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+_SERVICE_SOURCE = (Path(__file__).parent.parent / "src/valmi_sidecar/service.py").read_text()
+
+
+@pytest.mark.xfail(
+    "sdnotify" not in _SERVICE_SOURCE,
+    reason="service.py does not call sdnotify yet; this turns into a plain test once it does",
+    strict=True,
+)
+async def test_sidecar_notifies_ready_watchdog_status_and_stopping(
+    path_listener: Listener,
+    sidecar_process: SidecarProcessFactory,
+    client: httpx.AsyncClient,
+) -> None:
+    """READY=1 only once /readyz is 200, WATCHDOG=1 again and again, a STATUS= line,
+    STOPPING=1 on SIGTERM, then exit 0."""
+    collector = Collector(path_listener)
+    try:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        p = sidecar_process(
+            NOTIFY_SOCKET=path_listener.env_value,
+            WATCHDOG_USEC="200000",
+            VALMI_SIDECAR_LISTEN=f"127.0.0.1:{port}",
+        )
+        await wait_until(lambda: "READY=1" in collector.assignments(), 20.0, "READY=1")
+        # The moment READY=1 is in, the sidecar must already accept.
+        assert 200 == (await client.get(url + "/readyz")).status_code
+        assert url == await p.wait_ready()
+        assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
+
+        await wait_until(
+            lambda: collector.assignments().count("WATCHDOG=1") >= 3, 10.0, "3 x WATCHDOG=1"
+        )
+        await wait_until(
+            lambda: any(a.startswith("STATUS=") for a in collector.assignments()), 10.0, "STATUS="
+        )
+        assert [] == [a for a in collector.assignments() if a == "STOPPING=1"]
+
+        p.signal(signal.SIGTERM)
+        await wait_until(lambda: "STOPPING=1" in collector.assignments(), 10.0, "STOPPING=1")
+        assert 0 == await p.wait_exit()
+        sent = collector.assignments()
+        assert 1 == sent.count("READY=1")
+        assert sent.index("READY=1") < sent.index("STOPPING=1")
+    finally:
+        collector.close()
+
+
+async def test_sidecar_without_notify_socket_runs_as_usual(
+    sidecar_process: SidecarProcessFactory, client: httpx.AsyncClient
+) -> None:
+    """No NOTIFY_SOCKET (a terminal, a container): the sidecar starts, serves, exits 0."""
+    p = sidecar_process(WATCHDOG_USEC="200000")
+    url = await p.wait_ready()
+    assert 200 == (await client.get(url + "/readyz")).status_code
+    p.signal(signal.SIGTERM)
+    assert 0 == await p.wait_exit()
