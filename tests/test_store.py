@@ -205,6 +205,15 @@ async def test_batch_is_all_or_nothing_on_conflict(open_store: OpenStore, clock:
     assert [("taken",)] == rows(store, "SELECT idem_key FROM keys")
 
 
+async def test_same_key_twice_in_one_batch_with_different_bodies_conflicts(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    with pytest.raises(IdempotencyConflictError):
+        await store.submit([action(clock, key="k", kind="a"), action(clock, key="k", kind="b")])
+    assert 0 == store.counts().received
+
+
 async def test_conflict_does_not_fail_other_submissions_in_its_group(
     open_store: OpenStore, clock: Clock
 ) -> None:
@@ -277,6 +286,18 @@ async def test_queue_full_by_bytes_stores_nothing(open_store: OpenStore, clock: 
         await store.submit([action(clock)])
     c = store.counts()
     assert (2, 2 * size) == (c.queued, c.queued_bytes)
+
+
+async def test_queue_limit_is_exact_under_concurrent_submits(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store(max_queue_events=10)
+    results = await asyncio.gather(
+        *(store.submit([action(clock)]) for _ in range(25)), return_exceptions=True
+    )
+    assert 10 == sum(isinstance(r, list) for r in results)
+    assert 15 == sum(isinstance(r, QueueFullError) for r in results)
+    assert 10 == store.counts().queued
 
 
 async def test_duplicate_is_answered_when_queue_is_full(
@@ -579,3 +600,24 @@ async def test_writer_crash_fails_submits_and_ends_writer_task(
     assert not store.writable
     with pytest.raises(StoreError, match="writer stopped"):
         await store.submit([action(clock)])
+
+
+async def test_writable_recovers_by_itself_when_idle(open_store: OpenStore, clock: Clock) -> None:
+    """After a failed commit and no further writes, the writer's probe finds the disk
+    writable again (so readiness does not wait for traffic that it turned away)."""
+    store = await open_store()
+    await store._writer.execute("PRAGMA max_page_count = 1")
+    big = b'{"agent_key": "a", "action_type": "x", "metadata": {"blob": "' + b"x" * 50_000 + b'"}}'
+    with pytest.raises(StoreError):
+        await store.submit([parse_one("action", big, now=clock())])
+    for _ in range(100):  # the probe runs after PROBE_INTERVAL_S of idleness
+        if store.probes:
+            break
+        await asyncio.sleep(0.05)
+    assert (True, False) == (store.probes >= 1, store.writable)  # still full: probe failed
+    await store._writer.execute("PRAGMA max_page_count = 1073741823")
+    for _ in range(100):
+        if store.writable:
+            break
+        await asyncio.sleep(0.05)
+    assert store.writable

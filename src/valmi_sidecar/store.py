@@ -58,8 +58,10 @@ QUEUE_FULL_RETRY_AFTER_S: Final = 30
 #: While a commit has failed and nothing else is written, how often the writer tries a
 #: tiny transaction to find out whether the disk is writable again.
 PROBE_INTERVAL_S: Final = 1.0
-#: How long ``close()`` lets the writer commit what is pending before it gives up.
-CLOSE_DRAIN_S: Final = 10.0
+#: How long ``close()`` lets the writer commit what is pending before it gives up, and
+#: how long it waits for each connection to close: all of ``close()`` stays under 10 s.
+CLOSE_DRAIN_S: Final = 5.0
+CONNECTION_CLOSE_S: Final = 1.5
 #: SQLite's wait for a lock before ``SQLITE_BUSY``.
 BUSY_TIMEOUT_MS: Final = 5_000
 #: ``keys`` rows deleted per prune transaction (the writer interleaves other work).
@@ -271,7 +273,11 @@ _PRUNE: Final = (
     "DELETE FROM keys WHERE idem_key IN (SELECT idem_key FROM keys"
     " WHERE state != 0 AND received_at < ? LIMIT ?)"
 )
-_PROBE: Final = "UPDATE counters SET value = value WHERE name = 'received'"
+#: Needs free pages (as a submit does) and leaves nothing behind.
+_PROBE: Final = (
+    "BEGIN IMMEDIATE; INSERT INTO counters (name, value) VALUES ('probe', zeroblob(65536));"
+    " DELETE FROM counters WHERE name = 'probe'; COMMIT;"
+)
 
 _json: Final = msgspec.json.Encoder()
 
@@ -381,6 +387,8 @@ class Store:
 
         #: Group transactions committed (submits, settles, prunes; probes not counted).
         self.commits = 0
+        #: Probe transactions finished (failed or not) while not ``writable``.
+        self.probes = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -488,6 +496,7 @@ class Store:
         if self._closing:
             return
         self._closing = True
+        asked: list[aiosqlite.Connection] = []
         try:
             if self._prune_task is not None:
                 self._prune_task.cancel()
@@ -505,12 +514,16 @@ class Store:
                     await asyncio.wait({task}, timeout=1.0)
             self._fail_all(StoreError("the store is closed"))
             for conn in (self._reader, self._writer):
+                asked.append(conn)
                 try:
-                    await asyncio.wait_for(conn.close(), CLOSE_DRAIN_S)
+                    await asyncio.wait_for(conn.close(), CONNECTION_CLOSE_S)
                 except (sqlite3.Error, ValueError, TimeoutError) as exc:
                     log.error("store_close_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             self._closed = True
+            for conn in (self._reader, self._writer):
+                if conn not in asked:  # cancelled before closing it (aiosqlite's close()
+                    conn.stop()  # stops its thread itself): the thread is not a daemon
             if self._lock_fd is not None:
                 fd, self._lock_fd = self._lock_fd, None
                 os.close(fd)  # releases the flock
@@ -951,13 +964,14 @@ class Store:
 
     async def _probe(self) -> None:
         try:
-            await self._writer.execute(_PROBE)
-            await self._writer.commit()
+            await self._writer.executescript(_PROBE)
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 await self._writer.rollback()
+            self.probes += 1
             log.debug("store_probe_failed", error=str(exc))
             return
+        self.probes += 1
         self._writable = True
         log.info("store_writable_again", path=str(self._path))
 
