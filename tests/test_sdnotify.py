@@ -251,14 +251,6 @@ def free_port() -> int:
         return port
 
 
-_SERVICE_SOURCE = (Path(__file__).parent.parent / "src/valmi_sidecar/service.py").read_text()
-
-
-@pytest.mark.xfail(
-    "sdnotify" not in _SERVICE_SOURCE,
-    reason="service.py does not call sdnotify yet; this turns into a plain test once it does",
-    strict=True,
-)
 async def test_sidecar_notifies_ready_watchdog_status_and_stopping(
     path_listener: Listener,
     sidecar_process: SidecarProcessFactory,

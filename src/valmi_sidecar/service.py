@@ -26,6 +26,7 @@ from .flusher import Flusher
 from .logs import configure_logging
 from .metrics import render_metrics
 from .receiver import STORE, Lifecycle, build_app
+from .sdnotify import Notifier
 from .store import Store, StoreError
 from .upstream import Upstream
 
@@ -33,6 +34,8 @@ log = structlog.get_logger("valmi_sidecar.service")
 
 #: Extra seconds allowed for closing the HTTP client and the database.
 CLOSE_TIMEOUT_S: Final = 10.0
+#: How often systemd's STATUS= line is refreshed with the queue depth.
+STATUS_INTERVAL_S: Final = 5.0
 
 
 class Sidecar:
@@ -51,6 +54,8 @@ class Sidecar:
         self._stopping = False
         self._runner: web.AppRunner | None = None
         self._started_at = time.time()
+        self._notifier = Notifier.from_env()
+        self._notify_tasks: list[asyncio.Task[None]] = []
 
     # --- resources, one cleanup context each -------------------------------------
 
@@ -64,6 +69,7 @@ class Sidecar:
             dedup_window_s=s.dedup_window_s,
         )
         app[STORE] = self._store
+        self._store.writer_task.add_done_callback(self._on_background_done)
         try:
             yield
         finally:
@@ -166,6 +172,19 @@ class Sidecar:
             },
         }
 
+    def _status_line(self) -> str:
+        """One line for systemd's STATUS=: queue depth and upstream state."""
+        if self._store is None:
+            return "starting"
+        c = self._store.counts()
+        state = self._flusher.state if self._flusher is not None else "disabled"
+        return f"queued={c.queued} delivered={c.delivered} dead_lettered={c.dead_lettered} upstream={state}"
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            self._notifier.status(self._status_line())
+
     def _metrics(self) -> bytes:
         assert self._store is not None
         flusher = self._flusher
@@ -207,6 +226,15 @@ class Sidecar:
         host, port = runner.addresses[0][:2]
         self.address = (host, port)
         self.lifecycle.ready = True
+        if self._notifier.enabled:
+            self._notifier.ready(self._status_line())
+            for coro, name in (
+                (self._notifier.watchdog_loop(), "sd_watchdog"),
+                (self._status_loop(), "sd_status"),
+            ):
+                task = asyncio.create_task(coro, name=name)
+                task.add_done_callback(self._on_background_done)
+                self._notify_tasks.append(task)
         log.info(
             "sidecar_ready",
             listen=f"{host}:{port}",
@@ -223,6 +251,7 @@ class Sidecar:
             return
         self._stopping = True
         self.lifecycle.draining = True
+        self._notifier.stopping("draining: " + self._status_line())
         log.info("shutdown_started")
         runner = self._runner
         if runner is not None:
@@ -234,6 +263,11 @@ class Sidecar:
             except TimeoutError:
                 log.error("shutdown_overran", bound_s=bound)
                 self.exit_code = self.exit_code or 1
+        # The watchdog keeps pinging through the drain; it stops only now.
+        for task in self._notify_tasks:
+            task.cancel()
+        if self._notify_tasks:
+            await asyncio.wait(self._notify_tasks, timeout=1.0)
         counts = self._store.counts() if self._store is not None else None
         log.info(
             "shutdown_complete",
