@@ -130,9 +130,16 @@ class RecordingUpstream(Upstream):
     def __init__(self, api_url: str, **kwargs: Any) -> None:
         super().__init__(api_url, Secret(DEFAULT_KEY), **kwargs)
         self.attempts: list[tuple[float, int, str, Answer]] = []
+        self.active = 0
+        self.max_active = 0  # the most requests outstanding at once (tests may reset it)
 
     async def send(self, event: QueuedEvent) -> Answer:
-        answer = await super().send(event)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            answer = await super().send(event)
+        finally:
+            self.active -= 1
         self.attempts.append((time.monotonic(), event.seq, event.idem_key, answer))
         return answer
 
@@ -384,13 +391,17 @@ async def test_401_pauses_keeps_every_event_and_resumes(
 async def test_paused_flusher_probes_one_request_at_a_time(
     store: Store, fake: FakeValmi, start_flusher: StartFlusher
 ) -> None:
-    fake.set_faults(unauthorized=True, latency_s=0.05)
+    fake.set_faults(unauthorized=True, latency_s=0.02)
+    upstream = RecordingUpstream(fake.url, timeout_s=2.0, max_connections=8)
     await store.submit([action(i) for i in range(20)])
-    flusher, _ = await start_flusher(fake, upstream_concurrency=8)
+    flusher, _ = await start_flusher(fake, upstream=upstream, upstream_concurrency=8)
     await wait_until(lambda: "paused" == flusher.state, 5, "paused")
-    before = fake.requests
-    await wait_until(lambda: fake.requests >= before + 3, 5, "three probes")
-    assert flusher.in_flight <= 1
+    await wait_until(lambda: 0 == upstream.active, 5, "requests sent before the pause answered")
+    upstream.max_active = 0
+    before = len(upstream.attempts)
+    await wait_until(lambda: len(upstream.attempts) >= before + 3, 5, "three probes")
+    assert 1 == upstream.max_active
+    assert 20 == store.counts().queued
 
 
 async def test_409_on_a_stored_key_counts_as_delivered(
@@ -452,9 +463,11 @@ async def test_expired_events_are_dead_lettered_without_being_sent(
 ) -> None:
     old = [action(i, received_at=time.time() - 7200) for i in range(3)]
     await store.submit([*old, action(3), action(4)])
-    await start_flusher(fake, max_event_age_s=3600.0)
-    await wait_until(lambda: 2 == store.counts().delivered, 5, "2 delivered")
-    await wait_until(lambda: 3 == store.counts().dead_lettered, 5, "3 expired")
+    with capture_logs() as logs:
+        await start_flusher(fake, max_event_age_s=3600.0)
+        await wait_until(lambda: 2 == store.counts().delivered, 5, "2 delivered")
+        await wait_until(lambda: 3 == store.counts().dead_lettered, 5, "3 expired")
+    assert 3 == sum(e["n"] for e in logs if e["event"] == "events_expired")
     records = await store.dead_letters()
     assert {e.idem_key for e in old} == {r.idem_key for r in records}
     assert {"expired"} == {r.reason for r in records}

@@ -296,7 +296,7 @@ class Flusher:
                     )
                 )
                 self._summary["dead_lettered"] += 1
-                log.warning("event_dead_lettered", id=event.id, reason="expired")
+                log.debug("event_dead_lettered", id=event.id, reason="expired")
                 continue
             if not self._bucket.take():
                 self._buffer.appendleft(event)
@@ -512,6 +512,9 @@ class Flusher:
         log.debug(
             "batch_settled", n=len(batch), elapsed_ms=round((time.monotonic() - started) * 1000, 1)
         )
+        expired = sum(isinstance(s, DeadLetter) and s.reason == "expired" for s in batch)
+        if expired:  # one line per batch, not per event: a long outage can expire many
+            log.warning("events_expired", n=expired, max_event_age_s=self._settings.max_event_age_s)
         self._wake.set()
         self._progress.set()
         self._log_summary()
