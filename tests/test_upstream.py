@@ -229,6 +229,16 @@ def test_bad_url_scheme_pauses() -> None:
     assert "api_url" in answer.error
 
 
+async def test_a_url_without_a_usable_scheme_pauses_rather_than_raising() -> None:
+    upstream = Upstream("ftp://api.valmi.test", Secret(KEY), timeout_s=1.0, max_connections=1)
+    try:
+        answer = await upstream.send(queued())
+    finally:
+        await upstream.aclose()
+    assert "pause" == answer.verdict
+    assert "api_url" in answer.error
+
+
 # --- the client, on a mock transport ----------------------------------------------------
 
 

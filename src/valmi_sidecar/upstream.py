@@ -235,7 +235,7 @@ class Upstream:
                 content=event.body,
                 headers={"Content-Type": "application/json", "Idempotency-Key": event.idem_key},
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return self._scrubbed(classify_exception(exc))
         status = response.status_code
         body = (
