@@ -7,6 +7,7 @@ store keeps the upstream body that this module produced, byte for byte.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -101,11 +102,50 @@ def new_event_id(ts: float) -> str:
 
 
 def decode(raw: bytes) -> Any:
-    """Decode a JSON request body, or raise ``ValidationError`` saying why it is not JSON."""
+    """Decode a JSON request body, or raise ``ValidationError`` saying why it is not JSON.
+
+    Refused as well: invalid UTF-8, nesting deeper than the decoder's recursion limit
+    (about 900 levels), and an object that names a key twice (which value would be
+    billed is ambiguous: parsers disagree, so the sidecar takes neither).
+    """
     try:
-        return _decoder.decode(raw)
+        obj = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise ValidationError([Problem("", f"the body is not valid JSON: {exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ValidationError([Problem("", f"the body is not valid UTF-8: {exc.reason}")]) from exc
+    except RecursionError as exc:
+        raise ValidationError([Problem("", "the body is nested too deeply")]) from exc
+    key = _duplicate_key(raw, obj)
+    if key is not None:
+        raise ValidationError([Problem("", f"the body names the key {key!r} twice in one object")])
+    return obj
+
+
+def _duplicate_key(raw: bytes, obj: Any) -> str | None:
+    """A key that some object of ``raw`` repeats, else ``None``; ``obj`` is ``raw`` decoded.
+
+    Fast path: when the body minified as written equals the decoded object re-encoded,
+    no member was dropped, so no key repeats. Otherwise (escapes, number spellings or a
+    repeat) the stdlib parser looks at every object's pairs.
+    """
+    if msgspec.json.format(raw, indent=-1) == _encoder.encode(obj):
+        return None
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for k, _ in items:
+            if k in seen and not found:
+                found.append(k)
+            seen.add(k)
+        return dict(items)
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None  # msgspec accepted it; the stdlib's own limits are not the client's fault
+    return found[0] if found else None
 
 
 def _check_name(obj: Mapping[str, Any], name: str, where: str, out: list[Problem]) -> None:
