@@ -104,6 +104,7 @@ class Settings:
     flush_batch_size: int = 256
     final_flush_s: float = 10.0
     shutdown_grace_s: float = 5.0
+    client_timeout_s: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     access_log: bool = False

@@ -6,6 +6,7 @@ shape ``{"error": {"code": ..., "message": ..., "details": [...]}}`` and stores 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -13,9 +14,9 @@ from typing import Any, Final
 
 import msgspec
 import structlog
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
-from . import events
+from . import events, openapi
 from .config import Settings
 from .events import Kind, NewEvent, ValidationError
 from .store import IdempotencyConflictError, QueueFullError, Store, StoreError
@@ -46,6 +47,9 @@ STORE: Final = web.AppKey("store", Store)
 LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
 STATUS: Final = web.AppKey[StatusFn]("status")
 METRICS: Final = web.AppKey[MetricsFn]("metrics")
+#: Ingest requests refused, by error code (``valmi_sidecar_refused_requests_total``).
+REFUSED: Final = web.AppKey[dict[str, int]]("refused")
+_INGEST_PATHS: Final = frozenset({"/v1/actions", "/v1/outcomes", "/v1/batch"})
 
 
 class ApiError(Exception):
@@ -91,13 +95,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
+        _count_refusal(request, exc.code)
         return exc.response()
     except web.HTTPRequestEntityTooLarge as exc:
+        _count_refusal(request, "payload_too_large")
         return _too_large(request.app[SETTINGS].max_body_bytes, exc.text).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+        _count_refusal(request, code)
         return ApiError(exc.status, code, message).response()
     except Exception:
         # A bug, not a refusal: say so without detail (the log has it), and store nothing.
@@ -105,6 +112,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return ApiError(
             500, "internal_error", "the sidecar failed to handle this request; see its log"
         ).response()
+
+
+def _count_refusal(request: web.Request, code: str) -> None:
+    if request.path in _INGEST_PATHS:
+        refused = request.app[REFUSED]
+        refused[code] = refused.get(code, 0) + 1
 
 
 def _too_large(limit: int, _detail: str | None = None) -> ApiError:
@@ -150,10 +163,25 @@ async def _read_json_body(request: web.Request) -> bytes:
                 "unsupported_media_type",
                 f"the body must be JSON (Content-Type: application/json), not {media or 'empty'}",
             )
-    limit = request.app[SETTINGS].max_body_bytes
+    settings = request.app[SETTINGS]
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    return await request.read()
+    try:
+        async with asyncio.timeout(settings.client_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        # A client trickling its body holds only its own connection, and not for long.
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"the body did not arrive within {settings.client_timeout_s:g} s; send it at once",
+        ) from None
+    except (ConnectionError, ClientPayloadError) as exc:
+        # The client closed before the whole body arrived: nothing to store or answer.
+        raise ApiError(
+            400, "incomplete_body", "the connection ended before the whole body arrived"
+        ) from exc
 
 
 def _idempotency_key(request: web.Request) -> str | None:
@@ -289,6 +317,11 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+async def openapi_json(_request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 description of this API, as shipped in the package."""
+    return web.Response(body=openapi.document_bytes(), content_type=_JSON)
+
+
 def build_app(
     settings: Settings,
     lifecycle: Lifecycle,
@@ -305,6 +338,7 @@ def build_app(
     app[LIFECYCLE] = lifecycle
     app[STATUS] = status_fn
     app[METRICS] = metrics_fn
+    app[REFUSED] = {}
     app.router.add_post("/v1/actions", post_action)
     app.router.add_post("/v1/outcomes", post_outcome)
     app.router.add_post("/v1/batch", post_batch)
@@ -312,4 +346,5 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_json)
     return app

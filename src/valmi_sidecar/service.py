@@ -36,6 +36,11 @@ log = structlog.get_logger("valmi_sidecar.service")
 CLOSE_TIMEOUT_S: Final = 10.0
 #: How often systemd's STATUS= line is refreshed with the queue depth.
 STATUS_INTERVAL_S: Final = 5.0
+#: The longest request line or header field, and the most header fields, a client may send.
+MAX_HEADER_LINE_BYTES: Final = 8190
+MAX_HEADERS: Final = 128
+#: Seconds aiohttp reads and discards the rest of a body it refused, before closing.
+LINGERING_S: Final = 2.0
 
 
 class Sidecar:
@@ -212,7 +217,20 @@ class Sidecar:
         # through structlog by logs.configure_logging.
         extra: dict[str, Any] = {} if s.access_log else {"access_log": None}
         runner = web.AppRunner(
-            app, handle_signals=False, shutdown_timeout=s.shutdown_grace_s, **extra
+            app,
+            handle_signals=False,
+            shutdown_timeout=s.shutdown_grace_s,
+            # A connection must finish its first request's headers, and later stay idle,
+            # at most this long (aiohttp starts the timer when the connection opens), so
+            # a slow or idle client cannot hold a socket forever. Bodies: receiver.py.
+            keepalive_timeout=s.client_timeout_s,
+            # Header limits (aiohttp's defaults, stated): beyond them, 400 and close.
+            max_line_size=MAX_HEADER_LINE_BYTES,
+            max_field_size=MAX_HEADER_LINE_BYTES,
+            max_headers=MAX_HEADERS,
+            # A refused body is read and discarded this long at most before the close.
+            lingering_time=LINGERING_S,
+            **extra,
         )
         self._runner = runner
         try:
