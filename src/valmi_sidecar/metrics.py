@@ -1,62 +1,279 @@
-"""Prometheus exposition of the event counts (``GET /metrics``).
+"""Prometheus exposition (``GET /metrics``) and the plain counters behind it.
 
-The counts are read at scrape time from the store's in-memory mirror of its committed
-counters, so the request path pays nothing for metrics and the figures reconcile exactly
-with ``/v1/status``: ``received = queued + delivered + dead_lettered``.
+Nothing on the request path touches prometheus-client: the store, the upstream client and
+the receiver keep plain ``int`` counters and ``Histogram`` objects (only ever changed on the
+event loop, so no locks), and ``render_metrics`` turns one snapshot of them into metric
+families at scrape time. The durable figures (``valmi_sidecar_events{state=…}``) come from
+the store's mirror of its committed counters and reconcile exactly with ``/v1/status``:
+``received = queued + delivered + dead_lettered``. The ``…_total`` counters count what
+happened since the process started, as Prometheus counters do.
+
+This module imports nothing of the package at run time, so that every other module may use
+``Histogram``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import Final
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from .store import Counts
+if TYPE_CHECKING:
+    from .store import Counts, StoreStats
 
 PREFIX: Final = "valmi_sidecar_"
 UPSTREAM_STATES: Final = ("ok", "backing_off", "rate_limited", "paused", "disabled")
+KINDS: Final = ("action", "outcome")
+#: Upstream answers by class; ``error`` is a transport error or timeout (no answer).
+STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")
+
+COMMIT_SECONDS_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+COMMIT_EVENTS_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+UPSTREAM_SECONDS_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class Histogram:
+    """Fixed buckets; ``observe`` is one bisect and two additions. Event loop only."""
+
+    __slots__ = ("bounds", "buckets", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(float(b) for b in bounds)
+        self.buckets = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.buckets, strict=True):
+            running += n
+            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=self.sum)
+
+
+@dataclass(slots=True)
+class UpstreamStats:
+    """Upstream requests by status class, and their durations (from send to answer)."""
+
+    requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUS_CLASSES, 0))
+    duration: Histogram = field(default_factory=lambda: Histogram(UPSTREAM_SECONDS_BUCKETS))
+
+    def observe(self, status: int | None, seconds: float) -> None:
+        """Count one request: its HTTP status, or ``None`` for a transport error."""
+        key = "error" if status is None or not 100 <= status < 600 else f"{status // 100}xx"
+        self.requests[key] += 1
+        self.duration.observe(seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSource:
+    """Everything one scrape shows, read by the service at scrape time."""
+
+    counts: Counts
+    store: StoreStats
+    upstream: UpstreamStats | None
+    refused: Mapping[str, int]
+    in_flight: int
+    upstream_state: str
+    writable: bool
+    ready: bool
+    max_queue_events: int
+    max_queue_bytes: int
+    max_event_age_s: float
+    database_bytes: int
+
+
+def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, doc, labels=list(labels))
+
+
+def _gauge(name: str, doc: str, value: float | None = None) -> GaugeMetricFamily:
+    if value is None:
+        return GaugeMetricFamily(PREFIX + name, doc, labels=[])
+    return GaugeMetricFamily(PREFIX + name, doc, value=value)
 
 
 class _Snapshot(Collector):
-    def __init__(self, counts: Counts, in_flight: int, upstream_state: str) -> None:
-        self._counts = counts
-        self._in_flight = in_flight
-        self._state = upstream_state
+    def __init__(self, source: MetricsSource) -> None:
+        self._s = source
 
     def collect(self) -> Iterator[Metric]:
-        c = self._counts
-        for name, value, doc in (
-            ("events_received", c.received, "Events accepted (answered 202), duplicates apart."),
-            ("events_delivered", c.delivered, "Events delivered upstream (2xx or 409)."),
-            ("events_dead_lettered", c.dead_lettered, "Events refused for good or expired."),
-            ("events_duplicates", c.duplicates, "Client retries answered from an earlier event."),
+        yield from self._durable()
+        yield from self._flows()
+        yield from self._queue()
+        yield from self._upstream()
+        yield from self._store()
+
+    def _durable(self) -> Iterator[Metric]:
+        c = self._s.counts
+        events = GaugeMetricFamily(
+            PREFIX + "events",
+            "Events by state, durable across restarts: received = queued + delivered + "
+            "dead_lettered (duplicates counted apart), as in /v1/status.",
+            labels=["state"],
+        )
+        for state, value in (
+            ("received", c.received),
+            ("queued", c.queued),
+            ("delivered", c.delivered),
+            ("dead_lettered", c.dead_lettered),
+            ("duplicates", c.duplicates),
         ):
-            yield CounterMetricFamily(PREFIX + name, doc, value=value)
-        yield GaugeMetricFamily(PREFIX + "queue_events", "Events waiting.", value=c.queued)
-        yield GaugeMetricFamily(
-            PREFIX + "queue_bytes", "Bytes of event bodies waiting.", value=c.queued_bytes
+            events.add_metric([state], value)
+        yield events
+        # Kept from the first release (durable, never decreasing).
+        yield CounterMetricFamily(
+            PREFIX + "events_received", "Events accepted (answered 202), durable.", value=c.received
         )
+        yield CounterMetricFamily(
+            PREFIX + "events_delivered", "Events delivered upstream, durable.", value=c.delivered
+        )
+
+    def _flows(self) -> Iterator[Metric]:
+        st = self._s.store
+        received = _counter("received_events", "Events accepted since start, by kind.", ["kind"])
+        delivered = _counter(
+            "delivered_events",
+            "Events delivered upstream (2xx or 409) since start, by kind.",
+            ["kind"],
+        )
+        duplicates = _counter(
+            "deduplicated_events",
+            "Client retries answered from an earlier event (nothing stored) since start, by kind.",
+            ["kind"],
+        )
+        for kind in KINDS:
+            received.add_metric([kind], st.received.get(kind, 0))
+            delivered.add_metric([kind], st.delivered.get(kind, 0))
+            duplicates.add_metric([kind], st.duplicates.get(kind, 0))
+        yield from (received, delivered, duplicates)
+        dead = _counter(
+            "dead_lettered_events",
+            "Events dead-lettered since start, by kind and reason (rejected: upstream 400/413/422; expired: older than max_event_age_s).",
+            ["kind", "reason"],
+        )
+        seen = dict.fromkeys(((k, r) for k in KINDS for r in ("rejected", "expired")), 0)
+        seen.update(st.dead_lettered)
+        for (kind, reason), n in sorted(seen.items()):
+            dead.add_metric([kind, reason], n)
+        yield dead
+        refused = _counter(
+            "refused_requests",
+            "Ingest requests refused since start, by error code (nothing stored).",
+            ["reason"],
+        )
+        for code, n in sorted(self._s.refused.items()):
+            refused.add_metric([code], n)
+        yield refused
+        yield CounterMetricFamily(
+            PREFIX + "dead_letters_requeued",
+            "Dead letters re-queued by an operator since start.",
+            value=st.requeued,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "dead_letters_purged",
+            "Dead letters deleted by an operator since start (their counts stay).",
+            value=st.purged,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "salvaged_events",
+            "Events re-queued from a moved-aside database since start.",
+            value=st.salvaged,
+        )
+
+    def _queue(self) -> Iterator[Metric]:
+        s = self._s
+        c = s.counts
         age = 0.0 if c.oldest_queued_at is None else max(0.0, time.time() - c.oldest_queued_at)
-        yield GaugeMetricFamily(
-            PREFIX + "queue_oldest_age_seconds", "Age of the oldest waiting event.", value=age
+        yield _gauge("queue_events", "Events waiting.", c.queued)
+        yield _gauge("queue_bytes", "Bytes of event bodies waiting.", c.queued_bytes)
+        yield _gauge("queue_max_events", "The queue's limit in events.", s.max_queue_events)
+        yield _gauge("queue_max_bytes", "The queue's limit in bytes.", s.max_queue_bytes)
+        yield _gauge("queue_oldest_age_seconds", "Age of the oldest waiting event.", age)
+        yield _gauge(
+            "max_event_age_seconds",
+            "Events older than this are dead-lettered as expired.",
+            s.max_event_age_s,
         )
-        yield GaugeMetricFamily(
-            PREFIX + "events_in_flight", "Events being sent upstream now.", value=self._in_flight
-        )
+        yield _gauge("dead_letters", "Events dead-lettered now (durable).", c.dead_lettered)
+        yield _gauge("events_in_flight", "Events being sent upstream now.", s.in_flight)
+
+    def _upstream(self) -> Iterator[Metric]:
         state = GaugeMetricFamily(
             PREFIX + "upstream_state", "1 for the flusher's current state.", labels=["state"]
         )
         for name in UPSTREAM_STATES:
-            state.add_metric([name], 1.0 if name == self._state else 0.0)
+            state.add_metric([name], 1.0 if name == self._s.upstream_state else 0.0)
         yield state
+        up = self._s.upstream if self._s.upstream is not None else UpstreamStats()
+        requests = _counter(
+            "upstream_requests",
+            "Requests sent upstream since start, by status class (error: no answer).",
+            ["status_class"],
+        )
+        for name in STATUS_CLASSES:
+            requests.add_metric([name], up.requests.get(name, 0))
+        yield requests
+        yield up.duration.family(
+            PREFIX + "upstream_request_duration_seconds", "Upstream request duration."
+        )
+
+    def _store(self) -> Iterator[Metric]:
+        s = self._s
+        st = s.store
+        yield st.commit_events.family(
+            PREFIX + "commit_batch_events", "Events (submitted or settled) per group commit."
+        )
+        yield st.commit_seconds.family(
+            PREFIX + "commit_duration_seconds", "Duration of one group commit transaction."
+        )
+        yield CounterMetricFamily(
+            PREFIX + "commit_failures",
+            "Group commits that failed (disk full, I/O error) since start.",
+            value=st.commit_failures,
+        )
+        yield _gauge("store_writable", "1 when the database accepts writes.", float(s.writable))
+        yield _gauge("ready", "1 when /readyz answers 200.", float(s.ready))
+        yield _gauge(
+            "database_size_bytes", "Size of the database file and its WAL.", s.database_bytes
+        )
+        yield CounterMetricFamily(
+            PREFIX + "database_corruptions",
+            "Corrupt databases moved aside at start-up by this process.",
+            value=st.corrupt_moved_aside,
+        )
+        yield _gauge(
+            "database_moved_aside_files",
+            "Moved-aside corrupt databases in the data directory (salvage, then delete them).",
+            st.corrupt_files,
+        )
 
 
-def render_metrics(counts: Counts, *, in_flight: int, upstream_state: str) -> bytes:
+def render_metrics(source: MetricsSource) -> bytes:
     """The Prometheus text exposition of one consistent snapshot."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(counts, in_flight, upstream_state))
+    registry.register(_Snapshot(source))
     return generate_latest(registry)

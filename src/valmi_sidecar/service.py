@@ -21,11 +21,12 @@ import structlog
 from aiohttp import web
 
 from . import __version__
+from .admin import add_admin_routes
 from .config import Settings
 from .flusher import Flusher
 from .logs import configure_logging
-from .metrics import render_metrics
-from .receiver import STORE, Lifecycle, build_app
+from .metrics import MetricsSource, render_metrics
+from .receiver import REFUSED, STORE, Lifecycle, build_app
 from .sdnotify import Notifier
 from .store import Store, StoreError
 from .upstream import Upstream
@@ -72,6 +73,7 @@ class Sidecar:
             max_queue_bytes=s.max_queue_bytes,
             max_queue_events=s.max_queue_events,
             dedup_window_s=s.dedup_window_s,
+            recover_corrupt=True,  # a damaged file is moved aside: never a crash loop
         )
         app[STORE] = self._store
         self._store.writer_task.add_done_callback(self._on_background_done)
@@ -169,6 +171,8 @@ class Sidecar:
             "oldest_queued_age_s": (
                 None if c.oldest_queued_at is None else round(now - c.oldest_queued_at, 3)
             ),
+            "rates_per_s": self._store.rates(),
+            "store": {"writable": self._store.writable, "path": str(self._store.path)},
             "upstream": {
                 "url": self.settings.api_url,
                 "state": state,
@@ -190,13 +194,26 @@ class Sidecar:
             await asyncio.sleep(STATUS_INTERVAL_S)
             self._notifier.status(self._status_line())
 
-    def _metrics(self) -> bytes:
+    def _metrics(self, app: web.Application) -> bytes:
         assert self._store is not None
         flusher = self._flusher
+        s = self.settings
+        refused: dict[str, int] = app[REFUSED]
         return render_metrics(
-            self._store.counts(),
-            in_flight=flusher.in_flight if flusher is not None else 0,
-            upstream_state=flusher.state if flusher is not None else "disabled",
+            MetricsSource(
+                counts=self._store.counts(),
+                store=self._store.stats,
+                upstream=self._upstream.stats if self._upstream is not None else None,
+                refused=refused,
+                in_flight=flusher.in_flight if flusher is not None else 0,
+                upstream_state=flusher.state if flusher is not None else "disabled",
+                writable=self._store.writable,
+                ready=self.lifecycle.ready and not self.lifecycle.draining,
+                max_queue_events=s.max_queue_events,
+                max_queue_bytes=s.max_queue_bytes,
+                max_event_age_s=s.max_event_age_s,
+                database_bytes=self._store.database_bytes(),
+            )
         )
 
     # --- lifecycle ----------------------------------------------------------------
@@ -211,7 +228,8 @@ class Sidecar:
         """Open every resource in order, then listen. Raises if any step fails (after
         tearing down what had started)."""
         s = self.settings
-        app = build_app(s, self.lifecycle, self.status, self._metrics)
+        app = build_app(s, self.lifecycle, self.status, lambda: self._metrics(app))
+        add_admin_routes(app)
         app.cleanup_ctx.extend([self._store_ctx, self._upstream_ctx, self._flusher_ctx])
         # No access log line per request unless asked: aiohttp's own logger, then routed
         # through structlog by logs.configure_logging.

@@ -32,13 +32,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import sqlite3
 import stat
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
@@ -47,6 +48,7 @@ import msgspec
 import structlog
 
 from .events import Kind, NewEvent
+from .metrics import COMMIT_EVENTS_BUCKETS, COMMIT_SECONDS_BUCKETS, Histogram
 
 log = structlog.get_logger("valmi_sidecar.store")
 
@@ -69,6 +71,9 @@ PRUNE_CHUNK: Final = 5_000
 #: Free pages released per ``incremental_vacuum`` step, and free pages kept for reuse.
 VACUUM_STEP_PAGES: Final = 512
 VACUUM_KEEP_PAGES: Final = 1_024
+#: ``rates()``: one sample of the counts a second at most, over about a minute.
+RATE_SAMPLE_S: Final = 1.0
+RATE_WINDOW_S: Final = 60.0
 #: Upper bound of the WAL file once checkpointed (bytes).
 JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 
@@ -123,6 +128,8 @@ class QueuedEvent:
     idem_key: str
     kind: Kind
     body: bytes
+    #: When the event was received, or re-queued from the dead letters if later: the
+    #: start of its age for ``max_event_age_s``.
     received_at: float
     attempts: int
 
@@ -174,6 +181,148 @@ class DeadLetterRecord:
     status: int | None
     detail: str
     attempts: int
+    agent_key: str = ""
+    event_type: str = ""
+    value: float | None = None
+    created_at: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (admin API, ``dead-letters export``): the body as JSON."""
+        try:
+            body: Any = msgspec.json.decode(self.body)
+        except msgspec.DecodeError:
+            body = self.body.decode("utf-8", "replace")
+        return {
+            "id": self.id,
+            "idempotency_key": self.idem_key,
+            "kind": self.kind,
+            "agent_key": self.agent_key,
+            "event_type": self.event_type,
+            "value": self.value,
+            "created_at": self.created_at,
+            "received_at": self.received_at,
+            "dead_at": self.dead_at,
+            "reason": self.reason,
+            "status": self.status,
+            "detail": self.detail,
+            "attempts": self.attempts,
+            "body": body,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """Which dead letters an operation applies to; every field set narrows it.
+
+    ``dead_before`` / ``dead_after`` are Unix times compared with when the event was
+    dead-lettered; ``after_seq`` is a cursor for paging.
+    """
+
+    reason: str | None = None
+    agent_key: str | None = None
+    dead_before: float | None = None
+    dead_after: float | None = None
+    ids: tuple[str, ...] | None = None
+    after_seq: int = 0
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses = ["seq > ?"]
+        params: list[Any] = [self.after_seq]
+        if self.reason is not None:
+            clauses.append("reason = ?")
+            params.append(self.reason)
+        if self.agent_key is not None:
+            clauses.append("agent_key = ?")
+            params.append(self.agent_key)
+        if self.dead_before is not None:
+            clauses.append("dead_at < ?")
+            params.append(self.dead_before)
+        if self.dead_after is not None:
+            clauses.append("dead_at >= ?")
+            params.append(self.dead_after)
+        if self.ids is not None:
+            clauses.append("id IN (SELECT value FROM json_each(?))")
+            params.append(_json.encode(list(self.ids)).decode())
+        return " AND ".join(clauses), params
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """One ledger line: the events of one agent key, kind and event type received on one
+    UTC day, and where they are now. ``queued = received - delivered - dead_lettered``.
+    Values are the summed ``value`` of outcomes (``0`` for actions)."""
+
+    agent_key: str
+    kind: str
+    event_type: str
+    day: str
+    received: int
+    delivered: int
+    dead_lettered: int
+    received_value: float
+    delivered_value: float
+    dead_lettered_value: float
+
+    @property
+    def queued(self) -> int:
+        return self.received - self.delivered - self.dead_lettered
+
+    @property
+    def queued_value(self) -> float:
+        return self.received_value - self.delivered_value - self.dead_lettered_value
+
+    def as_dict(self) -> dict[str, Any]:
+        outcome = self.kind == "outcome"
+        return {
+            "day": self.day,
+            "agent_key": self.agent_key,
+            "kind": self.kind,
+            "event_type": self.event_type,
+            "received": self.received,
+            "queued": self.queued,
+            "delivered": self.delivered,
+            "dead_lettered": self.dead_lettered,
+            "value": {
+                "received": _round(self.received_value),
+                "queued": _round(self.queued_value),
+                "delivered": _round(self.delivered_value),
+                "dead_lettered": _round(self.dead_lettered_value),
+            }
+            if outcome
+            else None,
+        }
+
+
+def _round(value: float) -> float:
+    """Sums of floats drift in the last bits; the ledger shows 9 significant decimals."""
+    return round(value, 9) + 0.0
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """What the store did since it opened, for ``/metrics`` (plain counters, event loop only)."""
+
+    received: dict[str, int] = field(default_factory=dict)
+    delivered: dict[str, int] = field(default_factory=dict)
+    duplicates: dict[str, int] = field(default_factory=dict)
+    dead_lettered: dict[tuple[str, str], int] = field(default_factory=dict)
+    requeued: int = 0
+    purged: int = 0
+    salvaged: int = 0
+    commit_failures: int = 0
+    commit_events: Histogram = field(default_factory=lambda: Histogram(COMMIT_EVENTS_BUCKETS))
+    commit_seconds: Histogram = field(default_factory=lambda: Histogram(COMMIT_SECONDS_BUCKETS))
+    #: Corrupt databases this store moved aside when it opened (0 or 1).
+    corrupt_moved_aside: int = 0
+    #: Moved-aside databases in the data directory when it opened.
+    corrupt_files: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    imported: int
+    duplicates: int
+    conflicts: int
 
 
 # -- schema ----------------------------------------------------------------------------
@@ -234,6 +383,43 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     INSERT INTO counters (name, value) VALUES
         ('received', 0), ('delivered', 0), ('dead_lettered', 0), ('duplicates', 0);
     """,
+    # 2: the ledger (per agent key, kind, event type and UTC day of receipt), kept in the
+    # same transactions as the events; re-queued dead letters; purge and re-queue counts.
+    """
+    CREATE TABLE ledger (
+        agent_key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        day TEXT NOT NULL,        -- UTC day the sidecar received the event, YYYY-MM-DD
+        received INTEGER NOT NULL DEFAULT 0,
+        delivered INTEGER NOT NULL DEFAULT 0,
+        dead_lettered INTEGER NOT NULL DEFAULT 0,
+        received_value REAL NOT NULL DEFAULT 0,
+        delivered_value REAL NOT NULL DEFAULT 0,
+        dead_lettered_value REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (agent_key, kind, event_type, day)
+    ) WITHOUT ROWID;
+    CREATE INDEX ledger_day ON ledger (day);
+    CREATE INDEX dead_letters_id ON dead_letters (id);
+    ALTER TABLE events ADD COLUMN requeued_at REAL;
+    -- What operators did to the dead letters (apart from the counts that reconcile).
+    CREATE TABLE operator_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO operator_counters (name, value) VALUES ('requeued', 0), ('purged', 0);
+    -- What is still stored goes into the ledger as it is; events delivered before the
+    -- ledger existed are gone, so they are one row with empty names and day.
+    INSERT INTO ledger (agent_key, kind, event_type, day, received, dead_lettered,
+                        received_value, dead_lettered_value)
+        SELECT agent_key, kind, event_type, day, count(*), sum(dead), coalesce(sum(value), 0),
+               coalesce(sum(CASE WHEN dead THEN value END), 0)
+        FROM (SELECT agent_key, kind, event_type, value, 0 AS dead,
+                     strftime('%Y-%m-%d', received_at, 'unixepoch') AS day FROM events
+              UNION ALL
+              SELECT agent_key, kind, event_type, value, 1 AS dead,
+                     strftime('%Y-%m-%d', received_at, 'unixepoch') AS day FROM dead_letters)
+        GROUP BY agent_key, kind, event_type, day;
+    INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered)
+        SELECT '', '', '', '', value, value FROM counters WHERE name = 'delivered' AND value > 0;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -250,7 +436,48 @@ _INSERT_EVENT: Final = (
     " received_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SELECT_SETTLED: Final = (
-    "SELECT seq, idem_key, size FROM events WHERE seq IN (SELECT value FROM json_each(?))"
+    "SELECT seq, idem_key, size, agent_key, kind, event_type, value,"
+    " strftime('%Y-%m-%d', received_at, 'unixepoch') FROM events"
+    " WHERE seq IN (SELECT value FROM json_each(?))"
+)
+_UPSERT_LEDGER: Final = (
+    "INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered, dead_lettered,"
+    " received_value, delivered_value, dead_lettered_value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (agent_key, kind, event_type, day) DO UPDATE SET"
+    " received = received + excluded.received, delivered = delivered + excluded.delivered,"
+    " dead_lettered = dead_lettered + excluded.dead_lettered,"
+    " received_value = received_value + excluded.received_value,"
+    " delivered_value = delivered_value + excluded.delivered_value,"
+    " dead_lettered_value = dead_lettered_value + excluded.dead_lettered_value"
+)
+_BUMP_COUNTER: Final = "UPDATE counters SET value = value + ? WHERE name = ?"
+_BUMP_OPERATOR: Final = "UPDATE operator_counters SET value = value + ? WHERE name = ?"
+_DL_COLUMNS: Final = (
+    "seq, id, idem_key, kind, body, received_at, dead_at, reason, status, detail, attempts,"
+    " agent_key, event_type, value, created_at"
+)
+_DL_REQUEUE_COLUMNS: Final = (
+    "seq, id, idem_key, kind, body, agent_key, event_type, value, received_at, created_at,"
+    " strftime('%Y-%m-%d', received_at, 'unixepoch')"
+)
+_INSERT_REQUEUED: Final = (
+    "INSERT INTO events (seq, id, idem_key, kind, body, size, agent_key, event_type, value,"
+    " received_at, created_at, requeued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+#: The key of a re-queued dead letter is queued again (never expires while queued); a
+#: pruned key row comes back without a fingerprint (a client retry with it gets a 409).
+_REQUEUE_KEY: Final = (
+    "INSERT INTO keys (idem_key, id, fingerprint, created_at, received_at, state)"
+    " VALUES (?, ?, x'', ?, ?, 0)"
+    " ON CONFLICT (idem_key) DO UPDATE SET state = 0, settled_at = NULL WHERE id = excluded.id"
+)
+_LEDGER_COLUMNS: Final = (
+    "agent_key, kind, event_type, day, received, delivered, dead_lettered, received_value,"
+    " delivered_value, dead_lettered_value"
+)
+_SUMMARY: Final = (
+    "SELECT reason, count(*), min(dead_at), max(dead_at) FROM dead_letters"
+    " GROUP BY reason ORDER BY reason"
 )
 _INSERT_DEAD: Final = (
     "INSERT OR REPLACE INTO dead_letters (seq, id, idem_key, kind, body, agent_key, event_type,"
@@ -268,7 +495,9 @@ _BUMP_COUNTERS: Final = (
     " WHEN 'delivered' THEN ? WHEN 'dead_lettered' THEN ? WHEN 'duplicates' THEN ?"
     " ELSE 0 END"
 )
-_OLDEST: Final = "SELECT seq, received_at FROM events ORDER BY seq LIMIT 1"
+#: The age of a re-queued dead letter counts from its re-queueing.
+_AGE_FROM: Final = "max(received_at, coalesce(requeued_at, 0))"
+_OLDEST: Final = f"SELECT seq, {_AGE_FROM} FROM events ORDER BY seq LIMIT 1"  # noqa: S608 - constant SQL; values are bound
 _PRUNE: Final = (
     "DELETE FROM keys WHERE idem_key IN (SELECT idem_key FROM keys"
     " WHERE state != 0 AND received_at < ? LIMIT ?)"
@@ -306,7 +535,67 @@ class _Prune:
     future: asyncio.Future[int]
 
 
-_Op = _Submit | _Settle | _Prune
+@dataclass(slots=True, eq=False)
+class _Requeue:
+    """Operator action, run alone: move up to ``limit`` dead letters back to the queue."""
+
+    filter: DeadLetterFilter
+    limit: int
+    future: asyncio.Future[int]
+
+
+@dataclass(slots=True, eq=False)
+class _Purge:
+    """Operator action, run alone: delete up to ``limit`` dead letters (counts stay)."""
+
+    filter: DeadLetterFilter
+    limit: int
+    future: asyncio.Future[int]
+
+
+_Op = _Submit | _Settle | _Prune | _Requeue | _Purge
+_SOLO: Final = (_Prune, _Requeue, _Purge)
+
+#: ``(agent_key, kind, event_type, day)`` -> ``[received, delivered, dead_lettered,
+#: received_value, delivered_value, dead_lettered_value]``.
+_LedgerDelta = dict[tuple[str, str, str, str], list[float]]
+
+
+#: Ledger columns.
+_RECEIVED, _DELIVERED, _DEAD = 0, 1, 2
+
+
+def _bump(
+    delta: _LedgerDelta,
+    key: tuple[str, str, str, str],
+    col: int,
+    value: float | None,
+    sign: int = 1,
+) -> None:
+    row = delta.get(key)
+    if row is None:
+        row = delta[key] = [0, 0, 0, 0.0, 0.0, 0.0]
+    row[col] += sign
+    if value is not None:
+        row[col + 3] += sign * value
+
+
+def _count(counts: dict[Any, int], key: Any, n: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + n
+
+
+def _ledger_rows(delta: _LedgerDelta) -> list[tuple[Any, ...]]:
+    return [(*key, int(r[0]), int(r[1]), int(r[2]), r[3], r[4], r[5]) for key, r in delta.items()]
+
+
+@functools.lru_cache(maxsize=64)
+def _day_of(day_number: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day_number * 86400))
+
+
+def utc_day(ts: float) -> str:
+    """The UTC day of a Unix time, ``YYYY-MM-DD`` (as SQLite's ``strftime`` gives it)."""
+    return _day_of(int(ts // 86400))
 
 
 @dataclass(slots=True)
@@ -324,6 +613,12 @@ class _Plan:
     next_seq: int = 0
     oldest: tuple[int, float] | None = None
     oldest_changed: bool = False
+    ledger: _LedgerDelta = field(default_factory=dict)
+    events: int = 0
+    received_kinds: dict[str, int] = field(default_factory=dict)
+    delivered_kinds: dict[str, int] = field(default_factory=dict)
+    duplicate_kinds: dict[str, int] = field(default_factory=dict)
+    dead_by: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class _Fail:
@@ -384,7 +679,11 @@ class Store:
         self._queued_bytes = 0
         self._oldest: tuple[int, float] | None = None
         self._next_seq = 1
+        self._requeued_at = 0.0
+        self._samples: deque[tuple[float, int, int, int]] = deque()
 
+        #: What the store did since it opened, for ``/metrics``.
+        self.stats = StoreStats()
         #: Group transactions committed (submits, settles, prunes; probes not counted).
         self.commits = 0
         #: Probe transactions finished (failed or not) while not ``writable``.
@@ -403,23 +702,95 @@ class Store:
         dedup_window_s: float = 24 * 3600.0,
         clock: Callable[[], float] = time.time,
         prune_interval_s: float | None = 600.0,
+        recover_corrupt: bool = False,
     ) -> Store:
         """Lock ``data_dir``, open (or create and migrate) its database, start the writer.
 
         Raises ``DataDirLockedError`` when another sidecar uses the directory and
-        ``StoreError`` when the database cannot be used (newer schema, no WAL, I/O).
+        ``StoreError`` when the database cannot be used (newer schema, no WAL, I/O;
+        ``CorruptDatabaseError`` when the file is damaged).
         ``prune_interval_s=None`` turns the periodic prune off (call ``prune()`` yourself).
+
+        ``recover_corrupt=True`` (the service) first runs ``PRAGMA quick_check``; a damaged
+        file is moved aside to ``queue.db.corrupt-<UTC time>`` (with its WAL) and the store
+        starts with an empty queue, so that a corrupt disk never makes a crash loop
+        (``valmi-sidecar salvage FILE`` re-queues what can be read of it).
         """
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
         data_dir = Path(data_dir)
         lock_fd = await asyncio.to_thread(_lock_data_dir, data_dir)
+        options: dict[str, Any] = {
+            "durability": durability,
+            "max_queue_bytes": max_queue_bytes,
+            "max_queue_events": max_queue_events,
+            "dedup_window_s": dedup_window_s,
+            "clock": clock,
+            "check": recover_corrupt,
+        }
+        try:
+            try:
+                store = await cls._open_database(data_dir, lock_fd, **options)
+                moved = None
+            except CorruptDatabaseError as exc:
+                if not recover_corrupt:
+                    raise
+                path = data_dir / DB_NAME
+                moved = await asyncio.to_thread(_move_aside, path)
+                log.error(
+                    "database_corrupt",
+                    path=str(path),
+                    moved_to=str(moved),
+                    error=str(exc),
+                    action=f"started with an empty queue; run 'valmi-sidecar salvage {moved}' "
+                    "to re-queue what can be read of it",
+                )
+                store = await cls._open_database(data_dir, lock_fd, **options)
+            store.stats.corrupt_moved_aside = int(moved is not None)
+            store.stats.corrupt_files = len(await asyncio.to_thread(moved_aside_files, data_dir))
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        store._writer_task = asyncio.create_task(store._run_writer(), name="store-writer")
+        if prune_interval_s is not None:
+            store._prune_task = asyncio.create_task(
+                store._run_pruner(prune_interval_s), name="store-prune"
+            )
+        c = store.counts()
+        log.info(
+            "store_opened",
+            path=str(store._path),
+            durability=durability,
+            queued=c.queued,
+            queued_bytes=c.queued_bytes,
+            received=c.received,
+            delivered=c.delivered,
+            dead_lettered=c.dead_lettered,
+        )
+        return store
+
+    @classmethod
+    async def _open_database(
+        cls,
+        data_dir: Path,
+        lock_fd: int,
+        *,
+        durability: str,
+        max_queue_bytes: int,
+        max_queue_events: int,
+        dedup_window_s: float,
+        clock: Callable[[], float],
+        check: bool,
+    ) -> Store:
+        """Connect, check, migrate and load; on failure close the connections (not the lock)."""
         writer: aiosqlite.Connection | None = None
         reader: aiosqlite.Connection | None = None
+        path = data_dir / DB_NAME
         try:
-            path = data_dir / DB_NAME
             await asyncio.to_thread(_create_private, path)
             writer = await aiosqlite.connect(path, isolation_level="IMMEDIATE")
+            if check:
+                await _quick_check(writer, path)
             await _setup_writer(writer, path, synchronous=durability.upper())
             reader = await aiosqlite.connect(path, isolation_level=None)
             for pragma in (f"busy_timeout = {BUSY_TIMEOUT_MS}", "query_only = ON"):
@@ -441,26 +812,10 @@ class Store:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await conn.close()
-            os.close(lock_fd)
             if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"cannot open {data_dir / DB_NAME}: {exc}") from exc
+                kind = CorruptDatabaseError if is_corruption(exc) else StoreError
+                raise kind(f"cannot open {path}: {exc}") from exc
             raise
-        store._writer_task = asyncio.create_task(store._run_writer(), name="store-writer")
-        if prune_interval_s is not None:
-            store._prune_task = asyncio.create_task(
-                store._run_pruner(prune_interval_s), name="store-prune"
-            )
-        c = store.counts()
-        log.info(
-            "store_opened",
-            path=str(store._path),
-            durability=durability,
-            queued=c.queued,
-            queued_bytes=c.queued_bytes,
-            received=c.received,
-            delivered=c.delivered,
-            dead_lettered=c.dead_lettered,
-        )
         return store
 
     async def _load(self) -> None:
@@ -548,6 +903,14 @@ class Store:
         """The database file."""
         return self._path
 
+    def database_bytes(self) -> int:
+        """Bytes of the database file and its WAL (two ``stat`` calls, no I/O wait)."""
+        total = 0
+        for p in (self._path, self._path.with_name(self._path.name + "-wal")):
+            with contextlib.suppress(OSError):
+                total += p.stat().st_size
+        return total
+
     async def submit(self, events: Sequence[NewEvent]) -> list[Accepted]:
         """Make ``events`` durable, all or nothing; one ``Accepted`` per event, same order.
 
@@ -578,7 +941,7 @@ class Store:
         if limit <= 0:
             return []
         rows = await self._reader.execute_fetchall(
-            "SELECT seq, id, idem_key, kind, body, received_at, attempts FROM events"
+            f"SELECT seq, id, idem_key, kind, body, {_AGE_FROM}, attempts FROM events"  # noqa: S608 - constant SQL; values are bound
             " WHERE next_attempt_at <= ? ORDER BY seq LIMIT ?",
             (self._clock(), limit + len(exclude)),
         )
@@ -633,19 +996,88 @@ class Store:
             log.info("keys_pruned", n=total)
         return total
 
-    async def dead_letters(self, limit: int = 100) -> list[DeadLetterRecord]:
-        """Up to ``limit`` dead letters, oldest event first."""
-        rows = await self._reader.execute_fetchall(
-            "SELECT seq, id, idem_key, kind, body, received_at, dead_at, reason, status,"
-            " detail, attempts FROM dead_letters ORDER BY seq LIMIT ?",
-            (limit,),
+    async def dead_letters(
+        self, limit: int = 100, flt: DeadLetterFilter | None = None
+    ) -> list[DeadLetterRecord]:
+        """Up to ``limit`` dead letters that match ``flt``, oldest event first."""
+        sql, params = _dead_letters_query(flt or DeadLetterFilter(), limit)
+        return [_dead_letter(r) for r in await self._reader.execute_fetchall(sql, params)]
+
+    async def dead_letter_summary(self) -> list[dict[str, Any]]:
+        """Stored dead letters by reason: count, first and last ``dead_at``."""
+        return [_summary_row(r) for r in await self._reader.execute_fetchall(_SUMMARY)]
+
+    async def ledger(
+        self, agent_key: str | None = None, since: str | None = None, until: str | None = None
+    ) -> list[LedgerRow]:
+        """The ledger lines, filtered by agent key and UTC day (``YYYY-MM-DD``, inclusive)."""
+        sql, params = _ledger_query(agent_key, since, until)
+        return [_ledger_row(r) for r in await self._reader.execute_fetchall(sql, params)]
+
+    async def requeue_dead_letters(self, flt: DeadLetterFilter, limit: int) -> int:
+        """Move up to ``limit`` matching dead letters back to the queue, in one transaction,
+        with their original id and idempotency key; returns how many. Raises
+        ``QueueFullError`` (nothing moved) when they would pass the queue's limit."""
+        future: asyncio.Future[int] = self._loop_future()
+        self._enqueue(_Requeue(flt, max(0, limit), future))
+        return await future
+
+    async def purge_dead_letters(self, flt: DeadLetterFilter, limit: int) -> int:
+        """Delete up to ``limit`` matching dead letters; returns how many. The counts (and
+        the ledger) still count them as dead-lettered: only the stored events go."""
+        future: asyncio.Future[int] = self._loop_future()
+        self._enqueue(_Purge(flt, max(0, limit), future))
+        return await future
+
+    async def import_events(self, events: Sequence[NewEvent]) -> ImportResult:
+        """Queue events that keep their id, key and receipt time (``salvage``). An event
+        whose key is known with the same body is a duplicate (not stored again); with a
+        different body, a conflict (skipped). Raises ``QueueFullError``/``StoreError``."""
+        try:
+            accepted = await self.submit(events)
+        except IdempotencyConflictError:
+            outcomes = await asyncio.gather(*(self._import_one(e) for e in events))
+        else:
+            outcomes = ["duplicate" if a.duplicate else "imported" for a in accepted]
+        result = ImportResult(
+            imported=outcomes.count("imported"),
+            duplicates=outcomes.count("duplicate"),
+            conflicts=outcomes.count("conflict"),
         )
-        return [
-            DeadLetterRecord(
-                r[0], r[1], r[2], cast(Kind, r[3]), r[4], r[5], r[6], r[7], r[8], r[9], r[10]
-            )
-            for r in rows
-        ]
+        self.stats.salvaged += result.imported
+        return result
+
+    async def _import_one(self, event: NewEvent) -> str:
+        try:
+            (accepted,) = await self.submit([event])
+        except IdempotencyConflictError:
+            return "conflict"
+        return "duplicate" if accepted.duplicate else "imported"
+
+    def rates(self) -> dict[str, float | None]:
+        """Events a second over about the last minute (received, delivered, dead-lettered);
+        ``None`` until two samples a second apart exist."""
+        self._sample()
+        if len(self._samples) < 2:
+            return dict.fromkeys(("received", "delivered", "dead_lettered"), None)
+        t0, r0, d0, x0 = self._samples[0]
+        t1, r1, d1, x1 = self._samples[-1]
+        span = t1 - t0
+        return {
+            "received": round((r1 - r0) / span, 3),
+            "delivered": round((d1 - d0) / span, 3),
+            "dead_lettered": round((x1 - x0) / span, 3),
+        }
+
+    def _sample(self) -> None:
+        now = time.monotonic()
+        samples = self._samples
+        if samples and now - samples[-1][0] < RATE_SAMPLE_S:
+            return
+        dead_total = sum(self.stats.dead_lettered.values())
+        samples.append((now, self._received, self._delivered, dead_total))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW_S:
+            samples.popleft()
 
     # -- the writer ----------------------------------------------------------------------
 
@@ -682,8 +1114,11 @@ class Store:
                     continue
                 group = self._group = self._take_group()
                 if group:
-                    if isinstance(group[0], _Prune):
-                        await self._commit_prune(group[0])
+                    first = group[0]
+                    if isinstance(first, _Prune):
+                        await self._commit_prune(first)
+                    elif isinstance(first, _Requeue | _Purge):
+                        await self._commit_operator(first)
                     else:
                         await self._commit_group(group)
                 self._group = []
@@ -703,7 +1138,7 @@ class Store:
         pending = self._pending
         while pending and n < MAX_GROUP_EVENTS:
             op = pending[0]
-            if isinstance(op, _Prune):
+            if isinstance(op, _SOLO):
                 if group:
                     break
                 pending.popleft()
@@ -713,6 +1148,7 @@ class Store:
             pending.popleft()
             if op.future.done():
                 continue  # cancelled by its caller: not stored, nobody waits for it
+            assert isinstance(op, _Submit | _Settle)
             group.append(op)
             n += len(op.events) if isinstance(op, _Submit) else len(op.settlements)
         return group
@@ -726,10 +1162,12 @@ class Store:
 
     async def _commit_group(self, group: list[_Op]) -> None:
         db = self._writer
+        started = time.monotonic()
         try:
             plan = await self._write_group(group)
             await db.commit()
         except sqlite3.Error as exc:
+            self.stats.commit_failures += 1
             await self._rollback(exc, len(group))
             error = StoreError(f"could not commit to {self._path}: {exc}")
             error.__cause__ = exc
@@ -738,6 +1176,18 @@ class Store:
                     op.future.set_exception(error)
             return
         self._committed()
+        stats = self.stats
+        stats.commit_seconds.observe(time.monotonic() - started)
+        stats.commit_events.observe(plan.events)
+        for counts, into in (
+            (plan.received_kinds, stats.received),
+            (plan.delivered_kinds, stats.delivered),
+            (plan.duplicate_kinds, stats.duplicates),
+        ):
+            for kind, n in counts.items():
+                _count(into, kind, n)
+        for key, n in plan.dead_by.items():
+            _count(stats.dead_lettered, key, n)
         self._received += plan.received
         self._queued += plan.received - plan.removed
         self._queued_bytes += plan.queued_bytes - plan.removed_bytes
@@ -778,6 +1228,8 @@ class Store:
             plan.results.append((op, None))
         if settles:
             await self._write_settles(settles, plan)
+        if plan.ledger:
+            await db.executemany(_UPSERT_LEDGER, _ledger_rows(plan.ledger))
         if plan.received or plan.delivered or plan.dead_lettered or plan.duplicates:
             await db.execute(
                 _BUMP_COUNTERS,
@@ -790,7 +1242,7 @@ class Store:
         rows = await self._writer.execute_fetchall(_SELECT_KEYS, (_json.encode(keys).decode(),))
         return {r[0]: tuple(r) for r in rows}
 
-    def _plan_submits(
+    def _plan_submits(  # noqa: PLR0915 - one pass over the group, kept together
         self,
         submits: list[_Submit],
         plan: _Plan,
@@ -809,7 +1261,7 @@ class Store:
             mine: dict[str, tuple[str, bytes, str]] = {}
             new: list[NewEvent] = []
             new_bytes = 0
-            dups = 0
+            dups: list[str] = []
             failure: Exception | None = None
             for e in op.events:
                 k = e.idem_key
@@ -824,7 +1276,7 @@ class Store:
                     new_bytes += len(e.body)
                     accepted.append(Accepted(e.id, e.created_at, duplicate=False))
                 elif prior[1] == e.fingerprint:
-                    dups += 1
+                    dups.append(e.kind)
                     accepted.append(Accepted(prior[0], prior[2], duplicate=True))
                 else:
                     failure = IdempotencyConflictError(k)
@@ -846,8 +1298,18 @@ class Store:
             group_keys.update(mine)
             queued += len(new)
             queued_bytes += new_bytes
-            plan.duplicates += dups
+            plan.duplicates += len(dups)
+            plan.events += len(op.events)
+            for kind in dups:
+                _count(plan.duplicate_kinds, kind)
             for e in new:
+                _count(plan.received_kinds, e.kind)
+                _bump(
+                    plan.ledger,
+                    (e.agent_key, e.kind, e.event_type, utc_day(e.received_at)),
+                    _RECEIVED,
+                    e.value,
+                )
                 key_rows.append((e.idem_key, e.id, e.fingerprint, e.created_at, e.received_at))
                 event_rows.append(
                     (
@@ -874,7 +1336,8 @@ class Store:
         db = self._writer
         seqs = [s.seq for op in settles for s in op.settlements]
         rows = await db.execute_fetchall(_SELECT_SETTLED, (_json.encode(seqs).decode(),))
-        present: dict[int, tuple[str, int]] = {int(r[0]): (r[1], int(r[2])) for r in rows}
+        present: dict[int, tuple[Any, ...]] = {int(r[0]): tuple(r[1:]) for r in rows}
+        plan.events += len(seqs)
         now = self._clock()
         dead_rows: list[tuple[Any, ...]] = []
         retry_rows: list[tuple[Any, ...]] = []
@@ -889,13 +1352,19 @@ class Store:
                     retry_rows.append((s.next_attempt_at, s.error, s.seq))
                     continue
                 del present[s.seq]
+                # found: idem_key, size, agent_key, kind, event_type, value, day
+                ledger_key = (found[2], found[3], found[4], found[6])
                 if isinstance(s, Delivered):
                     plan.delivered += 1
                     key_rows.append((DELIVERED, now, found[0]))
+                    _bump(plan.ledger, ledger_key, _DELIVERED, found[5])
+                    _count(plan.delivered_kinds, found[3])
                 else:
                     plan.dead_lettered += 1
                     key_rows.append((DEAD, now, found[0]))
                     dead_rows.append((now, s.reason, s.status, s.detail, s.seq))
+                    _bump(plan.ledger, ledger_key, _DEAD, found[5])
+                    _count(plan.dead_by, (found[3], s.reason))
                 delete_rows.append((s.seq,))
                 plan.removed_bytes += found[1]
         if retry_rows:
@@ -911,6 +1380,99 @@ class Store:
                 for r in await db.execute_fetchall(_OLDEST):
                     plan.oldest = (int(r[0]), float(r[1]))
                 plan.oldest_changed = True
+
+    async def _commit_operator(self, op: _Requeue | _Purge) -> None:
+        """Re-queue or purge dead letters in one transaction of their own."""
+        db = self._writer
+        where, params = op.filter.where()
+        try:
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {_DL_REQUEUE_COLUMNS} FROM dead_letters WHERE {where}"  # noqa: S608 - constant SQL; values are bound
+                    " ORDER BY seq LIMIT ?",
+                    (*params, op.limit),
+                )
+            )
+            if not rows:
+                op.future.set_result(0)
+                return
+            if isinstance(op, _Purge):
+                await db.executemany(
+                    "DELETE FROM dead_letters WHERE seq = ?", [(r[0],) for r in rows]
+                )
+                await db.execute(_BUMP_OPERATOR, (len(rows), "purged"))
+                await db.commit()
+            else:
+                failure = self._requeue_limit(rows)
+                if failure is not None:
+                    op.future.set_exception(failure)
+                    return
+                await self._write_requeue(rows)
+                await db.commit()
+        except sqlite3.Error as exc:
+            self.stats.commit_failures += 1
+            await self._rollback(exc, 1)
+            error = StoreError(f"could not change the dead letters in {self._path}: {exc}")
+            error.__cause__ = exc
+            if not op.future.done():
+                op.future.set_exception(error)
+            return
+        self._committed()
+        n = len(rows)
+        if isinstance(op, _Purge):
+            self.stats.purged += n
+            log.info("dead_letters_purged", n=n)
+        else:
+            first_seq = self._next_seq
+            self._next_seq += n
+            self._dead_lettered -= n
+            self._queued += n
+            self._queued_bytes += sum(len(r[4]) for r in rows)
+            if self._oldest is None:
+                self._oldest = (first_seq, self._requeued_at)
+            self.stats.requeued += n
+            self._new_events.set()
+            log.info("dead_letters_requeued", n=n)
+        if not op.future.done():
+            op.future.set_result(n)
+
+    def _requeue_limit(self, rows: list[Any]) -> QueueFullError | None:
+        n = len(rows)
+        size = sum(len(r[4]) for r in rows)
+        if self._queued + n > self._max_events or self._queued_bytes + size > self._max_bytes:
+            return QueueFullError(
+                f"re-queueing {n} dead letters ({size} bytes) would pass the queue's limit "
+                f"({self._queued} of {self._max_events} events, {self._queued_bytes} of "
+                f"{self._max_bytes} bytes queued); retry fewer or later",
+                QUEUE_FULL_RETRY_AFTER_S,
+            )
+        return None
+
+    async def _write_requeue(self, rows: list[Any]) -> None:
+        """A re-queued dead letter keeps its id, idempotency key and receipt time, gets a
+        new place at the end of the queue, and its age restarts (``requeued_at``). It moves
+        from dead-lettered to queued in the counters and in the ledger; received is
+        unchanged, so the counts still reconcile."""
+        db = self._writer
+        now = self._requeued_at = self._clock()
+        seq = self._next_seq
+        event_rows: list[tuple[Any, ...]] = []
+        key_rows: list[tuple[Any, ...]] = []
+        delta: _LedgerDelta = {}
+        for i, r in enumerate(rows):
+            # r: seq, id, idem_key, kind, body, agent_key, event_type, value, received_at,
+            # created_at, day
+            event_rows.append(
+                (seq + i, r[1], r[2], r[3], r[4], len(r[4]), r[5], r[6], r[7], r[8], r[9], now)
+            )
+            key_rows.append((r[2], r[1], r[9], r[8]))
+            _bump(delta, (r[5], r[3], r[6], r[10]), _DEAD, r[7], sign=-1)
+        await db.executemany(_INSERT_REQUEUED, event_rows)
+        await db.executemany("DELETE FROM dead_letters WHERE seq = ?", [(r[0],) for r in rows])
+        await db.executemany(_REQUEUE_KEY, key_rows)
+        await db.executemany(_UPSERT_LEDGER, _ledger_rows(delta))
+        await db.execute(_BUMP_COUNTER, (-len(rows), "dead_lettered"))
+        await db.execute(_BUMP_OPERATOR, (len(rows), "requeued"))
 
     async def _commit_prune(self, op: _Prune) -> None:
         try:
@@ -958,6 +1520,7 @@ class Store:
 
     def _committed(self) -> None:
         self.commits += 1
+        self._sample()
         if not self._writable:
             self._writable = True
             log.info("store_writable_again", path=str(self._path))
@@ -984,6 +1547,323 @@ class Store:
                 log.error("prune_failed", error=str(exc))
             except Exception as exc:  # a bug in one prune must not end pruning; logged
                 log.error("prune_crashed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+
+# -- queries shared by the store and the read-only database -------------------------------
+
+
+def _dead_letters_query(flt: DeadLetterFilter, limit: int) -> tuple[str, list[Any]]:
+    where, params = flt.where()
+    return (
+        f"SELECT {_DL_COLUMNS} FROM dead_letters WHERE {where} ORDER BY seq LIMIT ?",  # noqa: S608 - constant SQL; values are bound
+        [*params, limit],
+    )
+
+
+def _dead_letter(r: Any) -> DeadLetterRecord:
+    return DeadLetterRecord(
+        r[0], r[1], r[2], cast(Kind, r[3]), bytes(r[4]), r[5], r[6], r[7], r[8], r[9], r[10],
+        r[11], r[12], r[13], r[14],
+    )  # fmt: skip
+
+
+def _summary_row(r: Any) -> dict[str, Any]:
+    return {"reason": r[0], "count": r[1], "first_dead_at": r[2], "last_dead_at": r[3]}
+
+
+def _ledger_query(
+    agent_key: str | None, since: str | None, until: str | None
+) -> tuple[str, list[Any]]:
+    clauses = ["1"]
+    params: list[Any] = []
+    for clause, value in (("agent_key = ?", agent_key), ("day >= ?", since), ("day <= ?", until)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return (
+        f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE {' AND '.join(clauses)}"  # noqa: S608 - constant SQL; values are bound
+        " ORDER BY day, agent_key, kind, event_type",
+        params,
+    )
+
+
+def _ledger_row(r: Any) -> LedgerRow:
+    return LedgerRow(
+        r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7]), float(r[8]),
+        float(r[9]),
+    )  # fmt: skip
+
+
+# -- read-only access, corrupt databases and salvage (blocking: CLI, or to_thread) -------
+
+#: SQLite's primary result codes that mean the file is damaged, not the disk busy or full.
+_CORRUPT_CODES: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+MOVED_ASIDE_MARK: Final = ".corrupt-"
+
+
+class CorruptDatabaseError(StoreError):
+    """The database file is damaged (SQLITE_CORRUPT, SQLITE_NOTADB, or an integrity check
+    that found problems)."""
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """Whether a ``sqlite3`` error says the file is damaged."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.DatabaseError)
+        and code is not None
+        and code & 0xFF in _CORRUPT_CODES
+    )
+
+
+def integrity_check(conn: sqlite3.Connection, *, quick: bool = False) -> list[str]:
+    """``PRAGMA integrity_check`` (or ``quick_check``): the problems found, ``[]`` when ok.
+    Raises ``CorruptDatabaseError`` when the check itself cannot read the file."""
+    pragma = "quick_check" if quick else "integrity_check"
+    try:
+        rows = conn.execute(f"PRAGMA {pragma}").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if is_corruption(exc):
+            raise CorruptDatabaseError(f"{pragma}: {exc}") from exc
+        raise
+    problems = [str(r[0]) for r in rows]
+    return [] if problems == ["ok"] else problems
+
+
+class ReadOnlyDatabase:
+    """A query-only connection to a database file, for the command line when no sidecar
+    runs (and for ``check`` and ``salvage`` at any time). Never migrates or writes; under
+    WAL it sees everything committed, a running sidecar's commits included."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StoreError(f"no database at {self.path}")
+        try:
+            self._conn = sqlite3.connect(
+                self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path} read-only: {exc}") from exc
+        try:
+            self.version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+        except sqlite3.Error as exc:
+            self._conn.close()
+            cls = CorruptDatabaseError if is_corruption(exc) else StoreError
+            raise cls(f"cannot read {self.path}: {exc}") from exc
+
+    def __enter__(self) -> ReadOnlyDatabase:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            cls = CorruptDatabaseError if is_corruption(exc) else StoreError
+            raise cls(f"cannot read {self.path}: {exc}") from exc
+
+    def _need(self, version: int, what: str) -> None:
+        if self.version < version:
+            raise StoreError(
+                f"{self.path} has schema version {self.version}: no {what} yet; "
+                "start the sidecar once to migrate it"
+            )
+
+    def counts(self) -> Counts:
+        values = {str(r[0]): int(r[1]) for r in self._rows("SELECT name, value FROM counters")}
+        queued, size = self._rows("SELECT count(*), coalesce(sum(size), 0) FROM events")[0]
+        age_from = _AGE_FROM if self.version >= 2 else "received_at"
+        oldest = self._rows(f"SELECT {age_from} FROM events ORDER BY seq LIMIT 1")  # noqa: S608 - constant SQL; values are bound
+        return Counts(
+            received=values.get("received", 0),
+            queued=int(queued),
+            queued_bytes=int(size),
+            delivered=values.get("delivered", 0),
+            dead_lettered=values.get("dead_lettered", 0),
+            duplicates=values.get("duplicates", 0),
+            oldest_queued_at=float(oldest[0][0]) if oldest else None,
+        )
+
+    def operator_counts(self) -> dict[str, int]:
+        """Dead letters re-queued and purged by operators, ever."""
+        if self.version < 2:
+            return {"requeued": 0, "purged": 0}
+        return {
+            str(r[0]): int(r[1]) for r in self._rows("SELECT name, value FROM operator_counters")
+        }
+
+    def ledger(
+        self, agent_key: str | None = None, since: str | None = None, until: str | None = None
+    ) -> list[LedgerRow]:
+        self._need(2, "ledger")
+        return [_ledger_row(r) for r in self._rows(*_ledger_query(agent_key, since, until))]
+
+    def dead_letters(
+        self, limit: int = 100, flt: DeadLetterFilter | None = None
+    ) -> list[DeadLetterRecord]:
+        self._need(2, "dead-letter filters")
+        sql, params = _dead_letters_query(flt or DeadLetterFilter(), limit)
+        return [_dead_letter(r) for r in self._rows(sql, params)]
+
+    def dead_letter_summary(self) -> list[dict[str, Any]]:
+        return [_summary_row(r) for r in self._rows(_SUMMARY)]
+
+    def integrity_check(self) -> list[str]:
+        return integrity_check(self._conn)
+
+    def salvage(self, report: SalvageReport, chunk: int = 500) -> Iterator[list[NewEvent]]:
+        """Every readable queued event, in chunks, as it was stored (id, key, body, receipt
+        time). Damaged rows are skipped and counted in ``report.unreadable``; when a range
+        scan hits a damaged page, the rows after it are read one by one."""
+        last = self._max_seq()
+        after = 0
+        while True:
+            rows, failed = self._scan(after, chunk)
+            if rows:
+                after = int(rows[-1][0])
+            if failed and not rows:
+                if last is None or after >= last:
+                    if last is None:
+                        report.gave_up = True
+                    break
+                rows, after = self._probe_range(after, min(after + chunk, last), report)
+            elif not rows:
+                break
+            events = [e for e in (self._salvaged(r, report) for r in rows) if e is not None]
+            if events:
+                yield self._with_fingerprints(events)
+
+    def _max_seq(self) -> int | None:
+        for sql in (
+            "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
+            "SELECT max(seq) FROM events",
+        ):
+            try:
+                row = self._conn.execute(sql).fetchone()
+            except sqlite3.DatabaseError:
+                continue
+            if row is not None and row[0] is not None:
+                return int(row[0])
+        return None
+
+    def _scan(self, after: int, chunk: int) -> tuple[list[Any], bool]:
+        rows: list[Any] = []
+        try:
+            for r in self._conn.execute(
+                f"SELECT {_SALVAGE_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608 - constant SQL; values are bound
+                (after, chunk),
+            ):
+                rows.append(r)
+        except sqlite3.DatabaseError:
+            return rows, True
+        return rows, False
+
+    def _probe_range(self, after: int, until: int, report: SalvageReport) -> tuple[list[Any], int]:
+        rows = []
+        for seq in range(after + 1, until + 1):
+            try:
+                row = self._conn.execute(
+                    f"SELECT {_SALVAGE_COLUMNS} FROM events WHERE seq = ?",  # noqa: S608 - constant SQL; values are bound
+                    (seq,),
+                ).fetchone()
+            except sqlite3.DatabaseError:
+                report.unreadable += 1
+                continue
+            if row is not None:
+                rows.append(row)
+        return rows, until
+
+    @staticmethod
+    def _salvaged(r: Any, report: SalvageReport) -> NewEvent | None:
+        _seq, eid, key, kind, body, agent_key, event_type, value, received_at, created_at = r
+        if kind not in ("action", "outcome") or not isinstance(body, bytes):
+            report.unreadable += 1
+            return None
+        try:
+            msgspec.json.decode(body)
+            event = NewEvent(
+                id=str(eid),
+                idem_key=str(key),
+                kind=cast(Kind, kind),
+                body=body,
+                fingerprint=b"",
+                agent_key=str(agent_key),
+                event_type=str(event_type),
+                value=None if value is None else float(value),
+                received_at=float(received_at),
+                created_at=str(created_at),
+            )
+        except (TypeError, ValueError, msgspec.DecodeError):
+            report.unreadable += 1
+            return None
+        report.read += 1
+        return event
+
+    def _with_fingerprints(self, events: list[NewEvent]) -> list[NewEvent]:
+        """The original fingerprints, so that a client retry of a salvaged event is still
+        answered as a duplicate (empty when the key row cannot be read)."""
+        keys = _json.encode([e.idem_key for e in events]).decode()
+        try:
+            found = {
+                str(r[0]): bytes(r[1])
+                for r in self._conn.execute(
+                    "SELECT idem_key, fingerprint FROM keys"
+                    " WHERE idem_key IN (SELECT value FROM json_each(?))",
+                    (keys,),
+                )
+            }
+        except sqlite3.DatabaseError:
+            found = {}
+        return [replace(e, fingerprint=found.get(e.idem_key, b"")) for e in events]
+
+
+_SALVAGE_COLUMNS: Final = (
+    "seq, id, idem_key, kind, body, agent_key, event_type, value, received_at, created_at"
+)
+
+
+@dataclass(slots=True)
+class SalvageReport:
+    read: int = 0
+    unreadable: int = 0
+    #: The table could not be walked to its end (its size unreadable).
+    gave_up: bool = False
+
+
+def moved_aside_files(data_dir: Path) -> list[Path]:
+    """The corrupt databases moved aside in ``data_dir`` (not their -wal/-shm files)."""
+    return sorted(
+        p
+        for p in Path(data_dir).glob(f"{DB_NAME}{MOVED_ASIDE_MARK}*")
+        if not p.name.endswith(("-wal", "-shm"))
+    )
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a damaged database (with its -wal and -shm) to ``queue.db.corrupt-<UTC time>``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = path.with_name(f"{path.name}{MOVED_ASIDE_MARK}{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}{MOVED_ASIDE_MARK}{stamp}-{n}")
+    os.rename(path, dest)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            os.rename(side, dest.with_name(dest.name + suffix))
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return dest
 
 
 # -- files and connections (blocking helpers run via asyncio.to_thread) -----------------
@@ -1035,6 +1915,18 @@ def _chmod_private(path: Path) -> None:
             p.chmod(0o600)
 
 
+async def _quick_check(db: aiosqlite.Connection, path: Path) -> None:
+    """Raise ``CorruptDatabaseError`` when ``PRAGMA quick_check`` finds the file damaged."""
+    started = time.monotonic()
+    rows = await db.execute_fetchall("PRAGMA quick_check")
+    problems = [str(r[0]) for r in rows]
+    if problems != ["ok"]:
+        raise CorruptDatabaseError(f"{path} is damaged: {'; '.join(problems[:5])}")
+    log.debug(
+        "store_checked", path=str(path), elapsed_ms=round((time.monotonic() - started) * 1000)
+    )
+
+
 async def _setup_writer(db: aiosqlite.Connection, path: Path, *, synchronous: str) -> None:
     await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     version = int(next(iter(await db.execute_fetchall("PRAGMA user_version")))[0])
@@ -1068,16 +1960,23 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "Accepted",
+    "CorruptDatabaseError",
     "Counts",
     "DataDirLockedError",
     "DeadLetter",
+    "DeadLetterFilter",
     "DeadLetterRecord",
     "Delivered",
     "IdempotencyConflictError",
+    "ImportResult",
+    "LedgerRow",
     "QueueFullError",
     "QueuedEvent",
+    "ReadOnlyDatabase",
     "Retry",
+    "SalvageReport",
     "Settlement",
     "Store",
     "StoreError",
+    "StoreStats",
 ]

@@ -22,6 +22,7 @@ import httpx
 from . import __version__
 from .config import Secret
 from .events import PATHS
+from .metrics import UpstreamStats
 from .store import QueuedEvent
 
 Verdict = Literal["delivered", "retry", "dead_letter", "pause"]
@@ -216,6 +217,7 @@ class Upstream:
         if max_connections < 1:
             raise ValueError(f"max_connections: must be at least 1, not {max_connections}")
         self._key = key
+        self.stats = UpstreamStats()
         self._client = httpx.AsyncClient(
             base_url=api_url,
             headers={"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT},
@@ -229,6 +231,7 @@ class Upstream:
 
     async def send(self, event: QueuedEvent) -> Answer:
         """POST the event's stored body to its path, with its idempotency key."""
+        started = time.monotonic()
         try:
             response = await self._client.post(
                 PATHS[event.kind],
@@ -236,8 +239,10 @@ class Upstream:
                 headers={"Content-Type": "application/json", "Idempotency-Key": event.idem_key},
             )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            self.stats.observe(None, time.monotonic() - started)
             return self._scrubbed(classify_exception(exc))
         status = response.status_code
+        self.stats.observe(status, time.monotonic() - started)
         body = (
             ""
             if 200 <= status < 300
