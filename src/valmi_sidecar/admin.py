@@ -7,6 +7,7 @@ is required. Errors have the receiver's one shape. ``valmi-sidecar ledger``,
 ``GET  /v1/ledger?agent_key=&since=&until=``        ledger lines and their totals
 ``GET  /v1/dead-letters?reason=&agent_key=&older_than_s=&newer_than_s=&after_seq=&limit=``
 ``GET  /v1/dead-letters/summary``                   stored dead letters by reason
+``GET  /v1/dead-letters/count?filter…``             how many match
 ``GET  /v1/dead-letters/{id}``                      one dead letter
 ``POST /v1/dead-letters/retry``  ``{filter…, "limit"}``  re-queue (original key): ``{"requeued": n}``
 ``POST /v1/dead-letters/purge``  ``{filter…, "limit"}``  delete: ``{"purged": n}``
@@ -165,6 +166,15 @@ async def dead_letter_summary(request: web.Request) -> web.Response:
     )
 
 
+async def count_dead_letters(request: web.Request) -> web.Response:
+    _check_token(request)
+    fields: dict[str, Any] = dict(request.query)
+    if "ids" in fields:
+        fields["ids"] = [i for i in fields["ids"].split(",") if i]
+    n = await request.app[STORE].count_dead_letters(parse_filter(fields, time.time()))
+    return _json({"count": n})
+
+
 async def show_dead_letter(request: web.Request) -> web.Response:
     _check_token(request)
     event_id = request.match_info["id"]
@@ -297,6 +307,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/v1/ledger", get_ledger)
     app.router.add_get("/v1/dead-letters", list_dead_letters)
     app.router.add_get("/v1/dead-letters/summary", dead_letter_summary)
+    app.router.add_get("/v1/dead-letters/count", count_dead_letters)
     app.router.add_get("/v1/dead-letters/{id}", show_dead_letter)
     app.router.add_post("/v1/dead-letters/retry", retry_dead_letters)
     app.router.add_post("/v1/dead-letters/purge", purge_dead_letters)

@@ -1,4 +1,4 @@
-"""Command line: ``valmi-sidecar run | fake-api | status``.
+"""Command line: ``valmi-sidecar run | fake-api | status | ledger | dead-letters | salvage | check``.
 
 Every ``run`` flag is generated from ``Settings`` and its help says the default and the
 environment variable, so the three stay in step. Config problems exit 2 before anything
@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
+import fcntl
 import json
+import os
+import re
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Mapping
+import time
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from . import __version__
+from .admin import ledger_totals, salvage_record
 from .config import (
     ENV_API_KEY,
     ENV_API_KEY_FILE,
@@ -38,7 +45,20 @@ from .config import (
     load_settings,
     split_listen,
 )
+from .events import NewEvent
 from .logs import configure_logging
+from .store import (
+    DB_NAME,
+    LOCK_NAME,
+    DeadLetterFilter,
+    ReadOnlyDatabase,
+    SalvageReport,
+    Store,
+    StoreError,
+    moved_aside_files,
+)
+
+_T = TypeVar("_T")
 
 PROG = "valmi-sidecar"
 FAKE_API_LISTEN = "127.0.0.1:8788"
@@ -206,28 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
-        help="show the queue and upstream state of a running sidecar",
-        description="Ask a running sidecar for GET /v1/status and print a summary. The "
-        f"address and the ingest token come from the same config file and environment "
-        f"as 'run' ({env_var('listen')}, {ENV_INGEST_TOKEN} / {ENV_INGEST_TOKEN_FILE}).",
+        help="show the queue, dead letters and upstream state (running or not)",
+        description="Ask a running sidecar for GET /v1/status and print a summary; when none "
+        "answers, read the data directory's database (read-only) instead. The address, the "
+        "data directory and the ingest token come from the same config file and environment "
+        f"as 'run' ({env_var('listen')}, {env_var('data_dir')}, {ENV_INGEST_TOKEN} / "
+        f"{ENV_INGEST_TOKEN_FILE}).",
     )
-    _add_config_flag(status)
-    status.add_argument(
-        "--url",
-        default=None,
-        help=f"status URL (default: http://<listen>/v1/status, listen from {env_var('listen')} "
-        "or the config file, else 127.0.0.1:8787)",
+    _add_target_flags(
+        status,
+        url_help=f"status URL (default: http://<listen>/v1/status, listen from "
+        f"{env_var('listen')} or the config file, else 127.0.0.1:8787)",
     )
     status.add_argument(
         "--json", action="store_true", help="print the raw JSON (default: a readable summary)"
     )
-    status.add_argument(
-        "--timeout",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="how long to wait for an answer (default: 5)",
-    )
+    _add_operator_commands(sub)
     return parser
 
 
@@ -238,15 +252,21 @@ def main(argv: list[str] | None = None) -> int:
         "run": _cmd_run,
         "fake-api": _cmd_fake_api,
         "status": _cmd_status,
+        **OPERATOR_COMMANDS,
     }
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if args.command == "dead-letters":
+            return DEAD_LETTER_COMMANDS[args.dl_command](args)
         return commands[args.command](args)
     except ConfigError as e:
         _error(str(e))
         return 2
+    except CliError as e:
+        _error(str(e))
+        return 1
 
 
 def _error(message: str) -> None:
@@ -346,42 +366,6 @@ def status_url(settings: Settings) -> str:
     return f"http://{host}:{port}/v1/status"
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    settings = load_settings(config_file=args.config)
-    url: str = args.url or status_url(settings)
-
-    headers = {}
-    if settings.ingest_token is not None:
-        headers["Authorization"] = f"Bearer {settings.ingest_token.reveal()}"
-    try:
-        response = httpx.get(url, headers=headers, timeout=args.timeout)
-    except httpx.ConnectError:
-        _error(f"no sidecar answering at {url}; is `{PROG} run` running?")
-        return 1
-    except httpx.TimeoutException:
-        _error(f"the sidecar at {url} did not answer within {args.timeout:g} s")
-        return 1
-    except httpx.HTTPError as e:
-        _error(f"cannot ask {url}: {type(e).__name__}: {e}")
-        return 1
-    if response.status_code != 200:
-        hint = ""
-        if response.status_code == 401:
-            hint = f"; set {ENV_INGEST_TOKEN} or {ENV_INGEST_TOKEN_FILE} to the sidecar's token"
-        _error(f"{url} answered HTTP {response.status_code}: {response.text[:500]}{hint}")
-        return 1
-    try:
-        data = response.json()
-    except ValueError:
-        _error(f"{url} answered with something that is not JSON: {response.text[:200]!r}")
-        return 1
-    if args.json or not isinstance(data, dict):
-        _out(json.dumps(data, indent=2, sort_keys=True))
-    else:
-        _out(format_status(data))
-    return 0
-
-
 _COUNTS = ("received", "queued", "in_flight", "delivered", "dead_lettered", "duplicates")
 
 
@@ -435,3 +419,790 @@ def format_status(data: Mapping[str, Any]) -> str:
         error = _find(data, "last_error")
     lines.append(f"{'last error':<{width}}  {error if error else 'none'}")
     return "\n".join(lines)
+
+
+# --- operator commands: shared ------------------------------------------------------------
+
+
+class CliError(Exception):
+    """A command failed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where an operator command acts: the running sidecar's API, else the data directory."""
+
+    settings: Settings
+    base: str
+    timeout: float
+
+    @property
+    def db(self) -> Path:
+        return self.settings.data_dir / DB_NAME
+
+    def headers(self) -> dict[str, str]:
+        token = self.settings.ingest_token
+        return {} if token is None else {"Authorization": f"Bearer {token.reveal()}"}
+
+
+def _add_target_flags(parser: argparse.ArgumentParser, url_help: str | None = None) -> None:
+    _add_config_flag(parser)
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=None,
+        help=f"the sidecar's data directory, read when no sidecar answers (default: as for "
+        f"'run': {env_var('data_dir')}, the config file, else $STATE_DIRECTORY or "
+        "$XDG_STATE_HOME/valmi-sidecar)",
+    )
+    parser.add_argument(
+        "--url",
+        default=None,
+        help=url_help
+        or f"base URL of the running sidecar (default: http://<listen>, listen from "
+        f"{env_var('listen')} or the config file, else 127.0.0.1:8787)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for the sidecar's answer (default: 5)",
+    )
+
+
+def _target(args: argparse.Namespace) -> _Target:
+    settings = load_settings(
+        argv_overrides={"data_dir": getattr(args, "data_dir", None)}, config_file=args.config
+    )
+    url: str | None = args.url
+    if url is None:
+        base = status_url(settings).removesuffix("/v1/status")
+    else:
+        base = url.split("/v1/", 1)[0].rstrip("/")
+    return _Target(settings, base, args.timeout)
+
+
+def _call(
+    t: _Target,
+    method: str,
+    path: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    body: object = None,
+) -> Any:
+    """The JSON answer of the running sidecar, or ``None`` when nothing listens there."""
+    url = t.base + path
+    try:
+        response = httpx.request(
+            method,
+            url,
+            params={k: v for k, v in (params or {}).items() if v is not None},
+            json=body,
+            headers=t.headers(),
+            timeout=t.timeout,
+        )
+    except httpx.ConnectError:
+        return None
+    except httpx.TimeoutException:
+        raise CliError(f"the sidecar at {url} did not answer within {t.timeout:g} s") from None
+    except httpx.HTTPError as e:
+        raise CliError(f"cannot ask {url}: {type(e).__name__}: {e}") from e
+    if response.status_code >= 400:
+        hint = ""
+        if response.status_code == 401:
+            hint = f"; set {ENV_INGEST_TOKEN} or {ENV_INGEST_TOKEN_FILE} to the sidecar's token"
+        raise CliError(f"{url} answered HTTP {response.status_code}: {response.text[:500]}{hint}")
+    try:
+        return response.json()
+    except ValueError:
+        raise CliError(
+            f"{url} answered with something that is not JSON: {response.text[:200]!r}"
+        ) from None
+
+
+def _sidecar_holds(data_dir: Path) -> bool:
+    """Whether a sidecar holds the data directory's lock (it runs, wherever it listens)."""
+    try:
+        fd = os.open(data_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise CliError(f"cannot read {data_dir / LOCK_NAME}: {e.strerror}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _offline(t: _Target, url_path: str = "") -> Path:
+    """The database to use directly, after no sidecar answered at ``t.base``."""
+    data_dir = t.settings.data_dir
+    if _sidecar_holds(data_dir):
+        raise CliError(
+            f"a sidecar holds {data_dir} but nothing answers at {t.base}{url_path}; "
+            "pass --url with its listen address"
+        )
+    if not t.db.is_file():
+        raise CliError(
+            f"no sidecar answering at {t.base}{url_path}; is `{PROG} run` running? "
+            f"(and no database at {t.db} to read instead; pass --data-dir)"
+        )
+    return t.db
+
+
+def _read_only(path: Path) -> ReadOnlyDatabase:
+    try:
+        return ReadOnlyDatabase(path)
+    except StoreError as e:
+        raise CliError(str(e)) from e
+
+
+async def _with_store(t: _Target, work: Callable[[Store], Coroutine[Any, Any, _T]]) -> _T:
+    """Run ``work`` on the data directory's store (its lock held, so no sidecar starts)."""
+    try:
+        store = await Store.open(
+            t.settings.data_dir,
+            durability=t.settings.durability,
+            max_queue_bytes=t.settings.max_queue_bytes,
+            max_queue_events=t.settings.max_queue_events,
+            dedup_window_s=t.settings.dedup_window_s,
+            prune_interval_s=None,
+        )
+    except StoreError as e:
+        raise CliError(str(e)) from e
+    try:
+        return await work(store)
+    except StoreError as e:
+        raise CliError(str(e)) from e
+    finally:
+        await store.close()
+
+
+def _quiet_logs() -> None:
+    """Store logs go to stderr, warnings and worse only: stdout is the command's output."""
+    configure_logging("warning", "console")
+
+
+def _progress(text: str) -> None:
+    if sys.stderr.isatty():
+        print(f"\r{text}", end="", file=sys.stderr, flush=True)  # noqa: T201 - progress
+
+
+def _progress_done() -> None:
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # noqa: T201 - progress
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, tty: bool) -> str:
+    """Aligned columns on a terminal (numbers right-aligned); tab-separated when piped."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    if not tty:
+        return "\n".join("\t".join(r) for r in [list(headers), *cells])
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
+    numeric = [
+        all(isinstance(row[i], int | float) for row in rows) and bool(rows)
+        for i in range(len(headers))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join(line(r) for r in [list(headers), *cells])
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+_UNITS: Mapping[str, float] = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``7d`` -> seconds."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 15m, 2h or 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _utc_day(text: str) -> str:
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UTC day, YYYY-MM-DD")
+    return text
+
+
+def _add_filter_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", help="only this reason (rejected, expired)")
+    parser.add_argument("--agent-key", help="only events of this agent key")
+    parser.add_argument(
+        "--older-than",
+        type=parse_duration,
+        metavar="DURATION",
+        help="only those dead-lettered more than DURATION ago (90s, 15m, 2h, 7d)",
+    )
+    parser.add_argument(
+        "--newer-than",
+        type=parse_duration,
+        metavar="DURATION",
+        help="only those dead-lettered less than DURATION ago",
+    )
+    parser.add_argument(
+        "--id", action="append", dest="ids", metavar="ID", help="only this event id (repeat)"
+    )
+
+
+def _filter_fields(args: argparse.Namespace, started: float | None = None) -> dict[str, Any]:
+    """The filter as the admin API takes it. With ``started``, only dead letters that were
+    dead-lettered before the command started (so a retry never chases its own tail)."""
+    older: float | None = args.older_than
+    if started is not None:
+        older = max(older or 0.0, time.time() - started)
+    return {
+        "reason": args.reason,
+        "agent_key": args.agent_key,
+        "older_than_s": older,
+        "newer_than_s": args.newer_than,
+        "ids": args.ids,
+    }
+
+
+def _filter(fields: Mapping[str, Any], after_seq: int = 0) -> DeadLetterFilter:
+    now = time.time()
+    older, newer = fields.get("older_than_s"), fields.get("newer_than_s")
+    ids = fields.get("ids")
+    return DeadLetterFilter(
+        reason=fields.get("reason"),
+        agent_key=fields.get("agent_key"),
+        dead_before=None if older is None else now - older,
+        dead_after=None if newer is None else now - newer,
+        ids=None if ids is None else tuple(ids),
+        after_seq=after_seq,
+    )
+
+
+def _query(fields: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(fields)
+    if out.get("ids") is not None:
+        out["ids"] = ",".join(out["ids"])
+    return out
+
+
+# --- status (read-only from the data directory) --------------------------------------------
+
+
+def offline_status(settings: Settings, db: ReadOnlyDatabase) -> dict[str, Any]:
+    """What ``/v1/status`` would say, read from the database of a stopped sidecar."""
+    c = db.counts()
+    now = time.time()
+    return {
+        "running": False,
+        "data_dir": str(settings.data_dir),
+        "events": {
+            "received": c.received,
+            "queued": c.queued,
+            "in_flight": 0,
+            "delivered": c.delivered,
+            "dead_lettered": c.dead_lettered,
+            "duplicates": c.duplicates,
+        },
+        "queue": {
+            "events": c.queued,
+            "bytes": c.queued_bytes,
+            "max_events": settings.max_queue_events,
+            "max_bytes": settings.max_queue_bytes,
+        },
+        "oldest_queued_age_s": (
+            None if c.oldest_queued_at is None else round(now - c.oldest_queued_at, 3)
+        ),
+        "upstream": {"state": "stopped", "last_error": None},
+        "dead_letters": {"reasons": db.dead_letter_summary(), **db.operator_counts()},
+        "moved_aside": [str(p) for p in moved_aside_files(settings.data_dir)],
+    }
+
+
+def format_status_details(data: Mapping[str, Any]) -> str:
+    """The lines after ``format_status``: where it was read, rates, dead letters by reason."""
+    lines: list[str] = []
+    if data.get("running") is False:
+        lines.append(f"{'running':<14}  no (read from {data.get('data_dir')})")
+    rates = data.get("rates_per_s")
+    if isinstance(rates, Mapping) and rates.get("received") is not None:
+        lines.append(
+            f"{'rates':<14}  {rates['received']:g}/s received, {rates['delivered']:g}/s "
+            f"delivered, {rates['dead_lettered']:g}/s dead-lettered (last minute)"
+        )
+    dead = data.get("dead_letters")
+    if isinstance(dead, Mapping):
+        for r in dead.get("reasons") or []:
+            age = _age(time.time() - r["last_dead_at"]) if r.get("last_dead_at") else "-"
+            lines.append(f"{'dead letters':<14}  {r['count']} {r['reason']} (last {age} ago)")
+    for path in data.get("moved_aside") or []:
+        lines.append(f"{'moved aside':<14}  {path} (run `{PROG} salvage` on it)")
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    t = _target(args)
+    data = _call(t, "GET", "/v1/status")
+    if data is None:
+        with _read_only(_offline(t, "/v1/status")) as db:
+            try:
+                data = offline_status(t.settings, db)
+            except StoreError as e:
+                raise CliError(str(e)) from e
+    elif not args.json and isinstance(data, dict):
+        with suppress(CliError):
+            summary = _call(t, "GET", "/v1/dead-letters/summary")
+            if isinstance(summary, dict):
+                data = {**data, "dead_letters": summary}
+    if args.json or not isinstance(data, dict):
+        _out(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    details = format_status_details(data)
+    _out(format_status(data) + ("\n" + details if details else ""))
+    return 0
+
+
+# --- ledger -------------------------------------------------------------------------------
+
+_LEDGER_HEADERS = (
+    "day", "agent_key", "kind", "event_type", "received", "queued", "delivered",
+    "dead_lettered", "value",
+)  # fmt: skip
+
+
+def _ledger_line(row: Mapping[str, Any]) -> list[object]:
+    value = row.get("value")
+    return [
+        row["day"] or "(before ledger)",
+        row["agent_key"] or "-",
+        row["kind"] or "-",
+        row["event_type"] or "-",
+        row["received"],
+        row["queued"],
+        row["delivered"],
+        row["dead_lettered"],
+        value["received"] if isinstance(value, Mapping) else None,
+    ]
+
+
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    t = _target(args)
+    params = {"agent_key": args.agent_key, "since": args.since, "until": args.until}
+    data = _call(t, "GET", "/v1/ledger", params=params)
+    if data is None:
+        with _read_only(_offline(t, "/v1/ledger")) as db:
+            try:
+                rows = db.ledger(args.agent_key, args.since, args.until)
+            except StoreError as e:
+                raise CliError(str(e)) from e
+        data = {"rows": [r.as_dict() for r in rows], "totals": ledger_totals(rows)}
+    if args.json:
+        _out(json.dumps(data, indent=2))
+        return 0
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(
+            [
+                *_LEDGER_HEADERS[:-1],
+                "value_received",
+                "value_queued",
+                "value_delivered",
+                "value_dead_lettered",
+            ]
+        )
+        for row in data["rows"]:
+            value = row.get("value") or {}
+            writer.writerow(
+                [
+                    *(row[h] for h in _LEDGER_HEADERS[:-1]),
+                    *(
+                        value.get(k, "")
+                        for k in ("received", "queued", "delivered", "dead_lettered")
+                    ),
+                ]
+            )
+        return 0
+    totals = data["totals"]
+    lines = [_ledger_line(r) for r in data["rows"]]
+    lines.append(
+        ["total", "", "", "", totals["received"], totals["queued"], totals["delivered"],
+         totals["dead_lettered"], totals["outcome_value"]["received"]]
+    )  # fmt: skip
+    _out(format_table(_LEDGER_HEADERS, lines, tty=sys.stdout.isatty()))
+    return 0
+
+
+# --- dead letters -------------------------------------------------------------------------
+
+
+def _iter_dead_letters(
+    t: _Target, fields: Mapping[str, Any], limit: int | None
+) -> Iterator[dict[str, Any]]:
+    """Matching dead letters as JSON objects, oldest first, from the API or the database."""
+    remaining = limit if limit is not None else 2**62
+    after = 0
+    offline_db: ReadOnlyDatabase | None = None
+    try:
+        while remaining > 0:
+            page = min(remaining, 1_000)
+            if offline_db is None:
+                data = _call(
+                    t,
+                    "GET",
+                    "/v1/dead-letters",
+                    params={**_query(fields), "after_seq": after, "limit": page},
+                )
+                if data is None:
+                    offline_db = _read_only(_offline(t, "/v1/dead-letters"))
+            if offline_db is not None:
+                try:
+                    records = offline_db.dead_letters(page, _filter(fields, after))
+                except StoreError as e:
+                    raise CliError(str(e)) from e
+                items = [r.as_dict() for r in records]
+                after = records[-1].seq if records else after
+                more = len(records) == page
+            else:
+                items = data["dead_letters"]
+                more = data["next_after_seq"] is not None
+                after = data["next_after_seq"] or after
+            yield from items
+            remaining -= len(items)
+            if not more:
+                return
+    finally:
+        if offline_db is not None:
+            offline_db.close()
+
+
+def _cmd_dl_list(args: argparse.Namespace) -> int:
+    t = _target(args)
+    items = list(_iter_dead_letters(t, _filter_fields(args), args.limit))
+    if args.json:
+        _out(json.dumps(items, indent=2))
+        return 0
+    now = time.time()
+    rows = [
+        [
+            d["id"], d["kind"], d["agent_key"], d["event_type"], d["reason"], d["status"],
+            _age(now - d["dead_at"]), d["detail"][:60],
+        ]
+        for d in items
+    ]  # fmt: skip
+    headers = ("id", "kind", "agent_key", "event_type", "reason", "status", "dead_for", "detail")
+    _out(format_table(headers, rows, tty=sys.stdout.isatty()))
+    return 0
+
+
+def _cmd_dl_show(args: argparse.Namespace) -> int:
+    t = _target(args)
+    items = list(_iter_dead_letters(t, {"ids": [args.event_id]}, 1))
+    if not items:
+        raise CliError(f"no dead letter with id {args.event_id}")
+    _out(json.dumps(items[0], indent=2))
+    return 0
+
+
+def _cmd_dl_export(args: argparse.Namespace) -> int:
+    t = _target(args)
+    out_path: str = args.output
+    n = 0
+    stream = sys.stdout if out_path == "-" else open(out_path, "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        for item in _iter_dead_letters(t, _filter_fields(args), args.limit):
+            stream.write(json.dumps(item, separators=(",", ":")) + "\n")
+            n += 1
+            if n % 1000 == 0:
+                _progress(f"exported {n} dead letters…")
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+    _progress_done()
+    if out_path != "-":
+        _out(f"exported {n} dead letters to {out_path}")
+    return 0
+
+
+def _change_dead_letters(t: _Target, args: argparse.Namespace, action: str) -> int:
+    """Retry or purge in chunks, through the API or on the database; returns how many."""
+    started = time.time()
+    limit: int | None = args.limit
+    done = 0
+    verb = "re-queued" if action == "retry" else "purged"
+    key = "requeued" if action == "retry" else "purged"
+    while limit is None or done < limit:
+        chunk = min(1_000, (limit - done) if limit is not None else 1_000)
+        fields = _filter_fields(args, started)
+        data = _call(t, "POST", f"/v1/dead-letters/{action}", body={**fields, "limit": chunk})
+        if data is None:
+            _offline(t, f"/v1/dead-letters/{action}")
+            _quiet_logs()
+            return done + asyncio.run(
+                _change_offline(t, args, action, started=started, limit=limit, done=done)
+            )
+        n = int(data[key])
+        done += n
+        _progress(f"{verb} {done} dead letters…")
+        if n < chunk:
+            break
+    _progress_done()
+    return done
+
+
+async def _change_offline(
+    t: _Target,
+    args: argparse.Namespace,
+    action: str,
+    *,
+    started: float,
+    limit: int | None,
+    done: int,
+) -> int:
+    async def work(store: Store) -> int:
+        n_total = 0
+        while limit is None or done + n_total < limit:
+            chunk = min(1_000, (limit - done - n_total) if limit is not None else 1_000)
+            flt = _filter(_filter_fields(args, started))
+            if action == "retry":
+                n = await store.requeue_dead_letters(flt, chunk)
+            else:
+                n = await store.purge_dead_letters(flt, chunk)
+            n_total += n
+            _progress(
+                f"{'re-queued' if action == 'retry' else 'purged'} {done + n_total} dead letters…"
+            )
+            if n < chunk:
+                break
+        _progress_done()
+        return n_total
+
+    return await _with_store(t, work)
+
+
+def _cmd_dl_retry(args: argparse.Namespace) -> int:
+    t = _target(args)
+    n = _change_dead_letters(t, args, "retry")
+    _out(f"re-queued {n} dead letters (original ids and idempotency keys)")
+    return 0
+
+
+def _count_matching(t: _Target, fields: Mapping[str, Any]) -> int:
+    data = _call(t, "GET", "/v1/dead-letters/count", params=_query(fields))
+    if data is not None:
+        return int(data["count"])
+    with _read_only(_offline(t, "/v1/dead-letters/count")) as db:
+        try:
+            return db.count_dead_letters(_filter(fields))
+        except StoreError as e:
+            raise CliError(str(e)) from e
+
+
+def _cmd_dl_purge(args: argparse.Namespace) -> int:
+    t = _target(args)
+    matching = _count_matching(t, _filter_fields(args))
+    if matching == 0:
+        _out("no dead letters match; nothing purged")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CliError(
+                f"{matching} dead letters match; pass --yes to purge them without a prompt"
+            )
+        answer = input(f"Delete {matching} dead letters for good (their counts stay)? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            _out("nothing purged")
+            return 1
+    n = _change_dead_letters(t, args, "purge")
+    _out(f"purged {n} dead letters (still counted as dead-lettered)")
+    return 0
+
+
+# --- salvage and check --------------------------------------------------------------------
+
+
+def _cmd_salvage(args: argparse.Namespace) -> int:
+    t = _target(args)
+    source = Path(args.file)
+    if source.resolve() == t.db.resolve():
+        raise CliError(f"{source} is the live database; salvage a moved-aside copy")
+    report = SalvageReport()
+    totals = {"imported": 0, "duplicates": 0, "conflicts": 0}
+    with _read_only(source) as db:
+        chunks = db.salvage(report)
+        for chunk in chunks:
+            data = _call(
+                t, "POST", "/v1/salvage", body={"events": [salvage_record(e) for e in chunk]}
+            )
+            if data is None:
+                _offline(t, "/v1/salvage")
+                _quiet_logs()
+                more = asyncio.run(_salvage_offline(t, chunk, chunks))
+                for k in totals:
+                    totals[k] += more[k]
+                break
+            for k in totals:
+                totals[k] += int(data[k])
+            _progress(f"salvaged {totals['imported']} events…")
+    _progress_done()
+    _out(
+        f"salvaged {totals['imported']} events from {source} "
+        f"({totals['duplicates']} already queued, {totals['conflicts']} with a reused key skipped, "
+        f"{report.unreadable} unreadable rows skipped"
+        + ("; the rest of the table could not be walked" if report.gave_up else "")
+        + ")"
+    )
+    return 0 if not report.gave_up else 1
+
+
+async def _salvage_offline(
+    t: _Target, first: list[NewEvent], rest: Iterator[list[NewEvent]]
+) -> dict[str, int]:
+    async def work(store: Store) -> dict[str, int]:
+        totals = {"imported": 0, "duplicates": 0, "conflicts": 0}
+        chunk: list[NewEvent] | None = first
+        while chunk is not None:
+            result = await store.import_events(chunk)
+            totals["imported"] += result.imported
+            totals["duplicates"] += result.duplicates
+            totals["conflicts"] += result.conflicts
+            _progress(f"salvaged {totals['imported']} events…")
+            chunk = await asyncio.to_thread(next, rest, None)
+        return totals
+
+    return await _with_store(t, work)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    t = _target(args)
+    path = Path(args.file) if args.file else t.db
+    with _read_only(path) as db:
+        try:
+            problems = db.integrity_check()
+        except StoreError as e:
+            raise CliError(f"{path} is damaged: {e}") from e
+    if problems:
+        for p in problems:
+            _out(p)
+        _error(
+            f"{path} failed the integrity check ({len(problems)} problems); stop the sidecar, "
+            f"move the file aside (or restart: the sidecar does it) and run `{PROG} salvage` on it"
+        )
+        return 1
+    _out(f"{path}: ok")
+    return 0
+
+
+def _add_operator_commands(sub: Any) -> None:
+    ledger = sub.add_parser(
+        "ledger",
+        help="events per agent key, event type and UTC day: received, queued, delivered, dead-lettered",
+        description="The billing ledger: per agent key, event type and UTC day of receipt, the "
+        "events received, still queued, delivered and dead-lettered, and for outcomes the "
+        "summed value. Totals reconcile with the event counts of `status`.",
+    )
+    _add_target_flags(ledger)
+    ledger.add_argument("--agent-key", help="only this agent key")
+    ledger.add_argument("--since", type=_utc_day, metavar="YYYY-MM-DD", help="from this UTC day")
+    ledger.add_argument(
+        "--until", type=_utc_day, metavar="YYYY-MM-DD", help="to this UTC day (inclusive)"
+    )
+    form = ledger.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print JSON (rows and totals)")
+    form.add_argument("--csv", action="store_true", help="print CSV")
+
+    dl = sub.add_parser(
+        "dead-letters",
+        help="list, show, retry, purge or export the dead letters",
+        description="Dead letters: events upstream refused for good (reason 'rejected') or that "
+        "waited longer than max_event_age_s ('expired'). Through the running sidecar's API, "
+        "else on the data directory's database.",
+    )
+    dls = dl.add_subparsers(dest="dl_command", metavar="ACTION", required=True)
+    p = dls.add_parser("list", help="list dead letters (a table, or --json)")
+    _add_target_flags(p)
+    _add_filter_flags(p)
+    p.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (default: 100)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = dls.add_parser("show", help="one dead letter, with its body, as JSON")
+    _add_target_flags(p)
+    p.add_argument("event_id", metavar="ID", help="the event id (evt_…)")
+    p = dls.add_parser(
+        "retry",
+        help="re-queue dead letters with their original idempotency keys",
+        description="Re-queue matching dead letters: each keeps its id and idempotency key "
+        "and moves from dead-lettered to queued (received is unchanged, so the counts "
+        "reconcile). Only those dead-lettered before the command started.",
+    )
+    _add_target_flags(p)
+    _add_filter_flags(p)
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N (default: all)")
+    p = dls.add_parser(
+        "purge",
+        help="delete dead letters for good (asks first unless --yes)",
+        description="Delete matching dead letters. They stay counted as dead-lettered (in "
+        "status, metrics and the ledger); only the stored events go.",
+    )
+    _add_target_flags(p)
+    _add_filter_flags(p)
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N (default: all)")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = dls.add_parser("export", help="write dead letters as NDJSON (one JSON object a line)")
+    _add_target_flags(p)
+    _add_filter_flags(p)
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N (default: all)")
+    p.add_argument(
+        "--output", "-o", default="-", metavar="FILE", help="file to write (default: stdout)"
+    )
+
+    salvage = sub.add_parser(
+        "salvage",
+        help="re-queue every readable event of a moved-aside database",
+        description="Read a damaged database that the sidecar moved aside "
+        "(queue.db.corrupt-<time>) and queue every readable event again with its original "
+        "id and idempotency key, through the running sidecar or on the data directory.",
+    )
+    _add_target_flags(salvage)
+    salvage.add_argument("file", metavar="FILE", help="the moved-aside database")
+
+    check = sub.add_parser(
+        "check",
+        help="run SQLite's integrity check on the database (read-only)",
+        description="PRAGMA integrity_check on the data directory's database (or FILE), "
+        "read-only: safe while the sidecar runs. Exit 0 when ok, 1 with the problems.",
+    )
+    _add_target_flags(check)
+    check.add_argument(
+        "file", metavar="FILE", nargs="?", help="a database file (default: the data directory's)"
+    )
+
+
+OPERATOR_COMMANDS: Mapping[str, Callable[[argparse.Namespace], int]] = {
+    "ledger": _cmd_ledger,
+    "salvage": _cmd_salvage,
+    "check": _cmd_check,
+}
+DEAD_LETTER_COMMANDS: Mapping[str, Callable[[argparse.Namespace], int]] = {
+    "list": _cmd_dl_list,
+    "show": _cmd_dl_show,
+    "retry": _cmd_dl_retry,
+    "purge": _cmd_dl_purge,
+    "export": _cmd_dl_export,
+}

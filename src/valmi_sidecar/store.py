@@ -475,6 +475,7 @@ _LEDGER_COLUMNS: Final = (
     "agent_key, kind, event_type, day, received, delivered, dead_lettered, received_value,"
     " delivered_value, dead_lettered_value"
 )
+_COUNT_DEAD: Final = "SELECT count(*) FROM dead_letters WHERE "
 _SUMMARY: Final = (
     "SELECT reason, count(*), min(dead_at), max(dead_at) FROM dead_letters"
     " GROUP BY reason ORDER BY reason"
@@ -1002,6 +1003,12 @@ class Store:
         """Up to ``limit`` dead letters that match ``flt``, oldest event first."""
         sql, params = _dead_letters_query(flt or DeadLetterFilter(), limit)
         return [_dead_letter(r) for r in await self._reader.execute_fetchall(sql, params)]
+
+    async def count_dead_letters(self, flt: DeadLetterFilter) -> int:
+        """How many stored dead letters match ``flt``."""
+        where, params = flt.where()
+        rows = await self._reader.execute_fetchall(_COUNT_DEAD + where, params)
+        return int(next(iter(rows))[0])
 
     async def dead_letter_summary(self) -> list[dict[str, Any]]:
         """Stored dead letters by reason: count, first and last ``dead_at``."""
@@ -1713,6 +1720,10 @@ class ReadOnlyDatabase:
 
     def dead_letter_summary(self) -> list[dict[str, Any]]:
         return [_summary_row(r) for r in self._rows(_SUMMARY)]
+
+    def count_dead_letters(self, flt: DeadLetterFilter) -> int:
+        where, params = flt.where()
+        return int(self._rows(_COUNT_DEAD + where, params)[0][0])
 
     def integrity_check(self) -> list[str]:
         return integrity_check(self._conn)
