@@ -1,0 +1,264 @@
+"""``valmi-sidecar dead-letters list|show|retry|purge|export``, ``status`` and ``ledger`` as
+real subprocesses: through the admin API of a running sidecar (with its ingest token), and
+on the database of a stopped one."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from tests.conftest import SidecarFactory, SidecarProcessFactory, wait_until
+
+if TYPE_CHECKING:
+    from valmi_sidecar.fake_api import FakeValmi
+
+TOKEN = "tok_dead_letters"
+
+
+async def run_cli(*args: str, stdin: bytes = b"", **env: str) -> tuple[int, str, str]:
+    """``python -m valmi_sidecar ARGS`` with a clean environment (no VALMI_* inherited)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VALMI")}
+    full_env.update(env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "valmi_sidecar",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=full_env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def post_events(
+    url: str, agent: str, n: int, *, outcome: bool = False, token: str = ""
+) -> None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(headers=headers) as client:
+        for i in range(n):
+            if outcome:
+                r = await client.post(
+                    url + "/v1/outcomes",
+                    json={"agent_key": agent, "outcome_type": "sale", "value": i + 1},
+                )
+            else:
+                r = await client.post(
+                    url + "/v1/actions", json={"agent_key": agent, "action_type": "llm_call"}
+                )
+            assert 202 == r.status_code, r.text
+
+
+async def get_status(url: str, token: str = "") -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(headers=headers) as client:
+        data: dict[str, Any] = (await client.get(url + "/v1/status")).json()
+        return data
+
+
+async def test_dead_letter_commands_through_the_running_sidecar(
+    fake: FakeValmi, sidecar_process: SidecarProcessFactory, tmp_path: Path
+) -> None:
+    fake.faults.error_rate, fake.faults.error_status = 1.0, 400
+    proc = sidecar_process(fake.url, VALMI_SIDECAR_INGEST_TOKEN=TOKEN)
+    url = await proc.wait_ready()
+    await post_events(url, "agent_a", 3, token=TOKEN)
+    await post_events(url, "agent_b", 2, outcome=True, token=TOKEN)
+
+    async def dead() -> bool:
+        return 5 == (await get_status(url, TOKEN))["events"]["dead_lettered"]
+
+    await wait_until(dead, what="5 dead letters")
+    fake.faults.error_rate = 0.0
+    env = {"VALMI_SIDECAR_INGEST_TOKEN": TOKEN}
+    common = ("--url", url, "--data-dir", str(proc.data_dir))
+
+    code, out, err = await run_cli("dead-letters", "list", *common, "--json", **env)
+    assert (0, "") == (code, err)
+    listed = json.loads(out)
+    assert 5 == len(listed)
+    assert {"rejected"} == {d["reason"] for d in listed}
+    assert {400} == {d["status"] for d in listed}
+
+    code, _, err = await run_cli("dead-letters", "list", *common)
+    assert 1 == code
+    assert "HTTP 401" in err
+    assert TOKEN not in err
+
+    for flags, expected in (
+        (("--agent-key", "agent_b"), 2),
+        (("--reason", "expired"), 0),
+        (("--newer-than", "1h"), 5),
+        (("--older-than", "1h"), 0),
+        (("--id", listed[0]["id"], "--id", listed[1]["id"]), 2),
+    ):
+        code, out, _ = await run_cli("dead-letters", "list", *common, "--json", *flags, **env)
+        assert (0, expected) == (code, len(json.loads(out))), flags
+
+    code, out, _ = await run_cli("dead-letters", "list", *common, **env)
+    assert 0 == code
+    lines = out.splitlines()
+    assert 6 == len(lines)  # piped: a header and tab-separated rows
+    assert ["id", "kind", "agent_key"] == lines[0].split("\t")[:3]
+
+    code, out, _ = await run_cli("dead-letters", "show", *common, listed[0]["id"], **env)
+    assert 0 == code
+    shown = json.loads(out)
+    assert listed[0]["idempotency_key"] == shown["idempotency_key"]
+    assert "agent_a" == shown["body"]["agent_key"]
+    code, _, err = await run_cli("dead-letters", "show", *common, "evt_nope", **env)
+    assert 1 == code
+    assert "no dead letter with id evt_nope" in err
+
+    export = tmp_path / "dead.ndjson"
+    code, out, _ = await run_cli("dead-letters", "export", *common, "-o", str(export), **env)
+    assert 0 == code
+    exported = [json.loads(line) for line in export.read_text().splitlines()]
+    assert [d["id"] for d in listed] == [d["id"] for d in exported]
+
+    # retry: agent_b's outcomes go upstream again, with their original keys.
+    keys_b = {d["idempotency_key"] for d in listed if d["agent_key"] == "agent_b"}
+    code, out, _ = await run_cli("dead-letters", "retry", *common, "--agent-key", "agent_b", **env)
+    assert (0, "re-queued 2 dead letters (original ids and idempotency keys)") == (
+        code,
+        out.strip(),
+    )
+    await wait_until(lambda: 2 == len(fake.events()), what="2 re-queued events delivered")
+    assert keys_b == {e.idem_key for e in fake.events()}
+
+    async def settled() -> bool:
+        events = (await get_status(url, TOKEN))["events"]
+        return (5, 0, 2, 3) == (
+            events["received"],
+            events["queued"],
+            events["delivered"],
+            events["dead_lettered"],
+        )
+
+    await wait_until(settled, what="2 delivered, 3 dead letters")
+
+    # purge: asks first; without a terminal it needs --yes.
+    code, _, err = await run_cli("dead-letters", "purge", *common, **env)
+    assert 1 == code
+    assert "3 dead letters match; pass --yes" in err
+    code, out, _ = await run_cli("dead-letters", "purge", *common, "--yes", **env)
+    assert (0, "purged 3 dead letters (still counted as dead-lettered)") == (code, out.strip())
+    code, out, _ = await run_cli("dead-letters", "list", *common, "--json", **env)
+    assert [] == json.loads(out)
+    assert 3 == (await get_status(url, TOKEN))["events"]["dead_lettered"]
+
+    code, out, _ = await run_cli("ledger", *common, "--json", **env)
+    assert 0 == code
+    totals = json.loads(out)["totals"]
+    assert (5, 0, 2, 3) == (
+        totals["received"],
+        totals["queued"],
+        totals["delivered"],
+        totals["dead_lettered"],
+    )
+
+
+async def test_commands_work_on_the_database_when_no_sidecar_runs(
+    fake: FakeValmi, sidecar_factory: SidecarFactory, tmp_path: Path
+) -> None:
+    """Stopped sidecar: list, retry, purge, status, ledger and check use the data directory;
+    a re-queued dead letter is delivered once a sidecar runs again."""
+    data_dir = tmp_path / "stopped"
+    fake.faults.error_rate, fake.faults.error_status = 1.0, 422
+    sidecar, url = await sidecar_factory(fake.url, data_dir=data_dir)
+    await post_events(url, "agent_c", 4)
+    await wait_until(
+        lambda: sidecar._store is not None and sidecar._store.counts().dead_lettered == 4,
+        what="4 dead letters",
+    )
+    await sidecar.stop()
+    fake.faults.error_rate = 0.0
+    common = ("--url", f"http://127.0.0.1:{free_port()}", "--data-dir", str(data_dir))
+
+    code, out, err = await run_cli("dead-letters", "list", *common, "--json")
+    assert (0, "") == (code, err)
+    listed = json.loads(out)
+    assert 4 == len(listed)
+
+    code, out, err = await run_cli("dead-letters", "retry", *common, "--limit", "1")
+    assert (0, "re-queued 1 dead letters (original ids and idempotency keys)") == (
+        code,
+        out.strip(),
+    ), err
+
+    code, out, _ = await run_cli("status", *common, "--json")
+    assert 0 == code
+    status = json.loads(out)
+    assert False is status["running"]
+    assert (4, 1, 0, 3) == (
+        status["events"]["received"],
+        status["events"]["queued"],
+        status["events"]["delivered"],
+        status["events"]["dead_lettered"],
+    )
+    assert [{"reason": "rejected", "count": 3}] == [
+        {"reason": r["reason"], "count": r["count"]} for r in status["dead_letters"]["reasons"]
+    ]
+    assert 1 == status["dead_letters"]["requeued"]
+
+    code, out, _ = await run_cli("status", *common)
+    assert 0 == code
+    assert f"no (read from {data_dir})" in out
+    assert "3 rejected" in out
+
+    code, out, _ = await run_cli("dead-letters", "purge", *common, "--yes", "--limit", "2")
+    assert (0, "purged 2 dead letters (still counted as dead-lettered)") == (code, out.strip())
+
+    code, out, _ = await run_cli("ledger", *common, "--csv")
+    assert 0 == code
+    (row,) = list(csv.DictReader(io.StringIO(out)))
+    assert ("agent_c", "4", "1", "0", "3") == (
+        row["agent_key"],
+        row["received"],
+        row["queued"],
+        row["delivered"],
+        row["dead_lettered"],
+    )
+    code, out, _ = await run_cli("check", *common)
+    assert (0, f"{data_dir / 'queue.db'}: ok") == (code, out.strip())
+
+    # A sidecar again: the re-queued event goes upstream with its original key.
+    sidecar2, url2 = await sidecar_factory(fake.url, data_dir=data_dir)
+    await wait_until(lambda: 1 == len(fake.events()), what="the re-queued event delivered")
+    assert fake.events()[0].idem_key in {d["idempotency_key"] for d in listed}
+
+    # While it holds the data directory, a wrong --url is an error, not a direct write.
+    code, _, err = await run_cli("dead-letters", "retry", *common)
+    assert 1 == code
+    assert f"a sidecar holds {data_dir}" in err
+    code, out, _ = await run_cli("dead-letters", "list", "--url", url2, "--json")
+    assert (0, 1) == (code, len(json.loads(out)))
+    assert sidecar2._store is not None
+
+
+async def test_status_with_no_sidecar_and_no_database_says_so(tmp_path: Path) -> None:
+    code, _, err = await run_cli(
+        "status", "--url", f"http://127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "none")
+    )
+    assert 1 == code
+    assert "is `valmi-sidecar run` running?" in err
+    assert "no database at" in err
