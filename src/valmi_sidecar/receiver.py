@@ -105,7 +105,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
         _count_refusal(request, code)
-        return ApiError(exc.status, code, message).response()
+        response = ApiError(exc.status, code, message).response()
+        if "Allow" in exc.headers:  # a 405 must say which methods are allowed (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         # A bug, not a refusal: say so without detail (the log has it), and store nothing.
         log.exception("request_failed", path=request.path)
