@@ -243,11 +243,12 @@ class Upstream:
             return self._scrubbed(classify_exception(exc))
         status = response.status_code
         self.stats.observe(status, time.monotonic() - started)
-        body = (
-            ""
-            if 200 <= status < 300
-            else response.content[: EXCERPT_CHARS * 4].decode("utf-8", "replace")
-        )
+        # Scrub the whole body before any cut: an excerpt that ends inside an echoed key
+        # would otherwise carry a piece of it past the scrubbing of the answer.
+        raw = b"" if 200 <= status < 300 else response.content
+        if raw and self._key.encode() in raw:
+            raw = raw.replace(self._key.encode(), _REDACTED.encode())
+        body = raw[: EXCERPT_CHARS * 4].decode("utf-8", "replace")
         return self._scrubbed(classify(status, response.headers, body))
 
     async def aclose(self) -> None:
