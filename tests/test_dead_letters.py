@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 TOKEN = "tok_dead_letters"
 
 
-async def run_cli(*args: str, stdin: bytes = b"", **env: str) -> tuple[int, str, str]:
+async def run_cli(*args: str, **env: str) -> tuple[int, str, str]:
     """``python -m valmi_sidecar ARGS`` with a clean environment (no VALMI_* inherited)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VALMI")}
     full_env.update(env)
@@ -38,7 +38,7 @@ async def run_cli(*args: str, stdin: bytes = b"", **env: str) -> tuple[int, str,
         stderr=asyncio.subprocess.PIPE,
         env=full_env,
     )
-    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+    out, err = await asyncio.wait_for(proc.communicate(b""), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -85,7 +85,8 @@ async def test_dead_letter_commands_through_the_running_sidecar(
     await post_events(url, "agent_b", 2, outcome=True, token=TOKEN)
 
     async def dead() -> bool:
-        return 5 == (await get_status(url, TOKEN))["events"]["dead_lettered"]
+        dead_lettered: int = (await get_status(url, TOKEN))["events"]["dead_lettered"]
+        return 5 == dead_lettered
 
     await wait_until(dead, what="5 dead letters")
     fake.faults.error_rate = 0.0

@@ -37,6 +37,18 @@ UPSTREAM_STATES: Final = ("ok", "backing_off", "rate_limited", "paused", "disabl
 KINDS: Final = ("action", "outcome")
 #: Upstream answers by class; ``error`` is a transport error or timeout (no answer).
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")
+#: The receiver's refusal codes, shown at 0 before the first (others appear when seen).
+REFUSAL_CODES: Final = (
+    "invalid_request",
+    "invalid_idempotency_key",
+    "unauthorized",
+    "payload_too_large",
+    "unsupported_media_type",
+    "idempotency_key_reused",
+    "queue_full",
+    "store_unavailable",
+    "shutting_down",
+)
 
 COMMIT_SECONDS_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -185,7 +197,8 @@ class _Snapshot(Collector):
             "Ingest requests refused since start, by error code (nothing stored).",
             ["reason"],
         )
-        for code, n in sorted(self._s.refused.items()):
+        codes = {**dict.fromkeys(REFUSAL_CODES, 0), **self._s.refused}
+        for code, n in sorted(codes.items()):
             refused.add_metric([code], n)
         yield refused
         yield CounterMetricFamily(
