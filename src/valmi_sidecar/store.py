@@ -1647,8 +1647,12 @@ class ReadOnlyDatabase:
         if not self.path.is_file():
             raise StoreError(f"no database at {self.path}")
         try:
+            # Used from one thread at a time (the CLI hands salvage chunks to a worker).
             self._conn = sqlite3.connect(
-                self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000
+                self.path.resolve().as_uri() + "?mode=ro",
+                uri=True,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                check_same_thread=False,
             )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {self.path} read-only: {exc}") from exc
@@ -1771,7 +1775,9 @@ class ReadOnlyDatabase:
                 (after, chunk),
             ):
                 rows.append(r)
-        except sqlite3.DatabaseError:
+        except sqlite3.DatabaseError as exc:
+            if not is_corruption(exc):
+                raise
             return rows, True
         return rows, False
 
@@ -1783,7 +1789,9 @@ class ReadOnlyDatabase:
                     f"SELECT {_SALVAGE_COLUMNS} FROM events WHERE seq = ?",  # noqa: S608 - constant SQL; values are bound
                     (seq,),
                 ).fetchone()
-            except sqlite3.DatabaseError:
+            except sqlite3.DatabaseError as exc:
+                if not is_corruption(exc):
+                    raise
                 report.unreadable += 1
                 continue
             if row is not None:

@@ -1,0 +1,191 @@
+"""Disk trouble without crash loops: a full disk (a size-limited database) through the HTTP
+API, and a database corrupted on purpose at start-up, then salvaged and checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from tests.conftest import ACTION, SidecarFactory, SidecarProcessFactory, wait_until
+from tests.test_dead_letters import free_port, run_cli
+from valmi_sidecar.store import moved_aside_files
+
+if TYPE_CHECKING:
+    from valmi_sidecar.fake_api import FakeValmi
+
+BIG = {**ACTION, "metadata": {"blob": "x" * 60_000}}
+
+
+async def test_full_disk_refuses_with_503_keeps_every_acknowledged_event_and_recovers(
+    fake: FakeValmi, sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    await fake.go_down()  # nothing leaves the queue while the disk is full
+    sidecar, url = await sidecar_factory(fake.url)
+    store = sidecar._store
+    assert store is not None
+    acked: set[str] = set()
+    for _ in range(3):
+        r = await client.post(url + "/v1/actions", json=ACTION)
+        assert 202 == r.status_code
+        acked.add(r.json()["id"])
+
+    # The database may not grow beyond its current pages: the disk is "full".
+    (pages,) = next(iter(await store._writer.execute_fetchall("PRAGMA page_count")))
+    await store._writer.execute(f"PRAGMA max_page_count = {int(pages)}")
+    refused: httpx.Response | None = None
+    for _ in range(200):
+        r = await client.post(url + "/v1/actions", json=BIG)
+        if r.status_code != 202:
+            refused = r
+            break
+        acked.add(r.json()["id"])
+    assert refused is not None, "the size-limited database never filled up"
+    assert 503 == refused.status_code
+    assert "store_unavailable" == refused.json()["error"]["code"]
+    assert refused.headers["Retry-After"].isdigit()
+    ready = await client.get(url + "/readyz")
+    assert 503 == ready.status_code
+    assert any("not writable" in reason for reason in ready.json()["reasons"])
+    metrics = (await client.get(url + "/metrics")).text
+    assert "valmi_sidecar_store_writable 0.0" in metrics
+    assert "valmi_sidecar_commit_failures_total 0.0" not in metrics
+    assert len(acked) == store.counts().received  # nothing refused was counted
+
+    # Space comes back: the writer's probe finds it without any new traffic.
+    await store._writer.execute("PRAGMA max_page_count = 1073741823")
+
+    async def ready_again() -> bool:
+        return 200 == (await client.get(url + "/readyz")).status_code
+
+    await wait_until(ready_again, timeout=10, what="/readyz 200 again")
+    r = await client.post(url + "/v1/actions", json=BIG)
+    assert 202 == r.status_code
+    acked.add(r.json()["id"])
+
+    # Every acknowledged event reaches upstream, once.
+    await fake.go_up()
+    await wait_until(
+        lambda: len(fake.events()) == len(acked), timeout=20, what="all acknowledged delivered"
+    )
+    assert {e.body.get("metadata", {}).get("blob", "")[:1] for e in fake.events()} <= {"", "x"}
+    c = store.counts()
+    assert (len(acked), 0) == (c.received, c.dead_lettered)
+
+
+def corrupt_middle(path: Path, pages: int = 4) -> None:
+    """Overwrite ``pages`` pages in the middle of an SQLite file with garbage."""
+    size = path.stat().st_size
+    page = 4096
+    assert size > 20 * page, "the database is too small to corrupt in the middle"
+    start = (size // page // 2) * page
+    with path.open("r+b") as f:
+        f.seek(start)
+        f.write(b"\xde\xad\xbe\xef" * (page * pages // 4))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+async def metric(url: str, name: str) -> float:
+    async with httpx.AsyncClient() as client:
+        for line in (await client.get(url + "/metrics")).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_corrupt_database_is_moved_aside_then_salvaged_with_original_keys(
+    fake: FakeValmi, sidecar_process: SidecarProcessFactory, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    sent: dict[str, dict[str, Any]] = {}
+    first = sidecar_process(None, data_dir=data_dir)  # no upstream: everything stays queued
+    url = await first.wait_ready()
+    async with httpx.AsyncClient() as client:
+        for i in range(400):
+            body = {**ACTION, "metadata": {"i": i, "pad": "p" * 400}}
+            r = await client.post(
+                url + "/v1/actions", json=body, headers={"Idempotency-Key": f"key-{i}"}
+            )
+            assert 202 == r.status_code
+            sent[f"key-{i}"] = body
+    first.signal(signal.SIGTERM)
+    assert 0 == await first.wait_exit()
+    db = data_dir / "queue.db"
+    corrupt_middle(db)
+
+    code, out, err = await run_cli(
+        "check", "--data-dir", str(data_dir), "--url", "http://127.0.0.1:9"
+    )
+    assert 1 == code
+    assert "failed the integrity check" in err or "is damaged" in err, out + err
+
+    # Start-up: no crash loop. The file is moved aside and the queue starts empty.
+    second = sidecar_process(fake.url, data_dir=data_dir)
+    url = await second.wait_ready()
+    (corrupt_event,) = [e for e in second.log_events() if e.get("event") == "database_corrupt"]
+    assert "error" == corrupt_event["level"]
+    moved = Path(corrupt_event["moved_to"])
+    assert [moved] == moved_aside_files(data_dir)
+    assert moved.name.startswith("queue.db.corrupt-")
+    assert 1 == await metric(url, "valmi_sidecar_database_corruptions_total")
+    assert 1 == await metric(url, "valmi_sidecar_database_moved_aside_files")
+    assert 0 == await metric(url, "valmi_sidecar_queue_events")
+    code, out, _ = await run_cli("status", "--url", url)
+    assert 0 == code
+    second.signal(signal.SIGTERM)
+    assert 0 == await second.wait_exit()
+
+    # Salvage on the stopped sidecar's data directory: every readable event, original key.
+    code, out, err = await run_cli(
+        "salvage",
+        str(moved),
+        "--data-dir",
+        str(data_dir),
+        "--url",
+        f"http://127.0.0.1:{free_port()}",
+    )
+    assert 0 == code, err
+    salvaged = int(out.split()[1])
+    unreadable = int(out.split("with a reused key skipped, ")[1].split()[0])
+    assert 300 <= salvaged <= 400  # 4 damaged pages of about 9 events each
+    assert salvaged + unreadable <= 400
+    code, out, _ = await run_cli(
+        "status", "--json", "--data-dir", str(data_dir), "--url", f"http://127.0.0.1:{free_port()}"
+    )
+    status = json.loads(out)
+    assert salvaged == status["events"]["queued"]
+    assert [str(moved)] == status["moved_aside"]
+
+    # Forwarded with their original keys and bodies.
+    third = sidecar_process(fake.url, data_dir=data_dir)
+    url = await third.wait_ready()
+    await wait_until(lambda: salvaged == len(fake.events()), timeout=20, what="salvaged delivered")
+    for e in fake.events():
+        assert e.idem_key is not None
+        assert sent[e.idem_key]["metadata"] == e.body["metadata"]
+
+    # Salvaging again through the running sidecar stores nothing twice.
+    code, out, err = await run_cli("salvage", str(moved), "--url", url, "--data-dir", str(data_dir))
+    assert 0 == code, err
+    assert out.startswith(f"salvaged 0 events from {moved} ({salvaged} already queued"), out
+    code, out, _ = await run_cli("check", "--data-dir", str(data_dir), "--url", url)
+    assert (0, f"{data_dir / 'queue.db'}: ok") == (code, out.strip())
+
+
+async def test_a_file_that_is_not_a_database_does_not_stop_start_up(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "garbage"
+    data_dir.mkdir(mode=0o700)
+    (data_dir / "queue.db").write_bytes(os.urandom(64 * 1024))
+    sidecar, url = await sidecar_factory(None, data_dir=data_dir)
+    assert 200 == (await client.get(url + "/readyz")).status_code
+    assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
+    assert 1 == len(moved_aside_files(data_dir))
+    assert sidecar._store is not None
+    assert 1 == sidecar._store.stats.corrupt_moved_aside
