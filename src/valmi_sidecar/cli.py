@@ -737,24 +737,28 @@ def offline_status(settings: Settings, db: ReadOnlyDatabase) -> dict[str, Any]:
     }
 
 
+#: The label column of ``format_status``.
+_WIDTH = len("oldest queued")
+
+
 def format_status_details(data: Mapping[str, Any]) -> str:
     """The lines after ``format_status``: where it was read, rates, dead letters by reason."""
     lines: list[str] = []
     if data.get("running") is False:
-        lines.append(f"{'running':<14}  no (read from {data.get('data_dir')})")
+        lines.append(f"{'running':<{_WIDTH}}  no (read from {data.get('data_dir')})")
     rates = data.get("rates_per_s")
     if isinstance(rates, Mapping) and rates.get("received") is not None:
         lines.append(
-            f"{'rates':<14}  {rates['received']:g}/s received, {rates['delivered']:g}/s "
+            f"{'rates':<{_WIDTH}}  {rates['received']:g}/s received, {rates['delivered']:g}/s "
             f"delivered, {rates['dead_lettered']:g}/s dead-lettered (last minute)"
         )
     dead = data.get("dead_letters")
     if isinstance(dead, Mapping):
         for r in dead.get("reasons") or []:
             age = _age(time.time() - r["last_dead_at"]) if r.get("last_dead_at") else "-"
-            lines.append(f"{'dead letters':<14}  {r['count']} {r['reason']} (last {age} ago)")
+            lines.append(f"{'dead letters':<{_WIDTH}}  {r['count']} {r['reason']} (last {age} ago)")
     for path in data.get("moved_aside") or []:
-        lines.append(f"{'moved aside':<14}  {path} (run `{PROG} salvage` on it)")
+        lines.append(f"{'moved aside':<{_WIDTH}}  {path} (run `{PROG} salvage` on it)")
     return "\n".join(lines)
 
 
