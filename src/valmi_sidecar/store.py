@@ -1043,7 +1043,13 @@ class Store:
         try:
             accepted = await self.submit(events)
         except IdempotencyConflictError:
-            outcomes = await asyncio.gather(*(self._import_one(e) for e in events))
+            # One at a time decides which ones conflict; they still share group commits.
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [tg.create_task(self._import_one(e)) for e in events]
+            except ExceptionGroup as group:
+                raise group.exceptions[0] from group
+            outcomes = [t.result() for t in tasks]
         else:
             outcomes = ["duplicate" if a.duplicate else "imported" for a in accepted]
         result = ImportResult(
