@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install lint test run fake-api bench clean
+.PHONY: install lint test run fake-api bench soak clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ run: $(PY)
 
 fake-api: $(PY)
 	$(VENV)/bin/valmi-sidecar fake-api
+
+# Ten minutes of steady load with upstream faults coming and going (not in CI).
+soak: $(PY)
+	$(PY) benchmarks/soak.py --duration-s 600
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist
