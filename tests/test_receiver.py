@@ -174,7 +174,9 @@ async def test_bad_idempotency_key_is_refused_400(
     sidecar_factory: SidecarFactory, client: httpx.AsyncClient
 ) -> None:
     _, url = await sidecar_factory()
-    resp = await client.post(f"{url}/v1/actions", json=ACTION, headers={"Idempotency-Key": "k" * 300})
+    resp = await client.post(
+        f"{url}/v1/actions", json=ACTION, headers={"Idempotency-Key": "k" * 300}
+    )
     assert 400 == resp.status_code
     assert "invalid_idempotency_key" == error_of(resp)["code"]
 
