@@ -379,8 +379,8 @@ def test_env_example_names_only_settings_the_sidecar_accepts(tmp_path: Path) -> 
 
 
 def test_docs_commands_name_real_files() -> None:
-    """Paths the deploy docs tell people to use exist in the repository."""
-    docs = (ROOT / "docs" / "DEPLOY.md").read_text()
+    """Paths the README's Deploy section tells people to use exist in the repository."""
+    docs = (ROOT / "README.md").read_text()
     for rel in re.findall(r"\b((?:systemd|examples)/[\w./-]+\.(?:service|example|ya?ml))", docs):
-        assert (ROOT / rel).is_file(), f"docs/DEPLOY.md names {rel}, which does not exist"
+        assert (ROOT / rel).is_file(), f"README.md names {rel}, which does not exist"
     assert os.access(ROOT / ".ci" / "deploy-checks", os.R_OK)
