@@ -25,6 +25,12 @@ run: $(PY)
 fake-api: $(PY)
 	$(VENV)/bin/valmi-sidecar fake-api
 
+# Ingest, peer queue, forwarding, backlog, footprint, side by side (about 6 minutes; not in CI).
+# Writes benchmarks/results/bench.{md,json,png}. Uses wrk when installed (apt-get install wrk).
+bench: $(PY)
+	$(VENV)/bin/pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/run.py
+
 # Ten minutes of steady load with upstream faults coming and going (not in CI).
 soak: $(PY)
 	$(PY) benchmarks/soak.py --duration-s 600

@@ -1,0 +1,614 @@
+"""``make bench``: the sidecar against its ceilings and a peer, side by side in one run.
+
+    .venv/bin/python benchmarks/run.py                      # everything (about 6 minutes)
+    .venv/bin/python benchmarks/run.py --quick              # short runs, 100k backlog
+
+Writes ``benchmarks/results/bench.{md,json,png}`` and prints the Markdown table.
+
+1. Ingest: a bare aiohttp app (``tools.py bare``: reads and parses the body, answers 202;
+   uvloop like the sidecar) against ``valmi-sidecar run`` with ``durability=full`` and
+   ``normal``, at 16, 64 and 256 connections, driven by wrk (Debian's package) when
+   installed, else by ``tools.py load`` (aiohttp client), each in its own process. Every
+   (concurrency, target) gets a fresh process and data directory, and the three targets
+   run one after the other at each concurrency. The sidecar forwards to a fake API with
+   the default 10,000/min budget while it ingests, as it would in production.
+2. Peer queue: ``tools.py peer`` (the store against persist-queue's SQLiteAckQueue).
+3. Forwarding: 20,000 queued events drained to the fake API without a rate limit, against
+   ``tools.py httpx-loop`` (the same requests from a plain httpx loop); then a fake API
+   limited to 10,000/min for ``--limited-s`` seconds.
+4. Backlog: ``--backlog`` events queued (a tenth first, then all): time to ready,
+   resident memory, ingest at 64 connections and drain rate, against the empty queue.
+5. Footprint: idle CPU and resident memory; resident memory under the ingest load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from tools import API_KEY, BODY  # noqa: E402 - beside this script
+
+PY = sys.executable
+TOOLS = [PY, str(HERE / "tools.py")]
+UNLIMITED_PER_MIN = 100_000_000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- processes ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class RssSampler(threading.Thread):
+    """The largest resident size of a process, sampled every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.max_mib = 0.0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.2):
+            with contextlib.suppress(OSError):
+                self.max_mib = max(self.max_mib, rss_mib(self.pid))
+
+    def __enter__(self) -> RssSampler:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        self.join()
+
+
+@contextlib.contextmanager
+def fake_api(rate_limit_per_min: int | None = None) -> Iterator[str]:
+    port = free_port()
+    cmd = [PY, "-m", "valmi_sidecar", "fake-api", "--listen", f"127.0.0.1:{port}"]
+    cmd += ["--api-key", API_KEY, "--log-level", "warning"]
+    if rate_limit_per_min is not None:
+        cmd += ["--rate-limit-per-min", str(rate_limit_per_min)]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(url + "/_fake/faults", timeout=1.0)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("fake API did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        stop(proc)
+
+
+def fake_counts(url: str) -> dict[str, Any]:
+    snap = httpx.get(url + "/_fake/received", timeout=30.0).json()
+    return {"stored": len(snap["events"]), "status_counts": snap["status_counts"]}
+
+
+class Sidecar:
+    """``valmi-sidecar run`` as a subprocess on a free loopback port."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        api_url: str,
+        *,
+        durability: str = "full",
+        rate_limit_per_min: int = 10_000,
+    ) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VALMI")}
+        env |= {
+            "VALMI_SIDECAR_DATA_DIR": str(data_dir),
+            "VALMI_SIDECAR_LISTEN": "127.0.0.1:0",
+            "VALMI_SIDECAR_LOG_FORMAT": "json",
+            "VALMI_SIDECAR_DURABILITY": durability,
+            "VALMI_SIDECAR_RATE_LIMIT_PER_MIN": str(rate_limit_per_min),
+            "VALMI_API_URL": api_url,
+            "VALMI_API_KEY": API_KEY,
+        }
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        started = time.monotonic()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [PY, "-m", "valmi_sidecar", "run"], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        self.url = self._wait_ready()
+        self.ready_s = time.monotonic() - started
+
+    def _wait_ready(self) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"sidecar exited: {self.log_path.read_text()[-2000:]}")
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                if '"sidecar_ready"' in line:
+                    return "http://" + str(json.loads(line)["listen"])
+            time.sleep(0.01)
+        raise SystemExit("sidecar not ready in 60 s")
+
+    def status(self) -> dict[str, Any]:
+        return dict(httpx.get(self.url + "/v1/status", timeout=10.0).json())
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+# -- load -----------------------------------------------------------------------------
+
+
+_WRK_LUA = """wrk.method = "POST"
+wrk.body = [[{body}]]
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def _ms(value: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value)
+    if m is None:
+        return float("nan")
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, Any]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script)]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, re.M))
+    m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+    if m is None:
+        raise SystemExit(f"unreadable wrk output:\n{out}")
+    requests, elapsed = int(m.group(1)), _ms(m.group(2) + m.group(3)) / 1000
+    non2 = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    bad = int(non2.group(1)) if non2 else 0
+    return {
+        "tool": "wrk",
+        "requests": requests,
+        "non_2xx": bad,
+        "socket_errors": errors.group(1) if errors else "",
+        "events_per_s": (requests - bad) / elapsed,
+        "p50_ms": _ms(pct.get("50", "")),
+        "p99_ms": _ms(pct.get("99", "")),
+    }
+
+
+def load(url: str, connections: int, seconds: float, script: Path) -> dict[str, Any]:
+    """One warm-up second, then ``seconds`` measured."""
+    if shutil.which("wrk"):
+        wrk(url, connections, 1, script)
+        return wrk(url, connections, seconds, script)
+    cmd = [*TOOLS, "load", "--url", url, "-c", str(connections), "-d", str(seconds)]
+    return dict(json.loads(subprocess.run(cmd, capture_output=True, check=True).stdout))
+
+
+def tool(*args: str) -> dict[str, Any]:
+    out = subprocess.run([*TOOLS, *args], capture_output=True, check=True).stdout
+    return dict(json.loads(out))
+
+
+# -- the steps ------------------------------------------------------------------------
+
+
+def ingest(args: argparse.Namespace, work: Path, fake: str, script: Path) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    idle: dict[str, float] = {}
+    for c in args.connections:
+        for target in ("bare", "full", "normal"):
+            run_dir = work / f"ingest-{target}-{c}"
+            if target == "bare":
+                port_file = work / f"bare-{c}.port"
+                proc = subprocess.Popen([*TOOLS, "bare", "--port-file", str(port_file)])
+                while not port_file.exists() or not port_file.read_text():
+                    time.sleep(0.02)
+                url = f"http://127.0.0.1:{port_file.read_text()}/v1/actions"
+                pid, stopper = proc.pid, (lambda p=proc: stop(p))
+            else:
+                side = Sidecar(run_dir, fake, durability=target)
+                url, pid, stopper = side.url + "/v1/actions", side.proc.pid, side.stop
+                if target == "full" and not idle:
+                    time.sleep(2)
+                    cpu0, t0 = cpu_s(pid), time.monotonic()
+                    time.sleep(args.idle_s)
+                    idle = {
+                        "cpu_pct_of_core": 100 * (cpu_s(pid) - cpu0) / (time.monotonic() - t0),
+                        "rss_mib": rss_mib(pid),
+                        "seconds": args.idle_s,
+                    }
+            try:
+                with RssSampler(pid) as rss:
+                    result = load(url, c, args.seconds, script)
+                result |= {"target": target, "connections": c, "rss_max_mib": rss.max_mib}
+                rows.append(result)
+                print(
+                    f"  ingest {target:<6} c={c:<3} {result['events_per_s']:>8,.0f} ev/s "
+                    f"p50 {result['p50_ms']:.1f} ms p99 {result['p99_ms']:.1f} ms",
+                    flush=True,
+                )
+            finally:
+                stopper()
+    return {"rows": rows, "idle": idle}
+
+
+def drain(side: Sidecar, expected: int, timeout_s: float) -> dict[str, Any]:
+    """Poll the status until ``expected`` more events are delivered (or time runs out)."""
+    start = side.status()["events"]["delivered"]
+    t0 = time.monotonic()
+    delivered = start
+    while time.monotonic() - t0 < timeout_s and delivered - start < expected:
+        time.sleep(0.1)
+        delivered = side.status()["events"]["delivered"]
+    elapsed = time.monotonic() - t0
+    return {
+        "delivered": delivered - start,
+        "elapsed_s": elapsed,
+        "events_per_s": (delivered - start) / elapsed,
+    }
+
+
+def forwarding(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    n = args.forward_events
+    data = work / "forward"
+    tool("prefill", "--data-dir", str(data), "-n", str(n))
+    with fake_api() as fake:
+        out["httpx_loop"] = tool("httpx-loop", "--url", fake, "-n", str(n))
+        httpx.post(fake + "/_fake/reset", timeout=10.0)
+        side = Sidecar(data, fake, rate_limit_per_min=UNLIMITED_PER_MIN)
+        try:
+            with RssSampler(side.proc.pid) as rss:
+                out["sidecar"] = drain(side, n, args.drain_timeout_s)
+            out["sidecar"]["rss_max_mib"] = rss.max_mib
+            out["sidecar"]["upstream"] = fake_counts(fake)["status_counts"]
+        finally:
+            side.stop()
+    print(
+        f"  forward sidecar {out['sidecar']['events_per_s']:,.0f} ev/s, "
+        f"httpx loop {out['httpx_loop']['events_per_s']:,.0f} ev/s",
+        flush=True,
+    )
+    limit = 10_000
+    data = work / "limited"
+    tool("prefill", "--data-dir", str(data), "-n", str(int(args.limited_s * limit / 60) + 3_000))
+    with fake_api(limit) as fake:
+        side = Sidecar(data, fake, rate_limit_per_min=limit)
+        try:
+            d0, t0 = side.status()["events"]["delivered"], time.monotonic()
+            first = min(60.0, args.limited_s / 2)
+            time.sleep(first)
+            d1, t1, c1 = side.status()["events"]["delivered"], time.monotonic(), fake_counts(fake)
+            time.sleep(max(0.0, args.limited_s - first))
+            d2, t2, c2 = side.status()["events"]["delivered"], time.monotonic(), fake_counts(fake)
+        finally:
+            side.stop()
+    after = c2["status_counts"].get("429", 0) - c1["status_counts"].get("429", 0)
+    out["limited"] = {
+        "limit_per_min": limit,
+        "seconds": args.limited_s,
+        "first_window_s": first,
+        "rate_per_min_overall": 60 * (d2 - d0) / (t2 - t0),
+        "rate_per_min_after_first_window": 60 * (d2 - d1) / (t2 - t1),
+        "status_counts": c2["status_counts"],
+        "http_429_after_first_window": after,
+    }
+    print(f"  limited {out['limited']}", flush=True)
+    return out
+
+
+def backlog(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any]:
+    data = work / "backlog"
+    points = []
+    queued = 0
+    with fake_api() as fake:
+        for target in (args.backlog // 10, args.backlog):
+            built = tool("prefill", "--data-dir", str(data), "-n", str(target - queued))
+            queued = int(built["queued"])
+            side = Sidecar(data, fake)
+            point: dict[str, Any] = {"backlog": queued, "prefill_s": built["elapsed_s"]}
+            try:
+                point |= {"ready_s": side.ready_s, "rss_ready_mib": rss_mib(side.proc.pid)}
+                with RssSampler(side.proc.pid) as rss:
+                    point["ingest"] = load(side.url + "/v1/actions", 64, args.seconds, script)
+                point["rss_ingest_max_mib"] = rss.max_mib
+            finally:
+                side.stop()
+            httpx.post(fake + "/_fake/reset", timeout=10.0)
+            side = Sidecar(data, fake, rate_limit_per_min=UNLIMITED_PER_MIN)
+            try:
+                with RssSampler(side.proc.pid) as rss:
+                    point["drain"] = drain(side, 10**9, args.backlog_drain_s)
+                point["rss_drain_max_mib"] = rss.max_mib
+                point["ready_drain_s"] = side.ready_s
+            finally:
+                side.stop()
+            queued = int(
+                sqlite3.connect(data / "queue.db")
+                .execute("SELECT count(*) FROM events")
+                .fetchone()[0]
+            )
+            httpx.post(fake + "/_fake/reset", timeout=10.0)
+            points.append(point)
+            print(
+                f"  backlog {point['backlog']:,}: ready {point['ready_s']:.2f} s, "
+                f"RSS {point['rss_ready_mib']:.0f}/{point['rss_ingest_max_mib']:.0f} MiB, "
+                f"ingest {point['ingest']['events_per_s']:,.0f} ev/s, "
+                f"drain {point['drain']['events_per_s']:,.0f} ev/s",
+                flush=True,
+            )
+    return {"points": points}
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "kernel": platform.release(),
+        "load_generator": "wrk" if shutil.which("wrk") else "python-aiohttp",
+    }
+
+
+def verdicts(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    rows = {(x["target"], x["connections"]): x for x in r["ingest"]["rows"]}
+    out: list[tuple[str, str, bool]] = []
+    if ("full", 64) in rows:
+        full, bare = rows[("full", 64)], rows[("bare", 64)]
+        share = full["events_per_s"] / bare["events_per_s"]
+        out.append(("full ingest @64 ≥ 75% of bare aiohttp", f"{share:.0%}", share >= 0.75))
+        out.append(("full ingest @64 p99 < 10 ms", f"{full['p99_ms']:.1f} ms", full["p99_ms"] < 10))
+    if "peer" in r:
+        x = r["peer"]["store"]["events_per_s"] / r["peer"]["persist_queue"]["events_per_s"]
+        out.append(("≥ 5 x persist-queue durable events/s", f"{x:.1f} x", x >= 5))
+    if "forwarding" in r:
+        f = r["forwarding"]
+        share = f["sidecar"]["events_per_s"] / f["httpx_loop"]["events_per_s"]
+        out.append(("forwarding ≥ 80% of plain httpx loop", f"{share:.0%}", share >= 0.8))
+        lim = f["limited"]
+        share = lim["rate_per_min_after_first_window"] / lim["limit_per_min"]
+        out.append(("≥ 97% of 10,000/min sustained", f"{share:.1%}", share >= 0.97))
+        n429 = lim["http_429_after_first_window"]
+        out.append(("no 429 after the first minute", str(n429), n429 == 0))
+    if "backlog" in r and ("full", 64) in rows:
+        big = r["backlog"]["points"][-1]
+        base_in = rows[("full", 64)]["events_per_s"]
+        base_out = r["forwarding"]["sidecar"]["events_per_s"] if "forwarding" in r else None
+        s_in = big["ingest"]["events_per_s"] / base_in
+        out.append(
+            (f"backlog {big['backlog']:,}: ingest ≥ 90% of empty", f"{s_in:.0%}", s_in >= 0.9)
+        )
+        if base_out:
+            s_out = big["drain"]["events_per_s"] / base_out
+            out.append(
+                (f"backlog {big['backlog']:,}: drain ≥ 90% of empty", f"{s_out:.0%}", s_out >= 0.9)
+            )
+        out.append(
+            (
+                f"backlog {big['backlog']:,}: ready < 2 s",
+                f"{big['ready_s']:.2f} s",
+                big["ready_s"] < 2,
+            )
+        )
+        rss = max(big["rss_ready_mib"], big["rss_ingest_max_mib"], big["rss_drain_max_mib"])
+        out.append(
+            (f"backlog {big['backlog']:,}: RSS < 100 MB", f"{rss:.0f} MiB", rss * 1.048576 < 100)
+        )
+    idle = r["ingest"]["idle"]
+    if idle:
+        out.append(
+            (
+                "idle CPU < 1% of a core",
+                f"{idle['cpu_pct_of_core']:.2f}%",
+                idle["cpu_pct_of_core"] < 1,
+            )
+        )
+        out.append(
+            ("idle RSS < 60 MB", f"{idle['rss_mib']:.0f} MiB", idle["rss_mib"] * 1.048576 < 60)
+        )
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        f"Run {r['started']} on {m['cpu']} ({m['cores']} cores, shared), Python {m['python']}, "
+        f"SQLite {m['sqlite']}, load from {m['load_generator']}; command: `{r['command']}`.",
+        "",
+        "| ingest | connections | events/s | vs bare | p50 ms | p99 ms | RSS max MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows = r["ingest"]["rows"]
+    bare = {x["connections"]: x["events_per_s"] for x in rows if x["target"] == "bare"}
+    for x in rows:
+        name = "bare aiohttp" if x["target"] == "bare" else f"sidecar, {x['target']}"
+        lines.append(
+            f"| {name} | {x['connections']} | {x['events_per_s']:,.0f} | "
+            f"{x['events_per_s'] / bare[x['connections']]:.0%} | {x['p50_ms']:.1f} | "
+            f"{x['p99_ms']:.1f} | {x['rss_max_mib']:.0f} |"
+        )
+    lines += ["", "| measure | figure |", "| --- | ---: |"]
+    if "peer" in r:
+        p = r["peer"]
+        lines.append(
+            f"| store, put + ack, events/s ({p['n']:,}, 64 submitters) | {p['store']['events_per_s']:,.0f} |"
+        )
+        lines.append(
+            f"| persist-queue SQLiteAckQueue, put + ack, events/s | {p['persist_queue']['events_per_s']:,.0f} |"
+        )
+    if "forwarding" in r:
+        f = r["forwarding"]
+        lines.append(
+            f"| forwarding, no limit, events/s ({r['args']['forward_events']:,} queued) | {f['sidecar']['events_per_s']:,.0f} |"
+        )
+        lines.append(
+            f"| plain httpx loop, same requests, events/s | {f['httpx_loop']['events_per_s']:,.0f} |"
+        )
+        lim = f["limited"]
+        lines.append(
+            f"| 10,000/min limit: sustained after {lim['first_window_s']:.0f} s, per min | {lim['rate_per_min_after_first_window']:,.0f} |"
+        )
+        lines.append(
+            f"| 10,000/min limit: 429s (all / after {lim['first_window_s']:.0f} s) | {lim['status_counts'].get('429', 0)} / {lim['http_429_after_first_window']} |"
+        )
+    if "backlog" in r:
+        for b in r["backlog"]["points"]:
+            lines.append(
+                f"| backlog {b['backlog']:,}: ready s / RSS MiB (ready, ingest, drain) | "
+                f"{b['ready_s']:.2f} / {b['rss_ready_mib']:.0f}, {b['rss_ingest_max_mib']:.0f}, {b['rss_drain_max_mib']:.0f} |"
+            )
+            lines.append(
+                f"| backlog {b['backlog']:,}: ingest @64 / drain, events/s | "
+                f"{b['ingest']['events_per_s']:,.0f} / {b['drain']['events_per_s']:,.0f} |"
+            )
+    idle = r["ingest"]["idle"]
+    if idle:
+        lines.append(
+            f"| idle ({idle['seconds']:g} s): CPU % of a core / RSS MiB | {idle['cpu_pct_of_core']:.2f} / {idle['rss_mib']:.0f} |"
+        )
+    lines += ["", "| target | measured | holds |", "| --- | ---: | :---: |"]
+    for name, value, ok in r["verdicts"]:
+        lines.append(f"| {name} | {value} | {'yes' if ok else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(r: dict[str, Any], path: Path) -> None:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for target, label in (
+        ("bare", "bare aiohttp"),
+        ("full", "sidecar full"),
+        ("normal", "sidecar normal"),
+    ):
+        xs = [x for x in r["ingest"]["rows"] if x["target"] == target]
+        conns = [x["connections"] for x in xs]
+        ax1.plot(conns, [x["events_per_s"] for x in xs], marker="o", label=label)
+        ax2.plot(conns, [x["p99_ms"] for x in xs], marker="o", label=label)
+    for ax, title in ((ax1, "ingest events/s"), (ax2, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("connections")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax2.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs and a 100k backlog")
+    parser.add_argument("--seconds", type=float, default=5.0, help="each ingest measurement")
+    parser.add_argument("--connections", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--idle-s", type=float, default=10.0)
+    parser.add_argument("--forward-events", type=int, default=20_000)
+    parser.add_argument("--drain-timeout-s", type=float, default=180.0)
+    parser.add_argument("--limited-s", type=float, default=90.0)
+    parser.add_argument("--backlog", type=int, default=1_000_000)
+    parser.add_argument("--backlog-drain-s", type=float, default=10.0)
+    parser.add_argument("--peer-events", type=int, default=5_000)
+    parser.add_argument("--steps", nargs="+", default=["ingest", "peer", "forwarding", "backlog"])
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--dir", type=Path, default=HERE, help="where the temporary data goes")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.idle_s, args.limited_s = 3.0, 5.0, 20.0
+        args.forward_events, args.backlog, args.backlog_drain_s = 5_000, 100_000, 5.0
+    result: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(["benchmarks/run.py", *sys.argv[1:]]),
+        "machine": machine(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-", dir=args.dir) as tmp:
+        work = Path(tmp)
+        script = work / "post.lua"
+        script.write_text(_WRK_LUA.format(body=BODY.decode()))
+        with fake_api() as fake:
+            print("ingest", flush=True)
+            result["ingest"] = ingest(args, work, fake, script)
+        if "peer" in args.steps:
+            print("peer queue", flush=True)
+            result["peer"] = tool("peer", "-n", str(args.peer_events), "--dir", str(work))
+        if "forwarding" in args.steps:
+            print("forwarding", flush=True)
+            result["forwarding"] = forwarding(args, work)
+        if "backlog" in args.steps:
+            print("backlog", flush=True)
+            result["backlog"] = backlog(args, work, script)
+    result["verdicts"] = verdicts(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (args.out / "bench.md").write_text(md)
+    chart(result, args.out / "bench.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
