@@ -321,3 +321,27 @@ def test_any_body_is_delivered_exactly_as_sent_or_refused_with_nothing_stored(
     else:
         assert 400 == resp.status_code, resp.text
         assert before == after
+
+
+async def test_a_crashed_background_task_stops_the_service_with_exit_1(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    """The store's writer dies of an unexpected error: the service logs why, drains, and
+    asks for a non-zero exit instead of running on without a writer."""
+    from structlog.testing import capture_logs  # noqa: PLC0415
+
+    sidecar = Sidecar(fast_settings(tmp_path / "data", None))
+    await sidecar.start()
+    assert sidecar.address is not None
+    url = "http://{}:{}".format(*sidecar.address)
+    store = sidecar._store
+    assert store is not None
+    with capture_logs() as logs:
+        await store._writer.close()  # the writer's next call fails unexpectedly
+        resp = await client.post(f"{url}/v1/actions", json=ACTION)
+        assert 503 == resp.status_code
+        await wait_until(sidecar._stop_requested.is_set, 10, "stop requested")
+    await sidecar.stop()
+    assert 1 == sidecar.exit_code
+    crashed = [e for e in logs if e["event"] == "background_task_crashed"]
+    assert ["store-writer"] == [e["task"] for e in crashed]
