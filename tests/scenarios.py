@@ -29,11 +29,10 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import httpx
-import pytest
 
 from valmi_sidecar.fake_api import FakeValmi
 
@@ -211,22 +210,6 @@ async def status(client: httpx.AsyncClient, url: str, **headers: str) -> dict[st
     assert 200 == resp.status_code, resp.text
     body: dict[str, Any] = resp.json()
     return body
-
-
-async def wait_for(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float, what: str
-) -> None:
-    """Poll until ``predicate`` holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def secret_leaks(client: httpx.AsyncClient, url: str, *texts: str) -> list[str]:

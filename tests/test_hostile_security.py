@@ -16,8 +16,8 @@ from aiohttp import web
 
 from valmi_sidecar.fake_api import FakeValmi
 
-from .conftest import ACTION, SidecarProcessFactory
-from .scenarios import SECRET_KEY, SECRET_PREFIX, hostile_fake, sidecar_env, status, wait_for
+from .conftest import ACTION, SidecarProcessFactory, wait_until
+from .scenarios import SECRET_KEY, SECRET_PREFIX, hostile_fake, sidecar_env, status
 
 TOKEN = "tok-hostile-4c1f9e0a7b"
 
@@ -60,7 +60,7 @@ async def test_ingest_token_accepts_only_the_exact_token_and_refusals_store_noth
             202 == (await client.post(url + "/v1/actions", json=ACTION, headers=lower)).status_code
         )
         assert 1 == (await status(client, url, **auth))["events"]["received"]
-        await wait_for(lambda: len(upstream.received) == 1, 10, "delivery")
+        await wait_until(lambda: len(upstream.received) == 1, 10, "delivery")
     proc.signal(signal.SIGTERM)
     assert 0 == await proc.wait_exit()
     log = proc.log_text()
@@ -147,18 +147,18 @@ async def test_api_key_echoed_by_the_upstream_never_reaches_logs_status_metrics_
             for _ in range(5):
                 resp = await client.post(url + "/v1/actions", json=ACTION)
                 assert 202 == resp.status_code
-            await wait_for(lambda: echo.requests >= 5, 10, "upstream answers")
+            await wait_until(lambda: echo.requests >= 5, 10, "upstream answers")
 
             async def errored() -> bool:
                 return (await status(client, url))["upstream"]["last_error"] is not None
 
-            await wait_for(errored, 10, "an upstream error in the status")
+            await wait_until(errored, 10, "an upstream error in the status")
             seen = [(await client.get(url + p)).text for p in ("/v1/status", "/metrics")]
             dead = await client.get(url + "/v1/dead-letters")
             if dead.status_code != 404:
                 seen.append(dead.text)
             if status_code == 400:
-                await wait_for(
+                await wait_until(
                     lambda: "you sent" in proc.log_text(), 10, "the dead letter's reason logged"
                 )
         proc.signal(signal.SIGTERM)

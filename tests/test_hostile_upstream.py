@@ -19,7 +19,7 @@ import pytest
 
 from valmi_sidecar.fake_api import FakeValmi
 
-from .conftest import SidecarProcess, SidecarProcessFactory
+from .conftest import SidecarProcess, SidecarProcessFactory, wait_until
 from .scenarios import (
     SECRET_PREFIX,
     Ledger,
@@ -28,7 +28,6 @@ from .scenarios import (
     secret_leaks,
     sidecar_env,
     status,
-    wait_for,
 )
 
 #: Real backoff cap over the cap used here: seconds of test stand for this many.
@@ -112,7 +111,7 @@ async def test_upstream_down_for_hours_of_simulated_time_then_everything_deliver
         until=lambda: time.monotonic() - t0 > down_s,
         max_events=600,
     )
-    await wait_for(lambda: time.monotonic() - t0 > down_s, down_s + 1, "the outage")
+    await wait_until(lambda: time.monotonic() - t0 > down_s, down_s + 1, "the outage")
     during = await status(client, url)
     assert "backing_off" == during["upstream"]["state"]
     assert during["events"]["queued"] == len(traffic.acked)
@@ -138,7 +137,9 @@ async def test_429_storm_with_retry_after_is_honoured_and_nothing_is_lost(
     storm_s = 3.0
     t0 = time.monotonic()
     await traffic.run_agents(client, lambda: url, agents=4, until=lambda: False, max_events=300)
-    await wait_for(lambda: upstream.status_counts.get(429, 0) > 0, 10, "the first 429 of the storm")
+    await wait_until(
+        lambda: upstream.status_counts.get(429, 0) > 0, 10, "the first 429 of the storm"
+    )
     assert "rate_limited" == (await status(client, url))["upstream"]["state"]
     await asyncio.sleep(max(0.0, storm_s - (time.monotonic() - t0)))
     answered_429 = upstream.status_counts.get(429, 0)
@@ -159,7 +160,7 @@ async def test_responses_slower_than_the_timeout_are_resent_with_the_same_key(
     traffic = Traffic("slow_upstream")
     await traffic.run_agents(client, lambda: url, agents=4, until=lambda: False, max_events=100)
     # The first round of 16 times out here and is stored there 0.5 s later.
-    await wait_for(lambda: len(upstream.received) >= 10, 10, "slow requests stored upstream")
+    await wait_until(lambda: len(upstream.received) >= 10, 10, "slow requests stored upstream")
     await asyncio.sleep(1.0)
     upstream.set_faults(latency_s=0.0)
     ledger = await finish(proc, client, url, traffic, upstream)
@@ -173,7 +174,7 @@ async def test_a_hanging_upstream_holds_nothing_back_once_it_answers_again(
     proc, url = await start(sidecar_process, upstream)
     traffic = Traffic("hang")
     await traffic.run_agents(client, lambda: url, agents=4, until=lambda: False, max_events=150)
-    await wait_for(lambda: upstream.requests >= 20, 15, "requests held by the hang")
+    await wait_until(lambda: upstream.requests >= 20, 15, "requests held by the hang")
     await asyncio.sleep(2.0)  # several client timeouts (1 s) pass while the fake hangs
     assert 150 == len(traffic.acked)  # intake never waits for the upstream
     upstream.set_faults(hang=False)
@@ -187,7 +188,7 @@ async def test_connection_reset_after_upstream_stored_counts_one_event(
     proc, url = await start(sidecar_process, upstream)
     traffic = Traffic("reset_after_store")
     await traffic.run_agents(client, lambda: url, agents=4, until=lambda: False, max_events=200)
-    await wait_for(lambda: upstream.dropped >= 30, 15, "answers lost after the store")
+    await wait_until(lambda: upstream.dropped >= 30, 15, "answers lost after the store")
     upstream.set_faults(reset_after_store=False)
     ledger = await finish(proc, client, url, traffic, upstream, dropped=upstream.dropped)
     # Every event stored once, though its answer was lost at least once: the retry
@@ -207,7 +208,7 @@ async def test_401_pauses_and_keeps_everything_until_the_key_is_fixed_and_restar
     async def paused() -> bool:
         return bool((await status(client, url))["upstream"]["state"] == "paused")
 
-    await wait_for(paused, 10, "forwarding paused by the 401")
+    await wait_until(paused, 10, "forwarding paused by the 401")
     refused_at = upstream.status_counts.get(401, 0)
     await asyncio.sleep(2.0)
     probes = upstream.status_counts.get(401, 0) - refused_at

@@ -55,6 +55,7 @@ from .store import (
     SalvageReport,
     Store,
     StoreError,
+    counts_json,
     moved_aside_files,
 )
 
@@ -714,20 +715,12 @@ def offline_status(settings: Settings, db: ReadOnlyDatabase) -> dict[str, Any]:
     return {
         "running": False,
         "data_dir": str(settings.data_dir),
-        "events": {
-            "received": c.received,
-            "queued": c.queued,
-            "in_flight": 0,
-            "delivered": c.delivered,
-            "dead_lettered": c.dead_lettered,
-            "duplicates": c.duplicates,
-        },
-        "queue": {
-            "events": c.queued,
-            "bytes": c.queued_bytes,
-            "max_events": settings.max_queue_events,
-            "max_bytes": settings.max_queue_bytes,
-        },
+        **counts_json(
+            c,
+            in_flight=0,
+            max_events=settings.max_queue_events,
+            max_bytes=settings.max_queue_bytes,
+        ),
         "oldest_queued_age_s": (
             None if c.oldest_queued_at is None else round(now - c.oldest_queued_at, 3)
         ),

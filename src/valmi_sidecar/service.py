@@ -28,7 +28,7 @@ from .logs import configure_logging
 from .metrics import MetricsSource, render_metrics
 from .receiver import REFUSED, STORE, Lifecycle, build_app
 from .sdnotify import Notifier
-from .store import Store, StoreError
+from .store import Store, StoreError, counts_json
 from .upstream import Upstream
 
 log = structlog.get_logger("valmi_sidecar.service")
@@ -154,20 +154,12 @@ class Sidecar:
             "ready": self.lifecycle.ready and not self.lifecycle.draining,
             "draining": self.lifecycle.draining,
             "uptime_s": round(now - self._started_at, 3),
-            "events": {
-                "received": c.received,
-                "queued": c.queued,
-                "in_flight": flusher.in_flight if flusher is not None else 0,
-                "delivered": c.delivered,
-                "dead_lettered": c.dead_lettered,
-                "duplicates": c.duplicates,
-            },
-            "queue": {
-                "events": c.queued,
-                "bytes": c.queued_bytes,
-                "max_events": self.settings.max_queue_events,
-                "max_bytes": self.settings.max_queue_bytes,
-            },
+            **counts_json(
+                c,
+                in_flight=flusher.in_flight if flusher is not None else 0,
+                max_events=self.settings.max_queue_events,
+                max_bytes=self.settings.max_queue_bytes,
+            ),
             "oldest_queued_age_s": (
                 None if c.oldest_queued_at is None else round(now - c.oldest_queued_at, 3)
             ),

@@ -168,6 +168,29 @@ class Counts:
     oldest_queued_at: float | None
 
 
+def counts_json(
+    c: Counts, *, in_flight: int, max_events: int, max_bytes: int
+) -> dict[str, dict[str, int]]:
+    """The ``events`` and ``queue`` parts of ``/v1/status``, whether the sidecar runs or
+    the figures are read from a stopped sidecar's database."""
+    return {
+        "events": {
+            "received": c.received,
+            "queued": c.queued,
+            "in_flight": in_flight,
+            "delivered": c.delivered,
+            "dead_lettered": c.dead_lettered,
+            "duplicates": c.duplicates,
+        },
+        "queue": {
+            "events": c.queued,
+            "bytes": c.queued_bytes,
+            "max_events": max_events,
+            "max_bytes": max_bytes,
+        },
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetterRecord:
     seq: int
