@@ -3,6 +3,7 @@
     python benchmarks/tools.py bare --port-file F          # bare aiohttp ingest ceiling
     python benchmarks/tools.py load --url U -c 64 -d 5     # Python load generator (JSON out)
     python benchmarks/tools.py httpx-loop --url U -n 20000 # plain httpx loop to the fake API
+    python benchmarks/tools.py aiohttp-loop --url U -n 20000 # the same with aiohttp's client
     python benchmarks/tools.py prefill --data-dir D -n N   # queue N events through the store
     python benchmarks/tools.py peer -n 5000                # store vs persist-queue
 
@@ -174,6 +175,45 @@ def httpx_loop(args: argparse.Namespace) -> None:
     print(json.dumps(uvloop.run(main())))
 
 
+# -- plain aiohttp-client loop -----------------------------------------------------------
+
+
+def aiohttp_loop(args: argparse.Namespace) -> None:
+    """The ceiling of the client the flusher uses: the same requests as ``httpx_loop``
+    from aiohttp's client, same connection limit, no store."""
+
+    async def main() -> dict[str, Any]:
+        statuses: dict[int, int] = {}
+        remaining = args.n
+        async with aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            connector=aiohttp.TCPConnector(limit=args.concurrency),
+            timeout=aiohttp.ClientTimeout(total=10.0),
+        ) as session:
+
+            async def worker() -> None:
+                nonlocal remaining
+                while remaining > 0:
+                    remaining -= 1
+                    async with session.post(
+                        args.url + "/v1/actions",
+                        data=BODY,
+                        headers={
+                            "Content-Type": "application/json",
+                            "Idempotency-Key": uuid.uuid4().hex,
+                        },
+                    ) as r:
+                        await r.read()
+                        statuses[r.status] = statuses.get(r.status, 0) + 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+            elapsed = time.perf_counter() - started
+        return {"events_per_s": args.n / elapsed, "elapsed_s": elapsed, "statuses": statuses}
+
+    print(json.dumps(uvloop.run(main())))
+
+
 # -- prefill ------------------------------------------------------------------------------
 
 
@@ -292,6 +332,10 @@ def main() -> None:
     p.add_argument("--url", required=True)
     p.add_argument("-n", type=int, default=20_000)
     p.add_argument("--concurrency", type=int, default=16)
+    p = sub.add_parser("aiohttp-loop")
+    p.add_argument("--url", required=True)
+    p.add_argument("-n", type=int, default=20_000)
+    p.add_argument("--concurrency", type=int, default=16)
     p = sub.add_parser("prefill")
     p.add_argument("--data-dir", required=True)
     p.add_argument("-n", type=int, required=True)
@@ -302,9 +346,15 @@ def main() -> None:
     p.add_argument("--submitters", type=int, default=64)
     p.add_argument("--dir", default=str(Path(__file__).parent))
     args = parser.parse_args()
-    {"bare": bare, "load": load, "httpx-loop": httpx_loop, "prefill": prefill, "peer": peer}[
-        args.cmd
-    ](args)
+    commands = {
+        "bare": bare,
+        "load": load,
+        "httpx-loop": httpx_loop,
+        "aiohttp-loop": aiohttp_loop,
+        "prefill": prefill,
+        "peer": peer,
+    }
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":
