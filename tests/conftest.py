@@ -123,6 +123,17 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 # --- the sidecar as a real subprocess ------------------------------------------------
 
 
+def json_log_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines of a file, skipping any other output."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 class SidecarProcess:
     """``valmi-sidecar run`` as a child process, with its JSON log lines on stderr."""
 
@@ -156,13 +167,7 @@ class SidecarProcess:
         self.url = ""
 
     def log_events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
+        return json_log_lines(self.log_path)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -31,7 +31,7 @@ import pytest
 from valmi_sidecar.config import PLAIN_FIELDS, Settings, env_var, load_settings
 from valmi_sidecar.service import CLOSE_TIMEOUT_S
 
-from .conftest import ACTION, wait_until
+from .conftest import ACTION, json_log_lines, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -179,13 +179,7 @@ class Container:
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=self._log)
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
+        return json_log_lines(self.log_path)
 
     def event(self, name: str) -> dict[str, Any] | None:
         return next((e for e in self.events() if e.get("event") == name), None)
