@@ -171,6 +171,9 @@ async def _read_json_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     try:
+        if request.content.is_eof():
+            # The whole body came with the headers (the usual case): nothing to wait for.
+            return await request.read()
         async with asyncio.timeout(settings.client_timeout_s):
             return await request.read()
     except TimeoutError:
