@@ -368,7 +368,13 @@ class Flusher:
         elif answer.verdict == "dead_letter":
             self._queue(DeadLetter(event.seq, "rejected", answer.status, answer.error))
             self._summary["dead_lettered"] += 1
-            log.warning("event_dead_lettered", id=event.id, reason="rejected", status=answer.status)
+            log.warning(
+                "event_dead_lettered",
+                id=event.id,
+                reason="rejected",
+                status=answer.status,
+                detail=answer.error,  # Valmi's answer, cut short, the API key redacted
+            )
             self._on_healthy()
             self._note_rate_limit(answer, now)
         elif answer.verdict == "pause":
