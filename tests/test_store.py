@@ -521,6 +521,80 @@ async def test_lock_is_released_on_close(open_store: OpenStore) -> None:
     await open_store()
 
 
+async def test_start_after_a_clean_close_skips_the_check_and_knows_the_queue(
+    open_store: OpenStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A clean close leaves a record (0600) that the next start uses instead of reading
+    the whole file; the start deletes it, so a crash after it never leaves a stale one."""
+    record = tmp_path / "data" / "clean-shutdown"
+    first = await open_store(recover_corrupt=True)
+    assert "passed" == first.startup_check  # a new file: nothing recorded yet
+    await first.submit([action(clock) for _ in range(25)])
+    before = first.counts()
+    await first.close()
+    assert 0o600 == stat.S_IMODE(record.stat().st_mode)
+
+    second = await open_store(recover_corrupt=True)
+    assert not record.exists()
+    assert "skipped" == second.startup_check
+    after = second.counts()
+    assert (25, before.queued_bytes) == (after.queued, after.queued_bytes)
+    assert before.queued_bytes > 0
+    (leased,) = await second.lease(1, ())
+    await second.settle([Delivered(leased.seq)])
+    assert (24, before.queued_bytes - len(leased.body)) == (
+        second.counts().queued,
+        second.counts().queued_bytes,
+    )
+
+
+async def test_a_file_changed_after_the_clean_close_is_checked_and_counted_again(
+    open_store: OpenStore, clock: Clock, tmp_path: Path
+) -> None:
+    first = await open_store(recover_corrupt=True)
+    await first.submit([action(clock) for _ in range(10)])
+    await first.close()
+    with sqlite3.connect(tmp_path / "data" / DB_NAME) as conn:  # someone else's change
+        conn.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events LIMIT 4)")
+    conn.close()
+
+    second = await open_store(recover_corrupt=True)
+    assert "passed" == second.startup_check
+    assert 6 == second.counts().queued  # the file's own count, not the record's 10
+
+
+_CRASH_AFTER_SUBMIT = """
+import asyncio, os, sys
+from pathlib import Path
+from valmi_sidecar.events import parse_one
+from valmi_sidecar.store import Store
+
+async def main():
+    store = await Store.open(Path(sys.argv[1]), recover_corrupt=True, prune_interval_s=None)
+    await store.submit([parse_one("action", b'{"agent_key": "a", "action_type": "t"}')])
+    os._exit(0)  # no close: as a SIGKILL or a power cut would leave it
+
+asyncio.run(main())
+"""
+
+
+async def test_a_store_that_did_not_close_cleanly_is_checked_at_the_next_start(
+    open_store: OpenStore, clock: Clock, tmp_path: Path
+) -> None:
+    first = await open_store(recover_corrupt=True)
+    await first.submit([action(clock)])
+    await first.close()
+    assert (tmp_path / "data" / "clean-shutdown").exists()
+    crash = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CRASH_AFTER_SUBMIT, str(tmp_path / "data")
+    )
+    assert 0 == await asyncio.wait_for(crash.wait(), 60)
+    assert not (tmp_path / "data" / "clean-shutdown").exists()
+    second = await open_store(recover_corrupt=True)
+    assert "passed" == second.startup_check
+    assert 2 == second.counts().queued
+
+
 async def test_data_dir_and_files_are_private(open_store: OpenStore, tmp_path: Path) -> None:
     data_dir = tmp_path / "deep" / "data"
     store = await open_store(data_dir)

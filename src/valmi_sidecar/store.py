@@ -79,6 +79,10 @@ JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 
 DB_NAME: Final = "queue.db"
 LOCK_NAME: Final = "lock"
+#: Written by a clean close: the database file's identity and the queue's size then. A
+#: start that finds it, with the file unchanged and no WAL, skips the integrity check and
+#: the count of the queue (both read the whole file). Every open deletes it first.
+CLEAN_NAME: Final = "clean-shutdown"
 
 #: ``keys.state``: where the event of a key is.
 QUEUED: Final = 0
@@ -724,6 +728,9 @@ class Store:
         self._stopping = False
         self._closing = False
         self._closed = False
+        #: What start-up did about integrity: "passed" (``PRAGMA quick_check``), "skipped"
+        #: (closed cleanly last time, the file unchanged since) or "off" (not asked).
+        self.startup_check = "off"
         self._writable = True
         self._failure: BaseException | None = None
         self._group: list[_Op] = []
@@ -780,13 +787,19 @@ class Store:
             raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
         data_dir = Path(data_dir)
         lock_fd = await asyncio.to_thread(_lock_data_dir, data_dir)
+        try:
+            clean = await asyncio.to_thread(_take_clean_record, data_dir)
+        except BaseException:
+            os.close(lock_fd)
+            raise
         options: dict[str, Any] = {
             "durability": durability,
             "max_queue_bytes": max_queue_bytes,
             "max_queue_events": max_queue_events,
             "dedup_window_s": dedup_window_s,
             "clock": clock,
-            "check": recover_corrupt,
+            "check": recover_corrupt and clean is None,
+            "clean": clean,
         }
         try:
             try:
@@ -805,6 +818,7 @@ class Store:
                     action=f"started with an empty queue; run 'valmi-sidecar salvage {moved}' "
                     "to re-queue what can be read of it",
                 )
+                options |= {"check": True, "clean": None}  # a new, empty file
                 store = await cls._open_database(data_dir, lock_fd, **options)
             store.stats.corrupt_moved_aside = int(moved is not None)
             store.stats.corrupt_files = len(await asyncio.to_thread(moved_aside_files, data_dir))
@@ -821,6 +835,7 @@ class Store:
             "store_opened",
             path=str(store._path),
             durability=durability,
+            integrity_check=store.startup_check,
             queued=c.queued,
             queued_bytes=c.queued_bytes,
             received=c.received,
@@ -841,8 +856,11 @@ class Store:
         dedup_window_s: float,
         clock: Callable[[], float],
         check: bool,
+        clean: tuple[int, int] | None,
     ) -> Store:
-        """Connect, check, migrate and load; on failure close the connections (not the lock)."""
+        """Connect, check, migrate and load; on failure close the connections (not the lock).
+
+        ``clean``: the queue's size from the clean-shutdown record, when it matched."""
         writer: aiosqlite.Connection | None = None
         reader: aiosqlite.Connection | None = None
         path = data_dir / DB_NAME
@@ -868,7 +886,8 @@ class Store:
                 dedup_window_s=dedup_window_s,
                 clock=clock,
             )
-            await store._load()
+            store.startup_check = "passed" if check else "skipped" if clean else "off"
+            await store._load(clean)
         except BaseException as exc:
             for conn in (reader, writer):
                 if conn is not None:
@@ -880,18 +899,21 @@ class Store:
             raise
         return store
 
-    async def _load(self) -> None:
+    async def _load(self, clean: tuple[int, int] | None) -> None:
         rows = await self._reader.execute_fetchall("SELECT name, value FROM counters")
         values = {str(r[0]): int(r[1]) for r in rows}
         self._received = values["received"]
         self._delivered = values["delivered"]
         self._dead_lettered = values["dead_lettered"]
         self._duplicates = values["duplicates"]
-        rows = await self._reader.execute_fetchall(
-            "SELECT count(*), coalesce(sum(size), 0) FROM events"
-        )
-        for r in rows:
-            self._queued, self._queued_bytes = int(r[0]), int(r[1])
+        if clean is not None:
+            self._queued, self._queued_bytes = clean
+        else:
+            rows = await self._reader.execute_fetchall(
+                "SELECT count(*), coalesce(sum(size), 0) FROM events"
+            )
+            for r in rows:
+                self._queued, self._queued_bytes = int(r[0]), int(r[1])
         for r in await self._reader.execute_fetchall(_OLDEST):
             self._oldest = (int(r[0]), float(r[1]))
         for r in await self._reader.execute_fetchall(
@@ -914,6 +936,7 @@ class Store:
             return
         self._closing = True
         asked: list[aiosqlite.Connection] = []
+        clean = True
         try:
             if self._prune_task is not None:
                 self._prune_task.cancel()
@@ -924,6 +947,7 @@ class Store:
                 self._wakeup.set()
                 await asyncio.wait({task}, timeout=CLOSE_DRAIN_S)
                 if not task.done():
+                    clean = False
                     log.error(
                         "store_close_timeout", pending=len(self._pending), bound_s=CLOSE_DRAIN_S
                     )
@@ -935,7 +959,15 @@ class Store:
                 try:
                     await asyncio.wait_for(conn.close(), CONNECTION_CLOSE_S)
                 except (sqlite3.Error, ValueError, TimeoutError) as exc:
+                    clean = False
                     log.error("store_close_failed", error=f"{type(exc).__name__}: {exc}")
+            if clean and self._failure is None and self._writable:
+                try:
+                    await asyncio.to_thread(
+                        _write_clean_record, self._path.parent, self._queued, self._queued_bytes
+                    )
+                except OSError as exc:  # the next start checks the file: slower, no harm
+                    log.warning("clean_record_failed", error=str(exc))
         finally:
             self._closed = True
             for conn in (self._reader, self._writer):
@@ -2016,6 +2048,73 @@ def _chmod_private(path: Path) -> None:
             continue
         if stat.S_IMODE(st.st_mode) != 0o600 and st.st_uid == os.geteuid():
             p.chmod(0o600)
+
+
+def _identity(path: Path) -> list[int] | None:
+    """The database file's inode, size and modification time, or ``None`` when it has a
+    WAL with content (then it was not closed cleanly, or is in use)."""
+    try:
+        st = path.stat()
+        wal = path.with_name(path.name + "-wal").stat().st_size
+    except FileNotFoundError:
+        wal = 0
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+    return None if wal else [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _take_clean_record(data_dir: Path) -> tuple[int, int] | None:
+    """Delete the clean-shutdown record (durably, before any write to the database) and
+    return the queue's size it holds, ``(events, bytes)``, when the database file is still
+    the one it describes; ``None`` when there is none or it does not match."""
+    record = data_dir / CLEAN_NAME
+    try:
+        raw = record.read_bytes()
+    except FileNotFoundError:
+        return None
+    record.unlink()
+    dir_fd = os.open(data_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    try:
+        saved = msgspec.json.decode(raw)
+        identity = _identity(data_dir / DB_NAME)
+        if (
+            identity is None
+            or saved.get("schema") != SCHEMA_VERSION
+            or saved.get("identity") != identity
+        ):
+            return None
+        return int(saved["queued"]), int(saved["queued_bytes"])
+    except (msgspec.DecodeError, AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _write_clean_record(data_dir: Path, queued: int, queued_bytes: int) -> None:
+    """Record a clean close (after the connections closed and SQLite removed the WAL)."""
+    identity = _identity(data_dir / DB_NAME)
+    if identity is None:
+        return
+    body = _json.encode(
+        {
+            "schema": SCHEMA_VERSION,
+            "identity": identity,
+            "queued": queued,
+            "queued_bytes": queued_bytes,
+        }
+    )
+    tmp = data_dir / (CLEAN_NAME + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, body)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, data_dir / CLEAN_NAME)
 
 
 async def _quick_check(db: aiosqlite.Connection, path: Path) -> None:
