@@ -16,8 +16,11 @@ Writes ``benchmarks/results/bench.{md,json,png}`` and prints the Markdown table.
 3. Forwarding: 20,000 queued events drained to the fake API without a rate limit, against
    ``tools.py httpx-loop`` (the same requests from a plain httpx loop); then a fake API
    limited to 10,000/min for ``--limited-s`` seconds.
-4. Backlog: ``--backlog`` events queued (a tenth first, then all): time to ready,
-   resident memory, ingest at 64 connections and drain rate, against the empty queue.
+4. Backlog: ``--backlog`` events queued (a tenth first, then all): time to ready (after
+   a clean stop, and after a SIGKILL, when start-up checks the whole file), resident
+   memory, ingest at 64 connections and drain rate, against the same two rates on an
+   empty queue measured just before each point (ingest into an empty queue; drain of
+   twice ``--forward-events``).
 5. Footprint: idle CPU and resident memory; resident memory under the ingest load.
 """
 
@@ -353,16 +356,46 @@ def forwarding(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return out
 
 
+def empty_queue(args: argparse.Namespace, work: Path, script: Path, fake: str) -> dict[str, Any]:
+    """The empty-queue rates, measured beside each backlog point (the machine drifts):
+    ingest at 64 connections into an empty queue, and the drain of a small queue."""
+    run = work / f"empty-{time.monotonic_ns()}"
+    side = Sidecar(run / "ingest", fake)
+    try:
+        ingest = load(side.url + "/v1/actions", 64, args.seconds, script)
+    finally:
+        side.stop()
+    httpx.post(fake + "/_fake/reset", timeout=10.0)
+    tool("prefill", "--data-dir", str(run / "drain"), "-n", str(2 * args.forward_events))
+    side = Sidecar(run / "drain", fake, rate_limit_per_min=UNLIMITED_PER_MIN)
+    try:
+        out = {
+            "ready_s": side.ready_s,
+            "ingest": ingest,
+            "drain": drain(side, args.backlog_drain_s),
+        }
+    finally:
+        side.stop()
+    httpx.post(fake + "/_fake/reset", timeout=10.0)
+    shutil.rmtree(run, ignore_errors=True)
+    return out
+
+
 def backlog(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any]:
     data = work / "backlog"
     points = []
     queued = 0
     with fake_api() as fake:
         for target in (args.backlog // 10, args.backlog):
+            empty = empty_queue(args, work, script, fake)
             built = tool("prefill", "--data-dir", str(data), "-n", str(target - queued))
             queued = int(built["queued"])
             side = Sidecar(data, fake)
-            point: dict[str, Any] = {"backlog": queued, "prefill_s": built["elapsed_s"]}
+            point: dict[str, Any] = {
+                "backlog": queued,
+                "prefill_s": built["elapsed_s"],
+                "empty": empty,
+            }
             try:
                 point |= {"ready_s": side.ready_s, "rss_ready_mib": rss_mib(side.proc.pid)}
                 with RssSampler(side.proc.pid) as rss:
@@ -379,6 +412,13 @@ def backlog(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any
                 point["ready_drain_s"] = side.ready_s
             finally:
                 side.stop()
+            # After a crash the start checks the whole file (PRAGMA quick_check) first.
+            side = Sidecar(data, fake)
+            side.proc.kill()
+            side.proc.wait()
+            side = Sidecar(data, fake)
+            point["ready_after_kill_s"] = side.ready_s
+            side.stop()
             queued = int(
                 sqlite3.connect(data / "queue.db")
                 .execute("SELECT count(*) FROM events")
@@ -390,7 +430,9 @@ def backlog(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any
                 f"  backlog {point['backlog']:,}: ready {point['ready_s']:.2f} s, "
                 f"RSS {point['rss_ready_mib']:.0f}/{point['rss_ingest_max_mib']:.0f} MiB, "
                 f"ingest {point['ingest']['events_per_s']:,.0f} ev/s, "
-                f"drain {point['drain']['events_per_s']:,.0f} ev/s",
+                f"drain {point['drain']['events_per_s']:,.0f} ev/s "
+                f"(empty queue beside it: ingest {empty['ingest']['events_per_s']:,.0f}, "
+                f"drain {empty['drain']['events_per_s']:,.0f} ev/s)",
                 flush=True,
             )
     return {"points": points}
@@ -445,8 +487,8 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
         out.append(("no 429 after the first minute", str(n429), n429 == 0))
     if "backlog" in r and ("full", 64) in rows:
         big = r["backlog"]["points"][-1]
-        base_in = rows[("full", 64)]["events_per_s"]
-        base_out = r["forwarding"]["sidecar"]["events_per_s"] if "forwarding" in r else None
+        base_in = big["empty"]["ingest"]["events_per_s"]
+        base_out = big["empty"]["drain"]["events_per_s"]
         s_in = big["ingest"]["events_per_s"] / base_in
         out.append(
             (f"backlog {big['backlog']:,}: ingest ≥ 90% of empty", f"{s_in:.0%}", s_in >= 0.9)
@@ -544,6 +586,15 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(
                 f"| backlog {b['backlog']:,}: ingest @64 / drain, events/s | "
                 f"{b['ingest']['events_per_s']:,.0f} / {b['drain']['events_per_s']:,.0f} |"
+            )
+            lines.append(
+                f"| backlog {b['backlog']:,}: ready after SIGKILL (full check), s | "
+                f"{b['ready_after_kill_s']:.2f} |"
+            )
+            e = b["empty"]
+            lines.append(
+                f"| (empty queue, just before): ingest @64 / drain, events/s | "
+                f"{e['ingest']['events_per_s']:,.0f} / {e['drain']['events_per_s']:,.0f} |"
             )
     idle = r["ingest"]["idle"]
     if idle:
