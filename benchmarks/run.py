@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,7 @@ def ingest(args: argparse.Namespace, work: Path, fake: str, script: Path) -> dic
     idle: dict[str, float] = {}
     for c in args.connections:
         for target in ("bare", "full", "normal", "full-idle"):
+            stopper: Callable[[], None]
             run_dir = work / f"ingest-{target}-{c}"
             if target == "bare":
                 port_file = work / f"bare-{c}.port"
@@ -261,7 +263,7 @@ def ingest(args: argparse.Namespace, work: Path, fake: str, script: Path) -> dic
                 while not port_file.exists() or not port_file.read_text():
                     time.sleep(0.02)
                 url = f"http://127.0.0.1:{port_file.read_text()}/v1/actions"
-                pid, stopper = proc.pid, (lambda p=proc: stop(p))
+                pid, stopper = proc.pid, functools.partial(stop, proc)
             else:
                 # full-idle: nothing listens on the upstream port, so the flusher only
                 # backs off: the ingest path alone, without the cost of forwarding.

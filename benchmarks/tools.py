@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -358,4 +357,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
