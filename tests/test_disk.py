@@ -48,12 +48,22 @@ async def test_full_disk_refuses_with_503_keeps_every_acknowledged_event_and_rec
     assert 503 == refused.status_code
     assert "store_unavailable" == refused.json()["error"]["code"]
     assert refused.headers["Retry-After"].isdigit()
-    ready = await client.get(url + "/readyz")
-    assert 503 == ready.status_code
-    assert any("not writable" in reason for reason in ready.json()["reasons"])
-    metrics = (await client.get(url + "/metrics")).text
-    assert "valmi_sidecar_store_writable 0.0" in metrics
-    assert "valmi_sidecar_commit_failures_total 0.0" not in metrics
+
+    # A small write that still fits (the flusher recording a failed attempt) may succeed
+    # between two refusals and mark the store writable again; each refusal marks it not.
+    async def seen_unwritable() -> bool:
+        r = await client.post(url + "/v1/actions", json=BIG)
+        assert 503 == r.status_code
+        ready = await client.get(url + "/readyz")
+        metrics = (await client.get(url + "/metrics")).text
+        return (
+            503 == ready.status_code
+            and any("not writable" in reason for reason in ready.json()["reasons"])
+            and "valmi_sidecar_store_writable 0.0" in metrics
+            and "valmi_sidecar_commit_failures_total 0.0" not in metrics
+        )
+
+    await wait_until(seen_unwritable, timeout=10, what="/readyz 503 and store_writable 0")
     assert len(acked) == store.counts().received  # nothing refused was counted
 
     # Space comes back: the writer's probe finds it without any new traffic.

@@ -279,6 +279,26 @@ async def test_outage_then_recovery_delivers_each_key_exactly_once(
     assert 0 == fake.duplicates
 
 
+async def test_outcomes_the_store_cannot_write_are_kept_and_written_later(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    """A failing disk must not stop the flusher, lose the outcomes or re-send events."""
+    await store.submit([action(i) for i in range(10)])
+    await store._writer.execute("PRAGMA query_only = ON")  # every write fails from now on
+    with capture_logs() as logs:
+        flusher, task = await start_flusher(fake)
+        await wait_until(lambda: 10 == fake.requests, 10, "all 10 sent")
+        await wait_until(
+            lambda: any(e["event"] == "settle_failed" for e in logs), 10, "a failed settle"
+        )
+        assert not task.done()
+        assert 0 == store.counts().delivered
+        await store._writer.execute("PRAGMA query_only = OFF")  # the disk is back
+        await wait_until(lambda: 10 == store.counts().delivered, 10, "10 settled once writable")
+    assert 10 == fake.requests  # none was sent twice meanwhile
+    assert (0, "ok") == (store.counts().queued, flusher.state)
+
+
 async def test_5xx_share_is_retried_with_the_same_key_until_delivered(
     store: Store, fake_factory: FakeFactory, start_flusher: StartFlusher, tmp_path: Path
 ) -> None:

@@ -35,6 +35,8 @@ UpstreamState = Literal["ok", "backing_off", "rate_limited", "paused", "disabled
 BACKOFF_AFTER_FAILURES: Final = 3
 #: How long finished outcomes wait for company before one settle transaction.
 SETTLE_LINGER_S: Final = 0.005
+#: After a failed settle (disk full or failing), wait this long before trying it again.
+SETTLE_RETRY_S: Final = 1.0
 #: The longest a single upstream hint (Retry-After, X-RateLimit-Reset) may hold sending.
 MAX_HOLD_S: Final = 24 * 3600.0
 #: How long drain() waits for the loop to wind down after its deadline.
@@ -524,7 +526,20 @@ class Flusher:
                     continue
                 if len(self._pending) < self._batch and not self._closing:
                     await asyncio.sleep(SETTLE_LINGER_S)
-                await self._commit()
+                try:
+                    await self._commit()
+                except StoreError as exc:
+                    # The disk is full or failing: keep the outcomes (their events stay in
+                    # flight, so they are not sent again) and record them once it takes
+                    # writes again. Meanwhile the events are still queued: a stop now
+                    # re-sends them later with the same keys.
+                    log.warning(
+                        "settle_failed",
+                        n=len(self._pending),
+                        error=f"{type(exc).__name__}: {exc}",
+                        retry_in_s=SETTLE_RETRY_S,
+                    )
+                    await asyncio.sleep(SETTLE_RETRY_S)
         except asyncio.CancelledError:
             if self._pending:  # best effort; unsettled events are re-sent with the same key
                 try:
@@ -536,7 +551,11 @@ class Flusher:
     async def _commit(self) -> None:
         batch, self._pending = self._pending, []
         started = time.monotonic()
-        await self._store.settle(batch)
+        try:
+            await self._store.settle(batch)
+        except BaseException:
+            self._pending[:0] = batch  # not recorded: keep them, ahead of newer outcomes
+            raise
         for settlement in batch:
             self._in_flight.discard(settlement.seq)
         log.debug(
