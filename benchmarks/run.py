@@ -362,6 +362,7 @@ def empty_queue(args: argparse.Namespace, work: Path, script: Path, fake: str) -
     """The empty-queue rates, measured beside each backlog point (the machine drifts):
     ingest at 64 connections into an empty queue, and the drain of a small queue."""
     run = work / f"empty-{time.monotonic_ns()}"
+    run.mkdir()
     side = Sidecar(run / "ingest", fake)
     try:
         ingest = load(side.url + "/v1/actions", 64, args.seconds, script)
