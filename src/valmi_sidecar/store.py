@@ -456,6 +456,20 @@ _SELECT_KEYS: Final = (
     "SELECT idem_key, id, fingerprint, created_at, received_at, state FROM keys"
     " WHERE idem_key IN (SELECT value FROM json_each(?))"
 )
+#: A ledger row's deltas are added to the row of the same key and day.
+_LEDGER_ADD: Final = (
+    " ON CONFLICT (agent_key, kind, event_type, day) DO UPDATE SET"
+    " received = received + excluded.received, delivered = delivered + excluded.delivered,"
+    " dead_lettered = dead_lettered + excluded.dead_lettered,"
+    " received_value = received_value + excluded.received_value,"
+    " delivered_value = delivered_value + excluded.delivered_value,"
+    " dead_lettered_value = dead_lettered_value + excluded.dead_lettered_value"
+)
+_UPSERT_LEDGER: Final = (
+    "INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered, dead_lettered,"  # noqa: S608 - constant SQL; values are bound
+    " received_value, delivered_value, dead_lettered_value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    + _LEDGER_ADD
+)
 #: What one group transaction writes besides its settlements (new events, their keys, the
 #: ledger and the counters) goes through ONE multi-row INSERT into this TEMP view, whose
 #: INSTEAD OF triggers do the writes row by row. Python's sqlite3 releases the GIL around
@@ -507,12 +521,9 @@ _GROUP_WRITE_DDL: Final = (
             VALUES (NEW.agent_key, NEW.kind, NEW.event_type, NEW.day, NEW.received,
                     NEW.delivered, NEW.dead_lettered, NEW.received_value, NEW.delivered_value,
                     NEW.dead_lettered_value)
-            ON CONFLICT (agent_key, kind, event_type, day) DO UPDATE SET
-            received = received + excluded.received, delivered = delivered + excluded.delivered,
-            dead_lettered = dead_lettered + excluded.dead_lettered,
-            received_value = received_value + excluded.received_value,
-            delivered_value = delivered_value + excluded.delivered_value,
-            dead_lettered_value = dead_lettered_value + excluded.dead_lettered_value;
+            """
+    + _LEDGER_ADD
+    + """;
     END;
     CREATE TEMP TRIGGER IF NOT EXISTS group_write_counters INSTEAD OF INSERT ON group_write
     WHEN NEW.op = 2 BEGIN
@@ -529,16 +540,7 @@ _SELECT_SETTLED: Final = (
     " strftime('%Y-%m-%d', received_at, 'unixepoch') FROM events"
     " WHERE seq IN (SELECT value FROM json_each(?))"
 )
-_UPSERT_LEDGER: Final = (
-    "INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered, dead_lettered,"
-    " received_value, delivered_value, dead_lettered_value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (agent_key, kind, event_type, day) DO UPDATE SET"
-    " received = received + excluded.received, delivered = delivered + excluded.delivered,"
-    " dead_lettered = dead_lettered + excluded.dead_lettered,"
-    " received_value = received_value + excluded.received_value,"
-    " delivered_value = delivered_value + excluded.delivered_value,"
-    " dead_lettered_value = dead_lettered_value + excluded.dead_lettered_value"
-)
+
 _BUMP_COUNTER: Final = "UPDATE counters SET value = value + ? WHERE name = ?"
 _BUMP_OPERATOR: Final = "UPDATE operator_counters SET value = value + ? WHERE name = ?"
 _DL_COLUMNS: Final = (
@@ -681,49 +683,49 @@ def _values_sql(head: str, row: str, n: int) -> str:
     return head + ", ".join([row] * n)
 
 
+_GROUP_WRITE_INDEX: Final = {name: i for i, name in enumerate(_GROUP_WRITE_COLUMNS)}
+
+
+def _group_write_row(op: int, **values: Any) -> tuple[Any, ...]:
+    """One row of the group-write INSERT: ``op`` and the named columns, NULL elsewhere."""
+    row: list[Any] = [None] * _GROUP_WRITE_NCOL
+    row[0] = op
+    for name, value in values.items():
+        row[_GROUP_WRITE_INDEX[name]] = value
+    return tuple(row)
+
+
 def _group_write_rows(event_rows: Sequence[tuple[Any, ...]], plan: _Plan) -> list[tuple[Any, ...]]:
-    """The rows of the group-write INSERT: events, ledger deltas, the counters."""
-    rows: list[tuple[Any, ...]] = [
-        (0, *r, None, None, None, None, None, None, None, None) for r in event_rows
-    ]
+    """The rows of the group-write INSERT: events, ledger deltas, the counters.
+
+    An event row is op 0 then the columns ``seq`` to ``fingerprint`` in order (the hot
+    path: built without names); the few others are built by name."""
+    tail = (None,) * (_GROUP_WRITE_NCOL - _GROUP_WRITE_INDEX["fingerprint"] - 1)
+    rows: list[tuple[Any, ...]] = [(0, *r, *tail) for r in event_rows]
     for (agent_key, kind, event_type, day), d in plan.ledger.items():
         rows.append(
-            (
+            _group_write_row(
                 1,
-                None,
-                None,
-                None,
-                kind,
-                None,
-                None,
-                agent_key,
-                event_type,
-                None,
-                None,
-                None,
-                None,
-                day,
-                int(d[0]),
-                int(d[1]),
-                int(d[2]),
-                d[3],
-                d[4],
-                d[5],
-                None,
+                agent_key=agent_key,
+                kind=kind,
+                event_type=event_type,
+                day=day,
+                received=int(d[0]),
+                delivered=int(d[1]),
+                dead_lettered=int(d[2]),
+                received_value=d[3],
+                delivered_value=d[4],
+                dead_lettered_value=d[5],
             )
         )
     if plan.received or plan.delivered or plan.dead_lettered or plan.duplicates:
         rows.append(
-            (
+            _group_write_row(
                 2,
-                *(None,) * 13,
-                plan.received,
-                plan.delivered,
-                plan.dead_lettered,
-                None,
-                None,
-                None,
-                plan.duplicates,
+                received=plan.received,
+                delivered=plan.delivered,
+                dead_lettered=plan.dead_lettered,
+                duplicates=plan.duplicates,
             )
         )
     return rows
@@ -1078,7 +1080,7 @@ class Store:
             if clean and self._failure is None and self._writable:
                 try:
                     await asyncio.to_thread(
-                        _write_clean_record, self._path.parent, self._queued, self._queued_bytes
+                        _write_clean_record, self._data_dir, self._queued, self._queued_bytes
                     )
                 except OSError as exc:  # the next start checks the file: slower, no harm
                     log.warning("clean_record_failed", error=str(exc))
@@ -2095,12 +2097,17 @@ def _move_aside(path: Path) -> Path:
         side = path.with_name(path.name + suffix)
         if side.exists():
             os.rename(side, dest.with_name(dest.name + suffix))
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+    return dest
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make renames and deletions in ``directory`` durable."""
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return dest
 
 
 # -- files and connections (blocking helpers run via asyncio.to_thread) -----------------
@@ -2153,18 +2160,16 @@ def _chmod_private(path: Path) -> None:
 
 
 def _identity(path: Path) -> list[int] | None:
-    """The database file's inode, size and modification time, or ``None`` when it has a
-    WAL with content (then it was not closed cleanly, or is in use)."""
+    """The database file's inode, size and modification time, or ``None`` when there is
+    no file or its WAL has content (then it was not closed cleanly, or is in use)."""
     try:
         st = path.stat()
-        wal = path.with_name(path.name + "-wal").stat().st_size
     except FileNotFoundError:
-        wal = 0
-        try:
-            st = path.stat()
-        except FileNotFoundError:
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        if path.with_name(path.name + "-wal").stat().st_size:
             return None
-    return None if wal else [st.st_ino, st.st_size, st.st_mtime_ns]
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def _take_clean_record(data_dir: Path) -> tuple[int, int] | None:
@@ -2177,11 +2182,7 @@ def _take_clean_record(data_dir: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     record.unlink()
-    dir_fd = os.open(data_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(data_dir)
     try:
         saved = msgspec.json.decode(raw)
         identity = _identity(data_dir / DB_NAME)
