@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import platform
@@ -37,12 +36,13 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -251,48 +251,141 @@ def tool(*args: str) -> dict[str, Any]:
 # -- the steps ------------------------------------------------------------------------
 
 
+TARGETS = ("bare", "full", "normal", "full-idle")
+
+
+@contextlib.contextmanager
+def ingest_target(target: str, run_dir: Path, fake: str) -> Iterator[tuple[str, int]]:
+    """A fresh process and data directory for one ingest target: ``(url, pid)``."""
+    if target == "bare":
+        port_file = run_dir.with_suffix(".port")
+        proc = subprocess.Popen([*TOOLS, "bare", "--port-file", str(port_file)])
+        try:
+            while not port_file.exists() or not port_file.read_text():
+                if proc.poll() is not None:
+                    raise SystemExit("the bare app exited")
+                time.sleep(0.02)
+            yield f"http://127.0.0.1:{port_file.read_text()}/v1/actions", proc.pid
+        finally:
+            stop(proc)
+        return
+    # full-idle: nothing listens on the upstream port, so the flusher only backs off:
+    # the ingest path alone, without the cost of forwarding.
+    upstream = f"http://127.0.0.1:{free_port()}" if target == "full-idle" else fake
+    side = Sidecar(run_dir, upstream, durability=target.split("-", maxsplit=1)[0])
+    try:
+        yield side.url + "/v1/actions", side.proc.pid
+    finally:
+        side.stop()
+
+
+def _median_row(runs: list[dict[str, Any]], ratios: list[float]) -> dict[str, Any]:
+    """One table row from the rounds of a (target, connections): medians, and the share
+    of bare as the median of the per-round shares (each against the bare run beside it)."""
+    row = dict(runs[statistics.median_low(range(len(runs)))])  # for the tool's own fields
+    for key in ("events_per_s", "p50_ms", "p99_ms", "rss_max_mib"):
+        row[key] = statistics.median(x[key] for x in runs)
+    row |= {
+        "vs_bare": statistics.median(ratios),
+        "vs_bare_min": min(ratios),
+        "vs_bare_max": max(ratios),
+        "rounds": runs,
+    }
+    return row
+
+
 def ingest(args: argparse.Namespace, work: Path, fake: str, script: Path) -> dict[str, Any]:
+    """Each round runs the four targets one after the other (in a rotated order), so that
+    every sidecar run has a bare run beside it: the machine drifts between rounds."""
     rows: list[dict[str, Any]] = []
     idle: dict[str, float] = {}
     for c in args.connections:
-        for target in ("bare", "full", "normal", "full-idle"):
-            stopper: Callable[[], None]
-            run_dir = work / f"ingest-{target}-{c}"
-            if target == "bare":
-                port_file = work / f"bare-{c}.port"
-                proc = subprocess.Popen([*TOOLS, "bare", "--port-file", str(port_file)])
-                while not port_file.exists() or not port_file.read_text():
-                    time.sleep(0.02)
-                url = f"http://127.0.0.1:{port_file.read_text()}/v1/actions"
-                pid, stopper = proc.pid, functools.partial(stop, proc)
-            else:
-                # full-idle: nothing listens on the upstream port, so the flusher only
-                # backs off: the ingest path alone, without the cost of forwarding.
-                upstream = f"http://127.0.0.1:{free_port()}" if target == "full-idle" else fake
-                side = Sidecar(run_dir, upstream, durability=target.split("-")[0])
-                url, pid, stopper = side.url + "/v1/actions", side.proc.pid, side.stop
-                if target == "full" and not idle:
-                    time.sleep(2)
-                    cpu0, t0 = cpu_s(pid), time.monotonic()
-                    time.sleep(args.idle_s)
-                    idle = {
-                        "cpu_pct_of_core": 100 * (cpu_s(pid) - cpu0) / (time.monotonic() - t0),
-                        "rss_mib": rss_mib(pid),
-                        "seconds": args.idle_s,
-                    }
-            try:
-                with RssSampler(pid) as rss:
-                    result = load(url, c, args.seconds, script)
+        runs: dict[str, list[dict[str, Any]]] = {t: [] for t in TARGETS}
+        for n in range(args.rounds):
+            order = TARGETS[n % len(TARGETS) :] + TARGETS[: n % len(TARGETS)]
+            for target in order:
+                run_dir = work / f"ingest-{target}-{c}-{n}"
+                with ingest_target(target, run_dir, fake) as (url, pid):
+                    if target == "full" and not idle:
+                        time.sleep(2)
+                        cpu0, t0 = cpu_s(pid), time.monotonic()
+                        time.sleep(args.idle_s)
+                        idle = {
+                            "cpu_pct_of_core": 100 * (cpu_s(pid) - cpu0) / (time.monotonic() - t0),
+                            "rss_mib": rss_mib(pid),
+                            "seconds": args.idle_s,
+                        }
+                    with RssSampler(pid) as rss:
+                        result = load(url, c, args.seconds, script)
                 result |= {"target": target, "connections": c, "rss_max_mib": rss.max_mib}
-                rows.append(result)
+                runs[target].append(result)
                 print(
-                    f"  ingest {target:<6} c={c:<3} {result['events_per_s']:>8,.0f} ev/s "
+                    f"  ingest {target:<9} c={c:<3} round {n + 1}: "
+                    f"{result['events_per_s']:>8,.0f} ev/s "
                     f"p50 {result['p50_ms']:.1f} ms p99 {result['p99_ms']:.1f} ms",
                     flush=True,
                 )
-            finally:
-                stopper()
+        bare = [x["events_per_s"] for x in runs["bare"]]
+        for target in TARGETS:
+            ratios = [x["events_per_s"] / b for x, b in zip(runs[target], bare, strict=True)]
+            rows.append(_median_row(runs[target], ratios))
     return {"rows": rows, "idle": idle}
+
+
+#: A wrk script that sends at a fixed total rate (``wrk -t1``: one Lua state for all
+#: connections): each request is due ``1000 / RATE`` ms after the one before, and waits
+#: (``delay``) until it is due. A connection still waiting for its answer sends later, so
+#: past the target's capacity the rate falls short: the table shows the achieved rate.
+_PACED_LUA = """wrk.method = "POST"
+wrk.body = [[{body}]]
+wrk.headers["Content-Type"] = "application/json"
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct {{ long tv_sec; long tv_nsec; }} bench_timespec;
+int clock_gettime(int clk_id, bench_timespec *tp);
+]]
+local ts = ffi.new("bench_timespec")
+local function now_ms()
+  ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
+local interval_ms = 1000 / {rate}
+local due_ms = nil
+function delay()
+  local t = now_ms()
+  if due_ms == nil or due_ms < t - 1000 then due_ms = t end
+  local d = due_ms - t
+  due_ms = due_ms + interval_ms
+  if d < 1 then return 0 end
+  return math.floor(d)
+end
+"""
+
+
+def paced(args: argparse.Namespace, work: Path, fake: str, bare_per_s: float) -> dict[str, Any]:
+    """Latency at fixed offered rates (shares of bare's rate at 64 connections), below
+    saturation: a closed loop at saturation only measures the queue (Little's law: mean
+    latency = connections / throughput), whatever the server does per request."""
+    points: list[dict[str, Any]] = []
+    rates = [round(share * bare_per_s) for share in args.paced_shares]
+    scripts = {}
+    for rate in rates:
+        scripts[rate] = work / f"paced-{rate}.lua"
+        scripts[rate].write_text(_PACED_LUA.format(body=BODY.decode(), rate=rate))
+    for target in ("bare", "full", "full-idle"):
+        with ingest_target(target, work / f"paced-{target}", fake) as (url, _pid):
+            for share, rate in zip(args.paced_shares, rates, strict=True):
+                wrk(url, 64, 1, scripts[rate])
+                result = wrk(url, 64, args.seconds, scripts[rate])
+                result |= {"target": target, "share_of_bare": share, "offered_per_s": rate}
+                points.append(result)
+                print(
+                    f"  paced {target:<9} {rate:>6,} ev/s offered: "
+                    f"{result['events_per_s']:>6,.0f} achieved, "
+                    f"p50 {result['p50_ms']:.1f} ms p99 {result['p99_ms']:.1f} ms",
+                    flush=True,
+                )
+    return {"connections": 64, "points": points}
 
 
 def drain(side: Sidecar, timeout_s: float) -> dict[str, Any]:
@@ -466,15 +559,24 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
     rows = {(x["target"], x["connections"]): x for x in r["ingest"]["rows"]}
     out: list[tuple[str, str, bool]] = []
     if ("full", 64) in rows:
-        full, bare = rows[("full", 64)], rows[("bare", 64)]
-        share = full["events_per_s"] / bare["events_per_s"]
-        out.append(("full ingest @64 ≥ 75% of bare aiohttp", f"{share:.0%}", share >= 0.75))
+        full = rows[("full", 64)]
+        share = full["vs_bare"]
+        out.append(("full ingest @64 ≥ 75% of bare aiohttp", _share(full), share >= 0.75))
         if ("full-idle", 64) in rows:
-            idle_share = rows[("full-idle", 64)]["events_per_s"] / bare["events_per_s"]
+            idle_row = rows[("full-idle", 64)]
             out.append(
-                ("(same, not forwarding meanwhile)", f"{idle_share:.0%}", idle_share >= 0.75)
+                ("(same, not forwarding meanwhile)", _share(idle_row), idle_row["vs_bare"] >= 0.75)
             )
         out.append(("full ingest @64 p99 < 10 ms", f"{full['p99_ms']:.1f} ms", full["p99_ms"] < 10))
+    for x in r.get("paced", {}).get("points", []):
+        if x["target"] == "full" and x["share_of_bare"] == 0.5:
+            out.append(
+                (
+                    f"(same, paced to {x['offered_per_s']:,} ev/s: half of bare's rate)",
+                    f"{x['p99_ms']:.1f} ms",
+                    x["p99_ms"] < 10 and x["events_per_s"] >= 0.97 * x["offered_per_s"],
+                )
+            )
     if "peer" in r:
         x = r["peer"]["store"]["events_per_s"] / r["peer"]["persist_queue"]["events_per_s"]
         out.append(("≥ 5 x persist-queue durable events/s", f"{x:.1f} x", x >= 5))
@@ -536,24 +638,46 @@ NAMES = {
 }
 
 
+def _share(row: dict[str, Any]) -> str:
+    if row["vs_bare_min"] == row["vs_bare_max"]:
+        return f"{row['vs_bare']:.0%}"
+    return f"{row['vs_bare']:.0%} ({row['vs_bare_min']:.0%}-{row['vs_bare_max']:.0%})"
+
+
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [
         f"Run {r['started']} on {m['cpu']} ({m['cores']} cores, shared), Python {m['python']}, "
         f"SQLite {m['sqlite']}, load from {m['load_generator']}; command: `{r['command']}`.",
         "",
-        "| ingest | connections | events/s | vs bare | p50 ms | p99 ms | RSS max MiB |",
+        f"Ingest: medians of {r['args']['rounds']} rounds; each round runs every target once, "
+        "one after the other, and *vs bare* is the median (and range) of each round's "
+        "share of the bare run beside it. p50/p99 are wrk's, in a closed loop: at "
+        "saturation, mean latency = connections / throughput (Little's law).",
+        "",
+        "| ingest | connections | events/s | vs bare (range) | p50 ms | p99 ms | RSS max MiB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    rows = r["ingest"]["rows"]
-    bare = {x["connections"]: x["events_per_s"] for x in rows if x["target"] == "bare"}
-    for x in rows:
+    for x in r["ingest"]["rows"]:
         name = NAMES[x["target"]]
         lines.append(
-            f"| {name} | {x['connections']} | {x['events_per_s']:,.0f} | "
-            f"{x['events_per_s'] / bare[x['connections']]:.0%} | {x['p50_ms']:.1f} | "
-            f"{x['p99_ms']:.1f} | {x['rss_max_mib']:.0f} |"
+            f"| {name} | {x['connections']} | {x['events_per_s']:,.0f} | {_share(x)} | "
+            f"{x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['rss_max_mib']:.0f} |"
         )
+    if "paced" in r:
+        lines += [
+            "",
+            "Latency below saturation: 64 connections paced to a fixed total rate (a share "
+            "of bare's events/s above).",
+            "",
+            "| ingest, paced | offered events/s | achieved | p50 ms | p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for x in r["paced"]["points"]:
+            lines.append(
+                f"| {NAMES[x['target']]} | {x['offered_per_s']:,} ({x['share_of_bare']:.0%}) | "
+                f"{x['events_per_s']:,.0f} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} |"
+            )
     lines += ["", "| measure | figure |", "| --- | ---: |"]
     if "peer" in r:
         p = r["peer"]
@@ -639,6 +763,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short runs and a 100k backlog")
     parser.add_argument("--seconds", type=float, default=5.0, help="each ingest measurement")
     parser.add_argument("--connections", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--rounds", type=int, default=3, help="ingest rounds, interleaved")
+    parser.add_argument(
+        "--paced-shares",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5, 0.75],
+        help="paced ingest rates, as shares of bare's events/s at 64 connections",
+    )
     parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--forward-events", type=int, default=20_000)
     parser.add_argument("--drain-timeout-s", type=float, default=180.0)
@@ -646,12 +778,14 @@ def main() -> int:
     parser.add_argument("--backlog", type=int, default=1_000_000)
     parser.add_argument("--backlog-drain-s", type=float, default=10.0)
     parser.add_argument("--peer-events", type=int, default=5_000)
-    parser.add_argument("--steps", nargs="+", default=["ingest", "peer", "forwarding", "backlog"])
+    parser.add_argument(
+        "--steps", nargs="+", default=["ingest", "paced", "peer", "forwarding", "backlog"]
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--dir", type=Path, default=HERE, help="where the temporary data goes")
     args = parser.parse_args()
     if args.quick:
-        args.seconds, args.idle_s, args.limited_s = 3.0, 5.0, 20.0
+        args.seconds, args.idle_s, args.limited_s, args.rounds = 3.0, 5.0, 20.0, 2
         args.forward_events, args.backlog, args.backlog_drain_s = 5_000, 100_000, 5.0
     result: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -666,6 +800,14 @@ def main() -> int:
         with fake_api() as fake:
             print("ingest", flush=True)
             result["ingest"] = ingest(args, work, fake, script)
+            bare64 = [
+                x
+                for x in result["ingest"]["rows"]
+                if (x["target"], x["connections"]) == ("bare", 64)
+            ]
+            if "paced" in args.steps and bare64 and shutil.which("wrk"):
+                print("paced", flush=True)
+                result["paced"] = paced(args, work, fake, bare64[0]["events_per_s"])
         if "peer" in args.steps:
             print("peer queue", flush=True)
             result["peer"] = tool("peer", "-n", str(args.peer_events), "--dir", str(work))

@@ -75,7 +75,7 @@ def bare(args: argparse.Namespace) -> None:
         app.router.add_post("/v1/actions", post)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)  # as the sidecar's
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         Path(args.port_file).write_text(str(port))  # noqa: ASYNC240 - once, at start
