@@ -33,8 +33,13 @@ UpstreamState = Literal["ok", "backing_off", "rate_limited", "paused", "disabled
 
 #: Consecutive retryable failures, across events, that put the whole flusher in backoff.
 BACKOFF_AFTER_FAILURES: Final = 3
-#: How long finished outcomes wait for company before one settle transaction.
-SETTLE_LINGER_S: Final = 0.005
+#: How long finished outcomes wait for company before one settle transaction (unless a
+#: batch is full). A settle joins the group commit of the events being received, and a
+#: group with settlements takes longer; at a rate limit of 10,000/min, 5 ms made nearly
+#: every send its own settle, and 100 ms cut the p90 latency of events received meanwhile
+#: (2,000/s over 64 connections) from 14-19 ms to 8-10 ms. The cost: an event's delivery
+#: is recorded up to this much later, so a crash in between re-sends it (same key).
+SETTLE_LINGER_S: Final = 0.1
 #: After a failed settle (disk full or failing), wait this long before trying it again.
 SETTLE_RETRY_S: Final = 1.0
 #: The longest a single upstream hint (Retry-After, X-RateLimit-Reset) may hold sending.
