@@ -176,6 +176,10 @@ class Flusher:
         self._done = asyncio.Event()
         self._running = False
         self._closing = False
+        # Whether new events would give the lease loop work: only then does a commit of
+        # received events wake it (otherwise it waits for a token, a sender or a hold, and
+        # woke for nothing at every group commit).
+        self._wants_events = False
 
         self._summary_at = time.monotonic()
         self._summary = {"delivered": 0, "retried": 0, "dead_lettered": 0}
@@ -273,6 +277,7 @@ class Flusher:
     async def _lease_loop(self, tg: asyncio.TaskGroup, upstream: Upstream) -> None:
         while not self._stop.is_set():
             self._wake.clear()
+            self._wants_events = False
             now = time.monotonic()
             if self._hold_until > now:
                 await self._wait_wake(self._hold_until - now)
@@ -288,10 +293,13 @@ class Flusher:
             if delay > 0:
                 await self._wait_wake(delay)
                 continue
+            # Set before the lease: events committed after it was read still wake the wait.
+            self._wants_events = True
             event = await self._next_event()
             if event is None:
                 await self._wait_wake(await self._idle_timeout())
                 continue
+            self._wants_events = False
             if (
                 self._stop.is_set()
                 or self._hold_until > time.monotonic()
@@ -347,7 +355,8 @@ class Flusher:
     async def _watch_new_events(self) -> None:
         while True:
             await self._store.wait_for_events()
-            self._wake.set()
+            if self._wants_events:
+                self._wake.set()
 
     # -- senders -------------------------------------------------------------------------
 
