@@ -132,6 +132,22 @@ async def test_import_skips_duplicates_and_conflicting_keys(open_store: OpenStor
     assert 4 == store.counts().received
 
 
+async def test_import_of_events_with_the_sidecars_own_keys_stores_each_once(
+    open_store: OpenStore,
+) -> None:
+    """An event without a client key has its id as key; salvaged again, it keeps that key,
+    so the second import finds it (and the ledger counts it once)."""
+    store = await open_store()
+    events = [action(), action(), action(key="k-own")]
+    assert all(e.idem_key == e.id for e in events[:2])
+    first = await store.import_events(events)
+    again = await store.import_events(events)
+    assert (3, 0) == (first.imported, first.duplicates)
+    assert (0, 3) == (again.imported, again.duplicates)
+    assert 3 == store.counts().queued
+    assert 3 == sum(r.received for r in await store.ledger())
+
+
 async def test_migration_fills_the_ledger_from_what_a_v1_database_holds(tmp_path: Path) -> None:
     """Queued and dead-lettered events are still stored: their lines are exact; events
     delivered before the ledger are one line with empty names."""

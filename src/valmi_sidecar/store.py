@@ -607,6 +607,9 @@ _json: Final = msgspec.json.Encoder()
 class _Submit:
     events: Sequence[NewEvent]
     future: asyncio.Future[list[Accepted]]
+    #: Look up every key, the sidecar's own too: events that come back (salvage) keep
+    #: the keys they were given, and those may be stored already.
+    all_keys: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -1127,10 +1130,15 @@ class Store:
         Returns after the commit. Raises ``IdempotencyConflictError`` (a key reused with a
         different body), ``QueueFullError`` or ``StoreError``; then nothing was stored.
         """
+        return await self._submit(events)
+
+    async def _submit(
+        self, events: Sequence[NewEvent], *, all_keys: bool = False
+    ) -> list[Accepted]:
         if not events:
             return []
         future: asyncio.Future[list[Accepted]] = self._loop_future()
-        self._enqueue(_Submit(events, future))
+        self._enqueue(_Submit(events, future, all_keys))
         return await future
 
     async def settle(self, settlements: Sequence[Settlement]) -> None:
@@ -1250,7 +1258,7 @@ class Store:
         whose key is known with the same body is a duplicate (not stored again); with a
         different body, a conflict (skipped). Raises ``QueueFullError``/``StoreError``."""
         try:
-            accepted = await self.submit(events)
+            accepted = await self._submit(events, all_keys=True)
         except IdempotencyConflictError:
             # One at a time decides which ones conflict; they still share group commits.
             try:
@@ -1271,7 +1279,7 @@ class Store:
 
     async def _import_one(self, event: NewEvent) -> str:
         try:
-            (accepted,) = await self.submit([event])
+            (accepted,) = await self._submit([event], all_keys=True)
         except IdempotencyConflictError:
             return "conflict"
         return "duplicate" if accepted.duplicate else "imported"
@@ -1450,8 +1458,11 @@ class Store:
         event_rows: list[tuple[Any, ...]] = []
         if submits:
             # Only a client's own key can be stored already: a key the sidecar made is the
-            # event's new id (time plus 64 random bits), so looking it up finds nothing.
-            keys = [e.idem_key for op in submits for e in op.events if e.idem_key != e.id]
+            # event's new id (time plus 64 random bits), so looking it up finds nothing;
+            # unless the event comes back (salvage) with the key it was given then.
+            keys = [
+                e.idem_key for op in submits for e in op.events if op.all_keys or e.idem_key != e.id
+            ]
             known: dict[str, tuple[Any, ...]] = {}
             if keys:
                 rows = db.execute(_SELECT_KEYS, (_json.encode(keys).decode(),)).fetchall()
