@@ -199,3 +199,55 @@ async def test_a_file_that_is_not_a_database_does_not_stop_start_up(
     assert 1 == len(moved_aside_files(data_dir))
     assert sidecar._store is not None
     assert 1 == sidecar._store.stats.corrupt_moved_aside
+
+
+async def test_salvage_through_a_running_sidecar_keeps_each_request_within_its_body_limit(
+    sidecar_process: SidecarProcessFactory, tmp_path: Path
+) -> None:
+    # A moved-aside database of 60 events of about 1 KiB (and one of 9 KiB), from a
+    # sidecar that took 1 MiB bodies; salvaged into one that takes 8 KiB.
+    old_dir = tmp_path / "old"
+    first = sidecar_process(None, data_dir=old_dir)
+    url = await first.wait_ready()
+    async with httpx.AsyncClient() as client:
+        for i in range(60):
+            body = {**ACTION, "metadata": {"i": i, "pad": "p" * 800}}
+            r = await client.post(url + "/v1/actions", json=body)
+            assert 202 == r.status_code
+        big = {**ACTION, "metadata": {"pad": "b" * 9_000}}
+        assert 202 == (await client.post(url + "/v1/actions", json=big)).status_code
+    first.signal(signal.SIGTERM)
+    assert 0 == await first.wait_exit()
+    moved = tmp_path / "queue.db.old"
+    (old_dir / "queue.db").rename(moved)
+
+    limit = {"VALMI_SIDECAR_MAX_BODY_BYTES": "8192"}
+    data_dir = tmp_path / "data"
+    second = sidecar_process(None, data_dir=data_dir, **limit)
+    url = await second.wait_ready()
+    code, out, err = await run_cli(
+        "salvage", str(moved), "--url", url, "--data-dir", str(data_dir), **limit
+    )
+    # The 60 small ones went in bodies under 8 KiB; the big one cannot go in any.
+    assert 1 == code, out + err
+    assert "too big to salvage through the sidecar's API" in err
+    assert "max_body_bytes=8192" in err
+    assert "stop the sidecar" in err
+    code, out, _ = await run_cli("status", "--json", "--url", url)
+    assert 60 == json.loads(out)["events"]["queued"]
+
+    # As the error says: stopped, the sidecar's database takes it directly, and the 60
+    # already salvaged are recognised by their keys.
+    second.signal(signal.SIGTERM)
+    assert 0 == await second.wait_exit()
+    code, out, err = await run_cli(
+        "salvage",
+        str(moved),
+        "--data-dir",
+        str(data_dir),
+        "--url",
+        f"http://127.0.0.1:{free_port()}",
+        **limit,
+    )
+    assert 0 == code, err
+    assert out.startswith(f"salvaged 1 events from {moved} (60 already queued"), out

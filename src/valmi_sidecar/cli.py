@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import httpx
 
@@ -513,6 +513,11 @@ def _call(
         hint = ""
         if response.status_code == 401:
             hint = f"; set {ENV_INGEST_TOKEN} or {ENV_INGEST_TOKEN_FILE} to the sidecar's token"
+        elif response.status_code == 413:
+            hint = (
+                "; the sidecar takes smaller bodies than this command's configuration says:"
+                " give it the sidecar's configuration (--config, VALMI_SIDECAR_MAX_BODY_BYTES)"
+            )
         raise CliError(f"{url} answered HTTP {response.status_code}: {response.text[:500]}{hint}")
     try:
         return response.json()
@@ -1042,21 +1047,29 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
         raise CliError(f"{source} is the live database; salvage a moved-aside copy")
     report = SalvageReport()
     totals = {"imported": 0, "duplicates": 0, "conflicts": 0}
+    offline = False
     with _read_only(source) as db:
         chunks = db.salvage(report)
         for chunk in chunks:
-            data = _call(
-                t, "POST", "/v1/salvage", body={"events": [salvage_record(e) for e in chunk]}
-            )
-            if data is None:
-                _offline(t, "/v1/salvage")
-                _quiet_logs()
-                more = asyncio.run(_salvage_offline(t, chunk, chunks))
+            bodies = _salvage_bodies(chunk, t.settings.max_body_bytes)
+            for i, records in enumerate(bodies):
+                too_big = _too_big_to_post(records, t.settings.max_body_bytes)
+                if too_big is not None:
+                    _progress_done()
+                    raise too_big
+                data = _call(t, "POST", "/v1/salvage", body={"events": records})
+                if data is None:  # nothing listens (any more): import the rest directly
+                    _offline(t, "/v1/salvage")
+                    _quiet_logs()
+                    rest = chunk[sum(len(r) for r in bodies[:i]) :]
+                    data = asyncio.run(_salvage_offline(t, rest, chunks))
+                    offline = True
                 for k in totals:
-                    totals[k] += more[k]
+                    totals[k] += int(data[k])
+                if offline:
+                    break
+            if offline:
                 break
-            for k in totals:
-                totals[k] += int(data[k])
             _progress(f"salvaged {totals['imported']} events…")
     _progress_done()
     _out(
@@ -1067,6 +1080,42 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
         + ")"
     )
     return 0 if not report.gave_up else 1
+
+
+#: ``{"events": []}`` around the records of one POST /v1/salvage body.
+_SALVAGE_WRAPPER_BYTES: Final = len(json.dumps({"events": []}))
+
+
+def _salvage_bodies(events: list[NewEvent], limit: int) -> list[list[dict[str, Any]]]:
+    """The records of ``events`` in POST bodies of at most ``limit`` bytes (the sidecar's
+    ``max_body_bytes``), in order; a record too big for any body is alone in its own.
+    Sizes are measured as ``json.dumps`` writes them (ASCII escapes, spaced separators):
+    never smaller than what the client sends."""
+    bodies: list[list[dict[str, Any]]] = []
+    records: list[dict[str, Any]] = []
+    size = _SALVAGE_WRAPPER_BYTES
+    for event in events:
+        record = salvage_record(event)
+        n = len(json.dumps(record)) + 2  # and ", " before the next one
+        if records and size + n > limit:
+            bodies.append(records)
+            records, size = [], _SALVAGE_WRAPPER_BYTES
+        records.append(record)
+        size += n
+    if records:
+        bodies.append(records)
+    return bodies
+
+
+def _too_big_to_post(records: list[dict[str, Any]], limit: int) -> CliError | None:
+    if len(records) > 1 or _SALVAGE_WRAPPER_BYTES + len(json.dumps(records[0])) <= limit:
+        return None
+    return CliError(
+        f"event {records[0]['id']} is too big to salvage through the sidecar's API "
+        f"(more than max_body_bytes={limit} allows in one request); stop the sidecar and "
+        f"run `{PROG} salvage` again: it then writes the database directly, and the events "
+        "already salvaged are recognised by their keys and not stored twice"
+    )
 
 
 async def _salvage_offline(
