@@ -382,6 +382,21 @@ async def test_dead_letter_answer_carries_the_body_excerpt(stub: Stub) -> None:
     assert "value must be a number" in answer.error
 
 
+async def test_a_key_that_cannot_be_a_header_is_dead_lettered_not_sent(stub: Stub) -> None:
+    """A control character in a (salvaged) key: aiohttp refuses to write the header, and
+    sending again cannot help. Nothing reaches Valmi, and the flusher keeps running."""
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Idempotency-Key", ""))
+        return web.json_response({}, status=202)
+
+    answer = await sent_with(await stub(handler), queued(idem_key="k\r\nX-Injected: 1"))
+    assert ("dead_letter", None) == (answer.verdict, answer.status)
+    assert answer.error.startswith("not sendable: ")
+    assert [] == seen
+
+
 async def test_redirects_are_not_followed(stub: Stub) -> None:
     calls: list[str] = []
 

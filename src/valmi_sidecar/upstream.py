@@ -260,6 +260,12 @@ class Upstream:
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.stats.observe(None, time.monotonic() - started)
             return self._scrubbed(classify_exception(exc))
+        except ValueError as exc:
+            # The request cannot be written (a key with a control character: aiohttp
+            # refuses header injection). Sending it again cannot help: dead-letter it.
+            return self._scrubbed(
+                Answer("dead_letter", None, f"not sendable: {excerpt(str(exc), 300)}")
+            )
         self.stats.observe(status, time.monotonic() - started)
         if 200 <= status < 300:
             raw = b""
