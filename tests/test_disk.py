@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ import httpx
 
 from tests.conftest import ACTION, SidecarFactory, SidecarProcessFactory, wait_until
 from tests.test_dead_letters import free_port, run_cli
+from valmi_sidecar.events import rfc3339
 from valmi_sidecar.store import moved_aside_files
 
 if TYPE_CHECKING:
@@ -251,3 +253,35 @@ async def test_salvage_through_a_running_sidecar_keeps_each_request_within_its_b
     )
     assert 0 == code, err
     assert out.startswith(f"salvaged 1 events from {moved} (60 already queued"), out
+
+
+async def test_salvage_api_refuses_records_that_cannot_be_stored_or_sent(
+    fake: FakeValmi, sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    """A receipt time without a UTC day once stopped the store's writer, and a key with a
+    control character the flusher (each stopped the service): both are 400s now."""
+    _, url = await sidecar_factory(fake.url)
+    good = {
+        "id": "evt_0001",
+        "idempotency_key": "key-1",
+        "kind": "action",
+        "body": json.dumps(ACTION),
+        "agent_key": ACTION["agent_key"],
+        "event_type": ACTION["action_type"],
+        "received_at": time.time(),  # recent: not expired (max_event_age_s)
+        "created_at": rfc3339(time.time()),
+    }
+    for bad, field in (
+        ({"received_at": 1e300}, "events[0].received_at"),
+        ({"received_at": -1.0}, "events[0].received_at"),
+        ({"idempotency_key": "key\r\nX-Injected: 1"}, "events[0].idempotency_key"),
+        ({"value": "5"}, "events[0].value"),
+        ({"extra": 1}, "events[0].extra"),
+    ):
+        r = await client.post(url + "/v1/salvage", json={"events": [{**good, **bad}]})
+        assert 400 == r.status_code, (bad, r.text)
+        assert field == r.json()["error"]["details"][0]["field"], r.text
+    r = await client.post(url + "/v1/salvage", json={"events": [good]})
+    assert {"imported": 1, "duplicates": 0, "conflicts": 0} == r.json()
+    await wait_until(lambda: len(fake.events()) == 1, timeout=10, what="salvaged event sent")
+    assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code

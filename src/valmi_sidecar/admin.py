@@ -25,7 +25,7 @@ from typing import Any, Final, cast
 import msgspec
 from aiohttp import web
 
-from .events import Kind, NewEvent
+from .events import Kind, NewEvent, check_idempotency_key
 from .receiver import STORE, ApiError, _check_token
 from .store import DeadLetterFilter, LedgerRow, QueueFullError, StoreError
 
@@ -35,6 +35,8 @@ _JSON: Final = "application/json"
 MAX_PAGE: Final = 1_000
 MAX_CHANGE: Final = 10_000
 _DAY: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
+#: The last second of year 9999 (a receipt time must have a UTC day).
+MAX_UNIX_TIME: Final = 253_402_300_799
 _FILTER_FIELDS: Final = frozenset({"reason", "agent_key", "older_than_s", "newer_than_s", "ids"})
 
 
@@ -50,38 +52,45 @@ def _bad(field: str, message: str) -> ApiError:
 
 def _day(query: Mapping[str, str], name: str) -> str | None:
     value = query.get(name)
-    if value is None or value == "":
+    if value is None:
         return None
     if not _DAY.fullmatch(value):
         raise _bad(name, "must be a UTC day, YYYY-MM-DD")
     return value
 
 
-def _number(raw: object, name: str) -> float | None:
-    if raw is None or raw == "":
+def _number(raw: object, name: str, *, query: bool) -> float | None:
+    """Seconds, from a query string (text) or a JSON body (a number: ``"5"`` is not)."""
+    if raw is None:
         return None
-    if isinstance(raw, bool):
+    if isinstance(raw, bool) or not isinstance(raw, str if query else int | float):
         raise _bad(name, "must be a number of seconds")
     try:
-        value = float(cast(Any, raw))
-    except (TypeError, ValueError):
+        value = float(raw)
+    except (TypeError, ValueError, OverflowError):
         raise _bad(name, "must be a number of seconds") from None
     if not math.isfinite(value) or value < 0:
         raise _bad(name, "must be a finite number >= 0")
     return value
 
 
-def _int(raw: object, name: str, default: int, maximum: int) -> int:
-    if raw is None or raw == "":
+def _int(raw: object, name: str, default: int, maximum: int, *, query: bool) -> int:
+    """An integer from a query string (digits) or a JSON body (an integral number)."""
+    if raw is None:
         return default
-    if isinstance(raw, bool):
-        raise _bad(name, f"must be an integer from 0 to {maximum}")
-    try:
-        value = int(cast(Any, raw))
-    except (TypeError, ValueError):
-        raise _bad(name, f"must be an integer from 0 to {maximum}") from None
+    problem = _bad(name, f"must be an integer from 0 to {maximum}")
+    if query:
+        if not isinstance(raw, str) or not raw.isascii() or not raw.strip().isdigit():
+            raise problem
+        value = int(raw)
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        value = raw
+    elif isinstance(raw, float) and raw.is_integer():
+        value = int(raw)
+    else:
+        raise problem
     if not 0 <= value <= maximum:
-        raise _bad(name, f"must be an integer from 0 to {maximum}")
+        raise problem
     return value
 
 
@@ -93,10 +102,13 @@ def _text(raw: object, name: str) -> str | None:
     return raw
 
 
-def parse_filter(fields: Mapping[str, Any], now: float, after_seq: int = 0) -> DeadLetterFilter:
-    """A ``DeadLetterFilter`` from query parameters or a JSON body (ages in seconds)."""
-    older = _number(fields.get("older_than_s"), "older_than_s")
-    newer = _number(fields.get("newer_than_s"), "newer_than_s")
+def parse_filter(
+    fields: Mapping[str, Any], now: float, after_seq: int = 0, *, query: bool = False
+) -> DeadLetterFilter:
+    """A ``DeadLetterFilter`` from query parameters (``query``, text) or a JSON body (JSON
+    types), ages in seconds."""
+    older = _number(fields.get("older_than_s"), "older_than_s", query=query)
+    newer = _number(fields.get("newer_than_s"), "newer_than_s", query=query)
     ids = fields.get("ids")
     if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
         raise _bad("ids", "must be a list of event ids")
@@ -141,12 +153,12 @@ async def get_ledger(request: web.Request) -> web.Response:
 async def list_dead_letters(request: web.Request) -> web.Response:
     _check_token(request)
     q = request.query
-    limit = _int(q.get("limit"), "limit", 100, MAX_PAGE)
-    after = _int(q.get("after_seq"), "after_seq", 0, 2**62)
+    limit = _int(q.get("limit"), "limit", 100, MAX_PAGE, query=True)
+    after = _int(q.get("after_seq"), "after_seq", 0, 2**62, query=True)
     fields: dict[str, Any] = dict(q)
     if "ids" in fields:
         fields["ids"] = [i for i in fields["ids"].split(",") if i]
-    flt = parse_filter(fields, time.time(), after_seq=after)
+    flt = parse_filter(fields, time.time(), after_seq=after, query=True)
     records = await request.app[STORE].dead_letters(limit, flt)
     body = {
         "dead_letters": [r.as_dict() for r in records],
@@ -171,7 +183,7 @@ async def count_dead_letters(request: web.Request) -> web.Response:
     fields: dict[str, Any] = dict(request.query)
     if "ids" in fields:
         fields["ids"] = [i for i in fields["ids"].split(",") if i]
-    n = await request.app[STORE].count_dead_letters(parse_filter(fields, time.time()))
+    n = await request.app[STORE].count_dead_letters(parse_filter(fields, time.time(), query=True))
     return _json({"count": n})
 
 
@@ -210,7 +222,7 @@ async def _change(request: web.Request, action: str) -> web.Response:
         raise _bad(
             unknown[0], f"unknown field; allowed: {', '.join(sorted(_FILTER_FIELDS))}, limit"
         )
-    limit = _int(body.get("limit"), "limit", MAX_CHANGE, MAX_CHANGE)
+    limit = _int(body.get("limit"), "limit", MAX_CHANGE, MAX_CHANGE, query=False)
     flt = parse_filter(body, time.time())
     store = request.app[STORE]
     try:
@@ -250,29 +262,68 @@ def salvage_record(event: NewEvent) -> dict[str, Any]:
     }
 
 
+_SALVAGE_FIELDS: Final = frozenset(
+    {
+        "id",
+        "idempotency_key",
+        "kind",
+        "body",
+        "fingerprint",
+        "agent_key",
+        "event_type",
+        "value",
+        "received_at",
+        "created_at",
+    }
+)
+
+
 def parse_salvage_record(raw: object, index: int) -> NewEvent:
+    """A ``salvage_record`` back into the event it was, or a 400 naming the field."""
     where = f"events[{index}]"
     if not isinstance(raw, dict):
         raise _bad(where, "must be an object")
+    unknown = sorted(set(raw) - _SALVAGE_FIELDS)
+    if unknown:
+        raise _bad(f"{where}.{unknown[0]}", "is not a field of a salvaged event")
+    kind = raw.get("kind")
+    if kind not in ("action", "outcome"):
+        raise _bad(f"{where}.kind", "must be action or outcome")
+    value = raw.get("value")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise _bad(f"{where}.value", "must be a number or null")
+    received_at = raw.get("received_at")
+    if (
+        isinstance(received_at, bool)
+        or not isinstance(received_at, int | float)
+        or not 0 <= received_at <= MAX_UNIX_TIME
+    ):
+        raise _bad(f"{where}.received_at", f"must be a Unix time from 0 to {MAX_UNIX_TIME}")
+    fingerprint = raw.get("fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise _bad(f"{where}.fingerprint", "must be hexadecimal text or null")
     try:
-        kind = raw["kind"]
-        if kind not in ("action", "outcome"):
-            raise _bad(f"{where}.kind", "must be action or outcome")
-        value = raw.get("value")
-        return NewEvent(
-            id=_required(raw, "id", where),
-            idem_key=_required(raw, "idempotency_key", where),
-            kind=cast(Kind, kind),
-            body=_required(raw, "body", where).encode("utf-8"),
-            fingerprint=bytes.fromhex(str(raw.get("fingerprint") or "")),
-            agent_key=_required(raw, "agent_key", where),
-            event_type=_required(raw, "event_type", where),
-            value=None if value is None else float(value),
-            received_at=float(raw["received_at"]),
-            created_at=_required(raw, "created_at", where),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
+        digest = bytes.fromhex(fingerprint or "")
+        number = None if value is None else float(value)
+        received = float(received_at)
+    except (ValueError, OverflowError) as exc:
         raise _bad(where, f"is not a salvaged event: {exc}") from exc
+    idem_key = _required(raw, "idempotency_key", where)
+    problem = check_idempotency_key(idem_key)
+    if problem is not None:  # it goes upstream as a header: as a client's key would
+        raise _bad(f"{where}.idempotency_key", problem)
+    return NewEvent(
+        id=_required(raw, "id", where),
+        idem_key=idem_key,
+        kind=cast(Kind, kind),
+        body=_required(raw, "body", where).encode("utf-8"),
+        fingerprint=digest,
+        agent_key=_required(raw, "agent_key", where),
+        event_type=_required(raw, "event_type", where),
+        value=number,
+        received_at=received,
+        created_at=_required(raw, "created_at", where),
+    )
 
 
 def _required(raw: Mapping[str, Any], name: str, where: str) -> str:
@@ -285,6 +336,9 @@ def _required(raw: Mapping[str, Any], name: str, where: str) -> str:
 async def post_salvage(request: web.Request) -> web.Response:
     _check_token(request)
     body = await _body(request)
+    unknown = sorted(set(body) - {"events"})
+    if unknown:
+        raise _bad(unknown[0], 'unknown field; the body is {"events": [...]}')
     raw = body.get("events")
     if not isinstance(raw, list):
         raise _bad("events", "must be a list of salvaged events")
@@ -308,7 +362,11 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/v1/dead-letters", list_dead_letters)
     app.router.add_get("/v1/dead-letters/summary", dead_letter_summary)
     app.router.add_get("/v1/dead-letters/count", count_dead_letters)
-    app.router.add_get("/v1/dead-letters/{id}", show_dead_letter)
+    # Not the names of the routes beside it: GET .../retry is a 405 (Allow: POST), not a
+    # lookup of a dead letter called "retry".
+    app.router.add_get(
+        r"/v1/dead-letters/{id:(?!(?:summary|count|retry|purge)$)[^/]+}", show_dead_letter
+    )
     app.router.add_post("/v1/dead-letters/retry", retry_dead_letters)
     app.router.add_post("/v1/dead-letters/purge", purge_dead_letters)
     app.router.add_post("/v1/salvage", post_salvage)
