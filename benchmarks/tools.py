@@ -1,6 +1,7 @@
 """The processes ``benchmarks/run.py`` starts, one subcommand each (never run in the tests).
 
     python benchmarks/tools.py bare --port-file F          # bare aiohttp ingest ceiling
+    python benchmarks/tools.py minimal --port-file F --db D  # minimal group-commit prototype
     python benchmarks/tools.py load --url U -c 64 -d 5     # Python load generator (JSON out)
     python benchmarks/tools.py httpx-loop --url U -n 20000 # plain httpx loop to the fake API
     python benchmarks/tools.py aiohttp-loop --url U -n 20000 # the same with aiohttp's client
@@ -17,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 import tempfile
 import threading
 import time
@@ -76,6 +78,65 @@ def bare(args: argparse.Namespace) -> None:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)  # as the sidecar's
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        Path(args.port_file).write_text(str(port))  # noqa: ASYNC240 - once, at start
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+def minimal(args: argparse.Namespace) -> None:
+    """The issue's "minimal group-commit prototype": the bare app, plus each body appended
+    to one SQLite table (WAL, ``synchronous=FULL``) by a writer thread that commits every
+    body waiting as one transaction, and the 202 after that commit. No validation, keys,
+    ledger or forwarding: what durability alone costs, beside what the sidecar does."""
+
+    decode = msgspec.json.decode
+    encode = msgspec.json.Encoder().encode
+    db = sqlite3.connect(args.db, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute("CREATE TABLE IF NOT EXISTS q (seq INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+    waiting: list[tuple[bytes, asyncio.Future[None]]] = []
+    ready = threading.Condition()
+
+    def writer(loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            with ready:
+                while not waiting:
+                    ready.wait()
+                group = waiting[:]
+                waiting.clear()
+            db.execute("BEGIN")
+            db.executemany("INSERT INTO q (body) VALUES (?)", [(body,) for body, _ in group])
+            db.execute("COMMIT")
+            loop.call_soon_threadsafe(committed, group)
+
+    def committed(group: list[tuple[bytes, asyncio.Future[None]]]) -> None:
+        for _, future in group:
+            if not future.done():
+                future.set_result(None)
+
+    async def post(request: web.Request) -> web.Response:
+        raw = await request.read()
+        obj = decode(raw)
+        future = asyncio.get_running_loop().create_future()
+        with ready:
+            waiting.append((raw, future))
+            ready.notify()
+        await future
+        body = {"id": uuid.uuid4().hex, "status": "queued", "created_at": str(obj["agent_key"])}
+        return web.Response(status=202, body=encode(body), content_type="application/json")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=writer, args=(loop,), daemon=True).start()
+        app = web.Application()
+        app.router.add_post("/v1/actions", post)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         Path(args.port_file).write_text(str(port))  # noqa: ASYNC240 - once, at start
@@ -322,6 +383,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("bare")
     p.add_argument("--port-file", required=True)
+    p = sub.add_parser("minimal")
+    p.add_argument("--port-file", required=True)
+    p.add_argument("--db", required=True)
     p = sub.add_parser("load")
     p.add_argument("--url", required=True)
     p.add_argument("-c", "--connections", type=int, default=64)
@@ -347,6 +411,7 @@ def main() -> None:
     args = parser.parse_args()
     commands = {
         "bare": bare,
+        "minimal": minimal,
         "load": load,
         "httpx-loop": httpx_loop,
         "aiohttp-loop": aiohttp_loop,
