@@ -219,7 +219,7 @@ def _ms(value: str) -> float:
 def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, Any]:
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script)]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
-    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, re.M))
+    pct = dict(re.findall(r"^\s*(\d+)%\s+(\S+)\s*$", out, re.M))
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     if m is None:
         raise SystemExit(f"unreadable wrk output:\n{out}")
@@ -236,6 +236,7 @@ def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, A
         "p50_ms": _ms(pct.get("50", "")),
         "p99_ms": _ms(pct.get("99", "")),
         "wrk_percentiles": pct,  # as printed, for a figure that does not parse (nan)
+        "wrk_output": out,  # whole, for a line the patterns above miss
     }
 
 

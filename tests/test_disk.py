@@ -110,6 +110,14 @@ async def metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+async def salvage_offline(moved: Path, data_dir: Path, **env: str) -> tuple[int, str, str]:
+    """``valmi-sidecar salvage`` with no sidecar listening: it writes the database."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    return await run_cli(
+        "salvage", str(moved), "--data-dir", str(data_dir), "--url", nowhere, **env
+    )
+
+
 async def test_corrupt_database_is_moved_aside_then_salvaged_with_original_keys(
     fake: FakeValmi, sidecar_process: SidecarProcessFactory, tmp_path: Path
 ) -> None:
@@ -153,14 +161,7 @@ async def test_corrupt_database_is_moved_aside_then_salvaged_with_original_keys(
     assert 0 == await second.wait_exit()
 
     # Salvage on the stopped sidecar's data directory: every readable event, original key.
-    code, out, err = await run_cli(
-        "salvage",
-        str(moved),
-        "--data-dir",
-        str(data_dir),
-        "--url",
-        f"http://127.0.0.1:{free_port()}",
-    )
+    code, out, err = await salvage_offline(moved, data_dir)
     assert 0 == code, err
     salvaged = int(out.split()[1])
     unreadable = int(out.split("with a reused key skipped, ")[1].split()[0])
@@ -242,15 +243,7 @@ async def test_salvage_through_a_running_sidecar_keeps_each_request_within_its_b
     # already salvaged are recognised by their keys.
     second.signal(signal.SIGTERM)
     assert 0 == await second.wait_exit()
-    code, out, err = await run_cli(
-        "salvage",
-        str(moved),
-        "--data-dir",
-        str(data_dir),
-        "--url",
-        f"http://127.0.0.1:{free_port()}",
-        **limit,
-    )
+    code, out, err = await salvage_offline(moved, data_dir, **limit)
     assert 0 == code, err
     assert out.startswith(f"salvaged 1 events from {moved} (60 already queued"), out
 
