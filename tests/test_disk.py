@@ -236,6 +236,7 @@ async def test_salvage_through_a_running_sidecar_keeps_each_request_within_its_b
     assert "too big to salvage through the sidecar's API" in err
     assert "max_body_bytes=8192" in err
     assert "stop the sidecar" in err
+    assert "(60 salvaged before it)" in err
     code, out, _ = await run_cli("status", "--json", "--url", url)
     assert 60 == json.loads(out)["events"]["queued"]
 

@@ -1056,7 +1056,7 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
                 too_big = _too_big_to_post(records, t.settings.max_body_bytes)
                 if too_big is not None:
                     _progress_done()
-                    raise too_big
+                    raise CliError(f"{too_big} ({totals['imported']} salvaged before it)")
                 data = _call(t, "POST", "/v1/salvage", body={"events": records})
                 if data is None:  # nothing listens (any more): import the rest directly
                     _offline(t, "/v1/salvage")
