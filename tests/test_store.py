@@ -393,6 +393,20 @@ async def test_oldest_queued_at_follows_the_queue(open_store: OpenStore, clock: 
     assert store.counts().oldest_queued_at is None
 
 
+async def test_oldest_queued_at_when_one_group_settles_the_last_and_adds_new_events(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    await store.submit([action(clock)])
+    (first,) = await store.lease(1, frozenset())
+    clock.t += 10
+    # Both are pending before the writer runs: one group removes the old event and
+    # queues the new one.
+    await asyncio.gather(store.settle([Delivered(first.seq)]), store.submit([action(clock)]))
+    assert 2 == store.commits  # the first submit, then one group
+    assert T0 + 10 == store.counts().oldest_queued_at
+
+
 async def test_dead_letter_keeps_the_full_event(open_store: OpenStore, clock: Clock) -> None:
     store = await open_store()
     event = outcome(clock, 3.25)

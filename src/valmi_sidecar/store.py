@@ -1468,13 +1468,15 @@ class Store:
                 rows = db.execute(_SELECT_KEYS, (_json.encode(keys).decode(),)).fetchall()
                 known = {r[0]: tuple(r) for r in rows}
             self._plan_submits(submits, plan, event_rows, known)
-        if event_rows and plan.oldest is None:
-            plan.oldest = (event_rows[0][0], event_rows[0][9])
-            plan.oldest_changed = True
         for op in settles:
             plan.results.append((op, None))
         if settles:
             self._write_settles(db, settles, plan)
+        # After the settlements, which may have removed every older event: the new events
+        # are written last, so they are the oldest only when nothing older is left.
+        if event_rows and plan.oldest is None:
+            plan.oldest = (event_rows[0][0], event_rows[0][9])
+            plan.oldest_changed = True
         _write_and_commit(db, _group_write_rows(event_rows, plan))
         return plan
 
