@@ -47,7 +47,7 @@ import aiosqlite
 import msgspec
 import structlog
 
-from .events import Kind, NewEvent
+from .events import Kind, NewEvent, check_idempotency_key
 from .metrics import COMMIT_EVENTS_BUCKETS, COMMIT_SECONDS_BUCKETS, Histogram
 
 log = structlog.get_logger("valmi_sidecar.store")
@@ -769,6 +769,22 @@ def _count(counts: dict[Any, int], key: Any, n: int = 1) -> None:
 
 def _ledger_rows(delta: _LedgerDelta) -> list[tuple[Any, ...]]:
     return [(*key, int(r[0]), int(r[1]), int(r[2]), r[3], r[4], r[5]) for key, r in delta.items()]
+
+
+#: The last second of year 9999: a receipt time must have a UTC day (the ledger's).
+MAX_UNIX_TIME: Final = 253_402_300_799
+
+
+def salvage_problem(event: NewEvent) -> tuple[str, str] | None:
+    """Why a salvaged event cannot be queued again, as ``(field, problem)``; ``None`` when it
+    can. A damaged row or a hand-made record may hold what ingest never makes: a receipt
+    time with no UTC day (the writer cannot book it) or a key that cannot be a header."""
+    if not 0 <= event.received_at <= MAX_UNIX_TIME:  # NaN too
+        return "received_at", f"must be a Unix time from 0 to {MAX_UNIX_TIME}"
+    problem = check_idempotency_key(event.idem_key)
+    if problem is not None:
+        return "idempotency_key", problem
+    return None
 
 
 @functools.lru_cache(maxsize=64)
@@ -2052,6 +2068,9 @@ class ReadOnlyDatabase:
                 created_at=str(created_at),
             )
         except (TypeError, ValueError, msgspec.DecodeError):
+            report.unreadable += 1
+            return None
+        if salvage_problem(event) is not None:
             report.unreadable += 1
             return None
         report.read += 1
