@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,29 +62,37 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 # -- bare aiohttp app ---------------------------------------------------------------------
 
 
+_decode = msgspec.json.decode
+_encode = msgspec.json.Encoder().encode
+Post = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _accepted(obj: Any) -> web.Response:
+    """A 202 with a body of the shape the sidecar answers."""
+    body = {"id": uuid.uuid4().hex, "status": "queued", "created_at": str(obj["agent_key"])}
+    return web.Response(status=202, body=_encode(body), content_type="application/json")
+
+
+async def _serve(post: Post, port_file: str) -> None:
+    """``post`` on ``/v1/actions`` at a free loopback port (written to ``port_file``)."""
+    app = web.Application()
+    app.router.add_post("/v1/actions", post)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)  # as the sidecar's
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    Path(port_file).write_text(str(port))  # noqa: ASYNC240 - once, at start
+    await asyncio.Event().wait()
+
+
 def bare(args: argparse.Namespace) -> None:
     """Read and parse the same JSON body, answer 202 with a body of the same shape."""
 
-    decode = msgspec.json.decode
-    encode = msgspec.json.Encoder().encode
-
     async def post(request: web.Request) -> web.Response:
-        obj = decode(await request.read())
-        body = {"id": uuid.uuid4().hex, "status": "queued", "created_at": str(obj["agent_key"])}
-        return web.Response(status=202, body=encode(body), content_type="application/json")
+        return _accepted(_decode(await request.read()))
 
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_post("/v1/actions", post)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)  # as the sidecar's
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        Path(args.port_file).write_text(str(port))  # noqa: ASYNC240 - once, at start
-        await asyncio.Event().wait()
-
-    uvloop.run(main())
+    uvloop.run(_serve(post, args.port_file))
 
 
 def minimal(args: argparse.Namespace) -> None:
@@ -92,8 +101,6 @@ def minimal(args: argparse.Namespace) -> None:
     body waiting as one transaction, and the 202 after that commit. No validation, keys,
     ledger or forwarding: what durability alone costs, beside what the sidecar does."""
 
-    decode = msgspec.json.decode
-    encode = msgspec.json.Encoder().encode
     db = sqlite3.connect(args.db, check_same_thread=False, isolation_level=None)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = FULL")
@@ -120,27 +127,18 @@ def minimal(args: argparse.Namespace) -> None:
 
     async def post(request: web.Request) -> web.Response:
         raw = await request.read()
-        obj = decode(raw)
+        obj = _decode(raw)
         future = asyncio.get_running_loop().create_future()
         with ready:
             waiting.append((raw, future))
             ready.notify()
         await future
-        body = {"id": uuid.uuid4().hex, "status": "queued", "created_at": str(obj["agent_key"])}
-        return web.Response(status=202, body=encode(body), content_type="application/json")
+        return _accepted(obj)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         threading.Thread(target=writer, args=(loop,), daemon=True).start()
-        app = web.Application()
-        app.router.add_post("/v1/actions", post)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        Path(args.port_file).write_text(str(port))  # noqa: ASYNC240 - once, at start
-        await asyncio.Event().wait()
+        await _serve(post, args.port_file)
 
     uvloop.run(main())
 
