@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-import httpx
-
 from . import __version__
 from .admin import ledger_totals, salvage_record
 from .config import (
@@ -493,6 +491,10 @@ def _call(
     body: object = None,
 ) -> Any:
     """The JSON answer of the running sidecar, or ``None`` when nothing listens there."""
+    # Imported here: only the commands that ask a running sidecar need it, and ``run``
+    # stays 2.7 MB smaller without it (idle resident memory is a target).
+    import httpx  # noqa: PLC0415
+
     url = t.base + path
     try:
         response = httpx.request(
