@@ -15,8 +15,11 @@ Writes ``benchmarks/results/bench.{md,json,png}`` and prints the Markdown table.
    taken against the bare run of the same round (the machine drifts). The sidecar
    forwards to a fake API with the default 10,000/min budget while it ingests, as it
    would in production ("not forwarding": nothing listens upstream).
-   Then latency below saturation: 64 connections paced (wrk's Lua ``delay``) to 25, 50
-   and 75% of bare's events/s.
+   Beside them, a prototype of ingest spread over three processes (``tools.py fronts``:
+   HTTP and validation in each, one store), to measure what that architecture would
+   gain; each row gives the whole machine's CPU time per event too (``--targets`` picks).
+   Then latency below saturation: 64 connections paced (wrk's Lua ``delay``) to 12.5,
+   25, 37.5, 50 and 75% of bare's events/s.
 2. Peer queue: ``tools.py peer`` (the store against persist-queue's SQLiteAckQueue).
 3. Forwarding: 20,000 queued events drained to the fake API without a rate limit, against
    ``tools.py httpx-loop`` (the same requests from a plain httpx loop); then a fake API
@@ -88,10 +91,25 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def rss_mib(pid: int) -> float:
+    """Resident memory of a process and of its child processes (the ``fronts`` prototype
+    forks; their shared pages count in each, so this is an upper bound for them)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+            total = int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                total += rss_mib(int(child))
+    return total
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy since boot (every core; /proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / CLK_TCK
 
 
 def cpu_s(pid: int) -> float:
@@ -218,7 +236,9 @@ def _ms(value: str) -> float:
 
 def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, Any]:
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script)]
+    busy = machine_busy_s()
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    busy = machine_busy_s() - busy
     pct = dict(re.findall(r"^\s*(\d+)%\s+(\S+)\s*$", out, re.M))
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     if m is None:
@@ -233,6 +253,9 @@ def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, A
         "non_2xx": bad,
         "socket_errors": errors.group(1) if errors else "",
         "events_per_s": (requests - bad) / elapsed,
+        # The whole machine's CPU time per answer: the target's, wrk's and anything else
+        # running (nothing else should be). On 2 cores this bounds any design's rate.
+        "machine_cpu_us_per_event": busy * 1e6 / max(requests, 1),
         "p50_ms": _ms(pct.get("50", "")),
         "p99_ms": _ms(pct.get("99", "")),
         "wrk_percentiles": pct,  # as printed, for a figure that does not parse (nan)
@@ -246,7 +269,12 @@ def load(url: str, connections: int, seconds: float, script: Path) -> dict[str, 
         wrk(url, connections, 1, script)
         return wrk(url, connections, seconds, script)
     cmd = [*TOOLS, "load", "--url", url, "-c", str(connections), "-d", str(seconds)]
-    return dict(json.loads(subprocess.run(cmd, capture_output=True, check=True).stdout))
+    busy = machine_busy_s()
+    out = dict(json.loads(subprocess.run(cmd, capture_output=True, check=True).stdout))
+    # Over the warm-up second too (at about the same rate), and the load generator's start.
+    busy = machine_busy_s() - busy
+    out["machine_cpu_us_per_event"] = busy * 1e6 / max(out["events_per_s"] * (seconds + 1), 1)
+    return out
 
 
 def tool(*args: str) -> dict[str, Any]:
@@ -257,18 +285,20 @@ def tool(*args: str) -> dict[str, Any]:
 # -- the steps ------------------------------------------------------------------------
 
 
-TARGETS = ("bare", "minimal", "full", "normal", "full-idle")
+TARGETS = ("bare", "minimal", "fronts", "full", "normal", "full-idle")
 
 
 @contextlib.contextmanager
 def ingest_target(target: str, run_dir: Path, fake: str) -> Iterator[tuple[str, int]]:
     """A fresh process and data directory for one ingest target: ``(url, pid)``."""
-    if target in ("bare", "minimal"):
+    if target in ("bare", "minimal", "fronts"):
         port_file = run_dir.with_suffix(".port")
         cmd = [*TOOLS, target, "--port-file", str(port_file)]
         if target == "minimal":
             run_dir.mkdir(parents=True)
             cmd += ["--db", str(run_dir / "q.db")]
+        if target == "fronts":  # two front processes and the main one, all serving HTTP
+            cmd += ["--data-dir", str(run_dir), "--fronts", "2"]
         proc = subprocess.Popen(cmd)
         try:
             while not port_file.exists() or not port_file.read_text():
@@ -293,7 +323,7 @@ def _median_row(runs: list[dict[str, Any]], ratios: list[float]) -> dict[str, An
     """One table row from the rounds of a (target, connections): medians, and the share
     of bare as the median of the per-round shares (each against the bare run beside it)."""
     row = dict(runs[statistics.median_low(range(len(runs)))])  # for the tool's own fields
-    for key in ("events_per_s", "p50_ms", "p99_ms", "rss_max_mib"):
+    for key in ("events_per_s", "p50_ms", "p99_ms", "rss_max_mib", "machine_cpu_us_per_event"):
         row[key] = statistics.median(x[key] for x in runs)
     row |= {
         "vs_bare": statistics.median(ratios),
@@ -305,14 +335,15 @@ def _median_row(runs: list[dict[str, Any]], ratios: list[float]) -> dict[str, An
 
 
 def ingest(args: argparse.Namespace, work: Path, fake: str, script: Path) -> dict[str, Any]:
-    """Each round runs the four targets one after the other (in a rotated order), so that
+    """Each round runs every target one after the other (in a rotated order), so that
     every sidecar run has a bare run beside it: the machine drifts between rounds."""
     rows: list[dict[str, Any]] = []
     idle: dict[str, float] = {}
     for c in args.connections:
-        runs: dict[str, list[dict[str, Any]]] = {t: [] for t in TARGETS}
+        targets = tuple(args.targets)
+        runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
         for n in range(args.rounds):
-            order = TARGETS[n % len(TARGETS) :] + TARGETS[: n % len(TARGETS)]
+            order = targets[n % len(targets) :] + targets[: n % len(targets)]
             for target in order:
                 run_dir = work / f"ingest-{target}-{c}-{n}"
                 with ingest_target(target, run_dir, fake) as (url, pid):
@@ -336,7 +367,7 @@ def ingest(args: argparse.Namespace, work: Path, fake: str, script: Path) -> dic
                     flush=True,
                 )
         bare = [x["events_per_s"] for x in runs["bare"]]
-        for target in TARGETS:
+        for target in targets:
             ratios = [x["events_per_s"] / b for x, b in zip(runs[target], bare, strict=True)]
             rows.append(_median_row(runs[target], ratios))
     return {"rows": rows, "idle": idle}
@@ -587,15 +618,24 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 ("(same, not forwarding meanwhile)", _share(idle_row), idle_row["vs_bare"] >= 0.75)
             )
         out.append(("full ingest @64 p99 < 10 ms", f"{full['p99_ms']:.1f} ms", full["p99_ms"] < 10))
-    for x in r.get("paced", {}).get("points", []):
-        if x["target"] == "full" and x["share_of_bare"] == 0.5:
-            out.append(
-                (
-                    f"(same, paced to {x['offered_per_s']:,} ev/s: half of bare's rate)",
-                    f"{x['p99_ms']:.1f} ms",
-                    x["p99_ms"] < 10 and x["events_per_s"] >= 0.97 * x["offered_per_s"],
-                )
+    paced = [x for x in r.get("paced", {}).get("points", []) if x["target"] == "full"]
+    if paced:
+        # The same two targets at once, without the closed loop's queueing: at what share
+        # of bare's rate the sidecar still keeps up (97%) with p99 under 10 ms.
+        kept = [
+            x for x in paced if x["p99_ms"] < 10 and x["events_per_s"] >= 0.97 * x["offered_per_s"]
+        ]
+        best = max(kept, key=lambda x: x["share_of_bare"], default=None)
+        out.append(
+            (
+                "(same, paced: p99 < 10 ms kept up to ≥ 75% of bare's rate)",
+                "at no paced rate"
+                if best is None
+                else f"up to {best['offered_per_s']:,} ev/s ({best['share_of_bare']:.0%}): "
+                f"p99 {best['p99_ms']:.1f} ms",
+                best is not None and best["share_of_bare"] >= 0.75,
             )
+        )
     if "peer" in r:
         x = r["peer"]["store"]["events_per_s"] / r["peer"]["persist_queue"]["events_per_s"]
         out.append(("≥ 5 x persist-queue durable events/s", f"{x:.1f} x", x >= 5))
@@ -655,6 +695,7 @@ NAMES = {
     "full": "sidecar, full",
     "normal": "sidecar, normal",
     "full-idle": "sidecar, full, not forwarding",
+    "fronts": "prototype: 3 HTTP processes, 1 store",
 }
 
 
@@ -675,14 +716,16 @@ def markdown(r: dict[str, Any]) -> str:
         "share of the bare run beside it. p50/p99 are wrk's, in a closed loop: at "
         "saturation, mean latency = connections / throughput (Little's law).",
         "",
-        "| ingest | connections | events/s | vs bare (range) | p50 ms | p99 ms | RSS max MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ingest | connections | events/s | vs bare (range) | p50 ms | p99 ms | RSS max MiB "
+        "| machine CPU µs/event |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for x in r["ingest"]["rows"]:
         name = NAMES[x["target"]]
         lines.append(
             f"| {name} | {x['connections']} | {x['events_per_s']:,.0f} | {_share(x)} | "
-            f"{x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['rss_max_mib']:.0f} |"
+            f"{x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['rss_max_mib']:.0f} | "
+            f"{x.get('machine_cpu_us_per_event', float('nan')):.0f} |"
         )
     if "paced" in r:
         lines += [
@@ -760,6 +803,7 @@ def chart(r: dict[str, Any], path: Path) -> None:
     for target, label in (
         ("bare", "bare aiohttp"),
         ("minimal", "minimal group commit"),
+        ("fronts", "prototype: 3 HTTP processes"),
         ("full", "sidecar full"),
         ("normal", "sidecar normal"),
     ):
@@ -786,10 +830,17 @@ def main() -> int:
     parser.add_argument("--connections", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--rounds", type=int, default=3, help="ingest rounds, interleaved")
     parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=TARGETS,
+        default=list(TARGETS),
+        help="ingest targets (bare is always run: every share is of it)",
+    )
+    parser.add_argument(
         "--paced-shares",
         type=float,
         nargs="+",
-        default=[0.25, 0.5, 0.75],
+        default=[0.125, 0.25, 0.375, 0.5, 0.75],
         help="paced ingest rates, as shares of bare's events/s at 64 connections",
     )
     parser.add_argument("--idle-s", type=float, default=10.0)
@@ -805,6 +856,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--dir", type=Path, default=HERE, help="where the temporary data goes")
     args = parser.parse_args()
+    if "bare" not in args.targets:
+        args.targets.insert(0, "bare")
     if args.quick:
         args.seconds, args.idle_s, args.limited_s, args.rounds = 3.0, 5.0, 20.0, 2
         args.forward_events, args.backlog, args.backlog_drain_s = 5_000, 100_000, 5.0
