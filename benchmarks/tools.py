@@ -164,8 +164,8 @@ async def _frames(reader: asyncio.StreamReader, on_frame: Callable[[Any], None])
         try:
             (n,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
             on_frame(_unpack(await reader.readexactly(n)))
-        except asyncio.IncompleteReadError:
-            return
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            return  # the other process stopped
 
 
 def _send(writer: asyncio.StreamWriter, obj: Any) -> None:
