@@ -1,6 +1,6 @@
 """``make bench``: the sidecar against its ceilings and a peer, side by side in one run.
 
-    .venv/bin/python benchmarks/run.py                      # everything (about 20 minutes)
+    .venv/bin/python benchmarks/run.py                      # everything (about 30 minutes)
     .venv/bin/python benchmarks/run.py --quick              # short runs, 100k backlog
 
 Writes ``benchmarks/results/bench.{md,json,png}`` and prints the Markdown table.
