@@ -248,13 +248,13 @@ def fronts(args: argparse.Namespace) -> None:
 
     sock = listener(0)
     port = sock.getsockname()[1]
-    channels = []
+    channels: list[socket.socket] = []
     for _ in range(args.fronts):
         mine, theirs = socket.socketpair()
         front_sock = listener(port)
         if os.fork() == 0:  # before any event loop or thread exists
-            mine.close()
-            sock.close()
+            for fd in (mine, sock, *channels):  # the main one's: so its exit is our EOF
+                fd.close()
             _front(front_sock, theirs)
             os._exit(0)
         theirs.close()
