@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from tests.conftest import SidecarFactory, SidecarProcessFactory, wait_until
+from valmi_sidecar.events import parse_one
+from valmi_sidecar.store import DeadLetter, Store
 
 if TYPE_CHECKING:
     from valmi_sidecar.fake_api import FakeValmi
@@ -254,6 +257,90 @@ async def test_commands_work_on_the_database_when_no_sidecar_runs(
     code, out, _ = await run_cli("dead-letters", "list", "--url", url2, "--json")
     assert (0, 1) == (code, len(json.loads(out)))
     assert sidecar2._store is not None
+
+
+async def test_salvage_says_which_dead_letters_stay_behind_and_from_reads_them(
+    tmp_path: Path,
+) -> None:
+    """Salvage queues again only what a moved-aside file still had queued: its dead
+    letters (refused upstream, or expired) are not re-sent unasked, and would go with the
+    file. Salvage says how many stay, and ``--from FILE`` lists, shows and exports them."""
+    old_dir, live_dir = tmp_path / "old", tmp_path / "live"
+    store = await Store.open(old_dir, prune_interval_s=None)
+    try:
+        bodies = [{"agent_key": "agent_d", "action_type": f"type_{i}"} for i in range(3)]
+        accepted = await store.submit([parse_one("action", json.dumps(b).encode()) for b in bodies])
+        refused, expired, _queued = await store.lease(3, frozenset())
+        await store.settle(
+            [
+                DeadLetter(refused.seq, "rejected", 422, '{"error": "bad value"}'),
+                DeadLetter(expired.seq, "expired", None, "not delivered within 7 days"),
+            ]
+        )
+    finally:
+        await store.close()
+    moved = tmp_path / "queue.db.corrupt-20261126T160000Z"
+    (old_dir / "queue.db").rename(moved)  # closed cleanly: no WAL beside it
+    await (await Store.open(live_dir, prune_interval_s=None)).close()  # the new, empty one
+    common = ("--url", f"http://127.0.0.1:{free_port()}", "--data-dir", str(live_dir))
+
+    code, out, err = await run_cli("salvage", str(moved), *common)
+    assert 0 == code, err
+    salvaged, stays = out.strip().splitlines()
+    assert salvaged.startswith(f"salvaged 1 events from {moved} (0 already queued"), out
+    assert stays.startswith(f"2 dead letters stay in {moved}, not queued again"), out
+    assert f"dead-letters list --from {moved}" in stays
+    assert f"dead-letters export --from {moved} -o FILE" in stays
+
+    code, out, err = await run_cli("dead-letters", "list", "--from", str(moved), "--json", *common)
+    assert (0, "") == (code, err)
+    listed = {d["id"]: d for d in json.loads(out)}
+    assert {accepted[0].id: "rejected", accepted[1].id: "expired"} == {
+        k: d["reason"] for k, d in listed.items()
+    }
+    assert 422 == listed[accepted[0].id]["status"]
+    code, out, _ = await run_cli(
+        "dead-letters", "list", "--from", str(moved), "--reason", "expired", "--json", *common
+    )
+    assert [accepted[1].id] == [d["id"] for d in json.loads(out)]
+    code, out, err = await run_cli(
+        "dead-letters", "show", "--from", str(moved), accepted[0].id, *common
+    )
+    assert 0 == code, err
+    assert "type_0" == json.loads(out)["body"]["action_type"]
+    export = tmp_path / "kept.ndjson"
+    code, out, err = await run_cli(
+        "dead-letters", "export", "--from", str(moved), "-o", str(export), *common
+    )
+    assert (0, f"exported 2 dead letters to {export}") == (code, out.strip()), err
+    assert set(listed) == {json.loads(line)["id"] for line in export.read_text().splitlines()}
+
+    # The file's ledger too: received 3, delivered 0, dead-lettered 2, queued 1.
+    code, out, err = await run_cli("ledger", "--from", str(moved), "--json", *common)
+    assert (0, "") == (code, err)
+    totals = json.loads(out)["totals"]
+    assert (3, 1, 0, 2) == (
+        totals["received"],
+        totals["queued"],
+        totals["delivered"],
+        totals["dead_lettered"],
+    )
+
+    # The live database has the salvaged event queued and none of the file's dead letters.
+    code, out, _ = await run_cli("dead-letters", "list", "--json", *common)
+    assert (0, []) == (code, json.loads(out))
+    code, out, _ = await run_cli("status", "--json", *common)
+    assert (1, 0) == (
+        json.loads(out)["events"]["queued"],
+        json.loads(out)["events"]["dead_lettered"],
+    )
+
+    # A file with no dead letters gets no such line.
+    empty = tmp_path / "queue.db.corrupt-20261126T170000Z"
+    shutil.copy(live_dir / "queue.db", empty)
+    code, out, err = await run_cli("salvage", str(empty), *common)
+    assert 0 == code, err
+    assert "dead letters" not in out, out
 
 
 async def test_status_with_no_sidecar_and_no_database_says_so(tmp_path: Path) -> None:

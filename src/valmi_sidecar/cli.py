@@ -656,6 +656,16 @@ def _utc_day(text: str) -> str:
     return text
 
 
+def _add_from_flag(parser: argparse.ArgumentParser, what: str = "the dead letters") -> None:
+    parser.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help=f"read {what} of this database file instead, read-only (such as a moved-aside "
+        "queue.db.corrupt-…: salvage queues its queued events again, not the rest)",
+    )
+
+
 def _add_filter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reason", help="only this reason (rejected, expired)")
     parser.add_argument("--agent-key", help="only events of this agent key")
@@ -810,9 +820,10 @@ def _ledger_line(row: Mapping[str, Any]) -> list[object]:
 def _cmd_ledger(args: argparse.Namespace) -> int:
     t = _target(args)
     params = {"agent_key": args.agent_key, "since": args.since, "until": args.until}
-    data = _call(t, "GET", "/v1/ledger", params=params)
+    data = None if args.from_file else _call(t, "GET", "/v1/ledger", params=params)
     if data is None:
-        with _read_only(_offline(t, "/v1/ledger")) as db:
+        source = Path(args.from_file) if args.from_file else _offline(t, "/v1/ledger")
+        with _read_only(source) as db:
             try:
                 rows = db.ledger(args.agent_key, args.since, args.until)
             except StoreError as e:
@@ -858,12 +869,13 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def _iter_dead_letters(
-    t: _Target, fields: Mapping[str, Any], limit: int | None
+    t: _Target, fields: Mapping[str, Any], limit: int | None, source: str | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Matching dead letters as JSON objects, oldest first, from the API or the database."""
+    """Matching dead letters as JSON objects, oldest first, from the API or the database;
+    from the database file ``source`` when given (``--from``: a moved-aside one)."""
     remaining = limit if limit is not None else 2**62
     after = 0
-    offline_db: ReadOnlyDatabase | None = None
+    offline_db = None if source is None else _read_only(Path(source))
     try:
         while remaining > 0:
             page = min(remaining, 1_000)
@@ -899,7 +911,7 @@ def _iter_dead_letters(
 
 def _cmd_dl_list(args: argparse.Namespace) -> int:
     t = _target(args)
-    items = list(_iter_dead_letters(t, _filter_fields(args), args.limit))
+    items = list(_iter_dead_letters(t, _filter_fields(args), args.limit, args.from_file))
     if args.json:
         _out(json.dumps(items, indent=2))
         return 0
@@ -918,7 +930,7 @@ def _cmd_dl_list(args: argparse.Namespace) -> int:
 
 def _cmd_dl_show(args: argparse.Namespace) -> int:
     t = _target(args)
-    items = list(_iter_dead_letters(t, {"ids": [args.event_id]}, 1))
+    items = list(_iter_dead_letters(t, {"ids": [args.event_id]}, 1, args.from_file))
     if not items:
         raise CliError(f"no dead letter with id {args.event_id}")
     _out(json.dumps(items[0], indent=2))
@@ -931,7 +943,7 @@ def _cmd_dl_export(args: argparse.Namespace) -> int:
     n = 0
     stream = sys.stdout if out_path == "-" else open(out_path, "w", encoding="utf-8")  # noqa: SIM115
     try:
-        for item in _iter_dead_letters(t, _filter_fields(args), args.limit):
+        for item in _iter_dead_letters(t, _filter_fields(args), args.limit, args.from_file):
             stream.write(json.dumps(item, separators=(",", ":")) + "\n")
             n += 1
             if n % 1000 == 0:
@@ -1051,6 +1063,10 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
     totals = {"imported": 0, "duplicates": 0, "conflicts": 0}
     offline = False
     with _read_only(source) as db:
+        try:
+            dead: int | None = db.count_dead_letters(DeadLetterFilter())
+        except StoreError:
+            dead = None  # a damaged table: said below
         chunks = db.salvage(report)
         for chunk in chunks:
             bodies = _salvage_bodies(chunk, t.settings.max_body_bytes)
@@ -1081,6 +1097,15 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
         + ("; the rest of the table could not be walked" if report.gave_up else "")
         + ")"
     )
+    if dead != 0:
+        # Salvage queues only what was queued: the file's dead letters (refused by Valmi or
+        # expired) are not sent again unasked, and would go with the file.
+        held = "its dead letters could not be counted" if dead is None else f"{dead} dead letters"
+        _out(
+            f"{held} stay in {source}, not queued again: see them with `{PROG} dead-letters "
+            f"list --from {source}` and keep them with `{PROG} dead-letters export --from "
+            f"{source} -o FILE` before deleting it"
+        )
     return 0 if not report.gave_up else 1
 
 
@@ -1167,6 +1192,7 @@ def _add_operator_commands(sub: Any) -> None:
         "summed value. Totals reconcile with the event counts of `status`.",
     )
     _add_target_flags(ledger)
+    _add_from_flag(ledger, "the ledger")
     ledger.add_argument("--agent-key", help="only this agent key")
     ledger.add_argument("--since", type=_utc_day, metavar="YYYY-MM-DD", help="from this UTC day")
     ledger.add_argument(
@@ -1186,11 +1212,13 @@ def _add_operator_commands(sub: Any) -> None:
     dls = dl.add_subparsers(dest="dl_command", metavar="ACTION", required=True)
     p = dls.add_parser("list", help="list dead letters (a table, or --json)")
     _add_target_flags(p)
+    _add_from_flag(p)
     _add_filter_flags(p)
     p.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (default: 100)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = dls.add_parser("show", help="one dead letter, with its body, as JSON")
     _add_target_flags(p)
+    _add_from_flag(p)
     p.add_argument("event_id", metavar="ID", help="the event id (evt_…)")
     p = dls.add_parser(
         "retry",
@@ -1214,6 +1242,7 @@ def _add_operator_commands(sub: Any) -> None:
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = dls.add_parser("export", help="write dead letters as NDJSON (one JSON object a line)")
     _add_target_flags(p)
+    _add_from_flag(p)
     _add_filter_flags(p)
     p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N (default: all)")
     p.add_argument(
