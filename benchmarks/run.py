@@ -339,8 +339,8 @@ def ingest(args: argparse.Namespace, work: Path, fake: str, script: Path) -> dic
     every sidecar run has a bare run beside it: the machine drifts between rounds."""
     rows: list[dict[str, Any]] = []
     idle: dict[str, float] = {}
+    targets = tuple(args.targets)
     for c in args.connections:
-        targets = tuple(args.targets)
         runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
         for n in range(args.rounds):
             order = targets[n % len(targets) :] + targets[: n % len(targets)]
@@ -725,7 +725,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {x['connections']} | {x['events_per_s']:,.0f} | {_share(x)} | "
             f"{x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['rss_max_mib']:.0f} | "
-            f"{x.get('machine_cpu_us_per_event', float('nan')):.0f} |"
+            f"{x['machine_cpu_us_per_event']:.0f} |"
         )
     if "paced" in r:
         lines += [

@@ -72,18 +72,28 @@ _encode = msgspec.json.Encoder().encode
 Post = Callable[[web.Request], Awaitable[web.Response]]
 
 
-def _accepted(obj: Any) -> web.Response:
+def _answer(event_id: str, created_at: str) -> web.Response:
     """A 202 with a body of the shape the sidecar answers."""
-    body = {"id": uuid.uuid4().hex, "status": "queued", "created_at": str(obj["agent_key"])}
+    body = {"id": event_id, "status": "queued", "created_at": created_at}
     return web.Response(status=202, body=_encode(body), content_type="application/json")
 
 
-async def _serve(post: Post, port_file: str) -> None:
-    """``post`` on ``/v1/actions`` at a free loopback port (written to ``port_file``)."""
+def _accepted(obj: Any) -> web.Response:
+    return _answer(uuid.uuid4().hex, str(obj["agent_key"]))
+
+
+async def _runner(post: Post) -> web.AppRunner:
+    """An app with ``post`` on ``/v1/actions``, set up and ready for a site."""
     app = web.Application()
     app.router.add_post("/v1/actions", post)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    return runner
+
+
+async def _serve(post: Post, port_file: str) -> None:
+    """``post`` on ``/v1/actions`` at a free loopback port (written to ``port_file``)."""
+    runner = await _runner(post)
     site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)  # as the sidecar's
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
@@ -148,11 +158,6 @@ def minimal(args: argparse.Namespace) -> None:
     uvloop.run(main())
 
 
-def _sidecar_answer(accepted: Accepted) -> web.Response:
-    body = {"id": accepted.id, "status": "queued", "created_at": accepted.created_at}
-    return web.Response(status=202, body=_encode(body), content_type="application/json")
-
-
 _FRAME = struct.Struct("!I")
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
@@ -174,11 +179,7 @@ def _send(writer: asyncio.StreamWriter, obj: Any) -> None:
 
 
 async def _serve_on(post: Post, sock: socket.socket) -> None:
-    app = web.Application()
-    app.router.add_post("/v1/actions", post)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
+    await web.SockSite(await _runner(post), sock).start()
 
 
 def _front(sock: socket.socket, channel: socket.socket) -> None:
@@ -223,7 +224,8 @@ def _front(sock: socket.socket, channel: socket.socket) -> None:
                     e.created_at,
                 )
             )
-            return _sidecar_answer(await future)
+            accepted = await future
+            return _answer(accepted.id, accepted.created_at)
 
         await _serve_on(post, sock)
         await _frames(reader, answered)
@@ -267,7 +269,7 @@ def fronts(args: argparse.Namespace) -> None:
 
         async def post(request: web.Request) -> web.Response:
             (accepted,) = await store.submit([parse_one("action", await request.read())])
-            return _sidecar_answer(accepted)
+            return _answer(accepted.id, accepted.created_at)
 
         def on_frame(writer: asyncio.StreamWriter, items: list[list[Any]]) -> None:
             futures: list[tuple[int, asyncio.Future[list[Accepted]]]] = []

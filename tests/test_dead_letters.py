@@ -330,10 +330,8 @@ async def test_salvage_says_which_dead_letters_stay_behind_and_from_reads_them(
     code, out, _ = await run_cli("dead-letters", "list", "--json", *common)
     assert (0, []) == (code, json.loads(out))
     code, out, _ = await run_cli("status", "--json", *common)
-    assert (1, 0) == (
-        json.loads(out)["events"]["queued"],
-        json.loads(out)["events"]["dead_lettered"],
-    )
+    counts = json.loads(out)["events"]
+    assert (1, 0) == (counts["queued"], counts["dead_lettered"])
 
     # A file with no dead letters gets no such line.
     empty = tmp_path / "queue.db.corrupt-20261126T170000Z"

@@ -540,7 +540,6 @@ _SELECT_SETTLED: Final = (
     " strftime('%Y-%m-%d', received_at, 'unixepoch') FROM events"
     " WHERE seq IN (SELECT value FROM json_each(?))"
 )
-
 _BUMP_COUNTER: Final = "UPDATE counters SET value = value + ? WHERE name = ?"
 _BUMP_OPERATOR: Final = "UPDATE operator_counters SET value = value + ? WHERE name = ?"
 _DL_COLUMNS: Final = (
