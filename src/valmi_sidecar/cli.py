@@ -83,6 +83,7 @@ DESCRIPTIONS: Mapping[str, str] = {
     "final_flush_s": "seconds to keep forwarding after SIGTERM before exiting",
     "shutdown_grace_s": "seconds to let in-flight ingest requests finish on shutdown",
     "client_timeout_s": "seconds a client has to send its headers and body (or to stay idle between requests) before its connection is closed",
+    "ingest_processes": "processes that serve the local API: 1 is the sidecar alone; N > 1 starts N worker processes for HTTP and validation, the main one keeps the queue and forwarding",
     "log_level": "lowest level logged",
     "log_format": "log lines: 'json' (one object per line), 'console', or 'auto' (console on a terminal)",
     "access_log": "log every HTTP request to the local API",

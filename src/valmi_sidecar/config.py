@@ -21,6 +21,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 GiB = 1024**3
+#: The most processes that may serve the local API (``ingest_processes``).
+MAX_INGEST_PROCESSES = 32
 
 #: Environment variables that are not ``VALMI_SIDECAR_<FIELD>``.
 ENV_CONFIG = "VALMI_SIDECAR_CONFIG"
@@ -105,6 +107,7 @@ class Settings:
     final_flush_s: float = 10.0
     shutdown_grace_s: float = 5.0
     client_timeout_s: float = 30.0
+    ingest_processes: int = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     access_log: bool = False
@@ -528,6 +531,11 @@ def _check_together(settings: Settings, layers: _Layered) -> None:
             f"backoff_cap_s ({src('backoff_cap_s')}) is {settings.backoff_cap_s:g}; "
             "the base must not exceed the cap"
         )
+    if settings.ingest_processes > MAX_INGEST_PROCESSES:
+        raise ConfigError(
+            f"ingest_processes ({src('ingest_processes')}): {settings.ingest_processes} is more "
+            f"than {MAX_INGEST_PROCESSES}; use 1 (one process) or about one per CPU core"
+        )
     host = settings.host
     if not is_loopback(host) and settings.ingest_token is None:
         raise ConfigError(
@@ -544,6 +552,7 @@ __all__ = [
     "ENV_CONFIG",
     "ENV_INGEST_TOKEN",
     "ENV_INGEST_TOKEN_FILE",
+    "MAX_INGEST_PROCESSES",
     "PLAIN_FIELDS",
     "SECRET_FIELDS",
     "SECRET_FILE_KEYS",

@@ -116,6 +116,11 @@ class MetricsSource:
     max_queue_bytes: int
     max_event_age_s: float
     database_bytes: int
+    #: Ingest worker processes: configured (0 with ``ingest_processes = 1``), running,
+    #: and started again after an exit.
+    ingest_workers: int = 0
+    ingest_workers_running: int = 0
+    ingest_worker_restarts: int = 0
 
 
 def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
@@ -270,6 +275,21 @@ class _Snapshot(Collector):
         )
         yield _gauge("store_writable", "1 when the database accepts writes.", float(s.writable))
         yield _gauge("ready", "1 when /readyz answers 200.", float(s.ready))
+        yield _gauge(
+            "ingest_workers",
+            "Ingest worker processes configured (ingest_processes; 0 when the main process serves alone).",
+            s.ingest_workers,
+        )
+        yield _gauge(
+            "ingest_workers_running",
+            "Ingest worker processes listening now.",
+            s.ingest_workers_running,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "ingest_worker_restarts",
+            "Ingest worker processes started again after an exit, since start.",
+            value=s.ingest_worker_restarts,
+        )
         yield _gauge(
             "database_size_bytes", "Size of the database file and its WAL.", s.database_bytes
         )

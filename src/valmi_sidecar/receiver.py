@@ -10,7 +10,7 @@ import asyncio
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 import structlog
@@ -29,21 +29,37 @@ _JSON: Final = "application/json"
 RETRY_AFTER_DRAINING_S: Final = 5
 #: Seconds a client should wait before retrying after a failed disk write.
 RETRY_AFTER_STORE_ERROR_S: Final = 2
+#: The longest request line or header field, and the most header fields, a client may send.
+MAX_HEADER_LINE_BYTES: Final = 8190
+MAX_HEADERS: Final = 128
+#: Seconds aiohttp reads and discards the rest of a body it refused, before closing.
+LINGERING_S: Final = 2.0
 
 
 @dataclass
 class Lifecycle:
-    """What the receiver must know of the service's state: ready to accept, or draining."""
+    """What the receiver must know of the service's state: ready to accept, or draining;
+    with ingest workers, whether none of them is running (all restarting)."""
 
     ready: bool = False
     draining: bool = False
+    no_ingest_worker: bool = False
 
 
 StatusFn = Callable[[], dict[str, Any]]
 MetricsFn = Callable[[], bytes]
 
+
+class Submitter(Protocol):
+    """Where the ingest routes put events: the ``Store`` itself, or in an ingest worker
+    process the channel to the main process that owns it (the same answers and errors)."""
+
+    async def submit(self, events: Sequence[NewEvent]) -> list[Any]: ...
+
+
 SETTINGS: Final = web.AppKey("settings", Settings)
 STORE: Final = web.AppKey("store", Store)
+INGEST: Final = web.AppKey[Submitter]("ingest")
 LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
 STATUS: Final = web.AppKey[StatusFn]("status")
 METRICS: Final = web.AppKey[MetricsFn]("metrics")
@@ -207,7 +223,7 @@ def _idempotency_key(request: web.Request) -> str | None:
 
 async def _store(request: web.Request, new: list[NewEvent]) -> list[Any]:
     try:
-        return await request.app[STORE].submit(new)
+        return await request.app[INGEST].submit(new)
     except QueueFullError as exc:
         raise ApiError(
             503,
@@ -299,6 +315,8 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("starting")
     if lifecycle.draining:
         problems.append("shutting down")
+    if lifecycle.no_ingest_worker:
+        problems.append("no ingest worker is running (restarting; see the log)")
     if not store.writable:
         problems.append("the database is not writable (disk full or failing?)")
     if (
@@ -328,29 +346,65 @@ async def openapi_json(_request: web.Request) -> web.Response:
     return web.Response(body=openapi.document_bytes(), content_type=_JSON)
 
 
-def build_app(
-    settings: Settings,
-    lifecycle: Lifecycle,
-    status_fn: StatusFn,
-    metrics_fn: MetricsFn,
-) -> web.Application:
-    """The local API. The caller owns the lifecycle and sets ``app[STORE]`` in a cleanup
-    context before the first request; this module only serves them."""
+def ingest_app(settings: Settings, lifecycle: Lifecycle) -> web.Application:
+    """An application with the ingest routes' limits, error shape and refusal counts; the
+    caller adds the routes and sets ``app[INGEST]``."""
     app = web.Application(
         middlewares=[error_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[LIFECYCLE] = lifecycle
-    app[STATUS] = status_fn
-    app[METRICS] = metrics_fn
     app[REFUSED] = {}
+    return app
+
+
+def add_ingest_routes(app: web.Application) -> None:
     app.router.add_post("/v1/actions", post_action)
     app.router.add_post("/v1/outcomes", post_outcome)
     app.router.add_post("/v1/batch", post_batch)
+
+
+def build_app(
+    settings: Settings,
+    lifecycle: Lifecycle,
+    status_fn: StatusFn,
+    metrics_fn: MetricsFn,
+) -> web.Application:
+    """The local API. The caller owns the lifecycle and sets ``app[STORE]`` and
+    ``app[INGEST]`` in a cleanup context before the first request; this module only
+    serves them."""
+    app = ingest_app(settings, lifecycle)
+    app[STATUS] = status_fn
+    app[METRICS] = metrics_fn
+    add_ingest_routes(app)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_json)
     return app
+
+
+def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    """The runner of the local API, with its connection limits (the same in every process
+    that serves it)."""
+    # No access log line per request unless asked: aiohttp's own logger, then routed
+    # through structlog by logs.configure_logging.
+    extra: dict[str, Any] = {} if settings.access_log else {"access_log": None}
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=settings.shutdown_grace_s,
+        # A connection must finish its first request's headers, and later stay idle,
+        # at most this long (aiohttp starts the timer when the connection opens), so
+        # a slow or idle client cannot hold a socket forever. Bodies: _read_json_body.
+        keepalive_timeout=settings.client_timeout_s,
+        # Header limits (aiohttp's defaults, stated): beyond them, 400 and close.
+        max_line_size=MAX_HEADER_LINE_BYTES,
+        max_field_size=MAX_HEADER_LINE_BYTES,
+        max_headers=MAX_HEADERS,
+        # A refused body is read and discarded this long at most before the close.
+        lingering_time=LINGERING_S,
+        **extra,
+    )

@@ -26,10 +26,11 @@ from .config import Settings
 from .flusher import Flusher
 from .logs import configure_logging
 from .metrics import MetricsSource, render_metrics
-from .receiver import REFUSED, STORE, Lifecycle, build_app
+from .receiver import INGEST, REFUSED, STORE, Lifecycle, build_app, make_runner
 from .sdnotify import Notifier
 from .store import Store, StoreError, counts_json
 from .upstream import Upstream
+from .workers import IngestWorkers, listen_socket
 
 log = structlog.get_logger("valmi_sidecar.service")
 
@@ -37,11 +38,6 @@ log = structlog.get_logger("valmi_sidecar.service")
 CLOSE_TIMEOUT_S: Final = 10.0
 #: How often systemd's STATUS= line is refreshed with the queue depth.
 STATUS_INTERVAL_S: Final = 5.0
-#: The longest request line or header field, and the most header fields, a client may send.
-MAX_HEADER_LINE_BYTES: Final = 8190
-MAX_HEADERS: Final = 128
-#: Seconds aiohttp reads and discards the rest of a body it refused, before closing.
-LINGERING_S: Final = 2.0
 
 
 class Sidecar:
@@ -62,6 +58,7 @@ class Sidecar:
         self._started_at = time.time()
         self._notifier = Notifier.from_env()
         self._notify_tasks: list[asyncio.Task[None]] = []
+        self._workers: IngestWorkers | None = None
 
     # --- resources, one cleanup context each -------------------------------------
 
@@ -76,6 +73,7 @@ class Sidecar:
             recover_corrupt=True,  # a damaged file is moved aside: never a crash loop
         )
         app[STORE] = self._store
+        app[INGEST] = self._store
         self._store.writer_task.add_done_callback(self._on_background_done)
         try:
             yield
@@ -191,6 +189,7 @@ class Sidecar:
         flusher = self._flusher
         s = self.settings
         refused: dict[str, int] = app[REFUSED]
+        workers = self._workers
         return render_metrics(
             MetricsSource(
                 counts=self._store.counts(),
@@ -205,6 +204,9 @@ class Sidecar:
                 max_queue_bytes=s.max_queue_bytes,
                 max_event_age_s=s.max_event_age_s,
                 database_bytes=self._store.database_bytes(),
+                ingest_workers=workers.configured if workers is not None else 0,
+                ingest_workers_running=workers.alive if workers is not None else 0,
+                ingest_worker_restarts=workers.restarts if workers is not None else 0,
             )
         )
 
@@ -223,35 +225,20 @@ class Sidecar:
         app = build_app(s, self.lifecycle, self.status, lambda: self._metrics(app))
         add_admin_routes(app)
         app.cleanup_ctx.extend([self._store_ctx, self._upstream_ctx, self._flusher_ctx])
-        # No access log line per request unless asked: aiohttp's own logger, then routed
-        # through structlog by logs.configure_logging.
-        extra: dict[str, Any] = {} if s.access_log else {"access_log": None}
-        runner = web.AppRunner(
-            app,
-            handle_signals=False,
-            shutdown_timeout=s.shutdown_grace_s,
-            # A connection must finish its first request's headers, and later stay idle,
-            # at most this long (aiohttp starts the timer when the connection opens), so
-            # a slow or idle client cannot hold a socket forever. Bodies: receiver.py.
-            keepalive_timeout=s.client_timeout_s,
-            # Header limits (aiohttp's defaults, stated): beyond them, 400 and close.
-            max_line_size=MAX_HEADER_LINE_BYTES,
-            max_field_size=MAX_HEADER_LINE_BYTES,
-            max_headers=MAX_HEADERS,
-            # A refused body is read and discarded this long at most before the close.
-            lingering_time=LINGERING_S,
-            **extra,
-        )
+        runner = make_runner(app, s)
         self._runner = runner
         try:
             await runner.setup()
-            site = web.TCPSite(runner, s.host, s.port, backlog=1024)
-            await site.start()
+            if s.ingest_processes > 1:
+                host, port = await self._start_workers(runner, app)
+            else:
+                site = web.TCPSite(runner, s.host, s.port, backlog=1024)
+                await site.start()
+                host, port = runner.addresses[0][:2]
         except BaseException:
             self._stopping = True
             await runner.cleanup()
             raise
-        host, port = runner.addresses[0][:2]
         self.address = (host, port)
         self.lifecycle.ready = True
         if self._notifier.enabled:
@@ -273,6 +260,31 @@ class Sidecar:
             version=__version__,
         )
 
+    async def _start_workers(self, runner: web.AppRunner, app: web.Application) -> tuple[str, int]:
+        """Serve the whole API on a loopback port of its own for the workers to pass on
+        what they do not serve, and start the workers on the shared listening socket."""
+        assert self._store is not None
+        s = self.settings
+        ops = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+        await ops.start()
+        sock = listen_socket(s.host, s.port)
+        try:
+            address = sock.getsockname()
+            ops_port = runner.addresses[-1][1]
+
+            def on_alive(n: int) -> None:
+                self.lifecycle.no_ingest_worker = n == 0
+
+            self._workers = IngestWorkers(
+                s, self._store, app[REFUSED], sock, ops_port=ops_port, on_alive=on_alive
+            )
+            await self._workers.start()
+        except BaseException:
+            sock.close()
+            raise
+        log.info("ingest_workers_listening", internal=f"127.0.0.1:{ops_port}")
+        return address[0], address[1]
+
     async def stop(self) -> None:
         """The bounded drain: stop intake, finish requests, final flush, close in reverse."""
         if self._stopping:
@@ -281,6 +293,10 @@ class Sidecar:
         self.lifecycle.draining = True
         self._notifier.stopping("draining: " + self._status_line())
         log.info("shutdown_started")
+        if self._workers is not None:
+            # First, while the store and the main API are open: the workers finish their
+            # requests (which need both) and exit.
+            await self._workers.stop(self.settings.shutdown_grace_s)
         runner = self._runner
         if runner is not None:
             bound = (

@@ -1147,14 +1147,28 @@ class Store:
         """
         return await self._submit(events)
 
+    def submit_soon(self, events: Sequence[NewEvent]) -> asyncio.Future[list[Accepted]]:
+        """What ``submit`` does, without a task: the future resolves after the commit (or
+        with the same errors). For callers that submit many at once (the ingest workers'
+        channel); raises ``StoreError`` at once if the store is closing or stopped."""
+        return self._submit_future(events)
+
+    def _submit_future(
+        self, events: Sequence[NewEvent], *, all_keys: bool = False
+    ) -> asyncio.Future[list[Accepted]]:
+        future: asyncio.Future[list[Accepted]] = self._loop_future()
+        if events:
+            self._enqueue(_Submit(events, future, all_keys))
+        else:
+            future.set_result([])
+        return future
+
     async def _submit(
         self, events: Sequence[NewEvent], *, all_keys: bool = False
     ) -> list[Accepted]:
         if not events:
             return []
-        future: asyncio.Future[list[Accepted]] = self._loop_future()
-        self._enqueue(_Submit(events, future, all_keys))
-        return await future
+        return await self._submit_future(events, all_keys=all_keys)
 
     async def settle(self, settlements: Sequence[Settlement]) -> None:
         """Record the outcome of sending leased events, in one transaction. A settlement

@@ -1,0 +1,681 @@
+"""Ingest over several processes (``ingest_processes`` > 1): one sidecar, N+1 processes.
+
+One Python process serves HTTP on one core. With ``ingest_processes = N`` the main
+process starts N **ingest workers**. They share its listening socket (the kernel hands
+each new connection to one of them) and do what costs CPU per request: HTTP, the token
+check, reading and validating the body. Each validated event goes to the main process
+over the worker's own Unix socket pair; the main process alone owns the store, commits it
+(the same group commit, the same all-or-nothing submit, the same idempotency checks), and
+answers. The worker answers the client ``202`` only then: nothing is acknowledged before
+it is durable, as with one process.
+
+Every other request (status, metrics, readiness, the operator routes) is passed by the
+worker to the main process over HTTP on a loopback port of its own (port 0, chosen at
+start), unchanged, so that each route has one implementation.
+
+The channel carries length-prefixed msgpack frames, all the submissions (or answers) of
+one event-loop pass in one frame:
+
+* worker to main: ``["ready"]`` once it listens; ``["submit", [[rid, [event...]], ...]]``
+  where an event is the fields of ``NewEvent`` in order; ``["refused", {code: n}]``, the
+  refusals counted since the last such frame (for ``/metrics``).
+* main to worker: first ``["hello", {...}]`` (the settings a worker needs, the ingest
+  token among them: a socket pair is private to the two processes); ``["answers",
+  [[rid, "ok", [[id, created_at, duplicate], ...]] | [rid, ERROR, message, extra], ...]]``;
+  ``["drain"]`` at shutdown.
+
+Lifecycle: a worker that exits while the sidecar runs is started again (backoff 1 s,
+doubling to 30 s). At shutdown the main process tells every worker to drain (stop
+accepting, finish its requests within ``shutdown_grace_s``, exit), waits for them, and only
+then closes the store. A worker whose main process is gone (its channel ends) stops at
+once: nothing could be stored. Workers ignore nothing: SIGTERM to a worker (systemd sends
+it to every process of the unit) is a drain of that worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+import structlog
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from yarl import URL
+
+from .config import ENV_API_KEY, ENV_INGEST_TOKEN, Secret, Settings
+from .events import NewEvent
+from .receiver import (
+    INGEST,
+    LIFECYCLE,
+    REFUSED,
+    ApiError,
+    Lifecycle,
+    add_ingest_routes,
+    ingest_app,
+    make_runner,
+)
+from .store import Accepted, IdempotencyConflictError, QueueFullError, Store, StoreError
+
+log = structlog.get_logger("valmi_sidecar.workers")
+
+#: Seconds a worker has to start and listen.
+START_TIMEOUT_S: Final = 30.0
+#: Restart backoff of a worker that exited: from 1 s, doubling, at most 30 s; a worker
+#: that ran this long starts again from 1 s.
+RESTART_BASE_S: Final = 1.0
+RESTART_CAP_S: Final = 30.0
+RESTART_RESET_AFTER_S: Final = 60.0
+#: How often a worker reports its refusal counts, at most.
+REFUSED_REPORT_S: Final = 1.0
+#: Extra seconds after ``shutdown_grace_s`` before a worker that did not exit is killed.
+KILL_AFTER_S: Final = 5.0
+#: The bytes of one frame at most (a batch of 1,000 events of 1 MiB bodies fits).
+MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
+
+_FRAME: Final = struct.Struct("!I")
+_pack: Final = msgspec.msgpack.Encoder().encode
+_unpack: Final = msgspec.msgpack.Decoder().decode
+#: Headers that belong to one hop, not passed on by the proxy (RFC 9110, 7.6.1).
+_HOP_HEADERS: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+
+
+class ChannelClosedError(Exception):
+    """The other process closed the channel (it stopped)."""
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    """The next frame; ``ChannelClosedError`` when the other end closed."""
+    try:
+        (n,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+        if n > MAX_FRAME_BYTES:
+            raise ChannelClosedError(f"a frame of {n} bytes is over the limit")
+        return _unpack(await reader.readexactly(n))
+    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        raise ChannelClosedError(str(exc)) from exc
+
+
+def write_frame(writer: asyncio.StreamWriter, obj: Any) -> None:
+    """Queue one frame; a closed channel drops it (its reader sees the end anyway)."""
+    if writer.is_closing():
+        return
+    data = _pack(obj)
+    writer.write(_FRAME.pack(len(data)) + data)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The listening socket the workers share (the same backlog as the one-process site)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _worker_env() -> dict[str, str]:
+    """The environment of a worker: the main process's, without the secrets (a worker gets
+    the ingest token over its channel and never needs the API key)."""
+    secret = {ENV_API_KEY, ENV_INGEST_TOKEN}
+    return {k: v for k, v in os.environ.items() if k not in secret}
+
+
+def _error_answer(rid: int, exc: BaseException) -> list[Any]:
+    if isinstance(exc, QueueFullError):
+        return [rid, "queue_full", str(exc), exc.retry_after_s]
+    if isinstance(exc, IdempotencyConflictError):
+        return [rid, "conflict", exc.key, 0]
+    if isinstance(exc, StoreError):
+        return [rid, "store", str(exc), 0]
+    return [rid, "internal", f"{type(exc).__name__}", 0]
+
+
+# --- the main process's side ------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    process: asyncio.subprocess.Process
+    writer: asyncio.StreamWriter
+    reader: asyncio.StreamReader
+    started: float
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    out: list[list[Any]] = field(default_factory=list)
+
+    def answer(self, item: list[Any]) -> None:
+        if not self.out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.out.append(item)
+
+    def _flush(self) -> None:
+        write_frame(self.writer, ["answers", self.out])
+        self.out = []
+
+
+class IngestWorkers:
+    """The main process's side: start the workers, serve their channels, restart them,
+    drain them. Every task it starts is its own and ends in ``stop``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        refused: dict[str, int],
+        sock: socket.socket,
+        *,
+        ops_port: int,
+        on_alive: Callable[[int], None] = lambda _n: None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._refused = refused
+        self._sock: socket.socket | None = sock
+        self._ops_port = ops_port
+        self._on_alive = on_alive
+        self._count = settings.ingest_processes
+        self._workers: dict[int, _Worker] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._fails: dict[int, int] = {}
+        self.restarts = 0
+
+    @property
+    def configured(self) -> int:
+        return self._count
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for w in self._workers.values() if w.ready.is_set())
+
+    async def start(self) -> None:
+        """Start every worker and wait until each listens; raises ``OSError`` if one
+        cannot (after stopping those that did)."""
+        try:
+            for index in range(1, self._count + 1):
+                await self._start_one(index)
+        except BaseException:
+            await self.stop(0.0)
+            raise
+        log.info("ingest_workers_started", n=self._count, pids=self.pids())
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers.values()]
+
+    def _hello(self, index: int) -> dict[str, Any]:
+        s = self._settings
+        return {
+            "index": index,
+            "ops_port": self._ops_port,
+            "ingest_token": s.ingest_token.reveal() if s.ingest_token is not None else None,
+            "max_body_bytes": s.max_body_bytes,
+            "client_timeout_s": s.client_timeout_s,
+            "shutdown_grace_s": s.shutdown_grace_s,
+            "log_level": s.log_level,
+            "log_format": s.log_format,
+            "access_log": s.access_log,
+        }
+
+    async def _start_one(self, index: int) -> None:
+        assert self._sock is not None
+        mine, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "valmi_sidecar.workers",
+                str(self._sock.fileno()),
+                str(theirs.fileno()),
+                pass_fds=(self._sock.fileno(), theirs.fileno()),
+                stdin=subprocess.DEVNULL,
+                env=_worker_env(),
+            )
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=mine, limit=2**20)
+        except BaseException:
+            mine.close()
+            process.kill()
+            await process.wait()
+            raise
+        worker = _Worker(index, process, writer, reader, time.monotonic())
+        self._workers[index] = worker
+        write_frame(writer, ["hello", self._hello(index)])
+        serve = self._spawn(self._serve(worker), f"ingest_worker_{index}")
+        ready = asyncio.ensure_future(worker.ready.wait())
+        try:
+            await asyncio.wait(
+                {ready, serve}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ready.cancel()
+        if not worker.ready.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            if process.returncode is not None:
+                raise OSError(
+                    f"ingest worker {index} exited before it listened "
+                    f"(exit code {process.returncode}; its error is in the log above)"
+                )
+            raise OSError(
+                f"ingest worker {index} did not start listening within {START_TIMEOUT_S:g} s"
+            )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _serve(self, worker: _Worker) -> None:
+        """Serve one worker's channel until it ends, then wait for the process and start
+        it again (unless draining)."""
+        try:
+            while True:
+                frame = await read_frame(worker.reader)
+                tag = frame[0]
+                if tag == "submit":
+                    self._submit(worker, frame[1])
+                elif tag == "refused":
+                    for code, n in frame[1].items():
+                        self._refused[code] = self._refused.get(code, 0) + n
+                elif tag == "ready":
+                    worker.ready.set()
+                    self._on_alive(self.alive)
+        except ChannelClosedError:
+            pass
+        finally:
+            worker.writer.close()
+        code = await worker.process.wait()
+        was_ready = worker.ready.is_set()
+        worker.ready.clear()
+        if self._workers.get(worker.index) is worker:
+            del self._workers[worker.index]
+        self._on_alive(self.alive)
+        if self._draining:
+            return
+        ran_s = time.monotonic() - worker.started
+        log.error(
+            "ingest_worker_exited", worker=worker.index, exit_code=code, ran_s=round(ran_s, 1)
+        )
+        if was_ready:
+            _ = self._spawn(
+                self._restart(worker.index, ran_s), f"ingest_worker_{worker.index}_restart"
+            )
+
+    async def _restart(self, index: int, ran_s: float) -> None:
+        """Start worker ``index`` again after a backoff: 1 s, doubling with each exit in a
+        row that came sooner than ``RESTART_RESET_AFTER_S`` after its start, 30 s at most."""
+        fails = self._fails.get(index, 0) + 1 if ran_s < RESTART_RESET_AFTER_S else 0
+        self._fails[index] = fails
+        delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** min(fails, 5))
+        while True:
+            await asyncio.sleep(delay)
+            if self._stopping():
+                return
+            self.restarts += 1
+            try:
+                await self._start_one(index)
+            except OSError as exc:
+                log.error("ingest_worker_restart_failed", worker=index, error=str(exc))
+                delay = min(RESTART_CAP_S, delay * 2)
+                continue
+            log.info("ingest_worker_restarted", worker=index, pid=self._workers[index].process.pid)
+            return
+
+    def _stopping(self) -> bool:
+        return self._draining
+
+    def _submit(self, worker: _Worker, items: list[list[Any]]) -> None:
+        store = self._store
+        for rid, fields in items:
+            try:
+                future = store.submit_soon([NewEvent(*f) for f in fields])
+            except StoreError as exc:
+                worker.answer(_error_answer(rid, exc))
+                continue
+            future.add_done_callback(functools.partial(self._answered, worker, rid))
+
+    @staticmethod
+    def _answered(worker: _Worker, rid: int, future: asyncio.Future[list[Accepted]]) -> None:
+        if future.cancelled():
+            worker.answer(_error_answer(rid, StoreError("the submission was cancelled")))
+            return
+        exc = future.exception()
+        if exc is not None:
+            if not isinstance(exc, StoreError | IdempotencyConflictError):
+                log.error("ingest_submit_failed", error=repr(exc))
+            worker.answer(_error_answer(rid, exc))
+            return
+        accepted = future.result()
+        worker.answer([rid, "ok", [[a.id, a.created_at, a.duplicate] for a in accepted]])
+
+    async def stop(self, grace_s: float) -> None:
+        """Drain every worker: stop accepting, finish requests within ``grace_s``, exit.
+        Kills a worker still running ``KILL_AFTER_S`` later. The store stays open meanwhile."""
+        self._draining = True
+        if self._sock is not None:
+            self._sock.close()  # the workers hold their own copies until they exit
+            self._sock = None
+        for task in list(self._tasks):
+            if task.get_name().endswith("_restart"):
+                task.cancel()
+        workers = list(self._workers.values())
+        for worker in workers:
+            write_frame(worker.writer, ["drain"])
+        processes = [w.process for w in workers]
+        if processes:
+            waits = [asyncio.ensure_future(p.wait()) for p in processes]
+            _, pending = await asyncio.wait(waits, timeout=grace_s + KILL_AFTER_S)
+            for worker in workers:
+                if worker.process.returncode is None:
+                    log.error("ingest_worker_killed", worker=worker.index, bound_s=grace_s)
+                    with contextlib.suppress(ProcessLookupError):
+                        worker.process.kill()
+            if pending:
+                await asyncio.wait(pending, timeout=KILL_AFTER_S)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=KILL_AFTER_S)
+        for task in list(self._tasks):
+            task.cancel()
+
+
+# --- the worker process -----------------------------------------------------------------
+
+
+class _MainLink:
+    """The worker's store: each submission goes to the main process, batched per loop
+    pass, and returns (or raises) what the main process's store did."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._waiting: dict[int, asyncio.Future[list[Accepted]]] = {}
+        self._out: list[list[Any]] = []
+        self._ids = itertools.count()
+        self.gone: str | None = None
+
+    async def submit(self, events: Sequence[NewEvent]) -> list[Accepted]:
+        if self.gone is not None:
+            raise StoreError(f"the sidecar's main process is gone ({self.gone})")
+        loop = asyncio.get_running_loop()
+        rid = next(self._ids)
+        future: asyncio.Future[list[Accepted]] = loop.create_future()
+        self._waiting[rid] = future
+        if not self._out:
+            loop.call_soon(self._flush)
+        self._out.append(
+            [
+                rid,
+                [
+                    (
+                        e.id,
+                        e.idem_key,
+                        e.kind,
+                        e.body,
+                        e.fingerprint,
+                        e.agent_key,
+                        e.event_type,
+                        e.value,
+                        e.received_at,
+                        e.created_at,
+                    )
+                    for e in events
+                ],
+            ]
+        )
+        try:
+            return await future
+        finally:
+            self._waiting.pop(rid, None)
+
+    def _flush(self) -> None:
+        write_frame(self._writer, ["submit", self._out])
+        self._out = []
+
+    def answered(self, items: list[list[Any]]) -> None:
+        for rid, status, payload, extra in (
+            (i[0], i[1], i[2], i[3] if len(i) > 3 else 0) for i in items
+        ):
+            future = self._waiting.get(rid)
+            if future is None or future.done():
+                continue
+            if status == "ok":
+                future.set_result([Accepted(i, c, duplicate=d) for i, c, d in payload])
+            elif status == "queue_full":
+                future.set_exception(QueueFullError(payload, int(extra)))
+            elif status == "conflict":
+                future.set_exception(IdempotencyConflictError(payload))
+            else:
+                future.set_exception(StoreError(payload))
+
+    def close(self, reason: str) -> None:
+        self.gone = reason
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(StoreError(f"the sidecar's main process is gone ({reason})"))
+
+
+OPS: Final = web.AppKey("ops", ClientSession)
+OPS_URL: Final = web.AppKey("ops_url", str)
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    """Pass a request the worker does not serve itself to the main process, unchanged."""
+    session = request.app[OPS]
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS]
+    body = await request.read()
+    url = URL(request.app[OPS_URL] + request.raw_path, encoded=True)
+    try:
+        async with session.request(
+            request.method,
+            url,
+            headers=headers,
+            data=body if body else None,
+            allow_redirects=False,
+            auto_decompress=False,
+        ) as answer:
+            response = web.StreamResponse(status=answer.status, reason=answer.reason)
+            for name, value in answer.headers.items():
+                if name.lower() not in _HOP_HEADERS:
+                    response.headers.add(name, value)
+            if answer.content_length is not None:
+                response.content_length = answer.content_length
+            await response.prepare(request)
+            async for chunk in answer.content.iter_chunked(64 * 1024):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except ClientError as exc:
+        if request.app[LIFECYCLE].draining:
+            raise ApiError(
+                503,
+                "shutting_down",
+                "the sidecar is shutting down; retry shortly (events already accepted are kept)",
+                retry_after_s=5,
+            ) from exc
+        raise ApiError(
+            503,
+            "main_unavailable",
+            "the sidecar's main process did not answer; retry shortly",
+            retry_after_s=2,
+        ) from exc
+
+
+async def _ops_session(app: web.Application) -> AsyncIterator[None]:
+    # No total timeout: an export of many dead letters streams for as long as it takes.
+    timeout = ClientTimeout(total=None, sock_connect=5.0)
+    async with ClientSession(
+        connector=TCPConnector(limit=0), timeout=timeout, auto_decompress=False
+    ) as session:
+        app[OPS] = session
+        yield
+
+
+async def _report_refused(
+    writer: asyncio.StreamWriter, refused: dict[str, int], sent: dict[str, int]
+) -> None:
+    while True:
+        await asyncio.sleep(REFUSED_REPORT_S)
+        _send_refused(writer, refused, sent)
+
+
+def _send_refused(
+    writer: asyncio.StreamWriter, refused: dict[str, int], sent: dict[str, int]
+) -> None:
+    delta = {code: n - sent.get(code, 0) for code, n in refused.items() if n != sent.get(code, 0)}
+    if delta:
+        write_frame(writer, ["refused", delta])
+        sent.update(refused)
+
+
+def worker_settings(hello: dict[str, Any]) -> Settings:
+    token = hello["ingest_token"]
+    return Settings(
+        ingest_token=Secret(token) if token else None,
+        max_body_bytes=hello["max_body_bytes"],
+        client_timeout_s=hello["client_timeout_s"],
+        shutdown_grace_s=hello["shutdown_grace_s"],
+        log_level=hello["log_level"],
+        log_format=hello["log_format"],
+        access_log=hello["access_log"],
+    )
+
+
+def _worker_app(settings: Settings, hello: dict[str, Any], link: _MainLink) -> web.Application:
+    lifecycle = Lifecycle(ready=True)
+    app = ingest_app(settings, lifecycle)
+    add_ingest_routes(app)
+    app[INGEST] = link
+    app[OPS_URL] = f"http://127.0.0.1:{hello['ops_port']}"
+    app.cleanup_ctx.append(_ops_session)
+    app.router.add_route("*", "/{tail:.*}", _proxy)
+    return app
+
+
+async def _follow_main(reader: asyncio.StreamReader, link: _MainLink, stop: asyncio.Event) -> bool:
+    """Read the main process's frames until it says drain (True) or the channel ends
+    (False: the main process is gone)."""
+    try:
+        while True:
+            frame = await read_frame(reader)
+            if frame[0] == "answers":
+                link.answered(frame[1])
+            elif frame[0] == "drain":
+                stop.set()
+    except ChannelClosedError as exc:
+        link.close(str(exc) or "its channel closed")
+        gone = not stop.is_set()
+        if gone:
+            log.error("ingest_worker_lost_main")
+        stop.set()
+        return not gone
+
+
+async def run_worker(listen_fd: int, channel_fd: int) -> int:
+    """One ingest worker, until its main process says drain, SIGTERM, or the channel ends."""
+    from .logs import configure_logging  # noqa: PLC0415 - after the exec, once
+
+    listener = socket.socket(fileno=listen_fd)
+    channel = socket.socket(fileno=channel_fd)
+    reader, writer = await asyncio.open_unix_connection(sock=channel, limit=2**20)
+    try:
+        tag, hello = await read_frame(reader)
+    except ChannelClosedError:
+        return 1
+    if tag != "hello":
+        return 1
+    settings = worker_settings(hello)
+    configure_logging(
+        settings.log_level, settings.log_format, settings.secrets(), access_log=settings.access_log
+    )
+    structlog.contextvars.bind_contextvars(ingest_worker=hello["index"])
+    link = _MainLink(writer)
+    app = _worker_app(settings, hello, link)
+    runner = make_runner(app, settings)
+    await runner.setup()
+    await web.SockSite(runner, listener, backlog=1024).start()
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    refused: dict[str, int] = app[REFUSED]
+    sent: dict[str, int] = {}
+    follow = loop.create_task(_follow_main(reader, link, stop), name="channel")
+    report = loop.create_task(_report_refused(writer, refused, sent), name="refused")
+    write_frame(writer, ["ready"])
+    exit_code = 0
+    try:
+        await stop.wait()
+        app[LIFECYCLE].draining = True
+        bound = settings.shutdown_grace_s + KILL_AFTER_S
+        try:
+            await asyncio.wait_for(runner.cleanup(), bound)
+        except TimeoutError:
+            log.error("shutdown_overran", bound_s=bound)
+            exit_code = 1
+        _send_refused(writer, refused, sent)
+    finally:
+        report.cancel()
+        if not follow.done():
+            follow.cancel()
+        await asyncio.wait({report, follow}, timeout=1.0)
+        writer.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    if follow.done() and not follow.cancelled() and follow.result() is False:
+        exit_code = 1
+    return exit_code
+
+
+def main(argv: Sequence[str]) -> int:
+    listen_fd, channel_fd = (int(a) for a in argv)
+    loop_factory: Any = None
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: PLC0415 - optional (Linux only)
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(run_worker(listen_fd, channel_fd))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or not all(a.isdigit() for a in sys.argv[1:]):
+        sys.stderr.write("valmi_sidecar.workers is started by `valmi-sidecar run`, not by hand\n")
+        raise SystemExit(2)
+    raise SystemExit(main(sys.argv[1:]))
