@@ -15,9 +15,9 @@ Writes ``benchmarks/results/bench.{md,json,png}`` and prints the Markdown table.
    taken against the bare run of the same round (the machine drifts). The sidecar
    forwards to a fake API with the default 10,000/min budget while it ingests, as it
    would in production ("not forwarding": nothing listens upstream).
-   Beside them, a prototype of ingest spread over three processes (``tools.py fronts``:
-   HTTP and validation in each, one store), to measure what that architecture would
-   gain; each row gives the whole machine's CPU time per event too (``--targets`` picks).
+   Beside them, the sidecar with ``ingest_processes = 2`` (two ingest worker processes
+   for HTTP and validation, the main one for the store and forwarding); each row gives
+   the whole machine's CPU time per event too (``--targets`` picks).
    Then latency below saturation: 64 connections paced (wrk's Lua ``delay``) to 12.5,
    25, 37.5, 50 and 75% of bare's events/s.
 2. Peer queue: ``tools.py peer`` (the store against persist-queue's SQLiteAckQueue).
@@ -91,8 +91,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def rss_mib(pid: int) -> float:
-    """Resident memory of a process and of its child processes (the ``fronts`` prototype
-    forks; their shared pages count in each, so this is an upper bound for them)."""
+    """Resident memory of a process and of its child processes (the sidecar's ingest
+    workers; pages they share count in each, so this is an upper bound)."""
     total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -179,6 +179,7 @@ class Sidecar:
         *,
         durability: str = "full",
         rate_limit_per_min: int = 10_000,
+        ingest_processes: int = 1,
     ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VALMI")}
         env |= {
@@ -187,6 +188,7 @@ class Sidecar:
             "VALMI_SIDECAR_LOG_FORMAT": "json",
             "VALMI_SIDECAR_DURABILITY": durability,
             "VALMI_SIDECAR_RATE_LIMIT_PER_MIN": str(rate_limit_per_min),
+            "VALMI_SIDECAR_INGEST_PROCESSES": str(ingest_processes),
             "VALMI_API_URL": api_url,
             "VALMI_API_KEY": API_KEY,
         }
@@ -285,20 +287,18 @@ def tool(*args: str) -> dict[str, Any]:
 # -- the steps ------------------------------------------------------------------------
 
 
-TARGETS = ("bare", "minimal", "fronts", "full", "normal", "full-idle")
+TARGETS = ("bare", "minimal", "full", "full-2", "normal", "full-idle")
 
 
 @contextlib.contextmanager
 def ingest_target(target: str, run_dir: Path, fake: str) -> Iterator[tuple[str, int]]:
     """A fresh process and data directory for one ingest target: ``(url, pid)``."""
-    if target in ("bare", "minimal", "fronts"):
+    if target in ("bare", "minimal"):
         port_file = run_dir.with_suffix(".port")
         cmd = [*TOOLS, target, "--port-file", str(port_file)]
         if target == "minimal":
             run_dir.mkdir(parents=True)
             cmd += ["--db", str(run_dir / "q.db")]
-        if target == "fronts":  # two front processes and the main one, all serving HTTP
-            cmd += ["--data-dir", str(run_dir), "--fronts", "2"]
         proc = subprocess.Popen(cmd)
         try:
             while not port_file.exists() or not port_file.read_text():
@@ -312,7 +312,13 @@ def ingest_target(target: str, run_dir: Path, fake: str) -> Iterator[tuple[str, 
     # full-idle: nothing listens on the upstream port, so the flusher only backs off:
     # the ingest path alone, without the cost of forwarding.
     upstream = f"http://127.0.0.1:{free_port()}" if target == "full-idle" else fake
-    side = Sidecar(run_dir, upstream, durability=target.split("-", maxsplit=1)[0])
+    # full-2: two ingest worker processes (ingest_processes = 2) beside the main one.
+    side = Sidecar(
+        run_dir,
+        upstream,
+        durability=target.split("-", maxsplit=1)[0],
+        ingest_processes=2 if target == "full-2" else 1,
+    )
     try:
         yield side.url + "/v1/actions", side.proc.pid
     finally:
@@ -413,7 +419,9 @@ def paced(args: argparse.Namespace, work: Path, fake: str, bare_per_s: float) ->
     for rate in rates:
         scripts[rate] = work / f"paced-{rate}.lua"
         scripts[rate].write_text(_PACED_LUA.format(body=BODY.decode(), rate=rate))
-    for target in ("bare", "full", "full-idle"):
+    for target in ("bare", "full", "full-2", "full-idle"):
+        if target not in args.targets:
+            continue
         with ingest_target(target, work / f"paced-{target}", fake) as (url, _pid):
             for share, rate in zip(args.paced_shares, rates, strict=True):
                 wrk(url, 64, 1, scripts[rate])
@@ -596,6 +604,26 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _paced_verdict(r: dict[str, Any], target: str, name: str) -> list[tuple[str, str, bool]]:
+    """At what share of bare's rate ``target`` still keeps up (97% of the offered rate)
+    with p99 under 10 ms, without the closed loop's queueing."""
+    paced = [x for x in r.get("paced", {}).get("points", []) if x["target"] == target]
+    if not paced:
+        return []
+    kept = [x for x in paced if x["p99_ms"] < 10 and x["events_per_s"] >= 0.97 * x["offered_per_s"]]
+    best = max(kept, key=lambda x: x["share_of_bare"], default=None)
+    return [
+        (
+            f"{name}: p99 < 10 ms kept up to ≥ 75% of bare's rate)",
+            "at no paced rate"
+            if best is None
+            else f"up to {best['offered_per_s']:,} ev/s ({best['share_of_bare']:.0%}): "
+            f"p99 {best['p99_ms']:.1f} ms",
+            best is not None and best["share_of_bare"] >= 0.75,
+        )
+    ]
+
+
 def verdicts(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
     rows = {(x["target"], x["connections"]): x for x in r["ingest"]["rows"]}
     out: list[tuple[str, str, bool]] = []
@@ -617,25 +645,12 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
             out.append(
                 ("(same, not forwarding meanwhile)", _share(idle_row), idle_row["vs_bare"] >= 0.75)
             )
+        if ("full-2", 64) in rows:
+            two = rows[("full-2", 64)]
+            out.append(("(same, with ingest_processes = 2)", _share(two), two["vs_bare"] >= 0.75))
         out.append(("full ingest @64 p99 < 10 ms", f"{full['p99_ms']:.1f} ms", full["p99_ms"] < 10))
-    paced = [x for x in r.get("paced", {}).get("points", []) if x["target"] == "full"]
-    if paced:
-        # The same two targets at once, without the closed loop's queueing: at what share
-        # of bare's rate the sidecar still keeps up (97%) with p99 under 10 ms.
-        kept = [
-            x for x in paced if x["p99_ms"] < 10 and x["events_per_s"] >= 0.97 * x["offered_per_s"]
-        ]
-        best = max(kept, key=lambda x: x["share_of_bare"], default=None)
-        out.append(
-            (
-                "(same, paced: p99 < 10 ms kept up to ≥ 75% of bare's rate)",
-                "at no paced rate"
-                if best is None
-                else f"up to {best['offered_per_s']:,} ev/s ({best['share_of_bare']:.0%}): "
-                f"p99 {best['p99_ms']:.1f} ms",
-                best is not None and best["share_of_bare"] >= 0.75,
-            )
-        )
+    for target, name in (("full", "(same, paced"), ("full-2", "(with ingest_processes = 2, paced")):
+        out += _paced_verdict(r, target, name)
     if "peer" in r:
         x = r["peer"]["store"]["events_per_s"] / r["peer"]["persist_queue"]["events_per_s"]
         out.append(("≥ 5 x persist-queue durable events/s", f"{x:.1f} x", x >= 5))
@@ -695,7 +710,7 @@ NAMES = {
     "full": "sidecar, full",
     "normal": "sidecar, normal",
     "full-idle": "sidecar, full, not forwarding",
-    "fronts": "prototype: 3 HTTP processes, 1 store",
+    "full-2": "sidecar, full, ingest_processes = 2",
 }
 
 
@@ -803,8 +818,8 @@ def chart(r: dict[str, Any], path: Path) -> None:
     for target, label in (
         ("bare", "bare aiohttp"),
         ("minimal", "minimal group commit"),
-        ("fronts", "prototype: 3 HTTP processes"),
         ("full", "sidecar full"),
+        ("full-2", "sidecar full, 2 ingest workers"),
         ("normal", "sidecar normal"),
     ):
         xs = [x for x in r["ingest"]["rows"] if x["target"] == target]

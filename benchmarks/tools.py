@@ -2,7 +2,6 @@
 
     python benchmarks/tools.py bare --port-file F          # bare aiohttp ingest ceiling
     python benchmarks/tools.py minimal --port-file F --db D  # minimal group-commit prototype
-    python benchmarks/tools.py fronts --port-file F --data-dir D  # multi-process prototype
     python benchmarks/tools.py load --url U -c 64 -d 5     # Python load generator (JSON out)
     python benchmarks/tools.py httpx-loop --url U -n 20000 # plain httpx loop to the fake API
     python benchmarks/tools.py aiohttp-loop --url U -n 20000 # the same with aiohttp's client
@@ -16,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import logging
 import os
-import socket
 import sqlite3
-import struct
 import tempfile
 import threading
 import time
@@ -39,9 +35,8 @@ import uvloop
 from aiohttp import web
 from persistqueue import SQLiteAckQueue
 
-from valmi_sidecar import store as store_module
-from valmi_sidecar.events import NewEvent, parse_one
-from valmi_sidecar.store import Accepted, Delivered, Store
+from valmi_sidecar.events import parse_one
+from valmi_sidecar.store import Delivered, Store
 
 #: A realistic action body of about 275 bytes.
 BODY: bytes = (
@@ -154,151 +149,6 @@ def minimal(args: argparse.Namespace) -> None:
         loop = asyncio.get_running_loop()
         threading.Thread(target=writer, args=(loop,), daemon=True).start()
         await _serve(post, args.port_file)
-
-    uvloop.run(main())
-
-
-_FRAME = struct.Struct("!I")
-_pack = msgspec.msgpack.Encoder().encode
-_unpack = msgspec.msgpack.Decoder().decode
-
-
-async def _frames(reader: asyncio.StreamReader, on_frame: Callable[[Any], None]) -> None:
-    """Length-prefixed msgpack frames from ``reader``, until it closes."""
-    while True:
-        try:
-            (n,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
-            on_frame(_unpack(await reader.readexactly(n)))
-        except (asyncio.IncompleteReadError, ConnectionResetError):
-            return  # the other process stopped
-
-
-def _send(writer: asyncio.StreamWriter, obj: Any) -> None:
-    data = _pack(obj)
-    writer.write(_FRAME.pack(len(data)) + data)
-
-
-async def _serve_on(post: Post, sock: socket.socket) -> None:
-    await web.SockSite(await _runner(post), sock).start()
-
-
-def _front(sock: socket.socket, channel: socket.socket) -> None:
-    """A front process: HTTP and validation, then each event to the main process (all
-    the events of one loop pass in one frame), and the 202 once the main one committed."""
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        reader, writer = await asyncio.open_unix_connection(sock=channel)
-        waiting: dict[int, asyncio.Future[Accepted]] = {}
-        out: list[tuple[Any, ...]] = []
-        ids = iter(range(1 << 62))
-
-        def flush() -> None:
-            _send(writer, out)
-            out.clear()
-
-        def answered(results: list[tuple[int, str, str, bool]]) -> None:
-            for rid, event_id, created_at, duplicate in results:
-                future = waiting.pop(rid)
-                if not future.done():
-                    future.set_result(Accepted(event_id, created_at, duplicate=duplicate))
-
-        async def post(request: web.Request) -> web.Response:
-            e = parse_one("action", await request.read())
-            rid = next(ids)
-            waiting[rid] = future = loop.create_future()
-            if not out:
-                loop.call_soon(flush)
-            out.append(
-                (
-                    rid,
-                    e.id,
-                    e.idem_key,
-                    e.kind,
-                    e.body,
-                    e.fingerprint,
-                    e.agent_key,
-                    e.event_type,
-                    e.value,
-                    e.received_at,
-                    e.created_at,
-                )
-            )
-            accepted = await future
-            return _answer(accepted.id, accepted.created_at)
-
-        await _serve_on(post, sock)
-        await _frames(reader, answered)
-
-    uvloop.run(main())
-
-
-def fronts(args: argparse.Namespace) -> None:
-    """A prototype of the sidecar's ingest over several processes, to measure what that
-    architecture could gain: ``--fronts`` forked processes share the listening port
-    (SO_REUSEPORT) and do HTTP and validation; the main process owns the real ``Store``
-    (each event its own all-or-nothing submit, as in the sidecar) and answers them over a
-    Unix socket; it serves HTTP too unless ``--main-serves`` is 0. No forwarding."""
-    _quiet()
-
-    def listener(port: int) -> socket.socket:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(("127.0.0.1", port))
-        sock.listen(1024)
-        return sock
-
-    sock = listener(0)
-    port = sock.getsockname()[1]
-    channels: list[socket.socket] = []
-    for _ in range(args.fronts):
-        mine, theirs = socket.socketpair()
-        front_sock = listener(port)
-        if os.fork() == 0:  # before any event loop or thread exists
-            for fd in (mine, sock, *channels):  # the main one's: so its exit is our EOF
-                fd.close()
-            _front(front_sock, theirs)
-            os._exit(0)
-        theirs.close()
-        front_sock.close()
-        channels.append(mine)
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        store = await Store.open(Path(args.data_dir), prune_interval_s=None)
-
-        async def post(request: web.Request) -> web.Response:
-            (accepted,) = await store.submit([parse_one("action", await request.read())])
-            return _answer(accepted.id, accepted.created_at)
-
-        def on_frame(writer: asyncio.StreamWriter, items: list[list[Any]]) -> None:
-            futures: list[tuple[int, asyncio.Future[list[Accepted]]]] = []
-            for rid, *fields in items:
-                future: asyncio.Future[list[Accepted]] = loop.create_future()
-                # One submit per event without a task each (the sidecar's handlers are
-                # tasks already): the store's own queue of operations.
-                store._enqueue(store_module._Submit([NewEvent(*fields)], future))
-                futures.append((rid, future))
-
-            def done(_: object) -> None:
-                results = []
-                for rid, future in futures:
-                    (a,) = future.result()
-                    results.append((rid, a.id, a.created_at, a.duplicate))
-                _send(writer, results)
-
-            asyncio.gather(*(f for _, f in futures)).add_done_callback(done)
-
-        tasks = []
-        for channel in channels:
-            reader, writer = await asyncio.open_unix_connection(sock=channel)
-            tasks.append(loop.create_task(_frames(reader, functools.partial(on_frame, writer))))
-        if args.main_serves:
-            await _serve_on(post, sock)
-        else:
-            sock.close()
-        Path(args.port_file).write_text(str(port))  # noqa: ASYNC240 - once, at start
-        await asyncio.gather(*tasks)  # until the fronts close their ends
 
     uvloop.run(main())
 
@@ -544,11 +394,6 @@ def main() -> None:
     p = sub.add_parser("minimal")
     p.add_argument("--port-file", required=True)
     p.add_argument("--db", required=True)
-    p = sub.add_parser("fronts")
-    p.add_argument("--port-file", required=True)
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--fronts", type=int, default=1)
-    p.add_argument("--main-serves", type=int, default=1)
     p = sub.add_parser("load")
     p.add_argument("--url", required=True)
     p.add_argument("-c", "--connections", type=int, default=64)
@@ -575,7 +420,6 @@ def main() -> None:
     commands = {
         "bare": bare,
         "minimal": minimal,
-        "fronts": fronts,
         "load": load,
         "httpx-loop": httpx_loop,
         "aiohttp-loop": aiohttp_loop,
