@@ -341,9 +341,9 @@ class IngestWorkers:
     async def _restart(self, index: int, ran_s: float) -> None:
         """Start worker ``index`` again after a backoff: 1 s, doubling with each exit in a
         row that came sooner than ``RESTART_RESET_AFTER_S`` after its start, 30 s at most."""
-        fails = self._fails.get(index, 0) + 1 if ran_s < RESTART_RESET_AFTER_S else 0
+        fails = self._fails.get(index, 0) + 1 if ran_s < RESTART_RESET_AFTER_S else 1
         self._fails[index] = fails
-        delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** min(fails, 5))
+        delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** min(fails - 1, 5))
         while True:
             await asyncio.sleep(delay)
             if self._stopping():
