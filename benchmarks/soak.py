@@ -1,11 +1,13 @@
 """Soak: a sidecar process under a steady load for minutes while upstream faults come and go.
 
     .venv/bin/python benchmarks/soak.py --duration-s 600     # what `make soak` runs
+    .venv/bin/python benchmarks/soak.py --ingest-processes 2 # the same with 2 ingest workers
 
 A fake Valmi API runs in this process; the sidecar is a real ``valmi-sidecar run``
 subprocess. Agents post at ``--rate`` events a second. Every ``--phase-s`` seconds the
 fault changes (none, half 5xx, down, 429 storm, slow, reset after store, hang, none, ...).
-Every 5 s the sidecar's RSS, open file descriptors and database size are sampled. At the
+Every 5 s the sidecar's RSS and open file descriptors (summed over its processes) and
+the database size are sampled. At the
 end the faults are lifted, the queue drains, SIGTERM, and the ledger of
 tests/scenarios.py is computed.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -55,16 +58,30 @@ CLEAR = {
 }
 
 
+def _children(pid: int) -> list[int]:
+    """The sidecar's ingest workers (with ``--ingest-processes`` > 1), else none."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
 def sample(pid: int, data_dir: Path) -> dict[str, float]:
+    """RSS and open file descriptors summed over the sidecar's processes; database size."""
     rss_kib = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss_kib = int(line.split()[1])
+    fds = 0
+    for p in (pid, *_children(pid)):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss_kib += int(line.split()[1])
+            fds += len(os.listdir(f"/proc/{p}/fd"))
     db = sum(p.stat().st_size for p in data_dir.glob("*") if p.is_file())
     return {
         "t": time.monotonic(),
         "rss_mib": rss_kib / 1024,
-        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+        "fds": fds,
         "db_mib": db / 2**20,
     }
 
@@ -101,6 +118,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "VALMI_SIDECAR_UPSTREAM_TIMEOUT_S": "1",
         "VALMI_SIDECAR_BACKOFF_CAP_S": "2",
         "VALMI_SIDECAR_RATE_LIMIT_PER_MIN": "600000",
+        "VALMI_SIDECAR_INGEST_PROCESSES": str(args.ingest_processes),
     }
     log_path = work / "sidecar.log"
     with log_path.open("wb") as log:
@@ -216,6 +234,9 @@ def main() -> int:
     parser.add_argument("--phase-s", type=float, default=30.0, help="seconds per fault phase")
     parser.add_argument("--drain-s", type=float, default=120.0)
     parser.add_argument("--max-db-mib", type=float, default=256.0)
+    parser.add_argument(
+        "--ingest-processes", type=int, default=1, help="the sidecar's ingest_processes"
+    )
     summary = asyncio.run(soak(parser.parse_args()))
     print(json.dumps(summary, sort_keys=True))
     return 0 if summary["ok"] else 1
