@@ -29,7 +29,8 @@ Writes ``benchmarks/results/bench.{md,json,png}`` and prints the Markdown table.
    memory, ingest at 64 connections and drain rate, against the same two rates on an
    empty queue measured just before each point (ingest into an empty queue; drain of
    twice ``--forward-events``).
-5. Footprint: idle CPU and resident memory; resident memory under the ingest load.
+5. Footprint: idle CPU and resident memory; resident memory under the ingest load; CPU
+   per event at steady low rates (``--steady-rates``, paced, until all is delivered).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -437,6 +439,50 @@ def paced(args: argparse.Namespace, work: Path, fake: str, bare_per_s: float) ->
     return {"connections": 64, "points": points}
 
 
+def _status(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def steady(args: argparse.Namespace, work: Path, fake: str) -> dict[str, Any]:
+    """CPU of the sidecar's process per event at steady low rates (16 connections paced,
+    forwarding at the default budget), from start of load until every event is delivered:
+    what most sidecars see, and what a CPU request is sized on. At these rates nothing
+    batches: each event has its own commit, lease and upstream request."""
+    points: list[dict[str, Any]] = []
+    for rate in args.steady_rates:
+        script = work / f"steady-{rate}.lua"
+        script.write_text(_PACED_LUA.format(body=BODY.decode(), rate=rate))
+        with ingest_target("full", work / f"steady-{rate}", fake) as (url, pid):
+            status_url = url.replace("/v1/actions", "/v1/status")
+            cpu0 = cpu_s(pid)
+            result = wrk(url, 16, args.steady_s, script)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                events = _status(status_url)["events"]
+                if events["delivered"] >= events["received"]:
+                    break
+                time.sleep(0.05)
+            cpu = cpu_s(pid) - cpu0
+            n = events["received"]
+        point = {
+            "rate_per_s": rate,
+            "events": n,
+            "delivered": events["delivered"],
+            "cpu_s": cpu,
+            "cpu_ms_per_event": 1000 * cpu / max(n, 1),
+            "cpu_pct_of_core": 100 * cpu / args.steady_s,
+            "p99_ms": result["p99_ms"],
+        }
+        points.append(point)
+        print(
+            f"  steady {rate:>5} ev/s: {n:,} events, {point['cpu_ms_per_event']:.2f} ms CPU "
+            f"per event ({point['cpu_pct_of_core']:.0f}% of a core)",
+            flush=True,
+        )
+    return {"connections": 16, "seconds": args.steady_s, "points": points}
+
+
 def drain(side: Sidecar, timeout_s: float) -> dict[str, Any]:
     """Delivered events/s from now until the queue is empty (or ``timeout_s`` passed)."""
     events = side.status()["events"]
@@ -802,6 +848,11 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| (empty queue, just before): ingest @64 / drain, events/s | "
                 f"{e['ingest']['events_per_s']:,.0f} / {e['drain']['events_per_s']:,.0f} |"
             )
+    for x in r.get("steady", {}).get("points", []):
+        lines.append(
+            f"| steady {x['rate_per_s']:,} events/s (16 connections, forwarding): sidecar CPU "
+            f"per event / % of a core | {x['cpu_ms_per_event']:.2f} ms / {x['cpu_pct_of_core']:.1f}% |"
+        )
     idle = r["ingest"]["idle"]
     if idle:
         lines.append(
@@ -866,8 +917,12 @@ def main() -> int:
     parser.add_argument("--backlog-drain-s", type=float, default=10.0)
     parser.add_argument("--peer-events", type=int, default=5_000)
     parser.add_argument(
-        "--steps", nargs="+", default=["ingest", "paced", "peer", "forwarding", "backlog"]
+        "--steps",
+        nargs="+",
+        default=["ingest", "paced", "steady", "peer", "forwarding", "backlog"],
     )
+    parser.add_argument("--steady-rates", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--steady-s", type=float, default=20.0)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--dir", type=Path, default=HERE, help="where the temporary data goes")
     args = parser.parse_args()
@@ -897,6 +952,9 @@ def main() -> int:
             if "paced" in args.steps and bare64 and shutil.which("wrk"):
                 print("paced", flush=True)
                 result["paced"] = paced(args, work, fake, bare64[0]["events_per_s"])
+        if "steady" in args.steps and shutil.which("wrk"):
+            print("steady", flush=True)
+            result["steady"] = steady(args, work, fake)
         if "peer" in args.steps:
             print("peer queue", flush=True)
             result["peer"] = tool("peer", "-n", str(args.peer_events), "--dir", str(work))
