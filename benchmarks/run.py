@@ -51,7 +51,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -439,11 +438,6 @@ def paced(args: argparse.Namespace, work: Path, fake: str, bare_per_s: float) ->
     return {"connections": 64, "points": points}
 
 
-def _status(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return dict(json.loads(resp.read()))
-
-
 def steady(args: argparse.Namespace, work: Path, fake: str) -> dict[str, Any]:
     """CPU of the sidecar's process per event at steady low rates (16 connections paced,
     forwarding at the default budget), from start of load until every event is delivered:
@@ -459,7 +453,7 @@ def steady(args: argparse.Namespace, work: Path, fake: str) -> dict[str, Any]:
             result = wrk(url, 16, args.steady_s, script)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                events = _status(status_url)["events"]
+                events = httpx.get(status_url, timeout=10.0).json()["events"]
                 if events["delivered"] >= events["received"]:
                     break
                 time.sleep(0.05)

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from valmi_sidecar.config import ConfigError, load_settings
+from valmi_sidecar.config import ConfigError, Secret, load_settings
 from valmi_sidecar.fake_api import FakeValmi
 from valmi_sidecar.service import Sidecar
 
@@ -28,13 +28,7 @@ from .conftest import (
     wait_until,
 )
 from .scenarios import SECRET_KEY, Traffic, hostile_fake, sidecar_env
-
-
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
+from .test_metrics import scrape, value
 
 
 def _alive(pid: int) -> bool:
@@ -104,21 +98,22 @@ async def test_workers_serve_the_whole_api_with_the_same_answers(
     assert bad.json()["error"]["details"][0]["field"] == "action_type"
 
     async def refused_counted() -> bool:
-        text = (await client.get(url + "/metrics")).text
-        return _metric(text, 'valmi_sidecar_refused_requests_total{reason="invalid_request"}') == 1
+        samples, _ = await scrape(client, url)
+        return value(samples, "valmi_sidecar_refused_requests_total", reason="invalid_request") == 1
 
     await wait_until(refused_counted, 10, "the worker's refusal in /metrics")
-    metrics = (await client.get(url + "/metrics")).text
-    assert _metric(metrics, "valmi_sidecar_ingest_workers") == 2
-    assert _metric(metrics, "valmi_sidecar_ingest_workers_running") == 2
-    assert _metric(metrics, "valmi_sidecar_ingest_worker_restarts_total") == 0
+    samples, _ = await scrape(client, url)
+    assert value(samples, "valmi_sidecar_ingest_workers") == 2
+    assert value(samples, "valmi_sidecar_ingest_workers_running") == 2
+    assert samples[("valmi_sidecar_ingest_worker_restarts_total", ())] == 0
 
 
 async def test_idempotency_and_queue_limits_hold_across_workers(
     sidecar_factory: SidecarFactory, client: httpx.AsyncClient
 ) -> None:
     sidecar, url = await sidecar_factory(None, ingest_processes=2, max_queue_events=3)
-    # The same key from many connections at once (so from both workers): one event.
+    # The same key from 20 connections at once (the kernel spreads them over the
+    # workers): one event.
     headers = {"Idempotency-Key": "order-1"}
     answers = await asyncio.gather(
         *(client.post(url + "/v1/actions", json=ACTION, headers=headers) for _ in range(20))
@@ -145,8 +140,6 @@ async def test_idempotency_and_queue_limits_hold_across_workers(
 async def test_the_ingest_token_is_checked_in_the_workers_and_the_main_process(
     sidecar_factory: SidecarFactory, client: httpx.AsyncClient
 ) -> None:
-    from valmi_sidecar.config import Secret  # noqa: PLC0415
-
     _, url = await sidecar_factory(None, ingest_processes=2, ingest_token=Secret("tok-123"))
     assert (await client.post(url + "/v1/actions", json=ACTION)).status_code == 401
     assert (await client.get(url + "/v1/status")).status_code == 401
@@ -169,10 +162,10 @@ async def test_a_worker_that_dies_is_started_again_and_nothing_acknowledged_is_l
     os.kill(victim, signal.SIGKILL)
 
     async def restarted() -> bool:
-        text = (await client.get(url + "/metrics")).text
+        samples, _ = await scrape(client, url)
         return (
-            _metric(text, "valmi_sidecar_ingest_worker_restarts_total") == 1
-            and _metric(text, "valmi_sidecar_ingest_workers_running") == 2
+            value(samples, "valmi_sidecar_ingest_worker_restarts_total") == 1
+            and value(samples, "valmi_sidecar_ingest_workers_running") == 2
         )
 
     await wait_until(restarted, 20, "the killed worker started again")

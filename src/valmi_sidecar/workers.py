@@ -21,15 +21,15 @@ one event-loop pass in one frame:
   refusals counted since the last such frame (for ``/metrics``).
 * main to worker: first ``["hello", {...}]`` (the settings a worker needs, the ingest
   token among them: a socket pair is private to the two processes); ``["answers",
-  [[rid, "ok", [[id, created_at, duplicate], ...]] | [rid, ERROR, message, extra], ...]]``;
+  [[rid, "ok", [[id, created_at, duplicate], ...], 0] | [rid, ERROR, message, extra], ...]]``;
   ``["drain"]`` at shutdown.
 
 Lifecycle: a worker that exits while the sidecar runs is started again (backoff 1 s,
 doubling to 30 s). At shutdown the main process tells every worker to drain (stop
 accepting, finish its requests within ``shutdown_grace_s``, exit), waits for them, and only
 then closes the store. A worker whose main process is gone (its channel ends) stops at
-once: nothing could be stored. Workers ignore nothing: SIGTERM to a worker (systemd sends
-it to every process of the unit) is a drain of that worker.
+once: nothing could be stored. SIGTERM to a worker (systemd sends it to every process of
+the unit) is a drain of that worker.
 """
 
 from __future__ import annotations
@@ -60,8 +60,10 @@ from .receiver import (
     INGEST,
     LIFECYCLE,
     REFUSED,
+    RETRY_AFTER_STORE_ERROR_S,
     ApiError,
     Lifecycle,
+    _check_accepting,
     add_ingest_routes,
     ingest_app,
     make_runner,
@@ -81,7 +83,8 @@ RESTART_RESET_AFTER_S: Final = 60.0
 REFUSED_REPORT_S: Final = 1.0
 #: Extra seconds after ``shutdown_grace_s`` before a worker that did not exit is killed.
 KILL_AFTER_S: Final = 5.0
-#: The bytes of one frame at most (a batch of 1,000 events of 1 MiB bodies fits).
+#: The bytes of one frame at most: far above what bodies under ``max_body_bytes`` make; a
+#: longer length prefix means the channel is broken.
 MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
 
 _FRAME: Final = struct.Struct("!I")
@@ -129,18 +132,11 @@ def write_frame(writer: asyncio.StreamWriter, obj: Any) -> None:
 
 def listen_socket(host: str, port: int) -> socket.socket:
     """The listening socket the workers share (the same backlog as the one-process site)."""
-    family, kind, proto, _, address = socket.getaddrinfo(
+    family, _, _, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(1024)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
+    sock = socket.create_server(address, family=family, backlog=1024)
+    sock.setblocking(False)
     return sock
 
 
@@ -207,6 +203,7 @@ class IngestWorkers:
         self._count = settings.ingest_processes
         self._workers: dict[int, _Worker] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._restarting: set[asyncio.Task[None]] = set()
         self._draining = False
         self._fails: dict[int, int] = {}
         self.restarts = 0
@@ -296,10 +293,15 @@ class IngestWorkers:
                 f"ingest worker {index} did not start listening within {START_TIMEOUT_S:g} s"
             )
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], name: str, *, restart: bool = False
+    ) -> asyncio.Task[None]:
+        """A task of the pool's own; a restart is also in ``_restarting``, which ``stop``
+        cancels."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        for owner in (self._tasks, self._restarting) if restart else (self._tasks,):
+            owner.add(task)
+            task.add_done_callback(owner.discard)
         return task
 
     async def _serve(self, worker: _Worker) -> None:
@@ -335,7 +337,9 @@ class IngestWorkers:
         )
         if was_ready:
             _ = self._spawn(
-                self._restart(worker.index, ran_s), f"ingest_worker_{worker.index}_restart"
+                self._restart(worker.index, ran_s),
+                f"ingest_worker_{worker.index}_restart",
+                restart=True,
             )
 
     async def _restart(self, index: int, ran_s: float) -> None:
@@ -344,10 +348,8 @@ class IngestWorkers:
         fails = self._fails.get(index, 0) + 1 if ran_s < RESTART_RESET_AFTER_S else 1
         self._fails[index] = fails
         delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** min(fails - 1, 5))
-        while True:
+        while True:  # until started, or cancelled by stop()
             await asyncio.sleep(delay)
-            if self._stopping():
-                return
             self.restarts += 1
             try:
                 await self._start_one(index)
@@ -357,9 +359,6 @@ class IngestWorkers:
                 continue
             log.info("ingest_worker_restarted", worker=index, pid=self._workers[index].process.pid)
             return
-
-    def _stopping(self) -> bool:
-        return self._draining
 
     def _submit(self, worker: _Worker, items: list[list[Any]]) -> None:
         store = self._store
@@ -383,7 +382,7 @@ class IngestWorkers:
             worker.answer(_error_answer(rid, exc))
             return
         accepted = future.result()
-        worker.answer([rid, "ok", [[a.id, a.created_at, a.duplicate] for a in accepted]])
+        worker.answer([rid, "ok", [[a.id, a.created_at, a.duplicate] for a in accepted], 0])
 
     async def stop(self, grace_s: float) -> None:
         """Drain every worker: stop accepting, finish requests within ``grace_s``, exit.
@@ -392,9 +391,8 @@ class IngestWorkers:
         if self._sock is not None:
             self._sock.close()  # the workers hold their own copies until they exit
             self._sock = None
-        for task in list(self._tasks):
-            if task.get_name().endswith("_restart"):
-                task.cancel()
+        for task in self._restarting:
+            task.cancel()
         workers = list(self._workers.values())
         for worker in workers:
             write_frame(worker.writer, ["drain"])
@@ -468,9 +466,7 @@ class _MainLink:
         self._out = []
 
     def answered(self, items: list[list[Any]]) -> None:
-        for rid, status, payload, extra in (
-            (i[0], i[1], i[2], i[3] if len(i) > 3 else 0) for i in items
-        ):
+        for rid, status, payload, extra in items:
             future = self._waiting.get(rid)
             if future is None or future.done():
                 continue
@@ -521,18 +517,12 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
             await response.write_eof()
             return response
     except ClientError as exc:
-        if request.app[LIFECYCLE].draining:
-            raise ApiError(
-                503,
-                "shutting_down",
-                "the sidecar is shutting down; retry shortly (events already accepted are kept)",
-                retry_after_s=5,
-            ) from exc
+        _check_accepting(request)  # draining: the same 503 as the main process's
         raise ApiError(
             503,
             "main_unavailable",
             "the sidecar's main process did not answer; retry shortly",
-            retry_after_s=2,
+            retry_after_s=RETRY_AFTER_STORE_ERROR_S,
         ) from exc
 
 
