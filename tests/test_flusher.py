@@ -262,6 +262,30 @@ async def test_an_idle_flusher_forwards_a_new_event_promptly(
     await wait_until(lambda: 2 == store.counts().delivered, 1.0, "prompt delivery again")
 
 
+async def test_one_event_at_a_time_costs_few_queue_reads(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At low rates each event arrives alone: the flusher leases it and then knows the queue
+    is empty (until new events, a retry or a release), instead of asking again at every
+    wake-up (six reads per event before; each a trip to the reader's thread)."""
+    reads: list[str] = []
+    for name in ("lease", "next_due_at"):
+        real = getattr(store, name)
+
+        async def counted(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            reads.append(_name)
+            return await _real(*args)
+
+        monkeypatch.setattr(store, name, counted)
+    await start_flusher(fake)
+    await wait_until(lambda: len(reads) >= 2, 1.0, "the first lease and due read")
+    for i in range(20):
+        await store.submit([action(i)])
+        await wait_until(lambda n=i + 1: n == store.counts().delivered, 2.0, f"event {i}")
+    assert list(range(20)) == order(fake)
+    assert len(reads) <= 2 + 3 * 20, reads
+
+
 async def test_outage_then_recovery_delivers_each_key_exactly_once(
     store: Store, fake: FakeValmi, start_flusher: StartFlusher
 ) -> None:

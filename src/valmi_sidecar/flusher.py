@@ -21,6 +21,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, Literal
 
 import structlog
@@ -55,6 +56,16 @@ MIN_IDLE_S: Final = 0.01
 _EPSILON: Final = 1e-9
 
 log = structlog.get_logger("valmi_sidecar.flusher")
+
+
+@dataclass(slots=True)
+class _Empty:
+    """A lease came back short when ``Flusher._changes`` was ``changes``; then the next
+    due time of the events out of flight, once read (``None``: nothing queued)."""
+
+    changes: int
+    due_read: bool = False
+    due: float | None = None
 
 
 class FlusherError(Exception):
@@ -180,6 +191,12 @@ class Flusher:
         # received events wake it (otherwise it waits for a token, a sender or a hold, and
         # woke for nothing at every group commit).
         self._wants_events = False
+        # What the last short lease saw: every due event out of flight was read, so until
+        # something can have made another one due, the lease loop needs no query (at low
+        # rates each event cost six reads without this). ``_changes`` counts those things:
+        # new events, an event back out of flight, a retry recorded.
+        self._changes = 0
+        self._empty: _Empty | None = None
 
         self._summary_at = time.monotonic()
         self._summary = {"delivered": 0, "retried": 0, "dead_lettered": 0}
@@ -220,6 +237,7 @@ class Flusher:
         finally:
             self._buffer.clear()
             self._in_flight.clear()
+            self._empty = None
             self._running = False
             self._done.set()
 
@@ -332,17 +350,44 @@ class Flusher:
         return 1 if self._state in ("backing_off", "paused") else self._concurrency
 
     async def _next_event(self) -> QueuedEvent | None:
-        if not self._buffer:
+        if not self._buffer and not self._known_empty():
             limit = 1 if self._state in ("backing_off", "paused") else self._batch
+            seen = self._changes
             events = await self._store.lease(limit, frozenset(self._in_flight))
             for event in events:
                 if event.seq not in self._in_flight:
                     self._in_flight.add(event.seq)
                     self._buffer.append(event)
+            if len(events) < limit:
+                self._empty = _Empty(seen)
         return self._buffer.popleft() if self._buffer else None
 
+    def _known_empty(self) -> bool:
+        """Whether a lease now would come back empty, as far as the loop knows without
+        asking: nothing changed since a short lease, and its next due time (once read) has
+        not come."""
+        empty = self._empty
+        if empty is None or empty.changes != self._changes:
+            return False
+        return not empty.due_read or empty.due is None or self._clock() < empty.due
+
+    def _changed(self) -> None:
+        self._changes += 1
+
+    def _unlease(self, seq: int) -> None:
+        """An event back out of flight, still queued: it can be leased again."""
+        self._in_flight.discard(seq)
+        self._changes += 1
+
     async def _idle_timeout(self) -> float | None:
-        due = await self._store.next_due_at(frozenset(self._in_flight))
+        empty = self._empty
+        if empty is not None and empty.changes == self._changes and empty.due_read:
+            due = empty.due
+        else:
+            seen = self._changes
+            due = await self._store.next_due_at(frozenset(self._in_flight))
+            if empty is not None and empty.changes == seen == self._changes:
+                empty.due_read, empty.due = True, due
         if due is None:
             return None  # woken by new events, a settlement or stop
         return max(MIN_IDLE_S, due - self._clock())
@@ -355,6 +400,7 @@ class Flusher:
     async def _watch_new_events(self) -> None:
         while True:
             await self._store.wait_for_events()
+            self._changed()
             if self._wants_events:
                 self._wake.set()
 
@@ -364,7 +410,7 @@ class Flusher:
         try:
             answer = await upstream.send(event)
         except asyncio.CancelledError:
-            self._in_flight.discard(event.seq)  # stays queued; same key next time
+            self._unlease(event.seq)  # stays queued; same key next time
             raise
         finally:
             self._sending -= 1
@@ -394,10 +440,10 @@ class Flusher:
             self._on_healthy()
             self._note_rate_limit(answer, now)
         elif answer.verdict == "pause":
-            self._in_flight.discard(event.seq)
+            self._unlease(event.seq)
             self._on_pause(answer, now, current)
         elif answer.status == 429:
-            self._in_flight.discard(event.seq)  # not the event's fault: no attempt counted
+            self._unlease(event.seq)  # not the event's fault: no attempt counted
             self._on_rate_limited(answer, now, current)
         else:
             wait = full_jitter(
@@ -520,7 +566,7 @@ class Flusher:
 
     def _release_buffer(self) -> None:
         for event in self._buffer:
-            self._in_flight.discard(event.seq)
+            self._unlease(event.seq)
         self._buffer.clear()
 
     # -- settling ------------------------------------------------------------------------
@@ -572,6 +618,8 @@ class Flusher:
             raise
         for settlement in batch:
             self._in_flight.discard(settlement.seq)
+            if isinstance(settlement, Retry):
+                self._changed()  # queued again, due at its time (delivered or dead: gone)
         log.debug(
             "batch_settled", n=len(batch), elapsed_ms=round((time.monotonic() - started) * 1000, 1)
         )
