@@ -279,9 +279,13 @@ async def test_one_event_at_a_time_costs_few_queue_reads(
         monkeypatch.setattr(store, name, counted)
     await start_flusher(fake)
     await wait_until(lambda: len(reads) >= 2, 1.0, "the first lease and due read")
-    for i in range(1, 21):
-        await store.submit([action(i - 1)])
-        await wait_until(lambda: i == store.counts().delivered, 2.0, f"event {i} delivered")
+    for i in range(20):
+        await store.submit([action(i)])
+
+        def delivered(n: int = i + 1) -> bool:
+            return n == store.counts().delivered
+
+        await wait_until(delivered, 2.0, f"event {i} delivered")
     assert list(range(20)) == order(fake)
     assert len(reads) <= 2 + 3 * 20, reads
 
