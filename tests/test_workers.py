@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -106,6 +107,33 @@ async def test_workers_serve_the_whole_api_with_the_same_answers(
     assert value(samples, "valmi_sidecar_ingest_workers") == 2
     assert value(samples, "valmi_sidecar_ingest_workers_running") == 2
     assert samples[("valmi_sidecar_ingest_worker_restarts_total", ())] == 0
+
+
+async def test_workers_listen_on_every_address_the_host_names(
+    sidecar_factory: SidecarFactory,
+    fake: FakeValmi,
+    client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``listen = localhost:PORT`` takes 127.0.0.1 and ::1 where localhost names both, as
+    the one-process sidecar does; an agent that connects to ::1 is not refused. This
+    machine's hosts file names only 127.0.0.1 for localhost, so the resolver is faked."""
+    real = socket.getaddrinfo
+
+    def resolve(host: str | None, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "localhost":
+            return real("127.0.0.1", port, *args, **kwargs) + real("::1", port, *args, **kwargs)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    sidecar, _ = await sidecar_factory(fake.url, ingest_processes=2, listen="localhost:0")
+    assert sidecar.address is not None
+    port = sidecar.address[1]
+    for base in (f"http://127.0.0.1:{port}", f"http://[::1]:{port}"):
+        resp = await client.post(base + "/v1/actions", json=ACTION)
+        assert resp.status_code == 202, (base, resp.text)
+        assert (await client.get(base + "/readyz")).status_code == 200
+    await fake.wait_until(lambda: len(fake.received) == 2, timeout_s=10)
 
 
 async def test_idempotency_and_queue_limits_hold_across_workers(

@@ -30,7 +30,7 @@ from .receiver import INGEST, REFUSED, STORE, Lifecycle, build_app, make_runner
 from .sdnotify import Notifier
 from .store import Store, StoreError, counts_json
 from .upstream import Upstream
-from .workers import IngestWorkers, listen_socket
+from .workers import IngestWorkers, listen_sockets
 
 log = structlog.get_logger("valmi_sidecar.service")
 
@@ -267,20 +267,21 @@ class Sidecar:
         s = self.settings
         ops = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
         await ops.start()
-        sock = listen_socket(s.host, s.port)
+        socks = listen_sockets(s.host, s.port)
         try:
-            address = sock.getsockname()
+            address = socks[0].getsockname()
             ops_port = runner.addresses[-1][1]
 
             def on_alive(n: int) -> None:
                 self.lifecycle.no_ingest_worker = n == 0
 
             self._workers = IngestWorkers(
-                s, self._store, app[REFUSED], sock, ops_port=ops_port, on_alive=on_alive
+                s, self._store, app[REFUSED], socks, ops_port=ops_port, on_alive=on_alive
             )
             await self._workers.start()
         except BaseException:
-            sock.close()
+            for sock in socks:
+                sock.close()
             raise
         log.info("ingest_workers_listening", internal=f"127.0.0.1:{ops_port}")
         return address[0], address[1]

@@ -130,14 +130,30 @@ def write_frame(writer: asyncio.StreamWriter, obj: Any) -> None:
     writer.write(_FRAME.pack(len(data)) + data)
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """The listening socket the workers share (the same backlog as the one-process site)."""
-    family, _, _, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.create_server(address, family=family, backlog=1024)
-    sock.setblocking(False)
-    return sock
+def listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets the workers share: one per address ``host`` resolves to
+    (``localhost``: 127.0.0.1 and ::1; empty: every interface), as the one-process site
+    binds, with its backlog. With port 0, every address gets the port the first got."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    seen: set[tuple[int, str]] = set()
+    try:
+        for family, _, _, _, resolved in infos:
+            key = (int(family), str(resolved[0]))
+            if key in seen:
+                continue
+            seen.add(key)
+            address = resolved
+            if socks and port == 0:
+                address = (resolved[0], socks[0].getsockname()[1], *resolved[2:])
+            sock = socket.create_server(address, family=family, backlog=1024)  # v6: V6ONLY
+            sock.setblocking(False)
+            socks.append(sock)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def _worker_env() -> dict[str, str]:
@@ -189,7 +205,7 @@ class IngestWorkers:
         settings: Settings,
         store: Store,
         refused: dict[str, int],
-        sock: socket.socket,
+        socks: Sequence[socket.socket],
         *,
         ops_port: int,
         on_alive: Callable[[int], None] = lambda _n: None,
@@ -197,7 +213,7 @@ class IngestWorkers:
         self._settings = settings
         self._store = store
         self._refused = refused
-        self._sock: socket.socket | None = sock
+        self._socks = list(socks)
         self._ops_port = ops_port
         self._on_alive = on_alive
         self._count = settings.ingest_processes
@@ -245,16 +261,17 @@ class IngestWorkers:
         }
 
     async def _start_one(self, index: int) -> None:
-        assert self._sock is not None
+        assert self._socks
+        listen_fds = [sock.fileno() for sock in self._socks]
         mine, theirs = socket.socketpair()
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "valmi_sidecar.workers",
-                str(self._sock.fileno()),
+                ",".join(map(str, listen_fds)),
                 str(theirs.fileno()),
-                pass_fds=(self._sock.fileno(), theirs.fileno()),
+                pass_fds=(*listen_fds, theirs.fileno()),
                 stdin=subprocess.DEVNULL,
                 env=_worker_env(),
             )
@@ -388,9 +405,9 @@ class IngestWorkers:
         """Drain every worker: stop accepting, finish requests within ``grace_s``, exit.
         Kills a worker still running ``KILL_AFTER_S`` later. The store stays open meanwhile."""
         self._draining = True
-        if self._sock is not None:
-            self._sock.close()  # the workers hold their own copies until they exit
-            self._sock = None
+        for sock in self._socks:
+            sock.close()  # the workers hold their own copies until they exit
+        self._socks = []
         for task in self._restarting:
             task.cancel()
         workers = list(self._workers.values())
@@ -596,11 +613,11 @@ async def _follow_main(reader: asyncio.StreamReader, link: _MainLink, stop: asyn
         return not gone
 
 
-async def run_worker(listen_fd: int, channel_fd: int) -> int:
+async def run_worker(listen_fds: Sequence[int], channel_fd: int) -> int:
     """One ingest worker, until its main process says drain, SIGTERM, or the channel ends."""
     from .logs import configure_logging  # noqa: PLC0415 - after the exec, once
 
-    listener = socket.socket(fileno=listen_fd)
+    listeners = [socket.socket(fileno=fd) for fd in listen_fds]
     channel = socket.socket(fileno=channel_fd)
     reader, writer = await asyncio.open_unix_connection(sock=channel, limit=2**20)
     try:
@@ -618,7 +635,8 @@ async def run_worker(listen_fd: int, channel_fd: int) -> int:
     app = _worker_app(settings, hello, link)
     runner = make_runner(app, settings)
     await runner.setup()
-    await web.SockSite(runner, listener, backlog=1024).start()
+    for listener in listeners:
+        await web.SockSite(runner, listener, backlog=1024).start()
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -654,18 +672,21 @@ async def run_worker(listen_fd: int, channel_fd: int) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    listen_fd, channel_fd = (int(a) for a in argv)
+    """``LISTEN_FD[,LISTEN_FD...] CHANNEL_FD``, as ``IngestWorkers`` passes them."""
+    listen_fds = [int(fd) for fd in argv[0].split(",")]
+    channel_fd = int(argv[1])
     loop_factory: Any = None
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: PLC0415 - optional (Linux only)
 
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(run_worker(listen_fd, channel_fd))
+        return runner.run(run_worker(listen_fds, channel_fd))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or not all(a.isdigit() for a in sys.argv[1:]):
+    fds = sys.argv[1:2] and sys.argv[1].split(",")
+    if len(sys.argv) != 3 or not all(a.isdigit() for a in [*fds, sys.argv[2]]):
         sys.stderr.write("valmi_sidecar.workers is started by `valmi-sidecar run`, not by hand\n")
         raise SystemExit(2)
     raise SystemExit(main(sys.argv[1:]))
