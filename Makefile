@@ -25,7 +25,7 @@ run: $(PY)
 fake-api: $(PY)
 	$(VENV)/bin/valmi-sidecar fake-api
 
-# Ingest, peer queue, forwarding, backlog, footprint, side by side (about 8 minutes; not in CI).
+# Ingest, peer queue, forwarding, backlog, footprint, side by side (about 30 minutes; not in CI).
 # Writes benchmarks/results/bench.{md,json,png}. Uses wrk when installed (apt-get install wrk).
 bench: $(PY)
 	$(VENV)/bin/pip install --quiet -e '.[bench]'

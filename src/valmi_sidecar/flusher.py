@@ -377,7 +377,7 @@ class Flusher:
     def _unlease(self, seq: int) -> None:
         """An event back out of flight, still queued: it can be leased again."""
         self._in_flight.discard(seq)
-        self._changes += 1
+        self._changed()
 
     async def _idle_timeout(self) -> float | None:
         empty = self._empty
