@@ -313,12 +313,13 @@ def ingest_target(target: str, run_dir: Path, fake: str) -> Iterator[tuple[str, 
     # full-idle: nothing listens on the upstream port, so the flusher only backs off:
     # the ingest path alone, without the cost of forwarding.
     upstream = f"http://127.0.0.1:{free_port()}" if target == "full-idle" else fake
-    # full-2: two ingest worker processes (ingest_processes = 2) beside the main one.
+    # full-N: N ingest worker processes (ingest_processes = N) beside the main one.
+    durability, _, suffix = target.partition("-")
     side = Sidecar(
         run_dir,
         upstream,
-        durability=target.split("-", maxsplit=1)[0],
-        ingest_processes=2 if target == "full-2" else 1,
+        durability=durability,
+        ingest_processes=int(suffix) if suffix.isdigit() else 1,
     )
     try:
         yield side.url + "/v1/actions", side.proc.pid
