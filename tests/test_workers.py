@@ -118,6 +118,10 @@ async def test_workers_listen_on_every_address_the_host_names(
     """``listen = localhost:PORT`` takes 127.0.0.1 and ::1 where localhost names both, as
     the one-process sidecar does; an agent that connects to ::1 is not refused. This
     machine's hosts file names only 127.0.0.1 for localhost, so the resolver is faked."""
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
     real = socket.getaddrinfo
 
     def resolve(host: str | None, port: Any, *args: Any, **kwargs: Any) -> Any:
