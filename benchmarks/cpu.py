@@ -105,7 +105,7 @@ def main() -> None:
             stored = fake_counts(fake)["stored"]
             before, busy = snapshot(pid, fake_pid), machine_busy_s()
             result = wrk(url, args.connections, args.seconds, script)
-            n = result["requests"] - result["non_2xx"]
+            n = max(1, result["requests"] - result["non_2xx"])
             if args.rate and args.target not in ("bare", "minimal", "full-idle"):
                 deadline = time.monotonic() + 60
                 while fake_counts(fake)["stored"] - stored < n and time.monotonic() < deadline:
