@@ -38,21 +38,9 @@ from run import (  # noqa: E402 - beside this script
     machine_busy_s,
     wrk,
 )
+from soak import child_pids  # noqa: E402 - beside this script
 
 Snapshot = dict[tuple[str, int, str], float]  # (process role, tid, thread name) -> CPU s
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return sorted(found)
 
 
 def _threads(pid: int, role: str) -> Iterator[tuple[tuple[str, int, str], float]]:
@@ -70,7 +58,7 @@ def _threads(pid: int, role: str) -> Iterator[tuple[tuple[str, int, str], float]
 def snapshot(target_pid: int, fake_pid: int | None) -> Snapshot:
     snap: Snapshot = {}
     roles = [(target_pid, "target")]
-    roles += [(p, f"worker {i}") for i, p in enumerate(_children(target_pid), 1)]
+    roles += [(p, f"worker {i}") for i, p in enumerate(child_pids(target_pid), 1)]
     if fake_pid is not None:
         roles.append((fake_pid, "fake API"))
     for pid, role in roles:
@@ -134,7 +122,7 @@ def main() -> None:
 def _fake_pid(url: str) -> int | None:
     """The fake API's process: this script's child listening on the URL's port."""
     port = url.rsplit(":", 1)[1]
-    for pid in _children(os.getpid()):
+    for pid in child_pids(os.getpid()):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:

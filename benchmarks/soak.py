@@ -58,20 +58,20 @@ CLEAR = {
 }
 
 
-def _children(pid: int) -> list[int]:
-    """The sidecar's ingest workers (with ``--ingest-processes`` > 1), else none."""
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started (for the sidecar: its ingest workers), in pid order."""
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
             out += [int(c) for c in (task / "children").read_text().split()]
-    return out
+    return sorted(out)
 
 
 def sample(pid: int, data_dir: Path) -> dict[str, float]:
     """RSS and open file descriptors summed over the sidecar's processes; database size."""
     rss_kib = 0
     fds = 0
-    for p in (pid, *_children(pid)):
+    for p in (pid, *child_pids(pid)):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):

@@ -162,7 +162,7 @@ def _check_token(request: web.Request) -> None:
         )
 
 
-def _check_accepting(request: web.Request) -> None:
+def check_accepting(request: web.Request) -> None:
     if request.app[LIFECYCLE].draining:
         raise ApiError(
             503,
@@ -259,7 +259,7 @@ def _refuse(exc: ValidationError) -> ApiError:
 
 async def _ingest_one(request: web.Request, kind: Kind) -> web.Response:
     _check_token(request)
-    _check_accepting(request)
+    check_accepting(request)
     raw = await _read_json_body(request)
     key = _idempotency_key(request)
     try:
@@ -282,7 +282,7 @@ async def post_outcome(request: web.Request) -> web.Response:
 
 async def post_batch(request: web.Request) -> web.Response:
     _check_token(request)
-    _check_accepting(request)
+    check_accepting(request)
     raw = await _read_json_body(request)
     key = _idempotency_key(request)
     try:

@@ -63,8 +63,8 @@ from .receiver import (
     RETRY_AFTER_STORE_ERROR_S,
     ApiError,
     Lifecycle,
-    _check_accepting,
     add_ingest_routes,
+    check_accepting,
     ingest_app,
     make_runner,
 )
@@ -310,15 +310,10 @@ class IngestWorkers:
                 f"ingest worker {index} did not start listening within {START_TIMEOUT_S:g} s"
             )
 
-    def _spawn(
-        self, coro: Coroutine[Any, Any, None], name: str, *, restart: bool = False
-    ) -> asyncio.Task[None]:
-        """A task of the pool's own; a restart is also in ``_restarting``, which ``stop``
-        cancels."""
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
-        for owner in (self._tasks, self._restarting) if restart else (self._tasks,):
-            owner.add(task)
-            task.add_done_callback(owner.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return task
 
     async def _serve(self, worker: _Worker) -> None:
@@ -353,11 +348,11 @@ class IngestWorkers:
             "ingest_worker_exited", worker=worker.index, exit_code=code, ran_s=round(ran_s, 1)
         )
         if was_ready:
-            _ = self._spawn(
-                self._restart(worker.index, ran_s),
-                f"ingest_worker_{worker.index}_restart",
-                restart=True,
+            restart = self._spawn(
+                self._restart(worker.index, ran_s), f"ingest_worker_{worker.index}_restart"
             )
+            self._restarting.add(restart)  # stop() cancels these
+            restart.add_done_callback(self._restarting.discard)
 
     async def _restart(self, index: int, ran_s: float) -> None:
         """Start worker ``index`` again after a backoff: 1 s, doubling with each exit in a
@@ -534,7 +529,7 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
             await response.write_eof()
             return response
     except ClientError as exc:
-        _check_accepting(request)  # draining: the same 503 as the main process's
+        check_accepting(request)  # draining: the same 503 as the main process's
         raise ApiError(
             503,
             "main_unavailable",
@@ -685,8 +680,8 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    fds = sys.argv[1:2] and sys.argv[1].split(",")
-    if len(sys.argv) != 3 or not all(a.isdigit() for a in [*fds, sys.argv[2]]):
+    args = sys.argv[1:]
+    if len(args) != 2 or not all(a.isdigit() for a in [*args[0].split(","), args[1]]):
         sys.stderr.write("valmi_sidecar.workers is started by `valmi-sidecar run`, not by hand\n")
         raise SystemExit(2)
     raise SystemExit(main(sys.argv[1:]))
