@@ -495,3 +495,51 @@ def test_secret_file_mode_is_not_changed(tmp_path: Path) -> None:
     path = write_secret(tmp_path, "api_key", "sk\n")
     load_settings(env={**HOME, "VALMI_API_KEY_FILE": str(path)})
     assert 0o600 == stat.S_IMODE(path.stat().st_mode)
+
+
+# --- who may call: allowed_origins, allowed_hosts -------------------------------------------
+
+
+def test_allowed_origins_and_hosts_from_every_layer(tmp_path: Path) -> None:
+    """A TOML list, or comma-separated text in the environment and flags; normalized to
+    lower case, brackets and duplicates dropped."""
+    cfg = write_toml(
+        tmp_path, 'allowed_origins = ["http://localhost:3000", "HTTPS://Dash.Example/"]\n'
+    )
+    s = load_settings(env=HOME, config_file=cfg)
+    assert ("http://localhost:3000", "https://dash.example") == s.allowed_origins
+    env = {**HOME, "VALMI_SIDECAR_ALLOWED_HOSTS": "sidecar.internal, [::1], Sidecar.Internal"}
+    s = load_settings(env=env, config_file=cfg)
+    assert ("sidecar.internal", "::1") == s.allowed_hosts
+    s = load_settings(env=env, argv_overrides={"allowed_origins": "chrome-extension://abcdef"})
+    assert ("chrome-extension://abcdef",) == s.allowed_origins
+    assert () == load_settings(env=HOME).allowed_hosts
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("ALLOWED_ORIGINS", "*", "'*' is not an origin"),
+        ("ALLOWED_ORIGINS", "null", "'null' is not an origin"),
+        ("ALLOWED_ORIGINS", "http://localhost:3000/app", "is not an origin"),
+        ("ALLOWED_ORIGINS", "localhost:3000", "is not an origin"),
+        ("ALLOWED_ORIGINS", "http://a.example,,http://b.example", "an entry is empty"),
+        ("ALLOWED_HOSTS", "sidecar:8787", "give the name alone, without a port"),
+        ("ALLOWED_HOSTS", "*.internal", "is not a host name"),
+        ("ALLOWED_HOSTS", "http://sidecar", "is not a host name"),
+    ],
+)
+def test_bad_allowed_origins_and_hosts_name_the_variable_and_the_entry(
+    name: str, value: str, expected: str
+) -> None:
+    var = "VALMI_SIDECAR_" + name
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={**HOME, var: value})
+    assert str(err.value).startswith(var + ": ")
+    assert expected in str(err.value)
+
+
+def test_allowed_hosts_in_toml_must_be_a_list_of_strings(tmp_path: Path) -> None:
+    cfg = write_toml(tmp_path, "allowed_hosts = [1, 2]\n")
+    with pytest.raises(ConfigError, match="allowed_hosts: .* is not a list of host names"):
+        load_settings(env=HOME, config_file=cfg)

@@ -307,7 +307,11 @@ def test_any_body_is_delivered_exactly_as_sent_or_refused_with_nothing_stored(
 ) -> None:
     with httpx.Client(base_url=live_stack.url, timeout=10) as http:
         before = http.get("/v1/status").json()["events"]["received"]
-        resp = http.post(f"/v1/{kind}s", content=json.dumps(body).encode())
+        resp = http.post(
+            f"/v1/{kind}s",
+            content=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         after = http.get("/v1/status").json()["events"]["received"]
     if resp.status_code == 202:
         event_id = resp.json()["id"]

@@ -129,7 +129,7 @@ async def raw_request(
 def post_head(path: str, length: int | None, extra: str = "") -> bytes:
     framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
     return (
-        f"POST {path} HTTP/1.1\r\nHost: sidecar\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"{extra}{framing}\r\n\r\n"
     ).encode()
 

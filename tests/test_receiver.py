@@ -91,7 +91,9 @@ async def test_body_over_the_limit_without_content_length_is_refused_413(
         for _ in range(40):
             yield b"x" * 65536
 
-    resp = await client.post(f"{url}/v1/actions", content=chunks())
+    resp = await client.post(
+        f"{url}/v1/actions", content=chunks(), headers={"Content-Type": "application/json"}
+    )
     assert 413 == resp.status_code
     assert "payload_too_large" == error_of(resp)["code"]
 
@@ -107,14 +109,18 @@ async def test_non_json_content_type_is_refused_415(
     assert "unsupported_media_type" == error_of(resp)["code"]
 
 
-async def test_missing_content_type_is_taken_as_json(
+async def test_missing_content_type_is_refused_415_and_nothing_stored(
     sidecar_factory: SidecarFactory, client: httpx.AsyncClient
 ) -> None:
-    _, url = await sidecar_factory()
+    """A browser's Blob or beacon POST has no Content-Type: it is not taken as JSON."""
+    sidecar, url = await sidecar_factory()
     req = client.build_request("POST", f"{url}/v1/actions", content=json.dumps(ACTION).encode())
     assert "Content-Type" not in req.headers
     resp = await client.send(req)
-    assert 202 == resp.status_code
+    assert 415 == resp.status_code
+    assert "Content-Type: application/json" in error_of(resp)["message"]
+    assert sidecar._store is not None
+    assert 0 == sidecar._store.counts().received
 
 
 async def test_agent_authorization_header_is_ignored_without_an_ingest_token(

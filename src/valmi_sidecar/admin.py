@@ -25,7 +25,8 @@ from typing import Any, Final, cast
 import msgspec
 from aiohttp import web
 
-from .events import Kind, NewEvent
+from . import events
+from .events import Kind, NewEvent, ValidationError
 from .receiver import STORE, ApiError, _check_token
 from .store import DeadLetterFilter, LedgerRow, QueueFullError, StoreError, salvage_problem
 
@@ -46,6 +47,22 @@ def _bad(field: str, message: str) -> ApiError:
     return ApiError(
         400, "invalid_request", f"{field}: {message}", [{"field": field, "message": message}]
     )
+
+
+_LEDGER_QUERY: Final = frozenset({"agent_key", "since", "until"})
+_LIST_QUERY: Final = _FILTER_FIELDS | {"after_seq", "limit"}
+
+
+def _query(request: web.Request, allowed: frozenset[str]) -> dict[str, str]:
+    """The query parameters, each named once and known (as strict as a body: a repeated or
+    misspelt filter must not widen what a retry or an export matches)."""
+    q = request.query
+    for name in q:
+        if name not in allowed:
+            raise _bad(name, f"unknown parameter; allowed: {', '.join(sorted(allowed))}")
+        if len(q.getall(name)) > 1:
+            raise _bad(name, "is given more than once; give it once")
+    return dict(q)
 
 
 def _day(query: Mapping[str, str], name: str) -> str | None:
@@ -139,7 +156,7 @@ def ledger_totals(rows: list[LedgerRow]) -> dict[str, Any]:
 
 async def get_ledger(request: web.Request) -> web.Response:
     _check_token(request)
-    q = request.query
+    q = _query(request, _LEDGER_QUERY)
     rows = await request.app[STORE].ledger(
         agent_key=_text(q.get("agent_key"), "agent_key"),
         since=_day(q, "since"),
@@ -150,7 +167,7 @@ async def get_ledger(request: web.Request) -> web.Response:
 
 async def list_dead_letters(request: web.Request) -> web.Response:
     _check_token(request)
-    q = request.query
+    q = _query(request, _LIST_QUERY)
     limit = _int(q.get("limit"), "limit", 100, MAX_PAGE, query=True)
     after = _int(q.get("after_seq"), "after_seq", 0, 2**62, query=True)
     fields: dict[str, Any] = dict(q)
@@ -178,7 +195,7 @@ async def dead_letter_summary(request: web.Request) -> web.Response:
 
 async def count_dead_letters(request: web.Request) -> web.Response:
     _check_token(request)
-    fields: dict[str, Any] = dict(request.query)
+    fields: dict[str, Any] = _query(request, _FILTER_FIELDS)
     if "ids" in fields:
         fields["ids"] = [i for i in fields["ids"].split(",") if i]
     n = await request.app[STORE].count_dead_letters(parse_filter(fields, time.time(), query=True))
@@ -195,10 +212,15 @@ async def show_dead_letter(request: web.Request) -> web.Response:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
+    """The JSON object of an operator POST, parsed as strictly as an event's: invalid JSON,
+    invalid UTF-8 and a key named twice in one object (which one wins is ambiguous) are
+    refused."""
     try:
-        body = msgspec.json.decode(await request.read())
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "invalid_request", f"the body is not valid JSON: {exc}") from exc
+        body = events.decode(await request.read())
+    except ValidationError as exc:
+        raise ApiError(
+            400, "invalid_request", str(exc), [p.as_dict() for p in exc.problems]
+        ) from exc
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "the body must be a JSON object")
     return body
@@ -336,9 +358,9 @@ async def post_salvage(request: web.Request) -> web.Response:
     raw = body.get("events")
     if not isinstance(raw, list):
         raise _bad("events", "must be a list of salvaged events")
-    events = [parse_salvage_record(r, i) for i, r in enumerate(raw)]
+    salvaged = [parse_salvage_record(r, i) for i, r in enumerate(raw)]
     try:
-        result = await request.app[STORE].import_events(events)
+        result = await request.app[STORE].import_events(salvaged)
     except StoreError as exc:
         raise _store_error(exc) from exc
     return _json(

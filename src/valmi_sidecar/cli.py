@@ -68,6 +68,8 @@ DESCRIPTIONS: Mapping[str, str] = {
     "listen": "address for the local HTTP API, HOST:PORT; anything but loopback needs an ingest token",
     "data_dir": "directory for the SQLite queue (created 0700)",
     "api_url": f"base URL of the Valmi API (also read from {ENV_API_URL})",
+    "allowed_origins": "web page origins (scheme://host[:port], comma-separated) allowed to call the sidecar from a browser; by default every request with an Origin header is refused (403)",
+    "allowed_hosts": "extra names accepted in the Host header besides localhost, 127.0.0.1, [::1] and the listen host (comma-separated; others get 403); with an ingest token the Host check is off unless this is set",
     "durability": "SQLite synchronous mode: 'full' survives power loss, 'normal' only process crashes",
     "max_queue_bytes": "queue size limit in bytes; when reached, new events get 503 with Retry-After",
     "max_queue_events": "queue size limit in events; when reached, new events get 503 with Retry-After",
@@ -89,7 +91,12 @@ DESCRIPTIONS: Mapping[str, str] = {
     "access_log": "log every HTTP request to the local API",
 }
 
-_METAVARS: Mapping[str, str] = {"listen": "HOST:PORT", "api_url": "URL"}
+_METAVARS: Mapping[str, str] = {
+    "listen": "HOST:PORT",
+    "api_url": "URL",
+    "allowed_origins": "ORIGIN[,ORIGIN...]",
+    "allowed_hosts": "HOST[,HOST...]",
+}
 
 _SECRETS_EPILOG = f"""\
 secrets (environment only, never flags or the config file):
@@ -110,6 +117,8 @@ def _show_default(name: str) -> str:
     value = field_default(name)
     if isinstance(value, bool):
         return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

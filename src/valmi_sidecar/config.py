@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from .guard import normalize_host, normalize_origin
+
 GiB = 1024**3
 #: The most processes that may serve the local API (``ingest_processes``).
 MAX_INGEST_PROCESSES = 32
@@ -92,6 +94,8 @@ class Settings:
     api_url: str = "https://api.valmi.io"
     api_key: Secret | None = None
     ingest_token: Secret | None = None
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     durability: Literal["full", "normal"] = "full"
     max_queue_bytes: int = 1 * GiB
     max_queue_events: int = 5_000_000
@@ -185,10 +189,13 @@ def field_choices(name: str) -> tuple[str, ...] | None:
 
 
 def field_kind(name: str) -> type:
-    """The plain type of a non-secret field: str, int, float, bool or Path (Literals are str)."""
+    """The plain type of a non-secret field: str, int, float, bool, Path or tuple (of
+    strings; Literals are str)."""
     hint = _HINTS[name]
     if typing.get_origin(hint) is Literal:
         return str
+    if typing.get_origin(hint) is tuple:
+        return tuple
     if isinstance(hint, type):
         return hint
     raise TypeError(f"unsupported field type for {name}: {hint!r}")  # pragma: no cover
@@ -231,6 +238,34 @@ def _parse_text(raw: object) -> str:
     if not isinstance(raw, str):
         raise TypeError
     return raw.strip()
+
+
+def _parse_names(raw: object, normalize: Callable[[str], str]) -> tuple[str, ...]:
+    """A list of names: a TOML array of strings, or text separated by commas (environment,
+    flags); each entry checked and normalized, empty entries refused."""
+    if isinstance(raw, str):
+        items: list[object] = list(raw.split(",")) if raw.strip() else []
+    elif isinstance(raw, list | tuple):
+        items = list(raw)
+    else:
+        raise TypeError
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError("an entry is empty or not text")
+        try:
+            value = normalize(item)
+        except ValueError as e:
+            raise ValueError(f"{item.strip()!r} {e}") from None
+        if value not in out:
+            out.append(value)
+    return tuple(out)
+
+
+_NAME_CHECKS: Mapping[str, Callable[[str], str]] = {
+    "allowed_origins": normalize_origin,
+    "allowed_hosts": normalize_host,
+}
 
 
 def _parse_choice(raw: object, choices: tuple[str, ...]) -> str:
@@ -294,6 +329,8 @@ def _parse(
             value = _parse_choice(raw, choices)
         elif kind is bool:
             value = _parse_bool(raw)
+        elif kind is tuple:
+            value = _parse_names(raw, _NAME_CHECKS[name])
         elif kind is Path:
             value = _parse_path(raw, env, base)
         elif kind is int:
@@ -302,8 +339,9 @@ def _parse(
             value = _parse_float(raw)
         else:
             value = _parse_text(raw)
-    except (ValueError, TypeError):
-        raise ConfigError(f"{where}: {raw!r} {_expected(name)}") from None
+    except (ValueError, TypeError) as e:
+        detail = f" ({e})" if kind is tuple and str(e) else ""
+        raise ConfigError(f"{where}: {raw!r} {_expected(name)}{detail}") from None
     if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
         raise ConfigError(f"{where}: {raw!r} must be greater than 0")
     if name == "listen":
@@ -337,6 +375,10 @@ def _expected(name: str) -> str:
         return _NOT_HOST_PORT
     if name == "api_url":
         return "is not a URL; use for example https://api.valmi.io"
+    if name == "allowed_origins":
+        return "is not a list of origins; use for example http://localhost:3000,https://app.example"
+    if name == "allowed_hosts":
+        return "is not a list of host names; use for example valmi-sidecar,sidecar.internal"
     if kind is Path:
         return "is not a directory path; use for example /var/lib/valmi-sidecar"
     return "is not text"
@@ -392,6 +434,8 @@ def _constant(text: str) -> Callable[[], str]:
 
 def _format_default(value: object) -> str:
     """A default as a person would write it: 2592000 rather than 2592000.0."""
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

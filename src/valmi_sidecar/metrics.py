@@ -42,6 +42,8 @@ REFUSAL_CODES: Final = (
     "invalid_request",
     "invalid_idempotency_key",
     "unauthorized",
+    "host_not_allowed",
+    "origin_not_allowed",
     "payload_too_large",
     "unsupported_media_type",
     "idempotency_key_reused",
@@ -199,7 +201,9 @@ class _Snapshot(Collector):
         yield dead
         refused = _counter(
             "refused_requests",
-            "Ingest requests refused since start, by error code (nothing stored).",
+            "Requests refused since start, by error code (nothing stored or changed): every "
+            "refusal of an ingest route, and on every route a foreign Host or Origin or a "
+            "POST not declared JSON.",
             ["reason"],
         )
         codes = {**dict.fromkeys(REFUSAL_CODES, 0), **self._s.refused}

@@ -19,6 +19,7 @@ from aiohttp import ClientPayloadError, web
 from . import events, openapi
 from .config import Settings
 from .events import Kind, NewEvent, ValidationError
+from .guard import Policy
 from .store import IdempotencyConflictError, QueueFullError, Store, StoreError
 
 log = structlog.get_logger("valmi_sidecar.receiver")
@@ -63,9 +64,17 @@ INGEST: Final = web.AppKey[Submitter]("ingest")
 LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
 STATUS: Final = web.AppKey[StatusFn]("status")
 METRICS: Final = web.AppKey[MetricsFn]("metrics")
-#: Ingest requests refused, by error code (``valmi_sidecar_refused_requests_total``).
+POLICY: Final = web.AppKey("policy", Policy)
+#: Requests refused, by error code (``valmi_sidecar_refused_requests_total``): every
+#: refusal of an ingest route, and on every route those of the local-only guard.
 REFUSED: Final = web.AppKey[dict[str, int]]("refused")
 _INGEST_PATHS: Final = frozenset({"/v1/actions", "/v1/outcomes", "/v1/batch"})
+_GUARD_CODES: Final = frozenset(
+    {"host_not_allowed", "origin_not_allowed", "unsupported_media_type"}
+)
+#: What a browser page on an allowed origin may send (CORS preflight answer).
+_CORS_HEADERS: Final = "Authorization, Content-Type, Idempotency-Key"
+_CORS_MAX_AGE_S: Final = 600
 
 
 class ApiError(Exception):
@@ -133,8 +142,34 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         ).response()
 
 
+@web.middleware
+async def local_only_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse what a web page can send (see ``guard.py``) before any route sees it; give an
+    origin listed in ``allowed_origins`` the CORS answers a browser needs to use the API."""
+    policy = request.app[POLICY]
+    routed = request.match_info.http_exception is None
+    refusal = policy.refusal(request.method, request.headers, routed=routed)
+    if refusal is not None:
+        _count_refusal(request, refusal.code)
+        return ApiError(refusal.status, refusal.code, refusal.message).response()
+    origin = request.headers.get("Origin")
+    if not policy.origin_allowed(origin):
+        return await handler(request)
+    assert origin is not None
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        response: web.StreamResponse = web.Response(status=204)
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST"
+        response.headers["Access-Control-Allow-Headers"] = _CORS_HEADERS
+        response.headers["Access-Control-Max-Age"] = str(_CORS_MAX_AGE_S)
+    else:
+        response = await handler(request)
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Vary"] = "Origin"
+    return response
+
+
 def _count_refusal(request: web.Request, code: str) -> None:
-    if request.path in _INGEST_PATHS:
+    if request.path in _INGEST_PATHS or code in _GUARD_CODES:
         refused = request.app[REFUSED]
         refused[code] = refused.get(code, 0) + 1
 
@@ -173,15 +208,7 @@ def check_accepting(request: web.Request) -> None:
 
 
 async def _read_json_body(request: web.Request) -> bytes:
-    content_type = request.headers.get("Content-Type")
-    if content_type is not None:
-        media = content_type.split(";", 1)[0].strip().lower()
-        if media != _JSON and not media.endswith("+json"):
-            raise ApiError(
-                415,
-                "unsupported_media_type",
-                f"the body must be JSON (Content-Type: application/json), not {media or 'empty'}",
-            )
+    # The declared type was checked by local_only_middleware, before any route.
     settings = request.app[SETTINGS]
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -350,10 +377,18 @@ def ingest_app(settings: Settings, lifecycle: Lifecycle) -> web.Application:
     """An application with the ingest routes' limits, error shape and refusal counts; the
     caller adds the routes and sets ``app[INGEST]``."""
     app = web.Application(
-        middlewares=[error_middleware],
+        # The guard outermost: it refuses before anything else runs, and its CORS headers
+        # reach every answer to an allowed origin, refusals rendered by error_middleware too.
+        middlewares=[local_only_middleware, error_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[POLICY] = Policy.build(
+        settings.host,
+        settings.allowed_hosts,
+        settings.allowed_origins,
+        token_set=settings.ingest_token is not None,
+    )
     app[LIFECYCLE] = lifecycle
     app[REFUSED] = {}
     return app

@@ -252,7 +252,7 @@ class Sidecar:
                 self._notify_tasks.append(task)
         log.info(
             "sidecar_ready",
-            listen=f"{host}:{port}",
+            listen=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
             data_dir=str(s.data_dir),
             durability=s.durability,
             forwarding=self._upstream is not None,

@@ -252,6 +252,9 @@ class IngestWorkers:
             "index": index,
             "ops_port": self._ops_port,
             "ingest_token": s.ingest_token.reveal() if s.ingest_token is not None else None,
+            "listen": s.listen,
+            "allowed_origins": list(s.allowed_origins),
+            "allowed_hosts": list(s.allowed_hosts),
             "max_body_bytes": s.max_body_bytes,
             "client_timeout_s": s.client_timeout_s,
             "shutdown_grace_s": s.shutdown_grace_s,
@@ -569,6 +572,9 @@ def worker_settings(hello: dict[str, Any]) -> Settings:
     token = hello["ingest_token"]
     return Settings(
         ingest_token=Secret(token) if token else None,
+        listen=hello["listen"],
+        allowed_origins=tuple(hello["allowed_origins"]),
+        allowed_hosts=tuple(hello["allowed_hosts"]),
         max_body_bytes=hello["max_body_bytes"],
         client_timeout_s=hello["client_timeout_s"],
         shutdown_grace_s=hello["shutdown_grace_s"],
