@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install lint test run fake-api bench soak clean
+.PHONY: install lint test run fake-api bench soak browser-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(PY)
 # Ten minutes of steady load with upstream faults coming and going (not in CI).
 soak: $(PY)
 	$(PY) benchmarks/soak.py --duration-s 600
+
+# The web-page attacks replayed by a real headless Chromium (not in CI; apt-get install chromium).
+browser-check: $(PY)
+	$(PY) benchmarks/browser_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist
