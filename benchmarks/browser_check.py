@@ -242,6 +242,12 @@ async def chromium(binary: str, url: str, profile: Path) -> None:
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
+        # No background connections: this machine's network is closed beyond loopback.
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
         f"--user-data-dir={profile}",
         "--host-resolver-rules=MAP evil.test 127.0.0.1",
         "--virtual-time-budget=10000",
