@@ -433,3 +433,26 @@ def test_auto_format_is_json_when_stderr_is_not_a_terminal(
 def test_configure_logging_rejects_unknown_level() -> None:
     with pytest.raises(ValueError, match="log level 'loud'"):
         configure_logging("loud")
+
+
+async def test_an_admin_on_a_vm_reads_the_services_data_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no --data-dir, no VALMI_SIDECAR_DATA_DIR and no queue of one's own, an operator
+    command reads the systemd service's directory; anything named explicitly wins."""
+    from valmi_sidecar.cli import service_data_dir  # noqa: PLC0415
+    from valmi_sidecar.config import load_settings  # noqa: PLC0415
+    from valmi_sidecar.store import Store  # noqa: PLC0415
+
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    system = tmp_path / "var-lib-valmi-sidecar"
+    settings = load_settings(env={"HOME": str(tmp_path / "home")})
+    own = settings.data_dir
+    assert own == service_data_dir(settings, explicit=False, system_dir=system)
+    await (await Store.open(system, prune_interval_s=None)).close()
+    assert system == service_data_dir(settings, explicit=False, system_dir=system)
+    assert own == service_data_dir(settings, explicit=True, system_dir=system)
+    await (await Store.open(own, prune_interval_s=None)).close()
+    assert own == service_data_dir(settings, explicit=False, system_dir=system)

@@ -351,6 +351,8 @@ def test_unit_is_notify_with_watchdog_credentials_and_state_directory() -> None:
     assert ["yes"] == d["DynamicUser"]
     assert ["valmi-sidecar"] == d["StateDirectory"]
     assert ["on-failure"] == d["Restart"]
+    # A configuration error exits 2 (tests/test_cli.py): systemd must not restart it forever.
+    assert "2" in d["RestartPreventExitStatus"][-1].split()
     credential, _, source = d["LoadCredential"][-1].partition(":")
     assert source.startswith("/etc/")
     assert f"VALMI_API_KEY_FILE=%d/{credential}" in d["Environment"]

@@ -287,6 +287,10 @@ async def test_sidecar_notifies_ready_watchdog_status_and_stopping(
         sent = collector.assignments()
         assert 1 == sent.count("READY=1")
         assert sent.index("READY=1") < sent.index("STOPPING=1")
+        # `systemctl status` keeps the last STATUS= after the exit: it says stopped.
+        statuses = [a for a in sent if a.startswith("STATUS=")]
+        assert statuses[-1].startswith("STATUS=stopped: queued=1 ")
+        assert sent.index("STOPPING=1") < len(sent) - 1 - sent[::-1].index(statuses[-1])
     finally:
         collector.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import dataclasses
 import fcntl
 import json
 import os
@@ -35,6 +36,7 @@ from .config import (
     PLAIN_FIELDS,
     ConfigError,
     Settings,
+    default_data_dir,
     env_var,
     field_choices,
     field_default,
@@ -480,10 +482,37 @@ def _add_target_flags(parser: argparse.ArgumentParser, url_help: str | None = No
     )
 
 
+#: Where the systemd unit keeps the queue (``StateDirectory=valmi-sidecar``).
+SYSTEMD_DATA_DIR: Final = Path("/var/lib/valmi-sidecar")
+
+
+def service_data_dir(
+    settings: Settings, explicit: bool, system_dir: Path = SYSTEMD_DATA_DIR
+) -> Path:
+    """The data directory an operator command reads: the configured one, except that an
+    admin on a VM who names none and has no queue of their own gets the systemd service's
+    (the unit sets ``$STATE_DIRECTORY`` for the service alone, not for a login shell)."""
+    data_dir = settings.data_dir
+    if explicit or data_dir != default_data_dir() or (data_dir / DB_NAME).exists():
+        return data_dir
+    try:
+        if (system_dir / DB_NAME).is_file():
+            return system_dir
+    except PermissionError:
+        raise CliError(
+            f"the service's data directory {system_dir} is readable by root only; run the "
+            f"command as root (sudo {PROG} …), or pass --data-dir"
+        ) from None
+    return data_dir
+
+
 def _target(args: argparse.Namespace) -> _Target:
-    settings = load_settings(
-        argv_overrides={"data_dir": getattr(args, "data_dir", None)}, config_file=args.config
-    )
+    given = getattr(args, "data_dir", None)
+    settings = load_settings(argv_overrides={"data_dir": given}, config_file=args.config)
+    explicit = given is not None or bool(os.environ.get(env_var("data_dir")))
+    data_dir = service_data_dir(settings, explicit)
+    if data_dir != settings.data_dir:
+        settings = dataclasses.replace(settings, data_dir=data_dir)
     url: str | None = args.url
     if url is None:
         base = status_url(settings).removesuffix("/v1/status")

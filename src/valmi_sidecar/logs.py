@@ -4,20 +4,36 @@ Every line passes a redactor that replaces the API key and the ingest token with
 ``[redacted]``, both in each field and in the rendered line (defense in depth: the
 secrets should never reach a logger in the first place). The stdlib ``logging`` records
 of aiohttp and friends go through the same processors at the same level.
+
+Under systemd, when stderr is the journal's stream, each line starts with its syslog
+priority (``<4>`` for a warning), as sd-daemon(3) describes, so that ``journalctl -p
+warning`` shows the sidecar's warnings and errors rather than every line at ``info``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 REDACTED = "[redacted]"
+#: The syslog priority of each level (sd-daemon(3): ``<N>`` before a line sets it).
+PRIORITIES = {
+    "debug": 7,
+    "info": 6,
+    "warning": 4,
+    "warn": 4,
+    "error": 3,
+    "exception": 3,
+    "critical": 2,
+    "fatal": 2,
+}
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("auto", "json", "console")
 
@@ -57,16 +73,23 @@ class _Redactor:
 
 
 class _RedactingRenderer:
-    """Wrap the final renderer and redact its output (catches tracebacks it formats)."""
+    """Wrap the final renderer and redact its output (catches tracebacks it formats);
+    with ``journal``, start every line with the syslog priority of its level."""
 
-    def __init__(self, renderer: Processor, redactor: _Redactor) -> None:
+    def __init__(self, renderer: Processor, redactor: _Redactor, *, journal: bool) -> None:
         self._renderer = renderer
         self._redactor = redactor
+        self._journal = journal
 
     def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> Any:
         out = self._renderer(logger, method, event_dict)
-        if isinstance(out, str):
-            return self._redactor.text(out)
+        if not isinstance(out, str):
+            return out
+        out = self._redactor.text(out)
+        if self._journal:
+            # Every line: the journal reads each one apart (a console traceback has many).
+            prefix = f"<{PRIORITIES.get(method, 6)}>"
+            out = "\n".join(prefix + line for line in out.split("\n"))
         return out
 
 
@@ -98,6 +121,20 @@ class _StderrHandler(logging.Handler):
             _StderrLogger().msg(line)
         except Exception:  # noqa: BLE001 - logging's rule: a handler never raises
             self.handleError(record)
+
+
+def stderr_is_journal(env: Mapping[str, str] | None = None) -> bool:
+    """True when stderr is the stream systemd connected to the journal: ``JOURNAL_STREAM``
+    holds its device and inode (systemd.exec(5)). A program started from a shell inside a
+    service inherits the variable with another stderr, so the two are compared."""
+    value = (os.environ if env is None else env).get("JOURNAL_STREAM")
+    if not value:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False  # not a real file descriptor (a test's capture, a closed stream)
+    return value == f"{st.st_dev}:{st.st_ino}"
 
 
 def _use_json(fmt: str) -> bool:
@@ -145,7 +182,7 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    final = _RedactingRenderer(renderer, redactor)
+    final = _RedactingRenderer(renderer, redactor, journal=stderr_is_journal())
 
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,

@@ -314,6 +314,9 @@ class Sidecar:
         if self._notify_tasks:
             await asyncio.wait(self._notify_tasks, timeout=1.0)
         counts = self._store.counts() if self._store is not None else None
+        # The last STATUS= stays on `systemctl status` after the exit: say it stopped,
+        # with the counts at the end, not the drain's first line.
+        self._notifier.status("stopped: " + self._status_line())
         log.info(
             "shutdown_complete",
             queued=counts.queued if counts else None,

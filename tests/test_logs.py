@@ -1,0 +1,73 @@
+"""Log lines as systemd's journal reads them: each starts with its syslog priority when,
+and only when, stderr is the journal's stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import wait_until
+
+
+def start(tmp_path: Path, *, journal: str | None) -> tuple[subprocess.Popen[bytes], Path]:
+    """A sidecar (no API key: it warns that forwarding is off) writing to a file; with
+    ``journal`` "match", JOURNAL_STREAM names that file as systemd would name its stream."""
+    log = tmp_path / "stderr"
+    fh = log.open("wb")
+    st = os.fstat(fh.fileno())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VALMI", "JOURNAL"))}
+    env |= {
+        "VALMI_SIDECAR_DATA_DIR": str(tmp_path / "data"),
+        "VALMI_SIDECAR_LISTEN": "127.0.0.1:0",
+        "VALMI_SIDECAR_LOG_FORMAT": "json",
+    }
+    if journal == "match":
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    elif journal == "other":
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino + 1}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "valmi_sidecar", "run"],
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    fh.close()
+    return proc, log
+
+
+async def stop(proc: subprocess.Popen[bytes], log: Path) -> list[str]:
+    await wait_until(lambda: "sidecar_ready" in log.read_text(), 20, "sidecar_ready")
+    proc.send_signal(signal.SIGTERM)
+    await wait_until(lambda: proc.poll() is not None, 30, "exit")
+    assert 0 == proc.returncode
+    return (await asyncio.to_thread(log.read_text)).splitlines()
+
+
+async def test_on_the_journal_stream_each_line_carries_its_priority(tmp_path: Path) -> None:
+    proc, log = start(tmp_path, journal="match")
+    lines = await stop(proc, log)
+    by_event = {}
+    for line in lines:
+        assert ("<", ">") == (line[0], line[2]), line
+        record = json.loads(line[3:])
+        by_event[record["event"]] = (int(line[1]), record["level"])
+    assert (4, "warning") == by_event["forwarding_disabled"]
+    assert (6, "info") == by_event["sidecar_ready"]
+    assert (6, "info") == by_event["shutdown_complete"]
+
+
+async def test_elsewhere_lines_are_plain(tmp_path: Path) -> None:
+    """No JOURNAL_STREAM, or one naming another stream (a shell started inside a service):
+    no prefix, every line is a JSON object."""
+    for journal in (None, "other"):
+        run_dir = tmp_path / str(journal)
+        run_dir.mkdir()
+        proc, log = start(run_dir, journal=journal)
+        lines = await stop(proc, log)
+        assert lines
+        assert all(json.loads(line)["event"] for line in lines), journal
