@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install lint test run fake-api bench soak browser-check clean
+.PHONY: install lint test run fake-api bench soak browser-check systemd-test clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,6 +38,12 @@ soak: $(PY)
 # The web-page attacks replayed by a real headless Chromium (not in CI; apt-get install chromium).
 browser-check: $(PY)
 	$(PY) benchmarks/browser_check.py
+
+# The systemd unit under a real systemd as PID 1 in a container (not in CI; needs root,
+# a running Docker engine and debootstrap): readiness, watchdog, journal, SIGHUP, stop,
+# SIGKILL restart, a configuration error, the data directory's modes.
+systemd-test: $(PY)
+	bash .ci/systemd-test $(VENV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist
