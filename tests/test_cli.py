@@ -231,7 +231,7 @@ async def test_status_prints_a_summary_and_sends_the_token(tmp_path: Path) -> No
     assert "tok_status" not in out
 
 
-async def test_status_json_prints_the_raw_answer(tmp_path: Path) -> None:
+async def test_status_json_prints_the_answer_and_whose_it_is(tmp_path: Path) -> None:
     runner, listen = await status_server(token=None)
     try:
         code, out, _ = await acli(
@@ -240,7 +240,7 @@ async def test_status_json_prints_the_raw_answer(tmp_path: Path) -> None:
     finally:
         await runner.cleanup()
     assert 0 == code
-    assert STATUS == json.loads(out)
+    assert {**STATUS, "source": f"http://{listen} (--url)"} == json.loads(out)
 
 
 async def test_status_without_the_token_explains_401(tmp_path: Path) -> None:

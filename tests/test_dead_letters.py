@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -97,7 +98,7 @@ async def test_dead_letter_commands_through_the_running_sidecar(
     common = ("--url", url, "--data-dir", str(proc.data_dir))
 
     code, out, err = await run_cli("dead-letters", "list", *common, "--json", **env)
-    assert (0, "") == (code, err)
+    assert (0, f"source: {url} (--url)\n") == (code, err)
     listed = json.loads(out)
     assert 5 == len(listed)
     assert {"rejected"} == {d["reason"] for d in listed}
@@ -199,7 +200,7 @@ async def test_commands_work_on_the_database_when_no_sidecar_runs(
     common = ("--url", f"http://127.0.0.1:{free_port()}", "--data-dir", str(data_dir))
 
     code, out, err = await run_cli("dead-letters", "list", *common, "--json")
-    assert (0, "") == (code, err)
+    assert (0, f"source: {data_dir / 'queue.db'} (no sidecar running)\n") == (code, err)
     listed = json.loads(out)
     assert 4 == len(listed)
 
@@ -293,7 +294,7 @@ async def test_salvage_says_which_dead_letters_stay_behind_and_from_reads_them(
     assert f"dead-letters export --from {moved} -o FILE" in stays
 
     code, out, err = await run_cli("dead-letters", "list", "--from", str(moved), "--json", *common)
-    assert (0, "") == (code, err)
+    assert (0, f"source: {moved} (--from)\n") == (code, err)
     listed = {d["id"]: d for d in json.loads(out)}
     assert {accepted[0].id: "rejected", accepted[1].id: "expired"} == {
         k: d["reason"] for k, d in listed.items()
@@ -317,7 +318,7 @@ async def test_salvage_says_which_dead_letters_stay_behind_and_from_reads_them(
 
     # The file's ledger too: received 3, delivered 0, dead-lettered 2, queued 1.
     code, out, err = await run_cli("ledger", "--from", str(moved), "--json", *common)
-    assert (0, "") == (code, err)
+    assert (0, f"source: {moved} (--from)\n") == (code, err)
     totals = json.loads(out)["totals"]
     assert (3, 1, 0, 2) == (
         totals["received"],
@@ -348,3 +349,60 @@ async def test_status_with_no_sidecar_and_no_database_says_so(tmp_path: Path) ->
     assert 1 == code
     assert "is `valmi-sidecar run` running?" in err
     assert "no database at" in err
+
+
+async def test_status_given_a_data_dir_asks_the_sidecar_holding_it_and_says_so(
+    sidecar_process: SidecarProcessFactory, tmp_path: Path
+) -> None:
+    """Two sidecars: ``status --data-dir B`` shows B's numbers, read from B's recorded
+    address, even when the listen setting points at A; with B stopped, B's file, never
+    A's answer. The output names its source."""
+    a = sidecar_process(None, data_dir=tmp_path / "a")
+    b = sidecar_process(None, data_dir=tmp_path / "b")
+    url_a, url_b = await a.wait_ready(), await b.wait_ready()
+    await post_events(url_a, "agent_a", 3)
+    await post_events(url_b, "agent_b", 1)
+    as_if_default = {"VALMI_SIDECAR_LISTEN": url_a.removeprefix("http://")}
+
+    code, out, err = await run_cli(
+        "status", "--json", "--data-dir", str(b.data_dir), **as_if_default
+    )
+    assert (0, "") == (code, err)
+    data = json.loads(out)
+    assert 1 == data["events"]["received"]
+    assert f"{url_b} (the sidecar holding {b.data_dir})" == data["source"]
+
+    code, out, _ = await run_cli("status", "--data-dir", str(b.data_dir), **as_if_default)
+    assert 0 == code
+    assert f"source         {url_b} (the sidecar holding {b.data_dir})" in out.splitlines()
+
+    b.signal(signal.SIGTERM)
+    assert 0 == await b.wait_exit()
+    assert not (b.data_dir / "listening.json").exists()
+    code, out, err = await run_cli(
+        "status", "--json", "--data-dir", str(b.data_dir), **as_if_default
+    )
+    assert (0, "") == (code, err)
+    data = json.loads(out)
+    assert (False, 1) == (data["running"], data["events"]["received"])
+    assert f"{b.data_dir / 'queue.db'} (no sidecar running)" == data["source"]
+
+
+async def test_status_lists_a_moved_aside_database_with_its_size_and_the_command(
+    sidecar_process: SidecarProcessFactory, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    (data_dir / "queue.db").write_bytes(b"not a database " * 1000)
+    proc = sidecar_process(None, data_dir=data_dir)
+    url = await proc.wait_ready()
+    status = await get_status(url)
+    (moved,) = status["moved_aside"]
+    assert ".corrupt-" in moved["path"]
+    assert 15_000 == moved["bytes"]
+    assert f"valmi-sidecar salvage {moved['path']}" == moved["salvage"]
+    code, out, _ = await run_cli("status", "--url", url)
+    assert 0 == code
+    assert f"recover its events: valmi-sidecar salvage {moved['path']}" in out
+    os.unlink(moved["path"])
+    assert [] == (await get_status(url))["moved_aside"]

@@ -20,6 +20,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Final, cast
 
 import msgspec
@@ -372,6 +373,19 @@ async def post_salvage(request: web.Request) -> web.Response:
     )
 
 
+def moved_aside_json(paths: list[Path]) -> list[dict[str, Any]]:
+    """The moved-aside databases still present, with their size and what to run on them
+    (a couple of stat calls: they are few, and only a start-up adds one)."""
+    out = []
+    for path in paths:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue  # deleted by the operator: no longer listed
+        out.append({"path": str(path), "bytes": size, "salvage": f"valmi-sidecar salvage {path}"})
+    return out
+
+
 def add_admin_routes(app: web.Application) -> None:
     """Add the operator routes to the local API (the caller sets ``app[STORE]``)."""
     app.router.add_get("/v1/ledger", get_ledger)
@@ -388,4 +402,10 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post("/v1/salvage", post_salvage)
 
 
-__all__ = ["add_admin_routes", "ledger_totals", "parse_filter", "salvage_record"]
+__all__ = [
+    "add_admin_routes",
+    "ledger_totals",
+    "moved_aside_json",
+    "parse_filter",
+    "salvage_record",
+]

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from . import __version__
-from .admin import ledger_totals, salvage_record
+from .admin import ledger_totals, moved_aside_json, salvage_record
 from .config import (
+    ADDRESS_NAME,
     ENV_API_KEY,
     ENV_API_KEY_FILE,
     ENV_API_URL,
@@ -446,10 +447,21 @@ class _Target:
     settings: Settings
     base: str
     timeout: float
+    #: Why ``base``: ``--url``, the address the running sidecar recorded, or ``listen``.
+    why: str = "listen"
+    #: No sidecar holds the data directory: read its database without asking any API
+    #: (another sidecar may listen on the default address, with other numbers).
+    offline: bool = False
 
     @property
     def db(self) -> Path:
         return self.settings.data_dir / DB_NAME
+
+    def source(self, *, api: bool) -> str:
+        """Whose numbers these are, for the output."""
+        if api:
+            return f"{self.base} ({self.why})"
+        return f"{self.db} (no sidecar running)"
 
     def headers(self) -> dict[str, str]:
         token = self.settings.ingest_token
@@ -514,11 +526,37 @@ def _target(args: argparse.Namespace) -> _Target:
     if data_dir != settings.data_dir:
         settings = dataclasses.replace(settings, data_dir=data_dir)
     url: str | None = args.url
-    if url is None:
-        base = status_url(settings).removesuffix("/v1/status")
-    else:
-        base = url.split("/v1/", 1)[0].rstrip("/")
-    return _Target(settings, base, args.timeout)
+    if url is not None:
+        return _Target(settings, url.split("/v1/", 1)[0].rstrip("/"), args.timeout, "--url")
+    default = status_url(settings).removesuffix("/v1/status")
+    data_dir = settings.data_dir
+    if _sidecar_holds(data_dir):
+        recorded = recorded_url(data_dir)
+        if recorded is not None:
+            return _Target(settings, recorded, args.timeout, f"the sidecar holding {data_dir}")
+        return _Target(settings, default, args.timeout)
+    offline = (data_dir / DB_NAME).is_file()
+    return _Target(settings, default, args.timeout, offline=offline)
+
+
+def recorded_url(data_dir: Path) -> str | None:
+    """The URL the sidecar holding ``data_dir`` recorded there (``ADDRESS_NAME``)."""
+    try:
+        record = json.loads((data_dir / ADDRESS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    url = record.get("url") if isinstance(record, dict) else None
+    return url if isinstance(url, str) and url.startswith("http") else None
+
+
+_announced: list[str] = []
+
+
+def _announce(text: str) -> None:
+    """Say once, on stderr (stdout stays the data), whose answers the command shows."""
+    if text not in _announced:
+        _announced.append(text)
+        print(f"source: {text}", file=sys.stderr)  # noqa: T201 - the CLI's output
 
 
 def _call(
@@ -528,8 +566,12 @@ def _call(
     *,
     params: Mapping[str, Any] | None = None,
     body: object = None,
+    announce: bool = True,
 ) -> Any:
-    """The JSON answer of the running sidecar, or ``None`` when nothing listens there."""
+    """The JSON answer of the running sidecar, or ``None`` when nothing listens there
+    (or none holds the data directory: ``t.offline``)."""
+    if t.offline:
+        return None
     # Imported here: only the commands that ask a running sidecar need it, and ``run``
     # stays 2.7 MB smaller without it (idle resident memory is a target).
     import httpx  # noqa: PLC0415
@@ -561,11 +603,14 @@ def _call(
             )
         raise CliError(f"{url} answered HTTP {response.status_code}: {response.text[:500]}{hint}")
     try:
-        return response.json()
+        answer = response.json()
     except ValueError:
         raise CliError(
             f"{url} answered with something that is not JSON: {response.text[:200]!r}"
         ) from None
+    if announce:
+        _announce(t.source(api=True))
+    return answer
 
 
 def _sidecar_holds(data_dir: Path) -> bool:
@@ -587,8 +632,9 @@ def _sidecar_holds(data_dir: Path) -> bool:
         os.close(fd)
 
 
-def _offline(t: _Target, url_path: str = "") -> Path:
-    """The database to use directly, after no sidecar answered at ``t.base``."""
+def _offline(t: _Target, url_path: str = "", *, announce: bool = True) -> Path:
+    """The database to use directly, after no sidecar answered at ``t.base`` (or none
+    holds the data directory)."""
     data_dir = t.settings.data_dir
     if _sidecar_holds(data_dir):
         raise CliError(
@@ -600,6 +646,8 @@ def _offline(t: _Target, url_path: str = "") -> Path:
             f"no sidecar answering at {t.base}{url_path}; is `{PROG} run` running? "
             f"(and no database at {t.db} to read instead; pass --data-dir)"
         )
+    if announce:
+        _announce(t.source(api=False))
     return t.db
 
 
@@ -782,7 +830,7 @@ def offline_status(settings: Settings, db: ReadOnlyDatabase) -> dict[str, Any]:
         ),
         "upstream": {"state": "stopped", "last_error": None},
         "dead_letters": {"reasons": db.dead_letter_summary(), **db.operator_counts()},
-        "moved_aside": [str(p) for p in moved_aside_files(settings.data_dir)],
+        "moved_aside": moved_aside_json(moved_aside_files(settings.data_dir)),
     }
 
 
@@ -795,6 +843,8 @@ def format_status_details(data: Mapping[str, Any]) -> str:
     lines: list[str] = []
     if data.get("running") is False:
         lines.append(f"{'running':<{_WIDTH}}  no (read from {data.get('data_dir')})")
+    if data.get("source"):
+        lines.append(f"{'source':<{_WIDTH}}  {data['source']}")
     rates = data.get("rates_per_s")
     if isinstance(rates, Mapping) and rates.get("received") is not None:
         lines.append(
@@ -806,25 +856,32 @@ def format_status_details(data: Mapping[str, Any]) -> str:
         for r in dead.get("reasons") or []:
             age = _age(time.time() - r["last_dead_at"]) if r.get("last_dead_at") else "-"
             lines.append(f"{'dead letters':<{_WIDTH}}  {r['count']} {r['reason']} (last {age} ago)")
-    for path in data.get("moved_aside") or []:
-        lines.append(f"{'moved aside':<{_WIDTH}}  {path} (run `{PROG} salvage` on it)")
+    for moved in data.get("moved_aside") or []:
+        if isinstance(moved, Mapping):
+            lines.append(
+                f"{'moved aside':<{_WIDTH}}  {moved.get('path')} ({moved.get('bytes')} bytes; "
+                f"recover its events: {moved.get('salvage')})"
+            )
     return "\n".join(lines)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     t = _target(args)
-    data = _call(t, "GET", "/v1/status")
+    data = _call(t, "GET", "/v1/status", announce=False)
     if data is None:
-        with _read_only(_offline(t, "/v1/status")) as db:
+        with _read_only(_offline(t, "/v1/status", announce=False)) as db:
             try:
                 data = offline_status(t.settings, db)
             except StoreError as e:
                 raise CliError(str(e)) from e
-    elif not args.json and isinstance(data, dict):
-        with suppress(CliError):
-            summary = _call(t, "GET", "/v1/dead-letters/summary")
-            if isinstance(summary, dict):
-                data = {**data, "dead_letters": summary}
+        data["source"] = t.source(api=False)
+    elif isinstance(data, dict):
+        data["source"] = t.source(api=True)
+        if not args.json:
+            with suppress(CliError):
+                summary = _call(t, "GET", "/v1/dead-letters/summary", announce=False)
+                if isinstance(summary, dict):
+                    data = {**data, "dead_letters": summary}
     if args.json or not isinstance(data, dict):
         _out(json.dumps(data, indent=2, sort_keys=True))
         return 0
@@ -862,6 +919,8 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     data = None if args.from_file else _call(t, "GET", "/v1/ledger", params=params)
     if data is None:
         source = Path(args.from_file) if args.from_file else _offline(t, "/v1/ledger")
+        if args.from_file:
+            _announce(f"{source} (--from)")
         with _read_only(source) as db:
             try:
                 rows = db.ledger(args.agent_key, args.since, args.until)
@@ -915,6 +974,8 @@ def _iter_dead_letters(
     remaining = limit if limit is not None else 2**62
     after = 0
     offline_db = None if source is None else _read_only(Path(source))
+    if source is not None:
+        _announce(f"{source} (--from)")
     try:
         while remaining > 0:
             page = min(remaining, 1_000)

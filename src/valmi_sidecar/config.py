@@ -34,6 +34,9 @@ ENV_API_KEY_FILE = "VALMI_API_KEY_FILE"
 ENV_INGEST_TOKEN = "VALMI_SIDECAR_INGEST_TOKEN"  # noqa: S105 - a variable name, not a secret
 ENV_INGEST_TOKEN_FILE = "VALMI_SIDECAR_INGEST_TOKEN_FILE"  # noqa: S105 - a variable name
 ENV_PREFIX = "VALMI_SIDECAR_"
+#: The file in the data directory where a running sidecar records where it listens, so
+#: that an operator command given only the directory asks that sidecar and no other.
+ADDRESS_NAME = "listening.json"
 
 #: The fields that hold secrets, with the environment variables that set them directly
 #: and through a file. The TOML file and the command line may only name the file.

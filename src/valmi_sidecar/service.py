@@ -12,23 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Final
 
 import structlog
 from aiohttp import web
 
 from . import __version__
-from .admin import add_admin_routes
-from .config import Settings
+from .admin import add_admin_routes, moved_aside_json
+from .config import ADDRESS_NAME, Settings
 from .flusher import Flusher
 from .logs import configure_logging
 from .metrics import MetricsSource, render_metrics
 from .receiver import INGEST, REFUSED, STORE, Lifecycle, build_app, make_runner
 from .sdnotify import Notifier
-from .store import Store, StoreError, counts_json
+from .store import Store, StoreError, counts_json, moved_aside_files
 from .upstream import Upstream
 from .workers import IngestWorkers, listen_sockets
 
@@ -58,6 +61,8 @@ class Sidecar:
         self._started_at = time.time()
         self._notifier = Notifier.from_env()
         self._notify_tasks: list[asyncio.Task[None]] = []
+        self._address_file: Path | None = None
+        self._moved_aside: list[Path] = []
         self._workers: IngestWorkers | None = None
 
     # --- resources, one cleanup context each -------------------------------------
@@ -163,6 +168,7 @@ class Sidecar:
             ),
             "rates_per_s": self._store.rates(),
             "store": {"writable": self._store.writable, "path": str(self._store.path)},
+            "moved_aside": moved_aside_json(self._moved_aside),
             "upstream": {
                 "url": self.settings.api_url,
                 "state": state,
@@ -240,6 +246,9 @@ class Sidecar:
             await runner.cleanup()
             raise
         self.address = (host, port)
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        await asyncio.to_thread(self._record_address, url)
+        self._moved_aside = await asyncio.to_thread(moved_aside_files, s.data_dir)
         self.lifecycle.ready = True
         if self._notifier.enabled:
             self._notifier.ready(self._status_line())
@@ -259,6 +268,24 @@ class Sidecar:
             queued=self._store.counts().queued if self._store else 0,
             version=__version__,
         )
+
+    def _record_address(self, url: str) -> None:
+        """Write where this sidecar listens into its data directory (``ADDRESS_NAME``);
+        operator commands trust it only while this process holds the directory's lock."""
+        path = self.settings.data_dir / ADDRESS_NAME
+        tmp = path.with_name(path.name + ".tmp")
+        record = json.dumps({"url": url, "pid": os.getpid(), "version": __version__})
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(record + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            # Not fatal: commands then need --url, as they did before this file existed.
+            log.warning("address_not_recorded", path=str(path), error=exc.strerror)
+            self._address_file = None
+        else:
+            self._address_file = path
 
     async def _start_workers(self, runner: web.AppRunner, app: web.Application) -> tuple[str, int]:
         """Serve the whole API on a loopback port of its own for the workers to pass on
@@ -314,6 +341,9 @@ class Sidecar:
         if self._notify_tasks:
             await asyncio.wait(self._notify_tasks, timeout=1.0)
         counts = self._store.counts() if self._store is not None else None
+        if self._address_file is not None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self._address_file.unlink)
         # The last STATUS= stays on `systemctl status` after the exit: say it stopped,
         # with the counts at the end, not the drain's first line.
         self._notifier.status("stopped: " + self._status_line())
