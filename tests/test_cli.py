@@ -456,3 +456,45 @@ async def test_an_admin_on_a_vm_reads_the_services_data_directory(
     assert own == service_data_dir(settings, explicit=True, system_dir=system)
     await (await Store.open(own, prune_interval_s=None)).close()
     assert own == service_data_dir(settings, explicit=False, system_dir=system)
+
+
+async def test_status_says_when_the_upstream_was_not_tried_and_when_it_is_tried_next(
+    tmp_path: Path,
+) -> None:
+    """A fresh sidecar's upstream is "not tried yet", not plainly ok; paused, status says
+    when the next probe goes and when the last error happened."""
+    import httpx  # noqa: PLC0415
+
+    from valmi_sidecar.fake_api import FakeValmi  # noqa: PLC0415
+
+    from .conftest import ACTION, SidecarProcess, wait_until  # noqa: PLC0415
+
+    fake = FakeValmi()
+    await fake.start()
+    proc = SidecarProcess(
+        tmp_path / "data",
+        fake.url,
+        {"VALMI_SIDECAR_BACKOFF_BASE_S": "5", "VALMI_SIDECAR_BACKOFF_CAP_S": "30"},
+    )
+    try:
+        url = await proc.wait_ready()
+        code, out, _ = await acli(tmp_path, "status", "--url", url)
+        assert 0 == code
+        assert "ok (not tried yet since start)" in out
+        fake.faults.unauthorized = True
+        async with httpx.AsyncClient() as client:
+            assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
+
+            async def paused() -> bool:
+                data = (await client.get(url + "/v1/status")).json()
+                return bool(data["upstream"]["state"] == "paused")
+
+            await wait_until(paused, 10, "paused")
+        code, out, _ = await acli(tmp_path, "status", "--url", url)
+        lines = {line[:14].strip(): line[15:].strip() for line in out.splitlines()}
+        assert lines["upstream"].startswith("paused, next attempt in "), out
+        assert lines["last error"].startswith("HTTP 401"), out
+        assert " (at 20" in lines["last error"], out
+    finally:
+        proc.kill()
+        await fake.stop()

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -130,6 +131,20 @@ async def test_dead_letter_commands_through_the_running_sidecar(
     shown = json.loads(out)
     assert listed[0]["idempotency_key"] == shown["idempotency_key"]
     assert "agent_a" == shown["body"]["agent_key"]
+    # Times for people: RFC 3339 UTC, not Unix floats.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", shown["dead_at"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", listed[0]["received_at"])
+    # Piped, the table keeps every byte of the detail (it is cut only on a terminal).
+    code, out, _ = await run_cli("dead-letters", "list", *common, "--limit", "1", **env)
+    assert out.splitlines()[1].split("\t")[-1] == listed[0]["detail"]
+    # An unknown reason is a usage error, in the CLI (exit 2) and in the API (400).
+    code, _, err = await run_cli("dead-letters", "list", *common, "--reason", "bogus", **env)
+    assert 2 == code
+    assert "invalid choice: 'bogus'" in err
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        resp = await client.get(url + "/v1/dead-letters", params={"reason": "bogus"})
+        assert 400 == resp.status_code
+        assert "reason" == resp.json()["error"]["details"][0]["field"]
     code, _, err = await run_cli("dead-letters", "show", *common, "evt_nope", **env)
     assert 1 == code
     assert "no dead letter with id evt_nope" in err
@@ -205,7 +220,7 @@ async def test_commands_work_on_the_database_when_no_sidecar_runs(
     assert 4 == len(listed)
 
     code, out, err = await run_cli("dead-letters", "retry", *common, "--limit", "1")
-    assert (0, "re-queued 1 dead letters (original ids and idempotency keys)") == (
+    assert (0, "re-queued 1 dead letter (original ids and idempotency keys)") == (
         code,
         out.strip(),
     ), err

@@ -37,6 +37,8 @@ _JSON: Final = "application/json"
 MAX_PAGE: Final = 1_000
 MAX_CHANGE: Final = 10_000
 _DAY: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
+#: Why an event is a dead letter: refused by the upstream for good, or too old to send.
+DEAD_LETTER_REASONS: Final = ("rejected", "expired")
 _FILTER_FIELDS: Final = frozenset({"reason", "agent_key", "older_than_s", "newer_than_s", "ids"})
 
 
@@ -128,8 +130,11 @@ def parse_filter(
     ids = fields.get("ids")
     if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
         raise _bad("ids", "must be a list of event ids")
+    reason = _text(fields.get("reason"), "reason")
+    if reason is not None and reason not in DEAD_LETTER_REASONS:
+        raise _bad("reason", f"must be one of: {', '.join(DEAD_LETTER_REASONS)}")
     return DeadLetterFilter(
-        reason=_text(fields.get("reason"), "reason"),
+        reason=reason,
         agent_key=_text(fields.get("agent_key"), "agent_key"),
         dead_before=None if older is None else now - older,
         dead_after=None if newer is None else now - newer,
@@ -403,6 +408,7 @@ def add_admin_routes(app: web.Application) -> None:
 
 
 __all__ = [
+    "DEAD_LETTER_REASONS",
     "add_admin_routes",
     "ledger_totals",
     "moved_aside_json",

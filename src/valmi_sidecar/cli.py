@@ -21,11 +21,12 @@ import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from . import __version__
-from .admin import ledger_totals, moved_aside_json, salvage_record
+from .admin import DEAD_LETTER_REASONS, ledger_totals, moved_aside_json, salvage_record
 from .config import (
     ADDRESS_NAME,
     ENV_API_KEY,
@@ -425,11 +426,20 @@ def format_status(data: Mapping[str, Any]) -> str:
     state = upstream.get("state") if isinstance(upstream, Mapping) else upstream
     if state is None:
         state = _find(data, "upstream_state")
-    lines.append(f"{'upstream':<{width}}  {state if state is not None else '-'}")
+    shown = str(state) if state is not None else "-"
+    if isinstance(upstream, Mapping):
+        if state == "ok" and upstream.get("answered_since_start") is False:
+            shown = "ok (not tried yet since start)"
+        wait = upstream.get("next_attempt_in_s")
+        if isinstance(wait, int | float):
+            shown += f", next attempt in {_age(wait)}"
+    lines.append(f"{'upstream':<{width}}  {shown}")
     error = upstream.get("last_error") if isinstance(upstream, Mapping) else None
     if error is None:
         error = _find(data, "last_error")
-    lines.append(f"{'last error':<{width}}  {error if error else 'none'}")
+    at = upstream.get("last_error_at") if isinstance(upstream, Mapping) else None
+    when = f" (at {at})" if error and isinstance(at, str) else ""
+    lines.append(f"{'last error':<{width}}  {error if error else 'none'}{when}")
     return "\n".join(lines)
 
 
@@ -754,7 +764,9 @@ def _add_from_flag(parser: argparse.ArgumentParser, what: str = "the dead letter
 
 
 def _add_filter_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reason", help="only this reason (rejected, expired)")
+    parser.add_argument(
+        "--reason", choices=DEAD_LETTER_REASONS, help="only this reason (rejected, expired)"
+    )
     parser.add_argument("--agent-key", help="only events of this agent key")
     parser.add_argument(
         "--older-than",
@@ -1009,22 +1021,41 @@ def _iter_dead_letters(
             offline_db.close()
 
 
+def _dead_letters(n: int) -> str:
+    return f"{n} dead letter" if n == 1 else f"{n} dead letters"
+
+
+def _with_times(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A dead letter for people: Unix times (``…_at`` numbers) as RFC 3339 UTC."""
+    out = dict(record)
+    for key, value in record.items():
+        if key.endswith("_at") and isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = (
+                datetime.fromtimestamp(value, UTC)
+                .isoformat(timespec="milliseconds")
+                .replace("+00:00", "Z")
+            )
+    return out
+
+
 def _cmd_dl_list(args: argparse.Namespace) -> int:
     t = _target(args)
     items = list(_iter_dead_letters(t, _filter_fields(args), args.limit, args.from_file))
     if args.json:
-        _out(json.dumps(items, indent=2))
+        _out(json.dumps([_with_times(d) for d in items], indent=2))
         return 0
     now = time.time()
+    tty = sys.stdout.isatty()
     rows = [
         [
             d["id"], d["kind"], d["agent_key"], d["event_type"], d["reason"], d["status"],
-            _age(now - d["dead_at"]), d["detail"][:60],
+            _age(now - d["dead_at"]), d["detail"][:60] if tty else d["detail"],
         ]
         for d in items
     ]  # fmt: skip
     headers = ("id", "kind", "agent_key", "event_type", "reason", "status", "dead_for", "detail")
-    _out(format_table(headers, rows, tty=sys.stdout.isatty()))
+    # Cut to fit a terminal only: piped, every byte of the detail goes to the next program.
+    _out(format_table(headers, rows, tty=tty))
     return 0
 
 
@@ -1033,7 +1064,7 @@ def _cmd_dl_show(args: argparse.Namespace) -> int:
     items = list(_iter_dead_letters(t, {"ids": [args.event_id]}, 1, args.from_file))
     if not items:
         raise CliError(f"no dead letter with id {args.event_id}")
-    _out(json.dumps(items[0], indent=2))
+    _out(json.dumps(_with_times(items[0]), indent=2))
     return 0
 
 
@@ -1047,13 +1078,13 @@ def _cmd_dl_export(args: argparse.Namespace) -> int:
             stream.write(json.dumps(item, separators=(",", ":")) + "\n")
             n += 1
             if n % 1000 == 0:
-                _progress(f"exported {n} dead letters…")
+                _progress(f"exported {_dead_letters(n)}…")
     finally:
         if stream is not sys.stdout:
             stream.close()
     _progress_done()
     if out_path != "-":
-        _out(f"exported {n} dead letters to {out_path}")
+        _out(f"exported {_dead_letters(n)} to {out_path}")
     return 0
 
 
@@ -1076,7 +1107,7 @@ def _change_dead_letters(t: _Target, args: argparse.Namespace, action: str) -> i
             )
         n = int(data[key])
         done += n
-        _progress(f"{verb} {done} dead letters…")
+        _progress(f"{verb} {_dead_letters(done)}…")
         if n < chunk:
             break
     _progress_done()
@@ -1103,7 +1134,7 @@ async def _change_offline(
                 n = await store.purge_dead_letters(flt, chunk)
             n_total += n
             _progress(
-                f"{'re-queued' if action == 'retry' else 'purged'} {done + n_total} dead letters…"
+                f"{'re-queued' if action == 'retry' else 'purged'} {_dead_letters(done + n_total)}…"
             )
             if n < chunk:
                 break
@@ -1116,7 +1147,7 @@ async def _change_offline(
 def _cmd_dl_retry(args: argparse.Namespace) -> int:
     t = _target(args)
     n = _change_dead_letters(t, args, "retry")
-    _out(f"re-queued {n} dead letters (original ids and idempotency keys)")
+    _out(f"re-queued {_dead_letters(n)} (original ids and idempotency keys)")
     return 0
 
 
@@ -1140,14 +1171,14 @@ def _cmd_dl_purge(args: argparse.Namespace) -> int:
     if not args.yes:
         if not sys.stdin.isatty():
             raise CliError(
-                f"{matching} dead letters match; pass --yes to purge them without a prompt"
+                f"{_dead_letters(matching)} match; pass --yes to purge them without a prompt"
             )
-        answer = input(f"Delete {matching} dead letters for good (their counts stay)? [y/N] ")
+        answer = input(f"Delete {_dead_letters(matching)} for good (their counts stay)? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             _out("nothing purged")
             return 1
     n = _change_dead_letters(t, args, "purge")
-    _out(f"purged {n} dead letters (still counted as dead-lettered)")
+    _out(f"purged {_dead_letters(n)} (still counted as dead-lettered)")
     return 0
 
 
@@ -1200,7 +1231,7 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
     if dead != 0:
         # Salvage queues only what was queued: the file's dead letters (refused by Valmi or
         # expired) are not sent again unasked, and would go with the file.
-        held = "its dead letters could not be counted" if dead is None else f"{dead} dead letters"
+        held = "its dead letters could not be counted" if dead is None else _dead_letters(dead)
         _out(
             f"{held} stay in {source}, not queued again: see them with `{PROG} dead-letters "
             f"list --from {source}` and keep them with `{PROG} dead-letters export --from "

@@ -161,6 +161,8 @@ class Flusher:
 
         self._state: UpstreamState = "disabled" if upstream is None else "ok"
         self._last_error: str | None = None
+        self._last_error_at: float | None = None
+        self._answered = False
         # Seqs leased and not yet settled (buffered, being sent, or awaiting commit).
         self._in_flight: set[int] = set()
         self._buffer: deque[QueuedEvent] = deque()
@@ -212,6 +214,24 @@ class Flusher:
     @property
     def last_error(self) -> str | None:
         return self._last_error
+
+    @property
+    def last_error_at(self) -> float | None:
+        """Unix time of ``last_error``."""
+        return self._last_error_at
+
+    @property
+    def answered(self) -> bool:
+        """Whether the upstream has answered (or failed) since start: until then ``ok``
+        only means "nothing went wrong yet"."""
+        return self._answered
+
+    @property
+    def next_attempt_in_s(self) -> float | None:
+        """While backing off, paused or rate-limited: seconds until the next request."""
+        if self.state not in ("backing_off", "paused", "rate_limited"):
+            return None
+        return max(0.0, self._hold_until - time.monotonic())
 
     @property
     def in_flight(self) -> int:
@@ -420,8 +440,10 @@ class Flusher:
     def _on_answer(self, event: QueuedEvent, answer: Answer, generation: int) -> None:
         now = time.monotonic()
         current = generation == self._generation
+        self._answered = True
         if answer.verdict != "delivered":
             self._last_error = answer.error
+            self._last_error_at = time.time()
         if answer.verdict == "delivered":
             self._queue(Delivered(event.seq))
             self._summary["delivered"] += 1

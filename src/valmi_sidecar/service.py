@@ -17,6 +17,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,6 +42,14 @@ log = structlog.get_logger("valmi_sidecar.service")
 CLOSE_TIMEOUT_S: Final = 10.0
 #: How often systemd's STATUS= line is refreshed with the queue depth.
 STATUS_INTERVAL_S: Final = 5.0
+
+
+def _rfc3339(unix: float | None) -> str | None:
+    if unix is None:
+        return None
+    return (
+        datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
 
 
 class Sidecar:
@@ -174,6 +183,13 @@ class Sidecar:
                 "state": state,
                 "forwarding": self._upstream is not None,
                 "last_error": flusher.last_error if flusher is not None else None,
+                "last_error_at": _rfc3339(flusher.last_error_at if flusher is not None else None),
+                "answered_since_start": flusher.answered if flusher is not None else False,
+                "next_attempt_in_s": (
+                    None
+                    if flusher is None or flusher.next_attempt_in_s is None
+                    else round(flusher.next_attempt_in_s, 3)
+                ),
             },
         }
 
