@@ -341,6 +341,9 @@ def test_unit_gives_the_drain_more_time_than_the_sidecar_takes() -> None:
     for manifest in MANIFESTS:
         for found in re.findall(r"terminationGracePeriodSeconds: (\d+)", manifest.read_text()):
             assert int(found) > bound, f"{manifest.name}: grace below the drain bound"
+    compose = (ROOT / "examples" / "docker-compose.yml").read_text()
+    (grace,) = re.findall(r"stop_grace_period: (\d+)s", compose)
+    assert int(grace) > bound, "compose: stop_grace_period below the drain bound"
 
 
 def test_unit_is_notify_with_watchdog_credentials_and_state_directory() -> None:

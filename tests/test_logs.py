@@ -71,3 +71,25 @@ async def test_elsewhere_lines_are_plain(tmp_path: Path) -> None:
         lines = await stop(proc, log)
         assert lines
         assert all(json.loads(line)["event"] for line in lines), journal
+
+
+async def test_debug_is_the_sidecars_own_not_the_sqlite_drivers(tmp_path: Path) -> None:
+    """``--log-level debug`` shows the sidecar's debug events, not a line per statement
+    from the SQLite driver."""
+    from .conftest import ACTION, SidecarProcess  # noqa: PLC0415
+
+    proc = SidecarProcess(tmp_path / "data", None, {"VALMI_SIDECAR_LOG_LEVEL": "debug"})
+    try:
+        url = await proc.wait_ready()
+        import httpx  # noqa: PLC0415
+
+        async with httpx.AsyncClient() as client:
+            for _ in range(5):
+                assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
+        proc.signal(signal.SIGTERM)
+        assert 0 == await proc.wait_exit()
+    finally:
+        proc.kill()
+    records = proc.log_events()
+    assert any(r["level"] == "debug" for r in records)  # the sidecar's own
+    assert [] == [r for r in records if r.get("logger") == "aiosqlite"]

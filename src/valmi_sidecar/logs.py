@@ -216,3 +216,6 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(number)
     logging.getLogger("aiohttp.access").setLevel(logging.INFO if access_log else logging.WARNING)
+    # The SQLite driver logs every statement at debug: the sidecar's own debug lines say
+    # what matters (store_checked, commits), so debug stays readable.
+    logging.getLogger("aiosqlite").setLevel(max(number, logging.INFO))
