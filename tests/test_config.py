@@ -266,6 +266,11 @@ def test_backoff_base_above_cap_is_an_error() -> None:
         ("https://api.valmi.io", "https://api.valmi.io"),
         ("https://api.valmi.io/", "https://api.valmi.io"),
         ("http://127.0.0.1:8788", "http://127.0.0.1:8788"),
+        ("http://[::1]:8788", "http://[::1]:8788"),
+        ("http://valmi_fake:8788", "http://valmi_fake:8788"),
+        ("https://api.valmi.io.", "https://api.valmi.io."),
+        ("https://äpi.valmi.io", "https://äpi.valmi.io"),
+        (f"https://{'a' * 63}.valmi.io", f"https://{'a' * 63}.valmi.io"),
     ],
 )
 def test_api_url_accepted(url: str, expected: str) -> None:
@@ -282,6 +287,17 @@ def test_api_url_accepted(url: str, expected: str) -> None:
         ("https://api.valmi.io?x=1", "without a path, query"),
         ("https://user:pw@api.valmi.io", "must not carry credentials"),
         ("https://api.valmi.io:notaport", "is not a valid URL"),
+        ("https://api.valmi.io:70000", "is not a valid URL"),
+        ("https://api.valmi.io:0", "has port 0"),
+        ("https://api..valmi.io", "host 'api..valmi.io' is not a valid name"),
+        ("https://.valmi.io", "host '.valmi.io' is not a valid name"),
+        (f"https://{'a' * 64}.valmi.io", "longer than 63 characters"),
+        (f"https://{'a.' * 127}io", "longer than 253 characters"),
+        ("https://-api.valmi.io", "starts or ends with '-'"),
+        ("https://api valmi.io", "only letters, digits"),
+        ("https://api%2evalmi.io", "only letters, digits"),
+        ("https://999.1.1.1", "is not an IPv4 address"),
+        ("https://10.0.0.1.2", "is not an IPv4 address"),
     ],
 )
 def test_api_url_rejected(url: str, expected: str) -> None:

@@ -256,14 +256,63 @@ def _expand_path(text: str, env: Mapping[str, str], base: Path | None) -> Path:
     return path
 
 
+#: The longest DNS name (RFC 1035, without the trailing dot) and label.
+_MAX_NAME_CHARS = 253
+_MAX_LABEL_CHARS = 63
+#: What a label of a host name may hold once IDNA-encoded: letters, digits, hyphens, and
+#: underscores (container and service names use them, and their resolvers answer them).
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` (from ``urlsplit``: lowercased, brackets removed) can never be
+    connected to, or ``None``. The HTTP client refuses such a host on every request, so
+    it is caught here, before any event is tried."""
+    if ":" in host:  # an IPv6 literal; urlsplit has already checked it
+        return None
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if all(label.isdigit() for label in labels):
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return f"host {host!r} is not an IPv4 address (four numbers from 0 to 255)"
+        return None
+    try:
+        ascii_name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return (
+            f"host {host!r} is not a valid name (an empty label such as '..', or a label "
+            f"longer than {_MAX_LABEL_CHARS} characters)"
+        )
+    if len(ascii_name) > _MAX_NAME_CHARS:
+        return f"host {host!r} is longer than {_MAX_NAME_CHARS} characters"
+    for label in ascii_name.split("."):
+        if not label or len(label) > _MAX_LABEL_CHARS:
+            return (
+                f"host {host!r} is not a valid name (an empty label such as '..', or a "
+                f"label longer than {_MAX_LABEL_CHARS} characters)"
+            )
+        if not set(label) <= _LABEL_CHARS:
+            return f"host {host!r} is not a valid name (only letters, digits, '-', '_' and '.')"
+        if label.startswith("-") or label.endswith("-"):
+            return f"host {host!r} is not a valid name (a label starts or ends with '-')"
+    return None
+
+
 def _check_api_url(text: str) -> str:
     try:
         parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        port = parts.port  # raises ValueError on a port that is not 0-65535
     except ValueError as e:
         raise ValueError(f"is not a valid URL ({e})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("is not an http:// or https:// URL")
+    if port == 0:
+        raise ValueError("has port 0, which cannot be connected to; use a port from 1 to 65535")
+    problem = _host_problem(parts.hostname)
+    if problem is not None:
+        raise ValueError(f"is not a usable URL: {problem}")
     if parts.username or parts.password:
         raise ValueError("must not carry credentials; give the API key in VALMI_API_KEY")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
