@@ -436,6 +436,23 @@ async def test_401_pauses_keeps_every_event_and_resumes(
     assert list(range(10)) == sorted(order(fake))
 
 
+async def test_a_host_the_client_refuses_pauses_and_dead_letters_nothing(
+    store: Store, start_flusher: StartFlusher
+) -> None:
+    """The HTTP client raises ValueError for an empty label: a configuration problem."""
+    upstream = Upstream(
+        "https://api..valmi.test", Secret(DEFAULT_KEY), timeout_s=1.0, max_connections=4
+    )
+    await store.submit([action(i) for i in range(10)])
+    flusher, _ = await start_flusher(None, upstream=upstream)
+    await wait_until(lambda: "paused" == flusher.state, 5, "paused")
+    await wait_until(lambda: upstream.stats.requests["error"] >= 3, 5, "a few probes")
+    counts = store.counts()
+    assert (10, 0, 0) == (counts.queued, counts.delivered, counts.dead_lettered)
+    assert flusher.last_error is not None
+    assert "check api_url" in flusher.last_error
+
+
 async def test_paused_flusher_probes_one_request_at_a_time(
     store: Store, fake: FakeValmi, start_flusher: StartFlusher
 ) -> None:
