@@ -254,6 +254,21 @@ def test_bad_flag_value_names_the_flag() -> None:
         load_settings(env=HOME, argv_overrides={"upstream_concurrency": "x"})
 
 
+def test_pause_after_refusals_is_read_from_the_environment() -> None:
+    assert 5 == load_settings(env=HOME).pause_after_refusals
+    env = {**HOME, "VALMI_SIDECAR_PAUSE_AFTER_REFUSALS": "8"}
+    assert 8 == load_settings(env=env).pause_after_refusals
+
+
+def test_pause_after_a_single_refusal_is_an_error_that_says_why() -> None:
+    """One refusal cannot tell a bad event from a bad setting: it would never dead-letter."""
+    env = {**HOME, "VALMI_SIDECAR_PAUSE_AFTER_REFUSALS": "1"}
+    with pytest.raises(ConfigError) as e:
+        load_settings(env=env)
+    assert str(e.value).startswith("pause_after_refusals (VALMI_SIDECAR_PAUSE_AFTER_REFUSALS)")
+    assert "use 2 or more" in str(e.value)
+
+
 def test_backoff_base_above_cap_is_an_error() -> None:
     env = {**HOME, "VALMI_SIDECAR_BACKOFF_BASE_S": "10", "VALMI_SIDECAR_BACKOFF_CAP_S": "1"}
     with pytest.raises(ConfigError, match="VALMI_SIDECAR_BACKOFF_BASE_S"):

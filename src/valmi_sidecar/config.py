@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 GiB = 1024**3
 #: The most processes that may serve the local API (``ingest_processes``).
 MAX_INGEST_PROCESSES = 32
+#: ``pause_after_refusals`` below this could never tell one bad event from a bad setting.
+MIN_PAUSE_AFTER_REFUSALS = 2
 
 #: Environment variables that are not ``VALMI_SIDECAR_<FIELD>``.
 ENV_CONFIG = "VALMI_SIDECAR_CONFIG"
@@ -101,6 +103,7 @@ class Settings:
     dedup_window_s: float = 24 * 3600.0
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 300.0
+    pause_after_refusals: int = 5
     upstream_timeout_s: float = 10.0
     upstream_concurrency: int = 16
     flush_batch_size: int = 256
@@ -580,6 +583,13 @@ def _check_together(settings: Settings, layers: _Layered) -> None:
             f"backoff_cap_s ({src('backoff_cap_s')}) is {settings.backoff_cap_s:g}; "
             "the base must not exceed the cap"
         )
+    if settings.pause_after_refusals < MIN_PAUSE_AFTER_REFUSALS:
+        raise ConfigError(
+            f"pause_after_refusals ({src('pause_after_refusals')}): "
+            f"{settings.pause_after_refusals} would pause at every refused event and never "
+            f"dead-letter one; use {MIN_PAUSE_AFTER_REFUSALS} or more (default "
+            f"{field_default('pause_after_refusals')})"
+        )
     if settings.ingest_processes > MAX_INGEST_PROCESSES:
         raise ConfigError(
             f"ingest_processes ({src('ingest_processes')}): {settings.ingest_processes} is more "
@@ -602,6 +612,7 @@ __all__ = [
     "ENV_INGEST_TOKEN",
     "ENV_INGEST_TOKEN_FILE",
     "MAX_INGEST_PROCESSES",
+    "MIN_PAUSE_AFTER_REFUSALS",
     "PLAIN_FIELDS",
     "SECRET_FIELDS",
     "SECRET_FILE_KEYS",
