@@ -323,3 +323,24 @@ async def test_root_gives_the_directorys_owner_back_files_an_older_command_left(
             path.stat().st_gid,
             path.read_text(),
         )
+
+
+@pytest.mark.parametrize("name", ["lock", "queue.db", "queue.db-wal", "queue.db-shm"])
+async def test_a_data_file_it_cannot_open_is_an_error_that_says_whose_it_is(
+    sidecar_process: SidecarProcessFactory, tmp_path: Path, name: str
+) -> None:
+    """Unlike the clean-shutdown record, these hold the queue: never removed; exit 1 with
+    the owner and the command that gives the files back, not a bare errno."""
+    data_dir = tmp_path / "data"
+    await make_queue(data_dir, queued=1)
+    (data_dir / CLEAN_NAME).unlink()
+    path = data_dir / name
+    path.touch(mode=0o600)
+    os.chown(path, SERVICE_UID, SERVICE_UID)
+    proc = sidecar_process(None, data_dir=data_dir, prefix=WITHOUT_FILE_OVERRIDE)
+    assert 1 == await proc.wait_exit()
+    [failed] = [e for e in proc.log_events() if e["event"] == "startup_failed"]
+    assert f"cannot open {path}: permission denied" in failed["error"]
+    assert f"belongs to uid {SERVICE_UID}" in failed["error"]
+    assert f"chown -R 0:0 {data_dir}" in failed["error"]
+    assert path.exists()

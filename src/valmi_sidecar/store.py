@@ -2303,6 +2303,14 @@ def _create_private(path: Path) -> None:
         _give_fd(fd, path)
     finally:
         os.close(fd)
+    for side in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        # SQLite would say only "unable to open database file".
+        try:
+            os.close(os.open(side, os.O_RDWR | os.O_CLOEXEC))
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            raise StoreError(_not_ours(side)) from None
     _chmod_private(path)
 
 
