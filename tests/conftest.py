@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,9 +135,16 @@ def json_log_lines(path: Path) -> list[dict[str, Any]]:
 
 
 class SidecarProcess:
-    """``valmi-sidecar run`` as a child process, with its JSON log lines on stderr."""
+    """``valmi-sidecar run`` as a child process, with its JSON log lines on stderr.
+    ``prefix`` runs it through another command (``setpriv …`` to change its user)."""
 
-    def __init__(self, data_dir: Path, api_url: str | None, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        api_url: str | None,
+        env: dict[str, str],
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = data_dir.parent / f"sidecar-{time.monotonic_ns()}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("VALMI")}
@@ -159,7 +166,7 @@ class SidecarProcess:
         full_env.update(env)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "valmi_sidecar", "run"],
+            [*prefix, sys.executable, "-m", "valmi_sidecar", "run"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -209,9 +216,12 @@ def sidecar_process(tmp_path: Path) -> Iterator[SidecarProcessFactory]:
     procs: list[SidecarProcess] = []
 
     def start(
-        api_url: str | None = None, data_dir: Path | None = None, **env: str
+        api_url: str | None = None,
+        data_dir: Path | None = None,
+        prefix: Sequence[str] = (),
+        **env: str,
     ) -> SidecarProcess:
-        p = SidecarProcess(data_dir or tmp_path / "data", api_url, env)
+        p = SidecarProcess(data_dir or tmp_path / "data", api_url, env, prefix)
         procs.append(p)
         return p
 

@@ -141,6 +141,36 @@ def test_run_bad_flag_value_names_the_flag(tmp_path: Path) -> None:
     assert "--upstream-timeout-s: 'never' is not a number" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag_value", "expected"),
+    [
+        ("https://api..valmi.io", "is not a valid name"),
+        (f"https://{'x' * 64}.valmi.io", "longer than 63 characters"),
+        ("https://api.valmi.io:0", "has port 0"),
+        ("https://api.valmi.io:99999", "is not a valid URL"),
+        ("gopher://api.valmi.io", "is not an http:// or https:// URL"),
+    ],
+)
+def test_run_with_an_api_url_that_can_never_work_exits_2_naming_the_setting(
+    tmp_path: Path, flag_value: str, expected: str
+) -> None:
+    """Refused before the data directory exists: no event can be dead-lettered by it."""
+    data_dir = tmp_path / "data"
+    result = cli(
+        tmp_path,
+        "run",
+        "--api-url",
+        flag_value,
+        VALMI_SIDECAR_DATA_DIR=str(data_dir),
+        VALMI_API_KEY="sk_live_zzz",
+    )
+    assert 2 == result.returncode
+    assert f"valmi-sidecar: error: --api-url: {flag_value!r}" in result.stderr
+    assert expected in result.stderr
+    assert "sk_live_zzz" not in result.stderr
+    assert not data_dir.exists()
+
+
 def test_run_with_missing_config_file_exits_2(tmp_path: Path) -> None:
     result = cli(tmp_path, "run", "--config", str(tmp_path / "absent.toml"))
     assert 2 == result.returncode

@@ -254,6 +254,21 @@ def test_bad_flag_value_names_the_flag() -> None:
         load_settings(env=HOME, argv_overrides={"upstream_concurrency": "x"})
 
 
+def test_pause_after_refusals_is_read_from_the_environment() -> None:
+    assert 5 == load_settings(env=HOME).pause_after_refusals
+    env = {**HOME, "VALMI_SIDECAR_PAUSE_AFTER_REFUSALS": "8"}
+    assert 8 == load_settings(env=env).pause_after_refusals
+
+
+def test_pause_after_a_single_refusal_is_an_error_that_says_why() -> None:
+    """One refusal cannot tell a bad event from a bad setting: it would never dead-letter."""
+    env = {**HOME, "VALMI_SIDECAR_PAUSE_AFTER_REFUSALS": "1"}
+    with pytest.raises(ConfigError) as e:
+        load_settings(env=env)
+    assert str(e.value).startswith("pause_after_refusals (VALMI_SIDECAR_PAUSE_AFTER_REFUSALS)")
+    assert "use 2 or more" in str(e.value)
+
+
 def test_backoff_base_above_cap_is_an_error() -> None:
     env = {**HOME, "VALMI_SIDECAR_BACKOFF_BASE_S": "10", "VALMI_SIDECAR_BACKOFF_CAP_S": "1"}
     with pytest.raises(ConfigError, match="VALMI_SIDECAR_BACKOFF_BASE_S"):
@@ -266,6 +281,11 @@ def test_backoff_base_above_cap_is_an_error() -> None:
         ("https://api.valmi.io", "https://api.valmi.io"),
         ("https://api.valmi.io/", "https://api.valmi.io"),
         ("http://127.0.0.1:8788", "http://127.0.0.1:8788"),
+        ("http://[::1]:8788", "http://[::1]:8788"),
+        ("http://valmi_fake:8788", "http://valmi_fake:8788"),
+        ("https://api.valmi.io.", "https://api.valmi.io."),
+        ("https://äpi.valmi.io", "https://äpi.valmi.io"),
+        (f"https://{'a' * 63}.valmi.io", f"https://{'a' * 63}.valmi.io"),
     ],
 )
 def test_api_url_accepted(url: str, expected: str) -> None:
@@ -282,6 +302,17 @@ def test_api_url_accepted(url: str, expected: str) -> None:
         ("https://api.valmi.io?x=1", "without a path, query"),
         ("https://user:pw@api.valmi.io", "must not carry credentials"),
         ("https://api.valmi.io:notaport", "is not a valid URL"),
+        ("https://api.valmi.io:70000", "is not a valid URL"),
+        ("https://api.valmi.io:0", "has port 0"),
+        ("https://api..valmi.io", "host 'api..valmi.io' is not a valid name"),
+        ("https://.valmi.io", "host '.valmi.io' is not a valid name"),
+        (f"https://{'a' * 64}.valmi.io", "longer than 63 characters"),
+        (f"https://{'a.' * 127}io", "longer than 253 characters"),
+        ("https://-api.valmi.io", "starts or ends with '-'"),
+        ("https://api valmi.io", "only letters, digits"),
+        ("https://api%2evalmi.io", "only letters, digits"),
+        ("https://999.1.1.1", "is not an IPv4 address"),
+        ("https://10.0.0.1.2", "is not an IPv4 address"),
     ],
 )
 def test_api_url_rejected(url: str, expected: str) -> None:

@@ -83,18 +83,24 @@ async def get_status(url: str, token: str = "") -> dict[str, Any]:
 async def test_dead_letter_commands_through_the_running_sidecar(
     fake: FakeValmi, sidecar_process: SidecarProcessFactory, tmp_path: Path
 ) -> None:
+    # Refused, and held until another event is delivered (more refusals than these in a
+    # row would pause forwarding instead).
     fake.faults.error_rate, fake.faults.error_status = 1.0, 400
-    proc = sidecar_process(fake.url, VALMI_SIDECAR_INGEST_TOKEN=TOKEN)
+    proc = sidecar_process(
+        fake.url, VALMI_SIDECAR_INGEST_TOKEN=TOKEN, VALMI_SIDECAR_PAUSE_AFTER_REFUSALS="10"
+    )
     url = await proc.wait_ready()
     await post_events(url, "agent_a", 3, token=TOKEN)
     await post_events(url, "agent_b", 2, outcome=True, token=TOKEN)
+    await wait_until(lambda: 5 == fake.status_counts.get(400, 0), what="5 refusals")
+    fake.faults.error_rate = 0.0
+    await post_events(url, "agent_z", 1, token=TOKEN)
 
     async def dead() -> bool:
         dead_lettered: int = (await get_status(url, TOKEN))["events"]["dead_lettered"]
         return 5 == dead_lettered
 
     await wait_until(dead, what="5 dead letters")
-    fake.faults.error_rate = 0.0
     env = {"VALMI_SIDECAR_INGEST_TOKEN": TOKEN}
     common = ("--url", url, "--data-dir", str(proc.data_dir))
 
@@ -162,12 +168,12 @@ async def test_dead_letter_commands_through_the_running_sidecar(
         code,
         out.strip(),
     )
-    await wait_until(lambda: 2 == len(fake.events()), what="2 re-queued events delivered")
-    assert keys_b == {e.idem_key for e in fake.events()}
+    await wait_until(lambda: 3 == len(fake.events()), what="2 re-queued events delivered")
+    assert keys_b == {e.idem_key for e in fake.events() if e.body["agent_key"] == "agent_b"}
 
     async def settled() -> bool:
         events = (await get_status(url, TOKEN))["events"]
-        return (5, 0, 2, 3) == (
+        return (6, 0, 3, 3) == (
             events["received"],
             events["queued"],
             events["delivered"],
@@ -189,7 +195,7 @@ async def test_dead_letter_commands_through_the_running_sidecar(
     code, out, _ = await run_cli("ledger", *common, "--json", **env)
     assert 0 == code
     totals = json.loads(out)["totals"]
-    assert (5, 0, 2, 3) == (
+    assert (6, 0, 3, 3) == (
         totals["received"],
         totals["queued"],
         totals["delivered"],
@@ -206,12 +212,14 @@ async def test_commands_work_on_the_database_when_no_sidecar_runs(
     fake.faults.error_rate, fake.faults.error_status = 1.0, 422
     sidecar, url = await sidecar_factory(fake.url, data_dir=data_dir)
     await post_events(url, "agent_c", 4)
+    await wait_until(lambda: 4 == fake.status_counts.get(422, 0), what="4 refusals")
+    fake.faults.error_rate = 0.0
+    await post_events(url, "agent_d", 1)  # its delivery shows the refusals were the events'
     await wait_until(
         lambda: sidecar._store is not None and sidecar._store.counts().dead_lettered == 4,
         what="4 dead letters",
     )
     await sidecar.stop()
-    fake.faults.error_rate = 0.0
     common = ("--url", f"http://127.0.0.1:{free_port()}", "--data-dir", str(data_dir))
 
     code, out, err = await run_cli("dead-letters", "list", *common, "--json")
@@ -229,7 +237,7 @@ async def test_commands_work_on_the_database_when_no_sidecar_runs(
     assert 0 == code
     status = json.loads(out)
     assert False is status["running"]
-    assert (4, 1, 0, 3) == (
+    assert (5, 1, 1, 3) == (
         status["events"]["received"],
         status["events"]["queued"],
         status["events"]["delivered"],
@@ -250,7 +258,7 @@ async def test_commands_work_on_the_database_when_no_sidecar_runs(
 
     code, out, _ = await run_cli("ledger", *common, "--csv")
     assert 0 == code
-    (row,) = list(csv.DictReader(io.StringIO(out)))
+    (row,) = [r for r in csv.DictReader(io.StringIO(out)) if r["agent_key"] == "agent_c"]
     assert ("agent_c", "4", "1", "0", "3") == (
         row["agent_key"],
         row["received"],
@@ -263,8 +271,9 @@ async def test_commands_work_on_the_database_when_no_sidecar_runs(
 
     # A sidecar again: the re-queued event goes upstream with its original key.
     sidecar2, url2 = await sidecar_factory(fake.url, data_dir=data_dir)
-    await wait_until(lambda: 1 == len(fake.events()), what="the re-queued event delivered")
-    assert fake.events()[0].idem_key in {d["idempotency_key"] for d in listed}
+    await wait_until(lambda: 2 == len(fake.events()), what="the re-queued event delivered")
+    [requeued] = [e for e in fake.events() if e.body["agent_key"] == "agent_c"]
+    assert requeued.idem_key in {d["idempotency_key"] for d in listed}
 
     # While it holds the data directory, a wrong --url is an error, not a direct write.
     code, _, err = await run_cli("dead-letters", "retry", *common)

@@ -412,6 +412,130 @@ def vars_of(event: NewEvent) -> dict[str, Any]:
     return {name: getattr(event, name) for name in NewEvent.__slots__}
 
 
+def poison(i: int) -> NewEvent:
+    """An action the fake API refuses with 400 (no action_type)."""
+    return NewEvent(**{**vars_of(action(i)), "body": b'{"agent_key":"agent_1"}'})
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+async def test_the_same_refusal_for_every_event_pauses_and_dead_letters_nothing(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher, status: int
+) -> None:
+    """A gateway or proxy that refuses everything (plain HTTP to an HTTPS port, a body
+    limit) is a configuration problem: paused, the queue kept, probes one at a time that
+    dead-letter nothing, and a delivered probe resumes forwarding."""
+    fake.set_faults(error_rate=1.0, error_status=status)
+    upstream = RecordingUpstream(fake.url, timeout_s=2.0, max_connections=8)
+    events = [action(i) for i in range(30)]
+    await store.submit(events)
+    with capture_logs() as logs:
+        flusher, _ = await start_flusher(fake, upstream=upstream, upstream_concurrency=8)
+        await wait_until(lambda: "paused" == flusher.state, 5, "paused")
+        await wait_until(lambda: 0 == upstream.active, 5, "requests sent before the pause")
+        upstream.max_active = 0
+        before = len(upstream.attempts)
+        await wait_until(lambda: len(upstream.attempts) >= before + 5, 5, "five probes")
+        counts = store.counts()
+        assert (30, 0, 0) == (counts.queued, counts.delivered, counts.dead_lettered)
+        assert "paused" == flusher.state
+        assert 1 == upstream.max_active
+        probed = [seq for _, seq, _, _ in upstream.attempts[before : before + 5]]
+        assert 5 == len(set(probed))  # each probe tries another event
+        assert flusher.last_error is not None
+        assert f"HTTP {status} for " in flusher.last_error
+        assert "configuration" in flusher.last_error
+        fake.set_faults(error_rate=0.0)
+        await wait_until(lambda: 30 == store.counts().delivered, 5, "30 delivered after resume")
+    assert (0, "ok") == (store.counts().dead_lettered, flusher.state)
+    assert {e.idem_key for e in events} == set(fake.received)
+    paused = [e for e in logs if e["event"] == "upstream_paused"]
+    assert 1 == len(paused)
+    assert status == paused[0]["status"]
+    assert 1 == sum(e["event"] == "upstream_resumed" for e in logs)
+    assert not any(e["event"] == "event_dead_lettered" for e in logs)
+
+
+async def test_a_poison_event_between_good_ones_is_dead_lettered_without_a_pause(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    """One at a time, so the order is fixed: the refusal is judged by the next delivery."""
+    bad = poison(99)
+    await store.submit([action(0), bad, *[action(i) for i in range(1, 5)]])
+    with capture_logs() as logs:
+        flusher, _ = await start_flusher(fake, upstream_concurrency=1)
+        await wait_until(lambda: 1 == store.counts().dead_lettered, 5, "1 dead letter")
+        await wait_until(lambda: 5 == store.counts().delivered, 5, "5 delivered")
+    [record] = await store.dead_letters()
+    assert (bad.idem_key, "rejected", 400) == (record.idem_key, record.reason, record.status)
+    assert "ok" == flusher.state
+    assert not any(e["event"] == "upstream_paused" for e in logs)
+    assert 6 == fake.requests  # the poison event was sent once
+
+
+async def test_fewer_refusals_in_a_row_than_the_setting_are_dead_lettered_without_a_pause(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    bad = [poison(100 + i) for i in range(4)]
+    await store.submit([action(0), *bad, action(1)])
+    with capture_logs() as logs:
+        flusher, _ = await start_flusher(fake, upstream_concurrency=1, pause_after_refusals=5)
+        await wait_until(lambda: 4 == store.counts().dead_lettered, 5, "4 dead letters")
+        await wait_until(lambda: 2 == store.counts().delivered, 5, "2 delivered")
+    assert {e.idem_key for e in bad} == {r.idem_key for r in await store.dead_letters()}
+    assert "ok" == flusher.state
+    assert not any(e["event"] == "upstream_paused" for e in logs)
+    assert 6 == fake.requests
+
+
+async def test_a_refusal_answered_after_another_event_was_delivered_is_dead_lettered_at_once(
+    store: Store, fake_factory: FakeFactory, start_flusher: StartFlusher
+) -> None:
+    """The poison event is the last: a delivery answered while it was in flight judges it."""
+    fake = await fake_factory()
+    fake.set_faults(latency_s=0.05)
+    bad = poison(99)
+    await store.submit([*[action(i) for i in range(5)], bad])
+    flusher, _ = await start_flusher(fake, upstream_concurrency=8)
+    await wait_until(lambda: 1 == store.counts().dead_lettered, 5, "1 dead letter")
+    await wait_until(lambda: 5 == store.counts().delivered, 5, "5 delivered")
+    assert (0, "ok") == (store.counts().queued, flusher.state)
+
+
+async def test_a_refusal_no_delivery_can_judge_yet_is_kept_queued_and_drain_ends(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    """The last event of a burst, refused after every other was delivered: held (not dead-
+    lettered, not sent again) until a delivery says upstream works; a drain does not wait."""
+    bad = poison(99)
+    await store.submit([action(0), bad])
+    flusher, task = await start_flusher(fake, upstream_concurrency=1)
+    await wait_until(lambda: 2 == fake.requests, 5, "both sent")
+    await wait_until(lambda: 1 == store.counts().delivered, 5, "1 delivered")
+    assert flusher.last_error is not None
+    assert "held, kept queued" in flusher.last_error
+    started = time.monotonic()
+    await flusher.drain(10.0)
+    assert time.monotonic() - started < 1.0
+    assert task.done()
+    counts = store.counts()
+    assert (1, 1, 0) == (counts.queued, counts.delivered, counts.dead_lettered)
+    assert 2 == fake.requests
+
+
+async def test_a_held_refusal_is_dead_lettered_by_the_next_delivery(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    bad = poison(99)
+    await store.submit([action(0), bad])
+    await start_flusher(fake, upstream_concurrency=1)
+    await wait_until(lambda: 2 == fake.requests, 5, "both sent")
+    assert 0 == store.counts().dead_lettered
+    await store.submit([action(1)])
+    await wait_until(lambda: 1 == store.counts().dead_lettered, 5, "judged by a delivery")
+    await wait_until(lambda: 2 == store.counts().delivered, 5, "2 delivered")
+    assert 3 == fake.requests
+
+
 async def test_401_pauses_keeps_every_event_and_resumes(
     store: Store, fake: FakeValmi, start_flusher: StartFlusher
 ) -> None:
@@ -434,6 +558,23 @@ async def test_401_pauses_keeps_every_event_and_resumes(
     assert 1 == sum(e["event"] == "upstream_resumed" for e in logs)
     assert DEFAULT_KEY not in repr(logs)
     assert list(range(10)) == sorted(order(fake))
+
+
+async def test_a_host_the_client_refuses_pauses_and_dead_letters_nothing(
+    store: Store, start_flusher: StartFlusher
+) -> None:
+    """The HTTP client raises ValueError for an empty label: a configuration problem."""
+    upstream = Upstream(
+        "https://api..valmi.test", Secret(DEFAULT_KEY), timeout_s=1.0, max_connections=4
+    )
+    await store.submit([action(i) for i in range(10)])
+    flusher, _ = await start_flusher(None, upstream=upstream)
+    await wait_until(lambda: "paused" == flusher.state, 5, "paused")
+    await wait_until(lambda: upstream.stats.requests["error"] >= 3, 5, "a few probes")
+    counts = store.counts()
+    assert (10, 0, 0) == (counts.queued, counts.delivered, counts.dead_lettered)
+    assert flusher.last_error is not None
+    assert "check api_url" in flusher.last_error
 
 
 async def test_paused_flusher_probes_one_request_at_a_time(

@@ -1,5 +1,7 @@
 """Hostile process conditions: SIGKILL at random moments, SIGSTOP longer than every
-timeout, and data directories the sidecar cannot use. Real processes, real signals.
+timeout, data directories the sidecar cannot use, and an operator's command run as root
+on the data directory of a service that runs as another user. Real processes, real
+signals, real users (``setpriv``: tests run as root).
 
 (A full disk is covered with the store's disk-space tests.)
 """
@@ -19,7 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
+from valmi_sidecar.events import parse_one
 from valmi_sidecar.fake_api import FakeValmi
+from valmi_sidecar.store import CLEAN_NAME, DeadLetter, Store
 
 from .conftest import SidecarProcessFactory, wait_until
 from .scenarios import (
@@ -192,3 +196,151 @@ def _json_or_none(line: str) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) else None
+
+
+# --- an operator's command run as root ---------------------------------------------------
+
+#: The service's own user, as systemd's DynamicUser makes one: not root. It may read
+#: (not write) files it does not own, so that it can run the interpreter under /root.
+SERVICE_UID = 65534
+AS_SERVICE_USER = (
+    "setpriv",
+    f"--reuid={SERVICE_UID}",
+    f"--regid={SERVICE_UID}",
+    "--clear-groups",
+    "--inh-caps=+dac_read_search",
+    "--ambient-caps=+dac_read_search",
+    "--",
+)
+#: Root without the capabilities that let it open any file: a user that cannot read a
+#: file that another user owns with mode 0600.
+WITHOUT_FILE_OVERRIDE = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--")
+
+
+async def make_queue(data_dir: Path, queued: int, dead: int = 0) -> None:
+    """A data directory as a stopped sidecar leaves it: ``queued`` events, ``dead`` dead
+    letters, closed cleanly (so with a clean-shutdown record)."""
+    store = await Store.open(data_dir, durability="normal")
+    try:
+        events = [
+            parse_one("action", json.dumps({"agent_key": "a", "action_type": f"t{i}"}).encode())
+            for i in range(queued + dead)
+        ]
+        await store.submit(events)
+        leased = await store.lease(dead, ()) if dead else []
+        await store.settle([DeadLetter(e.seq, "rejected", 400, "refused") for e in leased])
+    finally:
+        await store.close()
+
+
+def owners(data_dir: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_uid, p.stat().st_gid) for p in [data_dir, *data_dir.iterdir()]}
+
+
+async def queued_in_status(url: str) -> int:
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        return int((await status(client, url))["events"]["queued"])
+
+
+async def test_a_clean_shutdown_record_it_cannot_read_is_removed_and_the_full_check_runs(
+    sidecar_process: SidecarProcessFactory, tmp_path: Path
+) -> None:
+    """Another user's 0600 record (a command run as root left it) made start-up fail with
+    Permission denied, and systemd restarted it every 2 s without end."""
+    data_dir = tmp_path / "data"
+    await make_queue(data_dir, queued=3)
+    record = data_dir / CLEAN_NAME
+    os.chown(record, SERVICE_UID, SERVICE_UID)
+    proc = sidecar_process(None, data_dir=data_dir, prefix=WITHOUT_FILE_OVERRIDE)
+    url = await proc.wait_ready()
+    assert 3 == await queued_in_status(url)
+    events = {e["event"]: e for e in proc.log_events()}
+    unreadable = events["clean_record_unreadable"]
+    assert ("warning", True) == (unreadable["level"], unreadable["removed"])
+    assert "Permission denied" in unreadable["error"]
+    assert "full start-up check" in unreadable["action"]
+    assert "passed" == events["store_opened"]["integrity_check"]
+    proc.signal(signal.SIGTERM)
+    assert 0 == await proc.wait_exit()
+    assert 0 == record.stat().st_uid  # a new record, its own this time
+
+
+async def test_a_command_run_as_root_leaves_every_file_to_the_directorys_owner(
+    sidecar_process: SidecarProcessFactory, tmp_path: Path
+) -> None:
+    """`dead-letters retry --data-dir` as root on a stopped service's directory wrote a
+    root-owned clean-shutdown record, and the service could not start again."""
+    data_dir = tmp_path / "data"
+    await make_queue(data_dir, queued=2, dead=1)
+    for path in [data_dir, *data_dir.iterdir()]:
+        os.chown(path, SERVICE_UID, SERVICE_UID)
+    command = asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "valmi_sidecar", "dead-letters", "retry"),
+        *("--data-dir", str(data_dir), "--url", "http://127.0.0.1:9"),
+        env={k: v for k, v in os.environ.items() if not k.startswith("VALMI")},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        retry = await command
+        out, err = await retry.communicate()
+    assert 0 == retry.returncode, err.decode()
+    assert "re-queued 1 dead letters" in out.decode()
+    assert {(SERVICE_UID, SERVICE_UID)} == set(owners(data_dir).values()), owners(data_dir)
+    proc = sidecar_process(None, data_dir=data_dir, prefix=AS_SERVICE_USER)
+    url = await proc.wait_ready()
+    assert 3 == await queued_in_status(url)
+    assert "skipped" == next(
+        e["integrity_check"] for e in proc.log_events() if e["event"] == "store_opened"
+    )
+    proc.signal(signal.SIGTERM)
+    assert 0 == await proc.wait_exit()
+    assert {(SERVICE_UID, SERVICE_UID)} == set(owners(data_dir).values()), owners(data_dir)
+
+
+async def test_root_gives_the_directorys_owner_back_files_an_older_command_left(
+    tmp_path: Path,
+) -> None:
+    """Files left as root's before this fix are given back; a link planted in the
+    directory is not followed to a file elsewhere."""
+    data_dir = tmp_path / "data"
+    await make_queue(data_dir, queued=1)
+    linked, hard_linked = tmp_path / "linked", tmp_path / "hard-linked"
+    for path in (linked, hard_linked):
+        path.write_text("root's own file")
+    for path in [data_dir, *data_dir.iterdir()]:
+        os.chown(path, SERVICE_UID, SERVICE_UID)
+    os.chown(data_dir / CLEAN_NAME, 0, 0)
+    (data_dir / f"{CLEAN_NAME}.tmp").symlink_to(linked)
+    os.link(hard_linked, data_dir / "queue.db.corrupt-20260101T000000Z")
+    store = await Store.open(data_dir, durability="normal")
+    await store.close()
+    (data_dir / "queue.db.corrupt-20260101T000000Z").unlink()
+    assert {(SERVICE_UID, SERVICE_UID)} == set(owners(data_dir).values()), owners(data_dir)
+    for path in (linked, hard_linked):
+        assert (0, 0, "root's own file") == (
+            path.stat().st_uid,
+            path.stat().st_gid,
+            path.read_text(),
+        )
+
+
+@pytest.mark.parametrize("name", ["lock", "queue.db", "queue.db-wal", "queue.db-shm"])
+async def test_a_data_file_it_cannot_open_is_an_error_that_says_whose_it_is(
+    sidecar_process: SidecarProcessFactory, tmp_path: Path, name: str
+) -> None:
+    """Unlike the clean-shutdown record, these hold the queue: never removed; exit 1 with
+    the owner and the command that gives the files back, not a bare errno."""
+    data_dir = tmp_path / "data"
+    await make_queue(data_dir, queued=1)
+    (data_dir / CLEAN_NAME).unlink()
+    path = data_dir / name
+    path.touch(mode=0o600)
+    os.chown(path, SERVICE_UID, SERVICE_UID)
+    proc = sidecar_process(None, data_dir=data_dir, prefix=WITHOUT_FILE_OVERRIDE)
+    assert 1 == await proc.wait_exit()
+    [failed] = [e for e in proc.log_events() if e["event"] == "startup_failed"]
+    assert f"cannot open {path}: permission denied" in failed["error"]
+    assert f"belongs to uid {SERVICE_UID}" in failed["error"]
+    assert f"chown -R 0:0 {data_dir}" in failed["error"]
+    assert path.exists()

@@ -225,3 +225,32 @@ async def test_401_pauses_and_keeps_everything_until_the_key_is_fixed_and_restar
 
     fixed, url = await start(sidecar_process, upstream)
     await finish(fixed, client, url, traffic, upstream, probes_in_2s_while_paused=probes)
+
+
+async def test_a_proxy_answering_400_to_everything_pauses_and_nothing_is_dead_lettered(
+    sidecar_process: SidecarProcessFactory, upstream: FakeValmi, client: httpx.AsyncClient
+) -> None:
+    """Plain HTTP sent to an HTTPS port, a WAF, a wrong path on a gateway: every event is
+    refused with the same 400. The sidecar says paused and why, keeps the queue, and
+    delivers all of it once the refusals stop, without a restart."""
+    upstream.set_faults(error_rate=1.0, error_status=400)
+    proc, url = await start(sidecar_process, upstream)
+    traffic = Traffic("400_for_everything_then_fixed")
+    await traffic.run_agents(client, lambda: url, agents=4, until=lambda: False, max_events=200)
+
+    async def paused() -> bool:
+        return bool((await status(client, url))["upstream"]["state"] == "paused")
+
+    await wait_until(paused, 10, "forwarding paused by the refusals")
+    refused_at = upstream.status_counts.get(400, 0)
+    await asyncio.sleep(2.0)
+    probes = upstream.status_counts.get(400, 0) - refused_at
+    body = await status(client, url)
+    counts = body["events"]
+    assert (200, 0, 0) == (counts["queued"], counts["delivered"], counts["dead_lettered"])
+    assert "paused" == body["upstream"]["state"]
+    assert "configuration" in body["upstream"]["last_error"]
+    assert probes <= 40  # one probe at a time on the backoff schedule
+    upstream.set_faults(error_rate=0.0)
+    ledger = await finish(proc, client, url, traffic, upstream, probes_in_2s_while_paused=probes)
+    assert (200, 0) == (ledger.acknowledged, ledger.dead_lettered)

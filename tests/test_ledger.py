@@ -63,15 +63,13 @@ async def test_ledger_reconciles_after_an_outage_dead_letters_and_a_retry(
     sidecar, url = await sidecar_factory(fake.url)
     sent_values = 0.0
 
-    # 1. Upstream refuses for good: these outcomes become dead letters.
+    # 1. Upstream refuses for good: these outcomes become dead letters, once other events
+    #    are delivered (until then they are held, still queued).
     fake.faults.error_rate, fake.faults.error_status = 1.0, 400
     for i in range(4):
         await post(client, url, outcome(AGENTS[0], "refund", 2.5 + i))
         sent_values += 2.5 + i
-    await wait_until(
-        lambda: sidecar._store is not None and sidecar._store.counts().dead_lettered == 4,
-        what="4 dead letters",
-    )
+    await wait_until(lambda: 4 == fake.status_counts.get(400, 0), what="4 refusals")
     fake.faults.error_rate = 0.0
 
     # 2. An outage: everything queues, then drains once upstream is back.
@@ -87,7 +85,11 @@ async def test_ledger_reconciles_after_an_outage_dead_letters_and_a_retry(
     assert_reconciles(mid, (await status(client, url))["events"])
     await fake.go_up()
     await wait_until(
-        lambda: sidecar._store is not None and sidecar._store.counts().delivered == 18,
+        lambda: (
+            sidecar._store is not None
+            and (18, 4)
+            == (sidecar._store.counts().delivered, sidecar._store.counts().dead_lettered)
+        ),
         timeout=20,
         what="queue drained and settled",
     )

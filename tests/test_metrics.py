@@ -100,6 +100,9 @@ async def test_metrics_move_as_events_flow(
     # A permanent refusal upstream: a dead letter by reason, and a 4xx request.
     fake.faults.error_rate, fake.faults.error_status = 1.0, 400
     assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
+    await wait_until(lambda: 1 == fake.status_counts.get(400, 0), what="1 refusal")
+    fake.faults.error_rate = 0.0  # the next delivery shows the refusal was the event's
+    assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
     await wait_until(
         lambda: sidecar._store is not None and sidecar._store.counts().dead_lettered == 1,
         what="1 dead letter",

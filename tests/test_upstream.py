@@ -23,6 +23,7 @@ from valmi_sidecar.upstream import (
     classify,
     classify_exception,
     excerpt,
+    key_problem,
     parse_rate_limit,
     parse_retry_after,
 )
@@ -234,6 +235,56 @@ def test_transport_errors_and_timeouts_are_retried(exc: Exception) -> None:
 def test_bad_url_scheme_pauses() -> None:
     answer = classify_exception(aiohttp.InvalidURL("ftp://api.valmi.test"))
     assert "pause" == answer.verdict
+    assert "api_url" in answer.error
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        UnicodeError("encoding with 'idna' codec failed (UnicodeError: label empty or too long)"),
+        ValueError("something the client refuses"),
+        TypeError("an unexpected failure inside the client"),
+    ],
+)
+def test_other_client_exceptions_pause_and_never_dead_letter(exc: Exception) -> None:
+    """Not about the event's content: sending the next event would fail the same way."""
+    answer = classify_exception(exc)
+    assert ("pause", None) == (answer.verdict, answer.status)
+    assert answer.error.startswith(type(exc).__name__)
+    assert "check api_url" in answer.error
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("evt_key_1", None),
+        ("k\tk", None),  # a tab is allowed in a header value
+        ("k\r\nX-Injected: 1", "control character"),
+        ("k\x00", "control character"),
+        ("k\x7f", "control character"),
+        ("k\udcff", "not valid Unicode"),
+    ],
+)
+def test_key_problem_names_keys_the_client_cannot_send(key: str, expected: str | None) -> None:
+    problem = key_problem(key)
+    if expected is None:
+        assert problem is None
+    else:
+        assert problem is not None
+        assert expected in problem
+
+
+@pytest.mark.parametrize(
+    "url", ["https://api..valmi.test", f"https://{'a' * 64}.valmi.test", "https://10.0.0.999"]
+)
+async def test_a_host_the_client_cannot_use_pauses_rather_than_dead_lettering(url: str) -> None:
+    """Such a URL is refused by the settings; given anyway, it must not empty the queue."""
+    upstream = Upstream(url, Secret(KEY), timeout_s=1.0, max_connections=1)
+    try:
+        answer = await upstream.send(queued())
+    finally:
+        await upstream.aclose()
+    assert ("pause", None) == (answer.verdict, answer.status)
     assert "api_url" in answer.error
 
 

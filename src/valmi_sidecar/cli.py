@@ -83,6 +83,7 @@ DESCRIPTIONS: Mapping[str, str] = {
     "dedup_window_s": "seconds an Idempotency-Key is remembered for client retries",
     "backoff_base_s": "first retry delay in seconds after an upstream failure (exponential, full jitter)",
     "backoff_cap_s": "longest retry delay in seconds",
+    "pause_after_refusals": "different events refused in a row with the same status (400, 413, 422), nothing delivered between, that pause forwarding as a configuration problem instead of dead-lettering them",
     "upstream_timeout_s": "timeout of one upstream request, in seconds",
     "upstream_concurrency": "upstream requests in flight at once",
     "flush_batch_size": "events leased from the queue per flusher round",

@@ -25,6 +25,8 @@ from .guard import normalize_host, normalize_origin
 GiB = 1024**3
 #: The most processes that may serve the local API (``ingest_processes``).
 MAX_INGEST_PROCESSES = 32
+#: ``pause_after_refusals`` below this could never tell one bad event from a bad setting.
+MIN_PAUSE_AFTER_REFUSALS = 2
 
 #: Environment variables that are not ``VALMI_SIDECAR_<FIELD>``.
 ENV_CONFIG = "VALMI_SIDECAR_CONFIG"
@@ -108,6 +110,7 @@ class Settings:
     dedup_window_s: float = 24 * 3600.0
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 300.0
+    pause_after_refusals: int = 5
     upstream_timeout_s: float = 10.0
     upstream_concurrency: int = 16
     flush_batch_size: int = 256
@@ -294,14 +297,63 @@ def _expand_path(text: str, env: Mapping[str, str], base: Path | None) -> Path:
     return path
 
 
+#: The longest DNS name (RFC 1035, without the trailing dot) and label.
+_MAX_NAME_CHARS = 253
+_MAX_LABEL_CHARS = 63
+#: What a label of a host name may hold once IDNA-encoded: letters, digits, hyphens, and
+#: underscores (container and service names use them, and their resolvers answer them).
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` (from ``urlsplit``: lowercased, brackets removed) can never be
+    connected to, or ``None``. The HTTP client refuses such a host on every request, so
+    it is caught here, before any event is tried."""
+    if ":" in host:  # an IPv6 literal; urlsplit has already checked it
+        return None
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if all(label.isdigit() for label in labels):
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return f"host {host!r} is not an IPv4 address (four numbers from 0 to 255)"
+        return None
+    try:
+        ascii_name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return (
+            f"host {host!r} is not a valid name (an empty label such as '..', or a label "
+            f"longer than {_MAX_LABEL_CHARS} characters)"
+        )
+    if len(ascii_name) > _MAX_NAME_CHARS:
+        return f"host {host!r} is longer than {_MAX_NAME_CHARS} characters"
+    for label in ascii_name.split("."):
+        if not label or len(label) > _MAX_LABEL_CHARS:
+            return (
+                f"host {host!r} is not a valid name (an empty label such as '..', or a "
+                f"label longer than {_MAX_LABEL_CHARS} characters)"
+            )
+        if not set(label) <= _LABEL_CHARS:
+            return f"host {host!r} is not a valid name (only letters, digits, '-', '_' and '.')"
+        if label.startswith("-") or label.endswith("-"):
+            return f"host {host!r} is not a valid name (a label starts or ends with '-')"
+    return None
+
+
 def _check_api_url(text: str) -> str:
     try:
         parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        port = parts.port  # raises ValueError on a port that is not 0-65535
     except ValueError as e:
         raise ValueError(f"is not a valid URL ({e})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("is not an http:// or https:// URL")
+    if port == 0:
+        raise ValueError("has port 0, which cannot be connected to; use a port from 1 to 65535")
+    problem = _host_problem(parts.hostname)
+    if problem is not None:
+        raise ValueError(f"is not a usable URL: {problem}")
     if parts.username or parts.password:
         raise ValueError("must not carry credentials; give the API key in VALMI_API_KEY")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -578,6 +630,13 @@ def _check_together(settings: Settings, layers: _Layered) -> None:
             f"backoff_cap_s ({src('backoff_cap_s')}) is {settings.backoff_cap_s:g}; "
             "the base must not exceed the cap"
         )
+    if settings.pause_after_refusals < MIN_PAUSE_AFTER_REFUSALS:
+        raise ConfigError(
+            f"pause_after_refusals ({src('pause_after_refusals')}): "
+            f"{settings.pause_after_refusals} would pause at every refused event and never "
+            f"dead-letter one; use {MIN_PAUSE_AFTER_REFUSALS} or more (default "
+            f"{field_default('pause_after_refusals')})"
+        )
     if settings.ingest_processes > MAX_INGEST_PROCESSES:
         raise ConfigError(
             f"ingest_processes ({src('ingest_processes')}): {settings.ingest_processes} is more "
@@ -600,6 +659,7 @@ __all__ = [
     "ENV_INGEST_TOKEN",
     "ENV_INGEST_TOKEN_FILE",
     "MAX_INGEST_PROCESSES",
+    "MIN_PAUSE_AFTER_REFUSALS",
     "PLAIN_FIELDS",
     "SECRET_FIELDS",
     "SECRET_FILE_KEYS",

@@ -9,6 +9,16 @@ each; an event leaves the in-flight set only once its settlement is committed, o
 once when nothing is to be recorded for it (a pause, a ``429``, a cancelled request),
 so it is never leased twice concurrently and never lost.
 
+A refusal (``400``, ``413``, ``422``) is about the event only if upstream delivers
+something else meanwhile: it is dead-lettered once a delivery is answered after it was
+sent (at once when one already was). Until then it stays queued, held out of the lease.
+When ``pause_after_refusals`` different events are refused with the same status and no
+delivery is answered after any of them was sent, upstream refuses everything: it is a
+configuration problem (a wrong path on a gateway, plain HTTP to an HTTPS port, a proxy's
+body limit), so forwarding pauses with every event kept. Its probes go one event at a
+time on the backoff schedule, each to an event not yet tried in this pause; a refused
+probe stays queued, and the first delivery resumes forwarding.
+
 The pure parts (``full_jitter``, ``rate_budget``, ``TokenBucket``) are plain code with an
 injectable clock.
 """
@@ -21,7 +31,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, Literal
 
 import structlog
@@ -178,6 +188,17 @@ class Flusher:
         self._failures = 0
         self._pauses = 0
         self._rate_limits = 0
+        # Refused events not yet judged, by seq (still queued, held in flight): dead
+        # letters once a delivery is answered after they were sent, back in the queue if
+        # the refusals turn out to be systemic.
+        self._refused: dict[int, tuple[QueuedEvent, Answer]] = {}
+        # When the last delivery was answered (monotonic; -inf: none yet).
+        self._delivered_at = float("-inf")
+        # Refusals in a row that paused forwarding as systemic (0: not paused for that),
+        # and the events its probes had refused, left out of the next leases so that
+        # each probe tries another event.
+        self._systemic = 0
+        self._probed: set[int] = set()
         # Bumped whenever a global wait starts: answers to requests sent before it are
         # stale and do not stretch the wait further (16 failures at once count as one).
         self._generation = 0
@@ -257,6 +278,8 @@ class Flusher:
         finally:
             self._buffer.clear()
             self._in_flight.clear()
+            self._refused.clear()  # not judged: they stay queued, sent again next time
+            self._probed.clear()
             self._empty = None
             self._running = False
             self._done.set()
@@ -373,7 +396,7 @@ class Flusher:
         if not self._buffer and not self._known_empty():
             limit = 1 if self._state in ("backing_off", "paused") else self._batch
             seen = self._changes
-            events = await self._store.lease(limit, frozenset(self._in_flight))
+            events = await self._lease(limit)
             for event in events:
                 if event.seq not in self._in_flight:
                     self._in_flight.add(event.seq)
@@ -381,6 +404,15 @@ class Flusher:
             if len(events) < limit:
                 self._empty = _Empty(seen)
         return self._buffer.popleft() if self._buffer else None
+
+    async def _lease(self, limit: int) -> list[QueuedEvent]:
+        if self._probed:
+            exclude = frozenset(self._in_flight | self._probed)
+            events = await self._store.lease(limit, exclude)
+            if events:
+                return events
+            self._probed.clear()  # every due event was tried in this pause: start again
+        return await self._store.lease(limit, frozenset(self._in_flight))
 
     def _known_empty(self) -> bool:
         """Whether a lease now would come back empty, as far as the loop knows without
@@ -427,6 +459,7 @@ class Flusher:
     # -- senders -------------------------------------------------------------------------
 
     async def _send(self, upstream: Upstream, event: QueuedEvent, generation: int) -> None:
+        sent_at = time.monotonic()
         try:
             answer = await upstream.send(event)
         except asyncio.CancelledError:
@@ -435,9 +468,11 @@ class Flusher:
         finally:
             self._sending -= 1
             self._wake.set()
-        self._on_answer(event, answer, generation)
+        self._on_answer(event, answer, generation, sent_at)
 
-    def _on_answer(self, event: QueuedEvent, answer: Answer, generation: int) -> None:
+    def _on_answer(
+        self, event: QueuedEvent, answer: Answer, generation: int, sent_at: float
+    ) -> None:
         now = time.monotonic()
         current = generation == self._generation
         self._answered = True
@@ -447,19 +482,13 @@ class Flusher:
         if answer.verdict == "delivered":
             self._queue(Delivered(event.seq))
             self._summary["delivered"] += 1
+            self._delivered_at = now
             self._on_healthy()
             self._note_rate_limit(answer, now)
+        elif answer.verdict == "dead_letter" and answer.status is None:
+            self._dead_letter(event, answer)  # found unsendable here, without a request
         elif answer.verdict == "dead_letter":
-            self._queue(DeadLetter(event.seq, "rejected", answer.status, answer.error))
-            self._summary["dead_lettered"] += 1
-            log.warning(
-                "event_dead_lettered",
-                id=event.id,
-                reason="rejected",
-                status=answer.status,
-                detail=answer.error,  # Valmi's answer, cut short, the API key redacted
-            )
-            self._on_healthy()
+            self._on_refused(event, answer, now, current, sent_at)
             self._note_rate_limit(answer, now)
         elif answer.verdict == "pause":
             self._unlease(event.seq)
@@ -482,7 +511,76 @@ class Flusher:
             self._note_rate_limit(answer, now)
         self._progress.set()
 
+    def _dead_letter(self, event: QueuedEvent, answer: Answer) -> None:
+        self._queue(DeadLetter(event.seq, "rejected", answer.status, answer.error))
+        self._summary["dead_lettered"] += 1
+        log.warning(
+            "event_dead_lettered",
+            id=event.id,
+            reason="rejected",
+            status=answer.status,
+            detail=answer.error,  # Valmi's answer, cut short, the API key redacted
+        )
+
+    def _on_refused(
+        self, event: QueuedEvent, answer: Answer, now: float, current: bool, sent_at: float
+    ) -> None:
+        """A permanent refusal: the event's fault when upstream delivers others meanwhile;
+        a configuration problem when it refuses several different events in a row."""
+        if self._state == "paused":
+            # A probe, or an answer to a request sent before the pause: nothing can tell
+            # a bad event from a bad configuration now. It stays queued, and the next
+            # probe tries another event.
+            self._probed.add(event.seq)
+            self._unlease(event.seq)
+            if self._systemic:
+                self._systemic += 1
+                self._last_error = self._systemic_error(answer, self._systemic)
+            self._on_pause(replace(answer, error=self._last_error or answer.error), now, current)
+            return
+        if self._delivered_at >= sent_at:
+            self._dead_letter(event, answer)  # upstream delivered another event meanwhile
+            return
+        self._refused[event.seq] = (event, answer)
+        same = sum(a.status == answer.status for _, a in self._refused.values())
+        if same < self._settings.pause_after_refusals:
+            self._last_error = (
+                f"{answer.error} (held, kept queued: {same} different events refused in a "
+                "row; dead-lettered once another event is delivered, paused as a "
+                f"configuration problem at {self._settings.pause_after_refusals})"
+            )
+            log.info(
+                "event_refused_held",
+                id=event.id,
+                status=answer.status,
+                refused_in_a_row=same,
+                pause_after_refusals=self._settings.pause_after_refusals,
+            )
+            return
+        held = list(self._refused)
+        self._refused.clear()
+        for seq in held:
+            self._unlease(seq)
+        self._systemic = same
+        self._last_error = self._systemic_error(answer, same)
+        self._on_pause(replace(answer, error=self._last_error), now, current=True)
+
+    def _systemic_error(self, answer: Answer, n: int) -> str:
+        return (
+            f"HTTP {answer.status} for {n} requests in a row (at least "
+            f"{self._settings.pause_after_refusals} different events), none delivered "
+            "between: upstream refuses every event, so the cause is the "
+            "configuration (api_url, or a proxy, gateway or firewall in between), not the "
+            "events; forwarding is paused with every event kept, and resumes once a probe "
+            f"is delivered; last answer: {answer.error}"
+        )
+
     def _on_healthy(self) -> None:
+        for event, answer in self._refused.values():
+            self._dead_letter(event, answer)  # refused while upstream delivered another
+        self._refused.clear()
+        self._systemic = 0
+        self._probed.clear()
         if self._state == "paused":
             log.info("upstream_resumed", probes=self._pauses)
         elif self._state == "backing_off":
@@ -678,8 +776,12 @@ class Flusher:
                 return self._state
             if not self._running:
                 return "stopped"
-            if self._queued() == 0 and not self._pending and self._sending == 0:
-                return "empty"
+            if not self._pending and self._sending == 0:
+                queued = self._queued()
+                if queued == 0:
+                    return "empty"
+                if queued == len(self._refused) and not self._buffer:
+                    return "refusals_held"  # only a delivery could judge them; kept queued
             now = time.monotonic()
             if now >= deadline:
                 return "timeout"

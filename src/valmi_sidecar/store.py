@@ -1102,6 +1102,7 @@ class Store:
                     )
                 except OSError as exc:  # the next start checks the file: slower, no harm
                     log.warning("clean_record_failed", error=str(exc))
+            await asyncio.to_thread(_give_files, self._data_dir)
         finally:
             self._closed = True
             for conn in (self._reader, self._writer):
@@ -2159,7 +2160,9 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _lock_data_dir(data_dir: Path) -> int:
-    """Create ``data_dir`` (0700), take its exclusive lock, write our pid; return the fd."""
+    """Create ``data_dir`` (0700), take its exclusive lock, write our pid; return the fd.
+    Run as root on another user's directory, give that user back any file of ours that
+    is root's (see ``_give_files``)."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = data_dir.stat()
     if stat.S_IMODE(st.st_mode) != 0o700:
@@ -2169,8 +2172,13 @@ def _lock_data_dir(data_dir: Path) -> int:
             log.warning(
                 "data_dir_not_private", path=str(data_dir), mode=oct(stat.S_IMODE(st.st_mode))
             )
-    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = data_dir / LOCK_NAME
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except PermissionError:
+        raise StoreError(_not_ours(path)) from None
+    try:
+        _give_fd(fd, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -2181,15 +2189,128 @@ def _lock_data_dir(data_dir: Path) -> int:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _give_files(data_dir)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
+def _not_ours(path: Path) -> str:
+    """Why a file of the data directory cannot be opened, and what to do about it."""
+    try:
+        owner = path.stat().st_uid
+    except OSError:
+        owner = -1
+    return (
+        f"cannot open {path}: permission denied: it belongs to uid {owner} and this "
+        f"process runs as uid {os.geteuid()} (a command run as another user, such as "
+        "root, left it); stop every valmi-sidecar on this directory and give its files to "
+        f"the user the service runs as: chown -R {os.geteuid()}:{os.getegid()} {path.parent}"
+    )
+
+
+def _foreign_owner(data_dir: Path) -> tuple[int, int] | None:
+    """The owner and group that the files this process makes in ``data_dir`` must have,
+    when they are not its own: run as root on a directory of another user (the service
+    account), files left as root's would lock that user out. ``None`` otherwise."""
+    if os.geteuid() != 0:
+        return None
+    st = os.stat(data_dir)
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
+def _give_fd(fd: int, path: Path) -> None:
+    """Give the open file ``path`` to the owner of its directory, when that is due (see
+    ``_foreign_owner``)."""
+    owner = _foreign_owner(path.parent)
+    if owner is None:
+        return
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid) != owner and _only_name(st, path):
+        _fchown(fd, owner, str(path))
+
+
+def _only_name(st: os.stat_result, path: Path) -> bool:
+    """Whether the open file ``st`` is a regular file whose only name is ``path`` (not a
+    link planted there to a file elsewhere, which root must not give away)."""
+    try:
+        named = os.lstat(path)
+    except OSError:
+        return False
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_nlink == 1
+        and (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino)
+    )
+
+
+def _fchown(fd: int, owner: tuple[int, int], where: str) -> bool:
+    try:
+        os.fchown(fd, *owner)
+    except OSError as exc:  # a user namespace that does not map the owner, say
+        log.warning(
+            "file_owner_not_restored",
+            path=where,
+            uid=owner[0],
+            error=f"{type(exc).__name__}: {exc.strerror}",
+        )
+        return False
+    return True
+
+
+def _give_files(data_dir: Path) -> None:
+    """Run as root on another user's data directory: give that user the sidecar's files
+    in it that are not theirs yet (the lock, the database and its -wal and -shm, the
+    clean-shutdown record, moved-aside files), those made now and any a command run as
+    root left before. Each is opened without following a link and changed only if it is
+    a regular file with no other name, so a link planted in the directory gives nothing
+    else away."""
+    owner = _foreign_owner(data_dir)
+    if owner is None:
+        return
+    names = [LOCK_NAME, *(p.name for p in data_dir.glob(f"{DB_NAME}*"))]
+    names += [p.name for p in data_dir.glob(f"{CLEAN_NAME}*")]
+    for name in names:
+        try:
+            fd = os.open(
+                data_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            )
+        except OSError:
+            continue  # gone meanwhile, or a link: not ours to change
+        try:
+            st = os.fstat(fd)
+            path = data_dir / name
+            if (
+                (st.st_uid, st.st_gid) != owner
+                and _only_name(st, path)
+                and _fchown(fd, owner, str(path))
+            ):
+                log.info("file_owner_restored", path=str(path), uid=owner[0])
+        finally:
+            os.close(fd)
+
+
 def _create_private(path: Path) -> None:
-    """Create the database file 0600 before SQLite opens it (or make it 0600 if ours)."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    """Create the database file 0600 before SQLite opens it (or make it 0600 if ours),
+    owned like the directory when run as root on another user's (SQLite then gives its
+    -wal and -shm files the database's owner)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except PermissionError:
+        raise StoreError(_not_ours(path)) from None
+    try:
+        _give_fd(fd, path)
+    finally:
+        os.close(fd)
+    for side in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        # SQLite would say only "unable to open database file".
+        try:
+            os.close(os.open(side, os.O_RDWR | os.O_CLOEXEC))
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            raise StoreError(_not_ours(side)) from None
     _chmod_private(path)
 
 
@@ -2226,6 +2347,24 @@ def _take_clean_record(data_dir: Path) -> tuple[int, int] | None:
         raw = record.read_bytes()
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        # Not readable by this user (another user's, such as root's, or not a file): it
+        # cannot vouch for the database, so start-up runs the full check, as after a
+        # crash. It is removed so that the next clean close can write one again.
+        removed = True
+        try:
+            record.unlink()
+            _fsync_dir(data_dir)
+        except OSError:
+            removed = False  # never read, so never trusted: only the check's time is lost
+        log.warning(
+            "clean_record_unreadable",
+            path=str(record),
+            error=f"{type(exc).__name__}: {exc.strerror}",
+            removed=removed,
+            action="running the full start-up check, as after a crash",
+        )
+        return None
     record.unlink()
     _fsync_dir(data_dir)
     try:
@@ -2256,8 +2395,12 @@ def _write_clean_record(data_dir: Path, queued: int, queued_bytes: int) -> None:
         }
     )
     tmp = data_dir / (CLEAN_NAME + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    # A new file, never one found there: a link would make this write land elsewhere.
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        _give_fd(fd, tmp)
         os.write(fd, body)
         os.fsync(fd)
     finally:

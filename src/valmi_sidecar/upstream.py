@@ -16,6 +16,7 @@ Valmi's 10,000/min budget accepted 8 times fewer events at 64 connections.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -182,8 +183,13 @@ def classify(
 
 
 def classify_exception(exc: BaseException) -> Answer:
-    """What a request that raised means: a bad URL scheme pauses; any other transport
-    error or timeout is retried. Pure; the caller scrubs secrets from the message."""
+    """What a request that raised means. Pure; the caller scrubs secrets from the message.
+
+    A transport error or a timeout is retried. A bad URL, and any other exception of the
+    HTTP client, pauses: the event's own part of a request (its stored body and a key
+    that ``key_problem`` passed) cannot make the client raise, so the cause is the
+    configuration or the client, and sending other events would fail the same way.
+    """
     name = type(exc).__name__
     message = excerpt(str(exc), 300)
     if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
@@ -192,7 +198,32 @@ def classify_exception(exc: BaseException) -> Answer:
         )
     if isinstance(exc, TimeoutError):
         return Answer("retry", None, f"{name}: {message or 'timed out'}")
-    return Answer("retry", None, f"{name}: {message or 'transport error'}")
+    if isinstance(exc, aiohttp.ClientError):
+        return Answer("retry", None, f"{name}: {message or 'transport error'}")
+    return Answer(
+        "pause",
+        None,
+        f"{name}: {message or 'the HTTP client failed'}; the HTTP client cannot make a request "
+        "to api_url: check api_url (a host name such as api.valmi.io, a port from 1 to 65535)",
+    )
+
+
+#: Characters the HTTP client refuses in a header value (header injection).
+_FORBIDDEN_HEADER_CHARS: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def key_problem(idem_key: str) -> str | None:
+    """Why an event's idempotency key can never be sent as a header, or ``None``. Pure.
+
+    Keys checked at ingest always pass; a key salvaged from an old file may not.
+    """
+    if _FORBIDDEN_HEADER_CHARS.search(idem_key) is not None:
+        return "its idempotency key contains a control character"
+    try:
+        idem_key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its idempotency key is not valid Unicode text"
+    return None
 
 
 def _lowered(headers: Mapping[str, str]) -> Mapping[str, str]:
@@ -245,6 +276,10 @@ class Upstream:
 
     async def send(self, event: QueuedEvent) -> Answer:
         """POST the event's stored body to its path, with its idempotency key."""
+        problem = key_problem(event.idem_key)
+        if problem is not None:
+            # Sending it again cannot help: dead-letter this event, not the queue.
+            return Answer("dead_letter", None, f"not sendable: {problem}")
         started = time.monotonic()
         try:
             async with self._client().post(
@@ -257,15 +292,9 @@ class Upstream:
                 # Read the body even of a 2xx: an unread body closes the connection.
                 raw = await response.read()
                 headers = response.headers
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure is an Answer, see classify_exception
             self.stats.observe(None, time.monotonic() - started)
             return self._scrubbed(classify_exception(exc))
-        except ValueError as exc:
-            # The request cannot be written (a key with a control character: aiohttp
-            # refuses header injection). Sending it again cannot help: dead-letter it.
-            return self._scrubbed(
-                Answer("dead_letter", None, f"not sendable: {excerpt(str(exc), 300)}")
-            )
         self.stats.observe(status, time.monotonic() - started)
         if 200 <= status < 300:
             raw = b""
