@@ -285,7 +285,7 @@ async def test_a_command_run_as_root_leaves_every_file_to_the_directorys_owner(
         retry = await command
         out, err = await retry.communicate()
     assert 0 == retry.returncode, err.decode()
-    assert "re-queued 1 dead letters" in out.decode()
+    assert "re-queued 1 dead letter" in out.decode()
     assert {(SERVICE_UID, SERVICE_UID)} == set(owners(data_dir).values()), owners(data_dir)
     proc = sidecar_process(None, data_dir=data_dir, prefix=AS_SERVICE_USER)
     url = await proc.wait_ready()
