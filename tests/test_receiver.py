@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from valmi_sidecar import store as store_module
 from valmi_sidecar.config import Secret
 from valmi_sidecar.fake_api import FakeValmi
 
@@ -331,6 +333,37 @@ async def test_metrics_reconcile_with_status(
     assert "valmi_sidecar_events_received_total 3.0" in text
     assert "valmi_sidecar_queue_events 3.0" in text
     assert 'valmi_sidecar_upstream_state{state="disabled"} 1.0' in text
+
+
+async def test_a_store_closed_in_the_middle_of_the_commit_answers_outcome_unknown(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store closes while the request's commit is held up (another connection holds
+    the write lock): the event may be committed, so the answer says so and to retry with
+    the same key, not that nothing was stored."""
+    monkeypatch.setattr(store_module, "CLOSE_DRAIN_S", 0.2)
+    sidecar, url = await sidecar_factory(None)
+    store = sidecar._store
+    assert store is not None
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        posting = asyncio.create_task(
+            client.post(f"{url}/v1/actions", json=ACTION, headers={"Idempotency-Key": "o-1"})
+        )
+        await wait_until(lambda: bool(store._group), 10, "the commit to start")
+        closing = asyncio.create_task(store.close())
+        resp = await posting
+        blocker.execute("COMMIT")
+        await closing
+    finally:
+        blocker.close()
+    assert 503 == resp.status_code, resp.text
+    err = error_of(resp)
+    assert "outcome_unknown" == err["code"]
+    assert "retry with the same Idempotency-Key" in err["message"]
+    assert "nothing was stored" not in err["message"]
+    assert "Retry-After" in resp.headers
 
 
 async def test_draining_sidecar_refuses_new_posts_503_and_is_not_ready(

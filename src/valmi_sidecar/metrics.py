@@ -47,6 +47,7 @@ REFUSAL_CODES: Final = (
     "idempotency_key_reused",
     "queue_full",
     "store_unavailable",
+    "outcome_unknown",
     "shutting_down",
 )
 
@@ -199,7 +200,8 @@ class _Snapshot(Collector):
         yield dead
         refused = _counter(
             "refused_requests",
-            "Ingest requests refused since start, by error code (nothing stored).",
+            "Ingest requests refused since start, by error code (nothing stored, except "
+            "that outcome_unknown may have been).",
             ["reason"],
         )
         codes = {**dict.fromkeys(REFUSAL_CODES, 0), **self._s.refused}
