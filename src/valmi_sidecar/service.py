@@ -168,6 +168,8 @@ class Sidecar:
                 "state": state,
                 "forwarding": self._upstream is not None,
                 "last_error": flusher.last_error if flusher is not None else None,
+                "rate_limit_per_min": self.settings.rate_limit_per_min_effective,
+                "rate_limit_source": self.settings.rate_limit_source,
             },
         }
 
@@ -256,6 +258,8 @@ class Sidecar:
             data_dir=str(s.data_dir),
             durability=s.durability,
             forwarding=self._upstream is not None,
+            rate_limit_per_min=s.rate_limit_per_min_effective,
+            rate_limit_source=s.rate_limit_source,
             queued=self._store.counts().queued if self._store else 0,
             version=__version__,
         )
