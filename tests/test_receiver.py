@@ -361,7 +361,7 @@ async def test_a_store_closed_in_the_middle_of_the_commit_answers_outcome_unknow
     assert 503 == resp.status_code, resp.text
     err = error_of(resp)
     assert "outcome_unknown" == err["code"]
-    assert "retry with the same Idempotency-Key" in err["message"]
+    assert "Retry with the same Idempotency-Key" in err["message"]
     assert "nothing was stored" not in err["message"]
     assert "Retry-After" in resp.headers
 

@@ -292,7 +292,7 @@ async def test_a_worker_whose_main_process_dies_before_answering_says_the_outcom
             assert "outcome_unknown" == err["code"]
             assert "they may be" in err["message"]
             assert "nothing was stored" not in err["message"]
-        assert "retry with the same Idempotency-Key" in answers[0].json()["error"]["message"]
+        assert "Retry with the same Idempotency-Key" in answers[0].json()["error"]["message"]
         assert "no Idempotency-Key" in answers[1].json()["error"]["message"]
         assert 1 == await asyncio.wait_for(worker.wait(), 30)  # it lost its main process
     finally:

@@ -262,18 +262,19 @@ def _outcome_unknown(request: web.Request, reason: str) -> ApiError:
     stored", which would make a client send them again under a new key."""
     if request.headers.get("Idempotency-Key") is not None:
         retry = (
-            "retry with the same Idempotency-Key: if they were stored, the retry gets the "
+            "Retry with the same Idempotency-Key: if they were stored, the retry gets the "
             "original answer and stores nothing"
         )
     else:
         retry = (
-            "this request had no Idempotency-Key, so a retry may store them twice; send an "
+            "This request had no Idempotency-Key, so a retry may store them twice; send an "
             "Idempotency-Key with every request so that retrying with the same key is safe"
         )
     return ApiError(
         503,
         "outcome_unknown",
-        f"the sidecar cannot tell whether the events were stored ({reason}); they may be: {retry}",
+        f"the sidecar cannot tell whether this request's events were stored ({reason}); "
+        f"they may be. {retry}",
         retry_after_s=RETRY_AFTER_STORE_ERROR_S,
     )
 

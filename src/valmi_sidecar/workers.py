@@ -30,8 +30,8 @@ doubling to 30 s). At shutdown the main process tells every worker to drain (sto
 accepting, finish its requests within ``shutdown_grace_s``, exit), waits for them, and only
 then closes the store. A worker whose main process is gone (its channel ends) stops at
 once: nothing more could be stored, and a submission the main process received but did
-not answer is answered ``503 outcome_unknown`` (it may have been committed). SIGTERM to a worker (systemd sends it to every process of
-the unit) is a drain of that worker.
+not answer is answered ``503 outcome_unknown`` (it may have been committed). SIGTERM to a
+worker (systemd sends it to every process of the unit) is a drain of that worker.
 """
 
 from __future__ import annotations
@@ -519,9 +519,7 @@ class _MainLink:
                 future.set_exception(StoreError(f"the sidecar's main process is gone ({reason})"))
             else:
                 future.set_exception(
-                    OutcomeUnknownError(
-                        f"the sidecar's main process stopped before it answered ({reason})"
-                    )
+                    OutcomeUnknownError("the sidecar's main process stopped before it answered")
                 )
 
 
