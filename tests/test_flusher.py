@@ -516,8 +516,9 @@ async def test_the_default_rate_limit_is_the_budget_of_the_api_key_kind(
     times = fake.arrival_times
     for i in range(len(times)):
         for j in range(i + 1, len(times)):
-            # requests i..j inclusive fit burst + tokens earned, with 20 ms of slack
-            assert j - i + 1 <= burst + (times[j] - times[i] + 0.02) * limit / 60
+            # requests i..j inclusive fit burst + tokens earned, with 100 ms of slack for
+            # a busy machine (at 10,000 a minute, the 30 arrive within about 0.2 s)
+            assert j - i + 1 <= burst + (times[j] - times[i] + 0.1) * limit / 60
 
 
 async def test_exhausted_remaining_budget_waits_for_reset_without_429(
