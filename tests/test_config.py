@@ -131,6 +131,36 @@ def test_every_plain_field_has_an_environment_variable() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("sk_api_abc123", 1_000),
+        ("sk_live_abc123", 10_000),
+        ("sk_test_abc123", 10_000),
+        ("some_other_key", 10_000),
+        (None, 10_000),
+    ],
+)
+def test_the_default_rate_limit_follows_the_api_key_kind(key: str | None, expected: int) -> None:
+    """Valmi's documented budgets: 1,000 a minute for ``sk_api_`` keys, 10,000 for SDK keys."""
+    env = {**HOME, "VALMI_API_KEY": key} if key else HOME
+    s = load_settings(env=env)
+    assert None is s.rate_limit_per_min
+    assert (expected, "api_key_kind") == (s.rate_limit_per_min_effective, s.rate_limit_source)
+
+
+def test_a_rate_limit_that_is_set_wins_over_the_key_kind(tmp_path: Path) -> None:
+    env = {**HOME, "VALMI_API_KEY": "sk_api_abc123"}
+    for s in (
+        load_settings(env={**env, "VALMI_SIDECAR_RATE_LIMIT_PER_MIN": "5000"}),
+        load_settings(env=env, config_file=write_toml(tmp_path, "rate_limit_per_min = 5000\n")),
+        load_settings(env=env, argv_overrides={"rate_limit_per_min": "5000"}),
+    ):
+        assert (5000, "setting") == (s.rate_limit_per_min_effective, s.rate_limit_source)
+    with pytest.raises(ConfigError, match="RATE_LIMIT_PER_MIN: 'x' is not a whole number"):
+        load_settings(env={**env, "VALMI_SIDECAR_RATE_LIMIT_PER_MIN": "x"})
+
+
 def test_empty_environment_variable_counts_as_unset() -> None:
     s = load_settings(env={**HOME, "VALMI_SIDECAR_MAX_QUEUE_EVENTS": ""})
     assert Settings().max_queue_events == s.max_queue_events

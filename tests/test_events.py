@@ -71,8 +71,12 @@ def test_client_idempotency_key_is_the_event_key() -> None:
         (body(agent_key="a", action_type="x" * 257), "action_type", "at most 256"),
         (body(agent_key="a", action_type="x", metadata=[1]), "metadata", "must be an object"),
         (body(agent_key="a", action_type="x", metadata="m"), "metadata", "must be an object"),
-        (body(agent_key="a", action_type="x", timestamp="yesterday"), "timestamp", "ISO 8601"),
-        (body(agent_key="a", action_type="x", timestamp=17), "timestamp", "ISO 8601 string"),
+        (body(agent_key="a", action_type="x", timestamp="yesterday"), "timestamp", "RFC 3339"),
+        (
+            body(agent_key="a", action_type="x", timestamp=17),
+            "timestamp",
+            "RFC 3339 date-time string",
+        ),
         (body(agent_key="a", action_type="x", cost=1), "cost", "is not a field"),
     ],
 )
@@ -90,13 +94,99 @@ def test_bad_action_is_refused_naming_the_field(raw: bytes, field: str, fragment
         ("null", "is required"),
         ("NaN", "not valid JSON"),
         ("Infinity", "not valid JSON"),
-        ("1e999", "not valid JSON"),
+        ("1e999", "too large for a double"),
     ],
 )
 def test_outcome_value_must_be_a_finite_number(value: str, fragment: str) -> None:
     raw = b'{"agent_key": "a", "outcome_type": "hire", "value": ' + value.encode() + b"}"
     found = problems_of("outcome", raw)
     assert any(fragment in m for m in found.values()), found
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["9" * 400, "-" + "9" * 400, "1" + "0" * 309, "1e400", "-1e400", "123e999"],
+)
+def test_outcome_value_too_large_for_a_double_is_refused_naming_the_field(value: str) -> None:
+    raw = b'{"agent_key": "a", "outcome_type": "hire", "value": ' + value.encode() + b"}"
+    assert {"value": "is a number too large for a double (at most about 1.8e308 in magnitude)"} == (
+        problems_of("outcome", raw)
+    )
+    batch = b'{"outcomes": [{"agent_key": "a", "outcome_type": "o", "value": 1}, '
+    batch += b'{"agent_key": "a", "outcome_type": "o", "value": ' + value.encode() + b"}]}"
+    with pytest.raises(ValidationError) as info:
+        parse_batch(batch, now=NOW)
+    assert ["outcomes[1].value"] == [p.field for p in info.value.problems]
+
+
+def test_a_number_too_large_for_a_double_in_metadata_names_its_place() -> None:
+    raw = b'{"agent_key": "a", "action_type": "x", "metadata": {"n": [1, 2e400]}}'
+    assert ["metadata.n[1]"] == list(problems_of("action", raw))
+
+
+def test_the_largest_double_is_still_a_value() -> None:
+    ev = parse_one("outcome", body(agent_key="a", outcome_type="o", value=10**308), now=NOW)
+    assert 1e308 == ev.value
+    assert json.loads(ev.body)["value"] == 10**308
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "fragment"),
+    [
+        ("2026-01-15", "must be an RFC 3339 date-time with Z or an offset"),
+        ("2026-W03-1", "must be an RFC 3339 date-time with Z or an offset"),
+        ("2026-01-15T10", "must be an RFC 3339 date-time with Z or an offset"),
+        ("2026-01-15T10:30Z", "must be an RFC 3339 date-time with Z or an offset"),
+        ("2026-01-15 10:30", "must be an RFC 3339 date-time with Z or an offset"),
+        ("2026-01-15 10:30:00Z", "must be an RFC 3339 date-time with Z or an offset"),
+        ("2026-01-15T10:30:00+0100", "must be an RFC 3339 date-time with Z or an offset"),
+        ("2026-01-15t10:30:00z", "must be an RFC 3339 date-time with Z or an offset"),
+        ("20260115T103000Z", "must be an RFC 3339 date-time with Z or an offset"),
+        ("2026-01-15T10:30:00", "has no time zone: add Z for UTC or the offset"),
+        ("2026-01-15T10:30:00.123", "has no time zone: add Z for UTC or the offset"),
+        ("2026-02-30T10:30:00Z", "is not a real date and time"),
+        ("2026-01-15T10:30:00+24:00", "is not a real date and time"),
+        ("", "must be an RFC 3339 date-time with Z or an offset"),
+    ],
+)
+def test_a_timestamp_must_be_an_rfc3339_date_time_with_a_zone(
+    timestamp: str, fragment: str
+) -> None:
+    found = problems_of("action", body(agent_key="a", action_type="x", timestamp=timestamp))
+    assert ["timestamp"] == list(found)
+    assert fragment in found["timestamp"]
+    assert "2026-01-15T10:30:00Z" in found["timestamp"]  # says what to send instead
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        "2026-01-15T10:30:00Z",
+        "2026-01-15T10:30:00.5Z",
+        "2026-01-15T10:30:00.123456789Z",
+        "2026-01-15T10:30:00+05:30",
+        "2026-01-15T10:30:00.250-08:00",
+        "2026-01-15T10:30:00-00:00",
+    ],
+)
+def test_an_rfc3339_timestamp_with_a_zone_is_forwarded_as_given(timestamp: str) -> None:
+    ev = parse_one("action", body(agent_key="a", action_type="x", timestamp=timestamp), now=NOW)
+    assert timestamp == json.loads(ev.body)["timestamp"]
+
+
+def test_a_null_timestamp_is_filled_with_the_receipt_time_like_a_missing_one() -> None:
+    null = parse_one("action", b'{"agent_key":"a","timestamp":null,"action_type":"x"}', now=NOW)
+    missing = parse_one("action", b'{"agent_key":"a","action_type":"x"}', now=NOW)
+    expected = {"agent_key": "a", "action_type": "x", "timestamp": "2023-11-14T22:13:20.123Z"}
+    assert expected == json.loads(null.body)
+    assert missing.body == null.body
+    # A retry that spells it the other way is the same event for its Idempotency-Key.
+    assert missing.fingerprint == null.fingerprint
+    (in_batch,) = parse_batch(
+        b'{"outcomes": [{"agent_key":"a","outcome_type":"o","value":1,"timestamp":null}]}',
+        now=NOW,
+    )
+    assert "2023-11-14T22:13:20.123Z" == json.loads(in_batch.body)["timestamp"]
 
 
 def test_every_problem_is_listed_not_just_the_first() -> None:
@@ -177,7 +267,9 @@ maybe_bodies = st.dictionaries(
     st.sampled_from(
         ["agent_key", "action_type", "outcome_type", "value", "metadata", "timestamp", "x"]
     ),
-    json_values | names | st.sampled_from(["2024-01-15T10:30:00Z", "nope"]),
+    json_values
+    | names
+    | st.sampled_from(["2024-01-15T10:30:00Z", "2024-01-15T10:30:00", "2024-01-15", "nope"]),
     max_size=6,
 )
 
@@ -195,7 +287,8 @@ def test_any_body_is_either_accepted_exactly_or_refused(
         return
     sent = json.loads(ev.body)
     expected = dict(obj)
-    expected.setdefault("timestamp", events.rfc3339(NOW))
+    if expected.get("timestamp") is None:
+        expected["timestamp"] = events.rfc3339(NOW)
     assert expected == sent
     assert isinstance(sent["agent_key"], str)
     assert sent["agent_key"].strip()
@@ -203,4 +296,4 @@ def test_any_body_is_either_accepted_exactly_or_refused(
         assert isinstance(sent["value"], int | float)
         assert not isinstance(sent["value"], bool)
         assert math.isfinite(sent["value"])
-    datetime.fromisoformat(sent["timestamp"])
+    assert datetime.fromisoformat(sent["timestamp"]).tzinfo is not None

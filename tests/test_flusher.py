@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from structlog.testing import capture_logs
 
@@ -24,7 +25,7 @@ from valmi_sidecar.flusher import Flusher, FlusherError, TokenBucket, full_jitte
 from valmi_sidecar.store import QueuedEvent, Store
 from valmi_sidecar.upstream import Answer, Upstream
 
-from .conftest import DEFAULT_KEY, fast_settings, wait_until
+from .conftest import ACTION, DEFAULT_KEY, SidecarProcessFactory, fast_settings, wait_until
 
 # --- backoff -------------------------------------------------------------------------
 
@@ -627,6 +628,38 @@ async def test_rate_limit_paces_requests_and_sees_no_429(
         for j in range(i + 1, len(times)):
             # requests i..j inclusive fit burst + tokens earned, with 20 ms of slack
             assert j - i + 1 <= burst + (times[j] - times[i] + 0.02) * limit / 60
+
+
+async def test_the_default_rate_limit_is_the_budget_of_the_api_key_kind(
+    sidecar_process: SidecarProcessFactory, fake_factory: FakeFactory, client: httpx.AsyncClient
+) -> None:
+    """``valmi-sidecar run`` with an ``sk_api_`` key and no rate limit set is paced at
+    1,000 requests a minute, Valmi's budget for API keys, not at the 10,000 of SDK keys
+    (which made such a user live on 429s); ``/v1/status`` shows the budget and its source."""
+    key = "sk_api_budget_test"
+    limit = 1000
+    fake = await fake_factory(api_keys=[key], rate_limit_per_min=limit)
+    # An empty variable counts as unset: the fixture's own rate limit is taken away.
+    proc = sidecar_process(fake.url, VALMI_API_KEY=key, VALMI_SIDECAR_RATE_LIMIT_PER_MIN="")
+    url = await proc.wait_ready()
+    upstream = (await client.get(url + "/v1/status")).json()["upstream"]
+    assert (limit, "api_key_kind") == (
+        upstream["rate_limit_per_min"],
+        upstream["rate_limit_source"],
+    )
+    n = 30
+    for i in range(n):
+        resp = await client.post(url + "/v1/actions", json={**ACTION, "metadata": {"i": i}})
+        assert 202 == resp.status_code, resp.text
+    await fake.wait_until(lambda: n == len(fake.received), timeout_s=20)
+    assert 0 == fake.status_counts.get(429, 0)
+    _, burst = rate_budget(limit)
+    times = fake.arrival_times
+    for i in range(len(times)):
+        for j in range(i + 1, len(times)):
+            # requests i..j inclusive fit burst + tokens earned, with 100 ms of slack for
+            # a busy machine (at 10,000 a minute, the 30 arrive within about 0.2 s)
+            assert j - i + 1 <= burst + (times[j] - times[i] + 0.1) * limit / 60
 
 
 async def test_exhausted_remaining_budget_waits_for_reset_without_429(

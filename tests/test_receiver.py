@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from valmi_sidecar import store as store_module
 from valmi_sidecar.config import Secret
 from valmi_sidecar.fake_api import FakeValmi
 
@@ -59,6 +61,64 @@ async def test_bad_fields_are_refused_400_listing_every_problem_and_nothing_is_s
     }
     assert 0 == (await client.get(f"{url}/v1/status")).json()["events"]["received"]
     assert sidecar.exit_code == 0
+
+
+async def test_an_outcome_value_too_large_for_a_double_is_a_400_naming_the_field(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    """A 400-digit integer is valid JSON that no double holds: the client's mistake, said
+    as such, not a 500 with a traceback in the log."""
+    from structlog.testing import capture_logs  # noqa: PLC0415
+
+    sidecar, url = await sidecar_factory()
+    huge = b"9" * 400
+    json_type = {"Content-Type": "application/json"}
+    with capture_logs() as logs:
+        one = await client.post(
+            f"{url}/v1/outcomes",
+            content=b'{"agent_key": "a", "outcome_type": "o", "value": ' + huge + b"}",
+            headers=json_type,
+        )
+        batch = await client.post(
+            f"{url}/v1/batch",
+            content=b'{"outcomes": [{"agent_key": "a", "outcome_type": "o", "value": -'
+            + huge
+            + b"}]}",
+            headers=json_type,
+        )
+    assert (400, 400) == (one.status_code, batch.status_code), (one.text, batch.text)
+    assert "invalid_request" == error_of(one)["code"]
+    assert ["value"] == [d["field"] for d in error_of(one)["details"]]
+    assert "too large for a double" in error_of(one)["message"]
+    assert ["outcomes[0].value"] == [d["field"] for d in error_of(batch)["details"]]
+    assert [] == [e for e in logs if e["event"] == "request_failed"]
+    assert 0 == (await client.get(f"{url}/v1/status")).json()["events"]["received"]
+    assert sidecar.exit_code == 0
+
+
+async def test_a_timestamp_without_a_zone_is_refused_saying_to_add_one(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory()
+    for timestamp in ("2026-01-15T10:30:00", "2026-01-15", "2026-01-15 10:30"):
+        resp = await client.post(f"{url}/v1/actions", json={**ACTION, "timestamp": timestamp})
+        assert 400 == resp.status_code, timestamp
+        err = error_of(resp)
+        assert ["timestamp"] == [d["field"] for d in err["details"]]
+        assert "Z" in err["message"]
+        assert "offset" in err["message"]
+    assert 0 == (await client.get(f"{url}/v1/status")).json()["events"]["received"]
+
+
+async def test_a_null_timestamp_is_forwarded_as_the_receipt_time(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient, fake: FakeValmi
+) -> None:
+    _, url = await sidecar_factory(fake.url)
+    resp = await client.post(f"{url}/v1/outcomes", json={**OUTCOME, "timestamp": None})
+    assert 202 == resp.status_code, resp.text
+    event_id = resp.json()["id"]
+    await wait_until(lambda: event_id in fake.received, what="delivery")
+    assert {**OUTCOME, "timestamp": resp.json()["created_at"]} == fake.received[event_id].body
 
 
 async def test_malformed_json_is_refused_400(
@@ -279,6 +339,37 @@ async def test_metrics_reconcile_with_status(
     assert "valmi_sidecar_events_received_total 3.0" in text
     assert "valmi_sidecar_queue_events 3.0" in text
     assert 'valmi_sidecar_upstream_state{state="disabled"} 1.0' in text
+
+
+async def test_a_store_closed_in_the_middle_of_the_commit_answers_outcome_unknown(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store closes while the request's commit is held up (another connection holds
+    the write lock): the event may be committed, so the answer says so and to retry with
+    the same key, not that nothing was stored."""
+    monkeypatch.setattr(store_module, "CLOSE_DRAIN_S", 0.2)
+    sidecar, url = await sidecar_factory(None)
+    store = sidecar._store
+    assert store is not None
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        posting = asyncio.create_task(
+            client.post(f"{url}/v1/actions", json=ACTION, headers={"Idempotency-Key": "o-1"})
+        )
+        await wait_until(lambda: bool(store._group), 10, "the commit to start")
+        closing = asyncio.create_task(store.close())
+        resp = await posting
+        blocker.execute("COMMIT")
+        await closing
+    finally:
+        blocker.close()
+    assert 503 == resp.status_code, resp.text
+    err = error_of(resp)
+    assert "outcome_unknown" == err["code"]
+    assert "Retry with the same Idempotency-Key" in err["message"]
+    assert "nothing was stored" not in err["message"]
+    assert "Retry-After" in resp.headers
 
 
 async def test_draining_sidecar_refuses_new_posts_503_and_is_not_ready(

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from valmi_sidecar import store as store_module
 from valmi_sidecar.events import NewEvent, parse_batch, parse_one
 from valmi_sidecar.store import (
     DB_NAME,
@@ -22,11 +23,14 @@ from valmi_sidecar.store import (
     DeadLetter,
     Delivered,
     IdempotencyConflictError,
+    OutcomeUnknownError,
     QueueFullError,
     Retry,
     Store,
     StoreError,
 )
+
+from .conftest import wait_until
 
 T0 = 1_700_000_000.0
 DAY = 24 * 3600.0
@@ -688,6 +692,38 @@ async def test_writer_crash_fails_submits_and_ends_writer_task(
     assert not store.writable
     with pytest.raises(StoreError, match="writer stopped"):
         await store.submit([action(clock)])
+
+
+async def test_a_close_in_the_middle_of_a_commit_says_the_outcome_is_unknown(
+    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() gives up on a commit that takes too long and stops the writer while its
+    thread is inside the transaction, which then commits: those submits get
+    ``OutcomeUnknownError``, never the "nothing was stored" of a plain ``StoreError``. A
+    submit that never reached the writer was not stored, and says so."""
+    monkeypatch.setattr(store_module, "CLOSE_DRAIN_S", 0.2)
+    store = await open_store()
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: the commit waits for it
+        in_commit = asyncio.ensure_future(store.submit([action(clock, key="in-commit")]))
+        await wait_until(lambda: bool(store._group), 10, "the writer inside the transaction")
+        waiting = asyncio.ensure_future(store.submit([action(clock, key="waiting")]))
+        closing = asyncio.ensure_future(store.close())
+        await asyncio.wait({in_commit, waiting}, timeout=10)
+        blocker.execute("COMMIT")  # the writer's thread gets the lock and commits
+        await closing
+    finally:
+        blocker.close()
+    with pytest.raises(OutcomeUnknownError, match="in the middle of a commit"):
+        in_commit.result()
+    with pytest.raises(StoreError) as not_stored:
+        waiting.result()
+    assert not isinstance(not_stored.value, OutcomeUnknownError)
+    # What the client was told "may be stored" was stored (the thread's commit may end
+    # after close() returned): "nothing was" would have been wrong.
+    await wait_until(lambda: bool(rows(store, "SELECT 1 FROM keys")), 10, "the commit")
+    assert [("in-commit",)] == rows(store, "SELECT idem_key FROM keys")
 
 
 async def test_writable_recovers_by_itself_when_idle(open_store: OpenStore, clock: Clock) -> None:

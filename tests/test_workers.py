@@ -9,6 +9,8 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,11 @@ import httpx
 import pytest
 
 from valmi_sidecar.config import ConfigError, Secret, load_settings
+from valmi_sidecar.events import parse_one
 from valmi_sidecar.fake_api import FakeValmi
 from valmi_sidecar.service import Sidecar
+from valmi_sidecar.store import OutcomeUnknownError, StoreError
+from valmi_sidecar.workers import _MainLink, listen_sockets, read_frame, write_frame
 
 from .conftest import (
     ACTION,
@@ -193,14 +198,17 @@ async def test_a_worker_that_dies_is_started_again_and_nothing_acknowledged_is_l
     victim = _worker_pids(sidecar)[0]
     os.kill(victim, signal.SIGKILL)
 
-    async def restarted() -> bool:
-        samples, _ = await scrape(client, url)
+    async def restarted(scraper: httpx.AsyncClient) -> bool:
+        samples, _ = await scrape(scraper, url)
         return (
             value(samples, "valmi_sidecar_ingest_worker_restarts_total") == 1
             and value(samples, "valmi_sidecar_ingest_workers_running") == 2
         )
 
-    await wait_until(restarted, 20, "the killed worker started again")
+    # A client of its own, opened after the kill: the agents' pool still holds
+    # connections to the killed worker, and a GET sent on one of them fails.
+    async with httpx.AsyncClient(timeout=10.0) as scraper:
+        await wait_until(lambda: restarted(scraper), 20, "the killed worker started again")
     assert victim not in _worker_pids(sidecar)
     acked = len(traffic.acked)
     await wait_until(lambda: len(traffic.acked) >= acked + 100, 20, "ingest after the restart")
@@ -229,6 +237,100 @@ async def test_a_worker_that_cannot_start_stops_the_start_up(
     again = Sidecar(fast_settings(tmp_path / "data", None))
     await again.start()
     await again.stop()
+
+
+async def test_a_worker_whose_main_process_dies_before_answering_says_the_outcome_is_unknown(
+    tmp_path: Path,
+) -> None:
+    """The main process took the submission and died without answering: it may have
+    committed it, so the worker answers ``503 outcome_unknown`` and says to retry with the
+    same key, never "nothing was stored". A real worker process and real sockets; the
+    test plays the main process on the worker's channel, so it knows the submission
+    arrived before it closes the channel."""
+    (listener,) = listen_sockets("127.0.0.1", 0)
+    mine, theirs = socket.socketpair()
+    fds = (listener.fileno(), theirs.fileno())
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "valmi_sidecar.workers",
+        *map(str, fds),
+        pass_fds=fds,
+        stdin=subprocess.DEVNULL,
+    )
+    theirs.close()
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock=mine)
+        s = fast_settings(tmp_path / "data", None)
+        hello = {
+            "index": 1,
+            "ops_port": 9,
+            "ingest_token": None,
+            "max_body_bytes": s.max_body_bytes,
+            "client_timeout_s": s.client_timeout_s,
+            "shutdown_grace_s": s.shutdown_grace_s,
+            "log_level": "info",
+            "log_format": "json",
+            "access_log": False,
+        }
+        write_frame(writer, ["hello", hello])
+        assert ["ready"] == await asyncio.wait_for(read_frame(reader), 30)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            keyed, bare = (
+                asyncio.create_task(client.post(url + "/v1/actions", json=ACTION, headers=h))
+                for h in ({"Idempotency-Key": "order-7"}, {})
+            )
+            submitted = 0
+            while submitted < 2:
+                tag, items = await asyncio.wait_for(read_frame(reader), 10)
+                assert "submit" == tag
+                submitted += len(items)
+            writer.close()  # the main process dies with both unanswered
+            answers = [await keyed, await bare]
+        for resp in answers:
+            assert 503 == resp.status_code, resp.text
+            assert int(resp.headers["Retry-After"]) > 0
+            err = resp.json()["error"]
+            assert "outcome_unknown" == err["code"]
+            assert "they may be" in err["message"]
+            assert "nothing was stored" not in err["message"]
+        assert "Retry with the same Idempotency-Key" in answers[0].json()["error"]["message"]
+        assert "no Idempotency-Key" in answers[1].json()["error"]["message"]
+        assert 1 == await asyncio.wait_for(worker.wait(), 30)  # it lost its main process
+    finally:
+        listener.close()
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+
+
+async def test_a_worker_tells_a_submission_it_never_sent_from_one_left_unanswered() -> None:
+    """Over a real socket pair: a submission still waiting to be written when the main
+    process goes was not stored (``StoreError``); an ``unknown`` or ``internal`` answer
+    from the main process may have been (``OutcomeUnknownError``)."""
+    mine, theirs = socket.socketpair()
+    _, writer = await asyncio.open_unix_connection(sock=mine)
+    main_reader, main_writer = await asyncio.open_unix_connection(sock=theirs)
+    event = parse_one("action", b'{"agent_key": "a", "action_type": "x"}')
+    try:
+        link = _MainLink(writer)
+        answered = [asyncio.ensure_future(link.submit([event])) for _ in range(2)]
+        tag, items = await asyncio.wait_for(read_frame(main_reader), 10)
+        assert ("submit", [0, 1]) == (tag, [rid for rid, _ in items])
+        link.answered([[0, "unknown", "the store stopped", 0], [1, "internal", "KeyError", 0]])
+        for future in answered:
+            with pytest.raises(OutcomeUnknownError):
+                await future
+        unsent = asyncio.ensure_future(link.submit([event]))
+        await asyncio.sleep(0)  # queued for this loop pass's frame, not yet written
+        link.close("its channel closed")
+        with pytest.raises(StoreError) as info:
+            await unsent
+        assert not isinstance(info.value, OutcomeUnknownError)
+    finally:
+        writer.close()
+        main_writer.close()
 
 
 def test_ingest_processes_is_checked() -> None:

@@ -29,6 +29,7 @@ from . import __version__
 from .admin import DEAD_LETTER_REASONS, ledger_totals, moved_aside_json, salvage_record
 from .config import (
     ADDRESS_NAME,
+    DEFAULT_TEXT,
     ENV_API_KEY,
     ENV_API_KEY_FILE,
     ENV_API_URL,
@@ -78,7 +79,7 @@ DESCRIPTIONS: Mapping[str, str] = {
     "max_queue_bytes": "queue size limit in bytes; when reached, new events get 503 with Retry-After",
     "max_queue_events": "queue size limit in events; when reached, new events get 503 with Retry-After",
     "max_body_bytes": "largest request body accepted, in bytes (413 beyond)",
-    "rate_limit_per_min": "upstream requests per minute, the API key's budget",
+    "rate_limit_per_min": "upstream requests per minute; set it only when the key's budget differs from Valmi's documented one",
     "max_event_age_s": "seconds an event may wait in the queue before it is dead-lettered",
     "dedup_window_s": "seconds an Idempotency-Key is remembered for client retries",
     "backoff_base_s": "first retry delay in seconds after an upstream failure (exponential, full jitter)",
@@ -119,6 +120,8 @@ Precedence: defaults < config file < environment < flags. Unknown keys are an er
 def _show_default(name: str) -> str:
     if name == "data_dir":
         return "$STATE_DIRECTORY, else $XDG_STATE_HOME/valmi-sidecar"
+    if name in DEFAULT_TEXT:
+        return DEFAULT_TEXT[name]
     value = field_default(name)
     if isinstance(value, bool):
         return "on" if value else "off"

@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import tomllib
+import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -27,6 +28,12 @@ GiB = 1024**3
 MAX_INGEST_PROCESSES = 32
 #: ``pause_after_refusals`` below this could never tell one bad event from a bad setting.
 MIN_PAUSE_AFTER_REFUSALS = 2
+
+#: Valmi's documented request budgets a minute: ``sk_api_…`` API keys get 1,000, SDK keys
+#: (``sk_live_…``, ``sk_test_…``) 10,000. The default rate limit follows the key's kind.
+API_KEY_PREFIX = "sk_api_"
+API_KEY_RATE_LIMIT_PER_MIN = 1_000
+SDK_KEY_RATE_LIMIT_PER_MIN = 10_000
 
 #: Environment variables that are not ``VALMI_SIDECAR_<FIELD>``.
 ENV_CONFIG = "VALMI_SIDECAR_CONFIG"
@@ -105,7 +112,8 @@ class Settings:
     max_queue_bytes: int = 1 * GiB
     max_queue_events: int = 5_000_000
     max_body_bytes: int = 1024 * 1024
-    rate_limit_per_min: int = 10_000
+    #: ``None``: the budget of the API key's kind (``rate_limit_per_min_effective``).
+    rate_limit_per_min: int | None = None
     max_event_age_s: float = 30 * 24 * 3600.0
     dedup_window_s: float = 24 * 3600.0
     backoff_base_s: float = 0.5
@@ -130,9 +138,31 @@ class Settings:
     def port(self) -> int:
         return split_listen(self.listen)[1]
 
+    @property
+    def rate_limit_per_min_effective(self) -> int:
+        """Upstream requests a minute: ``rate_limit_per_min`` when set, else the budget
+        Valmi documents for the API key's kind (1,000 for ``sk_api_…``, else 10,000)."""
+        if self.rate_limit_per_min is not None:
+            return self.rate_limit_per_min
+        return key_rate_limit_per_min(self.api_key)
+
+    @property
+    def rate_limit_source(self) -> Literal["setting", "api_key_kind"]:
+        """Where ``rate_limit_per_min_effective`` comes from."""
+        return "api_key_kind" if self.rate_limit_per_min is None else "setting"
+
     def secrets(self) -> list[str]:
         """The secret values, for the log redactor; never print them."""
         return [s.reveal() for s in (self.api_key, self.ingest_token) if s is not None]
+
+
+def key_rate_limit_per_min(api_key: Secret | None) -> int:
+    """The request budget a minute that Valmi documents for the kind of ``api_key``: 1,000
+    for an ``sk_api_…`` key, 10,000 for SDK keys (``sk_live_…``, ``sk_test_…``) and any
+    other (and without a key, when nothing is sent anyway)."""
+    if api_key is not None and api_key.reveal().startswith(API_KEY_PREFIX):
+        return API_KEY_RATE_LIMIT_PER_MIN
+    return SDK_KEY_RATE_LIMIT_PER_MIN
 
 
 _NOT_HOST_PORT = "is not HOST:PORT; use for example 127.0.0.1:8787 or [::1]:8787"
@@ -196,8 +226,11 @@ def field_choices(name: str) -> tuple[str, ...] | None:
 
 def field_kind(name: str) -> type:
     """The plain type of a non-secret field: str, int, float, bool, Path or tuple (of
-    strings; Literals are str)."""
+    strings; Literals are str; ``int | None``, a field whose default is worked out, is
+    int)."""
     hint = _HINTS[name]
+    if isinstance(hint, types.UnionType):
+        (hint,) = (a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is Literal:
         return str
     if typing.get_origin(hint) is tuple:
@@ -415,7 +448,7 @@ def _parse(
 
 
 def _expected(name: str) -> str:
-    default = _format_default(field_default(name))
+    default = DEFAULT_TEXT.get(name) or _format_default(field_default(name))
     kind = field_kind(name)
     choices = field_choices(name)
     if choices is not None:
@@ -485,6 +518,13 @@ def _from_file_reader(path: Path, where: str) -> Callable[[], str]:
 
 def _constant(text: str) -> Callable[[], str]:
     return lambda: text
+
+
+#: How to describe a default that is worked out at start rather than fixed.
+DEFAULT_TEXT: Mapping[str, str] = {
+    "rate_limit_per_min": f"by the API key's kind: {API_KEY_RATE_LIMIT_PER_MIN} for "
+    f"{API_KEY_PREFIX}… keys, {SDK_KEY_RATE_LIMIT_PER_MIN} for others",
+}
 
 
 def _format_default(value: object) -> str:
@@ -652,6 +692,9 @@ def _check_together(settings: Settings, layers: _Layered) -> None:
 
 
 __all__ = [
+    "API_KEY_PREFIX",
+    "API_KEY_RATE_LIMIT_PER_MIN",
+    "DEFAULT_TEXT",
     "ENV_API_KEY",
     "ENV_API_KEY_FILE",
     "ENV_API_URL",
@@ -661,6 +704,7 @@ __all__ = [
     "MAX_INGEST_PROCESSES",
     "MIN_PAUSE_AFTER_REFUSALS",
     "PLAIN_FIELDS",
+    "SDK_KEY_RATE_LIMIT_PER_MIN",
     "SECRET_FIELDS",
     "SECRET_FILE_KEYS",
     "ConfigError",
@@ -673,6 +717,7 @@ __all__ = [
     "field_kind",
     "flag",
     "is_loopback",
+    "key_rate_limit_per_min",
     "load_settings",
     "split_listen",
 ]

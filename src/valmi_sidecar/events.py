@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ MAX_NAME_CHARS: Final = 256
 MAX_TIMESTAMP_CHARS: Final = 64
 MAX_BATCH_EVENTS: Final = 1000
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 255
+_TOO_LARGE: Final = "a number too large for a double (at most about 1.8e308 in magnitude)"
 
 _REQUIRED: Final[Mapping[Kind, tuple[str, ...]]] = {
     "action": ("agent_key", "action_type"),
@@ -129,6 +131,16 @@ def _decode(raw: bytes) -> tuple[Any, bytes | None]:
     common case: then it is the event's body, with no second encoding)."""
     try:
         obj = _decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        # msgspec's only complaint about an untyped document: a number past a double's
+        # range (1e400), valid JSON that no double can hold.
+        where = _out_of_range_number(raw)
+        problem = (
+            Problem(where, f"is {_TOO_LARGE}")
+            if where
+            else Problem("", f"the body holds {_TOO_LARGE}")
+        )
+        raise ValidationError([problem]) from exc
     except msgspec.DecodeError as exc:
         raise ValidationError([Problem("", f"the body is not valid JSON: {exc}")]) from exc
     except UnicodeDecodeError as exc:
@@ -145,6 +157,35 @@ def _decode(raw: bytes) -> tuple[Any, bytes | None]:
     if key is not None:
         raise ValidationError([Problem("", f"the body names the key {key!r} twice in one object")])
     return obj, None
+
+
+class _Huge(float):
+    """A JSON number that overflows a double, marked where the stdlib parser found it."""
+
+
+def _out_of_range_number(raw: bytes) -> str | None:
+    """The field path (``metadata.a[2]``) of the first number in ``raw`` that overflows a
+    double, else ``None``."""
+
+    def number(text: str) -> float:
+        value = float(text)
+        return _Huge(value) if math.isinf(value) else value
+
+    try:
+        obj = json.loads(raw, parse_float=number)
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, _Huge):
+            return path
+        if isinstance(node, dict):
+            prefix = f"{path}." if path else ""
+            stack.extend((prefix + k, v) for k, v in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(node))))
+    return None
 
 
 def _duplicate_key(raw: bytes) -> str | None:
@@ -211,23 +252,17 @@ def check_body(kind: Kind, obj: object, where: str = "") -> list[Problem]:
             out.append(Problem(where + "value", f"must be a number, not {_json_type(value)}"))
         elif isinstance(value, float) and not math.isfinite(value):
             out.append(Problem(where + "value", "must be a finite number"))
+        elif isinstance(value, int) and not _fits_double(value):
+            out.append(Problem(where + "value", f"is {_TOO_LARGE}"))
     if "metadata" in obj and not isinstance(obj["metadata"], dict):
         out.append(
             Problem(where + "metadata", f"must be an object, not {_json_type(obj['metadata'])}")
         )
-    if "timestamp" in obj:
-        ts = obj["timestamp"]
-        if not isinstance(ts, str):
-            out.append(
-                Problem(where + "timestamp", f"must be an ISO 8601 string, not {_json_type(ts)}")
-            )
-        elif len(ts) > MAX_TIMESTAMP_CHARS or not _parses_iso8601(ts):
-            out.append(
-                Problem(
-                    where + "timestamp",
-                    "must be an ISO 8601 date-time, such as 2024-01-15T10:30:00Z",
-                )
-            )
+    ts = obj.get("timestamp")
+    if ts is not None:
+        problem = check_timestamp(ts)
+        if problem is not None:
+            out.append(Problem(where + "timestamp", problem))
     extra = obj.keys() - _ALLOWED[kind]
     for name in sorted(extra):
         allowed = ", ".join(sorted(_ALLOWED[kind]))
@@ -235,12 +270,44 @@ def check_body(kind: Kind, obj: object, where: str = "") -> list[Problem]:
     return out
 
 
-def _parses_iso8601(ts: str) -> bool:
+def _fits_double(value: int) -> bool:
     try:
-        datetime.fromisoformat(ts)
-    except ValueError:
+        float(value)
+    except OverflowError:
         return False
     return True
+
+
+#: RFC 3339's date-time (section 5.6) with upper-case ``T`` and ``Z``, as the RFC allows a
+#: format to require: a date, a time with seconds, and ``Z`` or a numeric offset.
+_RFC3339: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})?"
+)
+_RFC3339_EXAMPLES: Final = "such as 2026-01-15T10:30:00Z or 2026-01-15T10:30:00.250+01:00"
+
+
+def check_timestamp(ts: object) -> str | None:
+    """What is wrong with a client's ``timestamp``, or ``None`` when it is usable.
+
+    Only an RFC 3339 date-time with ``Z`` or an offset names one instant: a date alone, a
+    time without seconds or a local time without a zone would bill at a moment that
+    depends on who reads it, and upstream may refuse it after the event was accepted.
+    """
+    if not isinstance(ts, str):
+        return f"must be an RFC 3339 date-time string {_RFC3339_EXAMPLES}, not {_json_type(ts)}"
+    match = _RFC3339.fullmatch(ts) if len(ts) <= MAX_TIMESTAMP_CHARS else None
+    if match is None:
+        return (
+            f"must be an RFC 3339 date-time with Z or an offset, {_RFC3339_EXAMPLES}; "
+            "a date alone, a time without seconds and other ISO 8601 forms are refused"
+        )
+    if match.group(1) is None:
+        return f"has no time zone: add Z for UTC or the offset it was taken in, {_RFC3339_EXAMPLES}"
+    try:
+        datetime.fromisoformat(ts)
+    except ValueError as exc:
+        return f"is not a real date and time ({exc}); use RFC 3339, {_RFC3339_EXAMPLES}"
+    return None
 
 
 def _stamp(
@@ -253,6 +320,10 @@ def _stamp(
     encoded: bytes | None = None,
 ) -> NewEvent:
     """The event to store. ``encoded``, when given, is ``obj`` encoded (no timestamp added)."""
+    if "timestamp" in obj and obj["timestamp"] is None:
+        # ``"timestamp": null`` means what leaving it out means: the receipt time.
+        obj = {k: v for k, v in obj.items() if k != "timestamp"}
+        encoded = None
     fingerprint = hashlib.blake2b(
         kind.encode() + b"\0" + _sorted_encoder.encode(obj), digest_size=16
     ).digest()

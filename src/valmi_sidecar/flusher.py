@@ -166,7 +166,7 @@ class Flusher:
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 (jitter, not secrets)
         self._concurrency = max(1, settings.upstream_concurrency)
         self._batch = max(1, settings.flush_batch_size)
-        rate_per_s, burst = rate_budget(settings.rate_limit_per_min)
+        rate_per_s, burst = rate_budget(settings.rate_limit_per_min_effective)
         self._bucket = TokenBucket(rate_per_s, burst)
 
         self._state: UpstreamState = "disabled" if upstream is None else "ok"

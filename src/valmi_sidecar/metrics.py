@@ -49,6 +49,7 @@ REFUSAL_CODES: Final = (
     "idempotency_key_reused",
     "queue_full",
     "store_unavailable",
+    "outcome_unknown",
     "shutting_down",
 )
 
@@ -201,9 +202,9 @@ class _Snapshot(Collector):
         yield dead
         refused = _counter(
             "refused_requests",
-            "Requests refused since start, by error code (nothing stored or changed): every "
-            "refusal of an ingest route, and on every route a foreign Host or Origin or a "
-            "POST not declared JSON.",
+            "Requests refused since start, by error code (nothing stored or changed, except "
+            "that outcome_unknown may have been): every refusal of an ingest route, and on "
+            "every route a foreign Host or Origin or a POST not declared JSON.",
             ["reason"],
         )
         codes = {**dict.fromkeys(REFUSAL_CODES, 0), **self._s.refused}

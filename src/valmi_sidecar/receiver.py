@@ -1,7 +1,8 @@
 """The local HTTP API (aiohttp): routes, limits, and one error shape for every refusal.
 
 An event is answered ``202`` only after the store committed it. Every refusal has the
-shape ``{"error": {"code": ..., "message": ..., "details": [...]}}`` and stores nothing.
+shape ``{"error": {"code": ..., "message": ..., "details": [...]}}`` and stores nothing,
+except ``outcome_unknown``: a commit that was interrupted may have completed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from . import events, openapi
 from .config import Settings
 from .events import Kind, NewEvent, ValidationError
 from .guard import Policy
-from .store import IdempotencyConflictError, QueueFullError, Store, StoreError
+from .store import (
+    IdempotencyConflictError,
+    OutcomeUnknownError,
+    QueueFullError,
+    Store,
+    StoreError,
+)
 
 log = structlog.get_logger("valmi_sidecar.receiver")
 
@@ -266,6 +273,8 @@ async def _store(request: web.Request, new: list[NewEvent]) -> list[Any]:
             "use a new key for a new event",
             [{"field": "Idempotency-Key", "message": f"already used: {exc.key}"}],
         ) from exc
+    except OutcomeUnknownError as exc:
+        raise _outcome_unknown(request, str(exc)) from exc
     except StoreError as exc:
         raise ApiError(
             503,
@@ -273,6 +282,28 @@ async def _store(request: web.Request, new: list[NewEvent]) -> list[Any]:
             "the sidecar could not write the event to disk; retry shortly, nothing was stored",
             retry_after_s=RETRY_AFTER_STORE_ERROR_S,
         ) from exc
+
+
+def _outcome_unknown(request: web.Request, reason: str) -> ApiError:
+    """The answer when the events may or may not have been committed: never "nothing was
+    stored", which would make a client send them again under a new key."""
+    if request.headers.get("Idempotency-Key") is not None:
+        retry = (
+            "Retry with the same Idempotency-Key: if they were stored, the retry gets the "
+            "original answer and stores nothing"
+        )
+    else:
+        retry = (
+            "This request had no Idempotency-Key, so a retry may store them twice; send an "
+            "Idempotency-Key with every request so that retrying with the same key is safe"
+        )
+    return ApiError(
+        503,
+        "outcome_unknown",
+        f"the sidecar cannot tell whether this request's events were stored ({reason}); "
+        f"they may be. {retry}",
+        retry_after_s=RETRY_AFTER_STORE_ERROR_S,
+    )
 
 
 def _refuse(exc: ValidationError) -> ApiError:

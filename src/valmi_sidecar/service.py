@@ -190,6 +190,8 @@ class Sidecar:
                     if flusher is None or flusher.next_attempt_in_s is None
                     else round(flusher.next_attempt_in_s, 3)
                 ),
+                "rate_limit_per_min": self.settings.rate_limit_per_min_effective,
+                "rate_limit_source": self.settings.rate_limit_source,
             },
         }
 
@@ -281,6 +283,8 @@ class Sidecar:
             data_dir=str(s.data_dir),
             durability=s.durability,
             forwarding=self._upstream is not None,
+            rate_limit_per_min=s.rate_limit_per_min_effective,
+            rate_limit_source=s.rate_limit_source,
             queued=self._store.counts().queued if self._store else 0,
             version=__version__,
         )

@@ -91,7 +91,14 @@ DEAD: Final = 2
 
 
 class StoreError(Exception):
-    """A write failed (disk full, I/O error, database closed). Nothing of it was committed."""
+    """A write failed (disk full, I/O error, database closed). Nothing of it was committed,
+    unless it is an ``OutcomeUnknownError``."""
+
+
+class OutcomeUnknownError(StoreError):
+    """A write whose transaction was in progress when the writer stopped (cancelled at
+    close, or crashed): it may have been committed. Only a retry with the same idempotency
+    key is safe; saying that nothing was stored could make a client send it twice."""
 
 
 class DataDirLockedError(StoreError):
@@ -1414,7 +1421,14 @@ class Store:
         return group
 
     def _fail_all(self, error: StoreError) -> None:
-        for op in (*self._group, *self._pending):
+        """Fail every operation still waiting: with ``error`` those never written, with
+        ``OutcomeUnknownError`` those of the transaction in progress (its thread may
+        still commit it)."""
+        unknown = OutcomeUnknownError(f"{error} in the middle of a commit")
+        for op in self._group:
+            if not op.future.done():
+                op.future.set_exception(unknown)
+        for op in self._pending:
             if not op.future.done():
                 op.future.set_exception(error)
         self._group = []
@@ -2464,6 +2478,7 @@ __all__ = [
     "IdempotencyConflictError",
     "ImportResult",
     "LedgerRow",
+    "OutcomeUnknownError",
     "QueueFullError",
     "QueuedEvent",
     "ReadOnlyDatabase",

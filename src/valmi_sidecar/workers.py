@@ -21,15 +21,17 @@ one event-loop pass in one frame:
   refusals counted since the last such frame (for ``/metrics``).
 * main to worker: first ``["hello", {...}]`` (the settings a worker needs, the ingest
   token among them: a socket pair is private to the two processes); ``["answers",
-  [[rid, "ok", [[id, created_at, duplicate], ...], 0] | [rid, ERROR, message, extra], ...]]``;
-  ``["drain"]`` at shutdown.
+  [[rid, "ok", [[id, created_at, duplicate], ...], 0] | [rid, ERROR, message, extra], ...]]``
+  where ERROR is ``queue_full``, ``conflict``, ``store`` (nothing stored), ``unknown`` or
+  ``internal`` (either may have been committed); ``["drain"]`` at shutdown.
 
 Lifecycle: a worker that exits while the sidecar runs is started again (backoff 1 s,
 doubling to 30 s). At shutdown the main process tells every worker to drain (stop
 accepting, finish its requests within ``shutdown_grace_s``, exit), waits for them, and only
 then closes the store. A worker whose main process is gone (its channel ends) stops at
-once: nothing could be stored. SIGTERM to a worker (systemd sends it to every process of
-the unit) is a drain of that worker.
+once: nothing more could be stored, and a submission the main process received but did
+not answer is answered ``503 outcome_unknown`` (it may have been committed). SIGTERM to a
+worker (systemd sends it to every process of the unit) is a drain of that worker.
 """
 
 from __future__ import annotations
@@ -68,7 +70,14 @@ from .receiver import (
     ingest_app,
     make_runner,
 )
-from .store import Accepted, IdempotencyConflictError, QueueFullError, Store, StoreError
+from .store import (
+    Accepted,
+    IdempotencyConflictError,
+    OutcomeUnknownError,
+    QueueFullError,
+    Store,
+    StoreError,
+)
 
 log = structlog.get_logger("valmi_sidecar.workers")
 
@@ -168,6 +177,8 @@ def _error_answer(rid: int, exc: BaseException) -> list[Any]:
         return [rid, "queue_full", str(exc), exc.retry_after_s]
     if isinstance(exc, IdempotencyConflictError):
         return [rid, "conflict", exc.key, 0]
+    if isinstance(exc, OutcomeUnknownError):
+        return [rid, "unknown", str(exc), 0]
     if isinstance(exc, StoreError):
         return [rid, "store", str(exc), 0]
     return [rid, "internal", f"{type(exc).__name__}", 0]
@@ -387,8 +398,9 @@ class IngestWorkers:
 
     @staticmethod
     def _answered(worker: _Worker, rid: int, future: asyncio.Future[list[Accepted]]) -> None:
-        if future.cancelled():
-            worker.answer(_error_answer(rid, StoreError("the submission was cancelled")))
+        if future.cancelled():  # it may have been in a transaction already
+            unknown = OutcomeUnknownError("the submission was cancelled")
+            worker.answer(_error_answer(rid, unknown))
             return
         exc = future.exception()
         if exc is not None:
@@ -491,14 +503,27 @@ class _MainLink:
                 future.set_exception(QueueFullError(payload, int(extra)))
             elif status == "conflict":
                 future.set_exception(IdempotencyConflictError(payload))
-            else:
+            elif status == "store":
                 future.set_exception(StoreError(payload))
+            else:  # "unknown", or an unexpected failure ("internal"): it may be committed
+                future.set_exception(OutcomeUnknownError(payload))
 
     def close(self, reason: str) -> None:
+        """The main process is gone. A submission still in ``_out`` never left this
+        process: nothing of it was stored. One that was written to the channel may have
+        been committed before the main process stopped, unanswered."""
         self.gone = reason
-        for future in self._waiting.values():
-            if not future.done():
+        unsent = {rid for rid, _ in self._out}
+        self._out = []
+        for rid, future in self._waiting.items():
+            if future.done():
+                continue
+            if rid in unsent:
                 future.set_exception(StoreError(f"the sidecar's main process is gone ({reason})"))
+            else:
+                future.set_exception(
+                    OutcomeUnknownError("the sidecar's main process stopped before it answered")
+                )
 
 
 OPS: Final = web.AppKey("ops", ClientSession)
