@@ -66,6 +66,7 @@ FAKE_API_KEY = "sk_test_fake"
 #: What each setting does; the flag's help adds the default and the environment variable.
 DESCRIPTIONS: Mapping[str, str] = {
     "listen": "address for the local HTTP API, HOST:PORT; anything but loopback needs an ingest token",
+    "ops_listen": "address of the ops listener, HOST:PORT: GET /metrics, /healthz and /readyz only (no events, status or operator routes), for probes and scraping; any address, no ingest token needed",
     "data_dir": "directory for the SQLite queue (created 0700)",
     "api_url": f"base URL of the Valmi API (also read from {ENV_API_URL})",
     "allowed_origins": "web page origins (scheme://host[:port], comma-separated) allowed to call the sidecar from a browser; by default every request with an Origin header is refused (403)",
@@ -93,6 +94,7 @@ DESCRIPTIONS: Mapping[str, str] = {
 
 _METAVARS: Mapping[str, str] = {
     "listen": "HOST:PORT",
+    "ops_listen": "HOST:PORT",
     "api_url": "URL",
     "allowed_origins": "ORIGIN[,ORIGIN...]",
     "allowed_hosts": "HOST[,HOST...]",
@@ -114,6 +116,8 @@ Precedence: defaults < config file < environment < flags. Unknown keys are an er
 def _show_default(name: str) -> str:
     if name == "data_dir":
         return "$STATE_DIRECTORY, else $XDG_STATE_HOME/valmi-sidecar"
+    if name == "ops_listen":
+        return "off"
     value = field_default(name)
     if isinstance(value, bool):
         return "on" if value else "off"

@@ -421,6 +421,28 @@ def build_app(
     return app
 
 
+def build_ops_app(
+    settings: Settings, lifecycle: Lifecycle, metrics_fn: MetricsFn, refused: dict[str, int]
+) -> web.Application:
+    """The ops listener: ``/metrics``, ``/healthz`` and ``/readyz``, and nothing that takes
+    or shows events. Any ``Host`` is accepted, an ``Origin`` never (``Policy.ops``);
+    refusals count in ``refused``, the local API's own counts. The caller sets
+    ``app[STORE]`` before it serves."""
+    app = web.Application(
+        middlewares=[local_only_middleware, error_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[POLICY] = Policy.ops()
+    app[LIFECYCLE] = lifecycle
+    app[REFUSED] = refused
+    app[METRICS] = metrics_fn
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
 def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
     """The runner of the local API, with its connection limits (the same in every process
     that serves it)."""

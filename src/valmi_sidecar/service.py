@@ -22,11 +22,19 @@ from aiohttp import web
 
 from . import __version__
 from .admin import add_admin_routes
-from .config import Settings
+from .config import Settings, split_listen
 from .flusher import Flusher
 from .logs import configure_logging
 from .metrics import MetricsSource, render_metrics
-from .receiver import INGEST, REFUSED, STORE, Lifecycle, build_app, make_runner
+from .receiver import (
+    INGEST,
+    REFUSED,
+    STORE,
+    Lifecycle,
+    build_app,
+    build_ops_app,
+    make_runner,
+)
 from .sdnotify import Notifier
 from .store import Store, StoreError, counts_json
 from .upstream import Upstream
@@ -48,6 +56,8 @@ class Sidecar:
         self.lifecycle = Lifecycle()
         self.exit_code = 0
         self.address: tuple[str, int] | None = None
+        #: Where the ops listener listens (``ops_listen``), once it does.
+        self.ops_address: tuple[str, int] | None = None
         self._store: Store | None = None
         self._upstream: Upstream | None = None
         self._flusher: Flusher | None = None
@@ -79,6 +89,32 @@ class Sidecar:
             yield
         finally:
             await asyncio.wait_for(self._store.close(), CLOSE_TIMEOUT_S)
+
+    async def _ops_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        """The ops listener, in this process only (ingest workers never serve it). It opens
+        after the store and closes after the final flush, so probes and scrapes see the
+        whole drain."""
+        s = self.settings
+        if not s.ops_listen:
+            yield
+            return
+        assert self._store is not None
+        ops = build_ops_app(s, self.lifecycle, lambda: self._metrics(app), app[REFUSED])
+        ops[STORE] = self._store
+        runner = make_runner(ops, s)
+        await runner.setup()
+        try:
+            host, port = split_listen(s.ops_listen)
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"ops_listen {s.ops_listen!r}: {exc.strerror or exc}"
+                ) from exc
+            self.ops_address = runner.addresses[0][:2]
+            yield
+        finally:
+            await asyncio.wait_for(runner.cleanup(), CLOSE_TIMEOUT_S)
 
     async def _upstream_ctx(self, _app: web.Application) -> AsyncIterator[None]:
         s = self.settings
@@ -224,7 +260,9 @@ class Sidecar:
         s = self.settings
         app = build_app(s, self.lifecycle, self.status, lambda: self._metrics(app))
         add_admin_routes(app)
-        app.cleanup_ctx.extend([self._store_ctx, self._upstream_ctx, self._flusher_ctx])
+        app.cleanup_ctx.extend(
+            [self._store_ctx, self._ops_ctx, self._upstream_ctx, self._flusher_ctx]
+        )
         runner = make_runner(app, s)
         self._runner = runner
         try:
@@ -252,7 +290,8 @@ class Sidecar:
                 self._notify_tasks.append(task)
         log.info(
             "sidecar_ready",
-            listen=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            listen=_address(host, port),
+            ops_listen=None if self.ops_address is None else _address(*self.ops_address),
             data_dir=str(s.data_dir),
             durability=s.durability,
             forwarding=self._upstream is not None,
@@ -338,6 +377,10 @@ class Sidecar:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _loop_factory() -> Any:
