@@ -25,7 +25,7 @@ from .admin import add_admin_routes
 from .config import Settings, split_listen
 from .flusher import Flusher
 from .logs import configure_logging
-from .metrics import MetricsSource, render_metrics
+from .metrics import DrainForecast, MetricsSource, drain_forecast, render_metrics
 from .receiver import (
     INGEST,
     REFUSED,
@@ -36,7 +36,7 @@ from .receiver import (
     make_runner,
 )
 from .sdnotify import Notifier
-from .store import Store, StoreError, counts_json
+from .store import RATE_WINDOW_S, Counts, Store, StoreError, counts_json
 from .upstream import Upstream
 from .workers import IngestWorkers, listen_sockets
 
@@ -176,8 +176,21 @@ class Sidecar:
 
     # --- status -------------------------------------------------------------------
 
+    def _drain(self, c: Counts, now: float) -> DrainForecast:
+        assert self._store is not None
+        state = self._flusher.state if self._flusher is not None else "disabled"
+        return drain_forecast(
+            queued=c.queued,
+            oldest_age_s=None if c.oldest_queued_at is None else now - c.oldest_queued_at,
+            delivered_per_s=self._store.rates()["delivered"],
+            rate_limit_per_min=self.settings.rate_limit_per_min,
+            stalled=state in ("paused", "disabled"),
+            window_s=RATE_WINDOW_S,
+        )
+
     def status(self) -> dict[str, Any]:
-        """The JSON for ``/v1/status``: counts that reconcile, queue age, upstream state."""
+        """The JSON for ``/v1/status``: counts that reconcile, queue age, upstream state,
+        the drain forecast."""
         assert self._store is not None
         c = self._store.counts()
         now = time.time()
@@ -198,6 +211,7 @@ class Sidecar:
                 None if c.oldest_queued_at is None else round(now - c.oldest_queued_at, 3)
             ),
             "rates_per_s": self._store.rates(),
+            "drain": self._drain(c, now).as_json(),
             "store": {"writable": self._store.writable, "path": str(self._store.path)},
             "upstream": {
                 "url": self.settings.api_url,
@@ -226,9 +240,10 @@ class Sidecar:
         s = self.settings
         refused: dict[str, int] = app[REFUSED]
         workers = self._workers
+        counts = self._store.counts()
         return render_metrics(
             MetricsSource(
-                counts=self._store.counts(),
+                counts=counts,
                 store=self._store.stats,
                 upstream=self._upstream.stats if self._upstream is not None else None,
                 refused=refused,
@@ -240,6 +255,8 @@ class Sidecar:
                 max_queue_bytes=s.max_queue_bytes,
                 max_event_age_s=s.max_event_age_s,
                 database_bytes=self._store.database_bytes(),
+                drain=self._drain(counts, time.time()),
+                version=__version__,
                 ingest_workers=workers.configured if workers is not None else 0,
                 ingest_workers_running=workers.alive if workers is not None else 0,
                 ingest_worker_restarts=workers.restarts if workers is not None else 0,
