@@ -1,4 +1,5 @@
-"""Command line: ``valmi-sidecar run | fake-api | status | ledger | dead-letters | salvage | check``.
+"""Command line: ``valmi-sidecar run | fake-api | status | ledger | dead-letters | salvage | check
+| healthcheck``.
 
 Every ``run`` flag is generated from ``Settings`` and its help says the default and the
 environment variable, so the three stay in step. Config problems exit 2 before anything
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from . import __version__
+from . import __version__, health
 from .admin import ledger_totals, salvage_record
 from .config import (
     ENV_API_KEY,
@@ -255,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the raw JSON (default: a readable summary)"
     )
     _add_operator_commands(sub)
+    healthcheck = sub.add_parser(
+        "healthcheck",
+        help="exit 0 when the sidecar is ready (--live: alive), else 1 with the reason",
+        description=health.DESCRIPTION,
+    )
+    health.add_arguments(healthcheck)
     return parser
 
 
@@ -265,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _cmd_run,
         "fake-api": _cmd_fake_api,
         "status": _cmd_status,
+        "healthcheck": health.run,
         **OPERATOR_COMMANDS,
     }
     if args.command is None:
