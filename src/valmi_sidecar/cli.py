@@ -773,6 +773,13 @@ def offline_status(settings: Settings, db: ReadOnlyDatabase) -> dict[str, Any]:
 _WIDTH = len("oldest queued")
 
 
+_DRAIN_BASES: Final = {
+    "observed": "delivery rate of the last minute",
+    "rate_limit": "at best: the rate limit",
+    "stalled": "stalled",
+}
+
+
 def format_status_details(data: Mapping[str, Any]) -> str:
     """The lines after ``format_status``: where it was read, rates, dead letters by reason."""
     lines: list[str] = []
@@ -784,6 +791,14 @@ def format_status_details(data: Mapping[str, Any]) -> str:
             f"{'rates':<{_WIDTH}}  {rates['received']:g}/s received, {rates['delivered']:g}/s "
             f"delivered, {rates['dead_lettered']:g}/s dead-lettered (last minute)"
         )
+    drain = data.get("drain")
+    if isinstance(drain, Mapping) and drain.get("basis") in _DRAIN_BASES:
+        forecast = drain.get("forecast_s")
+        if forecast is None:
+            text = "never at this rate: nothing is delivered (see upstream)"
+        else:
+            text = f"{_age(forecast)} at {drain.get('rate_per_s', 0):g}/s ({_DRAIN_BASES[drain['basis']]})"
+        lines.append(f"{'drains in':<{_WIDTH}}  {text}")
     dead = data.get("dead_letters")
     if isinstance(dead, Mapping):
         for r in dead.get("reasons") or []:
