@@ -4,6 +4,7 @@ events, any ``Host``, never a web page."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 from pathlib import Path
@@ -146,6 +147,41 @@ async def test_no_agent_key_or_secret_in_any_metric(
             assert secret not in text
 
 
+async def test_ops_listener_answers_through_the_drain(
+    fake: FakeValmi, sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    """Upstream down, so the final flush takes final_flush_s: meanwhile the local API is
+    closed but the ops listener says alive, not ready (shutting down), and serves metrics;
+    it closes once the drain is over."""
+    await fake.go_down()
+    sidecar, url = await sidecar_factory(fake.url, ops_listen="127.0.0.1:0", final_flush_s=3.0)
+    assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
+    ops = ops_url(sidecar)
+    stopping = asyncio.create_task(sidecar.stop())
+    try:
+
+        async def local_api_closed() -> bool:
+            try:
+                await client.get(url + "/healthz")
+            except httpx.TransportError:
+                return True
+            return False
+
+        await wait_until(local_api_closed, 10.0, "the local API closed")
+        assert not stopping.done(), "the final flush should still run"
+        assert 200 == (await client.get(ops + "/healthz")).status_code
+        r = await client.get(ops + "/readyz")
+        assert (503, ["shutting down"]) == (r.status_code, r.json()["reasons"])
+        r = await client.get(ops + "/metrics")
+        assert "valmi_sidecar_ready 0.0" in r.text
+        assert 'valmi_sidecar_events_current{state="queued"} 1.0' in r.text
+    finally:
+        await stopping
+    async with httpx.AsyncClient() as fresh:
+        with pytest.raises(httpx.ConnectError):
+            await fresh.get(ops + "/healthz")
+
+
 # --- settings ---------------------------------------------------------------------------
 
 
@@ -188,7 +224,7 @@ async def test_process_serves_ops_on_all_interfaces_with_ingest_workers(
     sidecar_process: SidecarProcessFactory, client: httpx.AsyncClient
 ) -> None:
     """``--ops-listen 0.0.0.0:0`` without a token, two ingest workers: the main process
-    alone serves it (it reports the workers), and it answers through the whole drain."""
+    alone serves it (it reports the workers) and the process still stops cleanly."""
     p = sidecar_process(VALMI_SIDECAR_OPS_LISTEN="0.0.0.0:0", VALMI_SIDECAR_INGEST_PROCESSES="2")
     await p.wait_ready()
     ready = next(e for e in p.log_events() if e.get("event") == "sidecar_ready")

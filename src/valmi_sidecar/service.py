@@ -44,6 +44,8 @@ log = structlog.get_logger("valmi_sidecar.service")
 
 #: Extra seconds allowed for closing the HTTP client and the database.
 CLOSE_TIMEOUT_S: Final = 10.0
+#: Seconds the ops listener lets a request in flight finish when it closes.
+OPS_SHUTDOWN_S: Final = 1.0
 #: How often systemd's STATUS= line is refreshed with the queue depth.
 STATUS_INTERVAL_S: Final = 5.0
 
@@ -101,7 +103,8 @@ class Sidecar:
         assert self._store is not None
         ops = build_ops_app(s, self.lifecycle, lambda: self._metrics(app), app[REFUSED])
         ops[STORE] = self._store
-        runner = make_runner(ops, s)
+        # Its handlers read memory only: nothing in flight there is worth waiting for.
+        runner = make_runner(ops, s, shutdown_timeout_s=OPS_SHUTDOWN_S)
         await runner.setup()
         try:
             host, port = split_listen(s.ops_listen)
