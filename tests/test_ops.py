@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from valmi_sidecar.config import ConfigError, Secret, load_settings
+from valmi_sidecar.guard import Policy
 
 from .conftest import ACTION, DEFAULT_KEY, SidecarFactory, SidecarProcessFactory, wait_until
 
@@ -180,6 +181,20 @@ async def test_ops_listener_answers_through_the_drain(
     async with httpx.AsyncClient() as fresh:
         with pytest.raises(httpx.ConnectError):
             await fresh.get(ops + "/healthz")
+
+
+def test_ops_policy_checks_no_host_and_allows_no_origin() -> None:
+    policy = Policy.ops()
+    assert policy.refusal("GET", {"Host": POD_HOST}) is None
+    assert policy.refusal("GET", {"Host": "attacker.example"}) is None
+    for headers in (
+        {"Origin": "http://localhost:3000"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "same-site"},
+    ):
+        refusal = policy.refusal("GET", {"Host": POD_HOST, **headers})
+        assert refusal is not None
+        assert (403, "origin_not_allowed") == (refusal.status, refusal.code)
 
 
 # --- settings ---------------------------------------------------------------------------
