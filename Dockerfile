@@ -9,6 +9,9 @@
 # namespace (a Kubernetes pod, compose's network_mode: "service:...") reach it there.
 # To serve other containers, set VALMI_SIDECAR_LISTEN=0.0.0.0:8787 and an ingest token
 # (VALMI_SIDECAR_INGEST_TOKEN_FILE); the sidecar refuses a non-loopback address without one.
+# The ops listener (GET /metrics, /healthz, /readyz only: no events, status or operator
+# routes) is on 0.0.0.0:9787, for probes and scraping from outside the container; set
+# VALMI_SIDECAR_OPS_LISTEN to move it, or to "" to turn it off.
 
 # ---- build: the project's wheel, then a virtual environment holding it and its dependencies
 FROM python:3.11-slim-bookworm AS build
@@ -56,18 +59,20 @@ ENV PATH="/opt/valmi-sidecar/bin:${PATH}" \
     PYTHONFAULTHANDLER=1 \
     VALMI_SIDECAR_DATA_DIR=/var/lib/valmi-sidecar \
     SQLITE_TMPDIR=/var/lib/valmi-sidecar \
-    VALMI_SIDECAR_LOG_FORMAT=json
+    VALMI_SIDECAR_LOG_FORMAT=json \
+    VALMI_SIDECAR_OPS_LISTEN=0.0.0.0:9787
 
 VOLUME ["/var/lib/valmi-sidecar"]
 WORKDIR /var/lib/valmi-sidecar
 USER 10001:10001
-EXPOSE 8787
+EXPOSE 8787 9787
 
-# Alive, not ready: a full queue must not get the container restarted. Python's urllib,
-# since the image has no curl; it follows VALMI_SIDECAR_LISTEN (0.0.0.0 and :: are asked
-# on loopback). An exception (refused, timeout, non-2xx) exits 1, which means unhealthy.
+# Alive, not ready: a full queue must not get the container restarted (Swarm and autoheal
+# restart unhealthy containers). The command asks the ops listener, else the local API, as
+# the environment says (0.0.0.0 and :: on loopback), imports nothing of the service, and
+# exits 1 with the reason on one line when the sidecar does not answer 200.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; h, _, p = os.environ.get('VALMI_SIDECAR_LISTEN', '127.0.0.1:8787').rpartition(':'); h = {'0.0.0.0': '127.0.0.1', '::': '::1', '[::]': '::1'}.get(h, h).strip('[]'); h = f'[{h}]' if ':' in h else h; u.urlopen(f'http://{h}:{p}/healthz', timeout=4)"]
+    CMD ["valmi-sidecar", "healthcheck", "--live"]
 
 # Exec form: the sidecar is PID 1 and gets SIGTERM itself; it stops intake, finishes
 # requests in flight, flushes for final_flush_s (10 s) and exits 0, within Docker's and

@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from valmi_sidecar import __version__
-from valmi_sidecar.cli import format_status, status_url
+from valmi_sidecar.cli import format_status, format_status_details, status_url
 from valmi_sidecar.config import PLAIN_FIELDS, Settings, env_var, flag
 from valmi_sidecar.logs import configure_logging
 
@@ -528,3 +528,29 @@ async def test_status_says_when_the_upstream_was_not_tried_and_when_it_is_tried_
     finally:
         proc.kill()
         await fake.stop()
+
+
+@pytest.mark.parametrize(
+    ("drain", "expected"),
+    [
+        (
+            {"forecast_s": 600.0, "rate_per_s": 166.667, "basis": "rate_limit"},
+            "drains in      10.0 min at 166.667/s (at best: the rate limit)",
+        ),
+        (
+            {"forecast_s": 30.0, "rate_per_s": 20.0, "basis": "observed"},
+            "drains in      30.0 s at 20/s (delivery rate of the last minute)",
+        ),
+        (
+            {"forecast_s": None, "rate_per_s": 0.0, "basis": "stalled"},
+            "drains in      never at this rate: nothing is delivered (see upstream)",
+        ),
+        ({"forecast_s": 0.0, "rate_per_s": 0.0, "basis": "empty"}, None),
+    ],
+)
+def test_status_shows_the_drain_forecast(drain: dict[str, object], expected: str | None) -> None:
+    text = format_status_details({"drain": drain})
+    if expected is None:
+        assert "drains in" not in text
+    else:
+        assert expected in text.splitlines()

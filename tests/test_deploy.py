@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from valmi_sidecar.config import PLAIN_FIELDS, Settings, env_var, load_settings
 from valmi_sidecar.service import CLOSE_TIMEOUT_S
@@ -38,6 +39,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 UNIT = ROOT / "systemd" / "valmi-sidecar.service"
 ENV_EXAMPLE = ROOT / "systemd" / "valmi-sidecar.env.example"
 MANIFESTS = sorted((ROOT / "examples" / "kubernetes").glob("*.yaml"))
+COMPOSE = ROOT / "examples" / "docker-compose.yml"
 IMAGE_DATA_DIR = "/var/lib/valmi-sidecar"
 #: Docker's and Kubernetes' default grace between SIGTERM and SIGKILL.
 DEFAULT_GRACE_S = 30.0
@@ -195,6 +197,13 @@ class Container:
         assert ev is not None
         return str(ev["listen"])
 
+    def ops_listen(self) -> str:
+        """Where the ops listener listens, once ready."""
+        ev = self.event("sidecar_ready")
+        assert ev is not None
+        assert ev["ops_listen"], "the ops listener is off"
+        return str(ev["ops_listen"])
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -212,7 +221,8 @@ def container(
     home, tmp = tmp_path / "home", tmp_path / "tmp"
     home.mkdir()
     tmp.mkdir()
-    # Port 0 instead of the image's 127.0.0.1:8787, so that tests never collide.
+    # Port 0 instead of the image's 127.0.0.1:8787 and 0.0.0.0:9787, so that tests never
+    # collide; the ops listener stays on every interface, as in the image.
     env = container_env(
         image,
         wheel_env,
@@ -220,6 +230,7 @@ def container(
         HOME=str(home),
         TMPDIR=str(tmp),
         VALMI_SIDECAR_LISTEN="127.0.0.1:0",
+        VALMI_SIDECAR_OPS_LISTEN="0.0.0.0:0",
     )
     argv = resolve([*image.entrypoint, *image.cmd], wheel_env)
     workdir = image.values("WORKDIR")[-1].replace(IMAGE_DATA_DIR, str(data_dir))
@@ -273,10 +284,16 @@ async def test_image_healthcheck_passes_against_the_running_sidecar(
     wheel_env: Path,
     container: tuple[Container, dict[str, str], Path],
 ) -> None:
-    """The HEALTHCHECK command exits 0 while the sidecar runs, 1 once it is gone."""
+    """The HEALTHCHECK command exits 0 while the sidecar runs, 1 once it is gone. It asks
+    the ops listener: the local API's address it is given is wrong on purpose."""
     c, env, _ = container
-    listen = await c.wait_ready()
-    env = {**env, "VALMI_SIDECAR_LISTEN": listen}
+    await c.wait_ready()
+    port = c.ops_listen().rpartition(":")[2]
+    env = {
+        **env,
+        "VALMI_SIDECAR_LISTEN": "127.0.0.1:9",
+        "VALMI_SIDECAR_OPS_LISTEN": f"0.0.0.0:{port}",
+    }
     assert 0 == run_healthcheck(image, wheel_env, env)
 
     c.proc.send_signal(signal.SIGTERM)
@@ -288,12 +305,45 @@ async def test_image_healthcheck_passes_against_the_running_sidecar(
 async def test_image_healthcheck_follows_a_listen_address_on_all_interfaces(
     image: Stage, wheel_env: Path, tmp_path: Path
 ) -> None:
-    """With VALMI_SIDECAR_LISTEN=0.0.0.0:PORT the check asks 127.0.0.1:PORT; nothing
-    listens there, so it must fail rather than pass by accident."""
-    env = container_env(
-        image, wheel_env, tmp_path, VALMI_SIDECAR_LISTEN="0.0.0.0:9", HOME=str(tmp_path)
+    """With VALMI_SIDECAR_OPS_LISTEN (or, without it, VALMI_SIDECAR_LISTEN) at
+    0.0.0.0:PORT the check asks 127.0.0.1:PORT; nothing listens there, so it must fail
+    rather than pass by accident."""
+    for ops in ("0.0.0.0:9", ""):
+        env = container_env(
+            image,
+            wheel_env,
+            tmp_path,
+            VALMI_SIDECAR_LISTEN="0.0.0.0:9",
+            VALMI_SIDECAR_OPS_LISTEN=ops,
+            HOME=str(tmp_path),
+        )
+        assert 1 == run_healthcheck(image, wheel_env, env)
+
+
+def test_image_healthcheck_is_the_light_subcommand(image: Stage) -> None:
+    """No Python one-liner: the subcommand, liveness only (a full queue is no reason to
+    restart a container)."""
+    assert ["valmi-sidecar", "healthcheck", "--live"] == image.healthcheck
+
+
+async def test_image_ops_listener_answers_probes_from_outside(
+    container: tuple[Container, dict[str, str], Path], client: httpx.AsyncClient
+) -> None:
+    """Every probe of the Kubernetes examples, sent as the kubelet sends it (the pod IP in
+    Host) to the image's ops listener, answers 200; it serves no event route."""
+    c, _, _ = container
+    await c.wait_ready()
+    port = int(c.ops_listen().rpartition(":")[2])
+    probes = [probe for sc in sidecar_containers() for probe in http_probes(sc)]
+    assert len(probes) >= 6
+    for path, _ in probes:
+        r = await client.get(
+            f"http://127.0.0.1:{port}{path}", headers={"Host": f"10.244.1.17:{port}"}
+        )
+        assert 200 == r.status_code, (path, r.text)
+    assert (
+        404 == (await client.post(f"http://127.0.0.1:{port}/v1/actions", json=ACTION)).status_code
     )
-    assert 1 == run_healthcheck(image, wheel_env, env)
 
 
 # --- the files agree with the code and with each other ----------------------------------
@@ -308,12 +358,93 @@ def test_image_runs_as_fixed_non_root_user_with_data_volume(image: Stage) -> Non
     assert IMAGE_DATA_DIR == image.env["VALMI_SIDECAR_DATA_DIR"]
     assert [IMAGE_DATA_DIR] == json.loads(image.values("VOLUME")[-1])
     assert ["SIGTERM"] == image.values("STOPSIGNAL")
-    assert [str(Settings().port)] == image.values("EXPOSE")
+    ops_port = image.env["VALMI_SIDECAR_OPS_LISTEN"].rpartition(":")[2]
+    assert [f"{Settings().port} {ops_port}"] == image.values("EXPOSE")
     assert "1" == image.env["PYTHONDONTWRITEBYTECODE"]
     assert "VALMI_SIDECAR_LISTEN" not in image.env, "the default stays loopback"
     for manifest in MANIFESTS:
         for found in re.findall(r"runAs(?:User|Group): (\d+)", manifest.read_text()):
             assert uid == found, f"{manifest.name}: runAsUser/Group differs from the image"
+
+
+def manifest_docs() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (m.name, doc)
+        for m in MANIFESTS
+        for doc in yaml.safe_load_all(m.read_text())
+        if isinstance(doc, dict)
+    ]
+
+
+def workloads() -> list[tuple[str, dict[str, Any]]]:
+    return [(n, d) for n, d in manifest_docs() if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def sidecar_containers() -> list[dict[str, Any]]:
+    return [
+        c
+        for _, d in workloads()
+        for c in d["spec"]["template"]["spec"]["initContainers"]
+        if c["name"] == "valmi-sidecar"
+    ]
+
+
+def http_probes(container: dict[str, Any]) -> list[tuple[str, str]]:
+    """(path, port) of each probe; every probe must be an httpGet."""
+    out = []
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container[name]
+        assert "exec" not in probe, f"{name}: an exec probe starts a process per probe"
+        out.append((probe["httpGet"]["path"], probe["httpGet"]["port"]))
+    return out
+
+
+def test_manifests_probe_and_scrape_the_ops_listener() -> None:
+    """Probes, prometheus.io annotations and the PodMonitor all name the container port
+    the ops listener is told to listen on; the local API stays on loopback."""
+    for name, doc in workloads():
+        pod = doc["spec"]["template"]
+        (sc,) = (c for c in pod["spec"]["initContainers"] if c["name"] == "valmi-sidecar")
+        env = {e["name"]: e.get("value") for e in sc["env"]}
+        settings = load_settings(
+            env={
+                "HOME": "/nonexistent",
+                **{k: v for k, v in env.items() if v and k != "VALMI_API_KEY_FILE"},
+            }
+        )
+        assert "127.0.0.1:8787" == settings.listen, name
+        ops_port = int(settings.ops_listen.rpartition(":")[2])
+        (port,) = (p for p in sc["ports"] if p["name"] == "ops")
+        assert ops_port == port["containerPort"], name
+        assert [("/readyz", "ops"), ("/readyz", "ops"), ("/healthz", "ops")] == http_probes(sc)
+        notes = pod["metadata"]["annotations"]
+        assert {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(ops_port),
+            "prometheus.io/path": "/metrics",
+        } == notes
+    monitors = [d for _, d in manifest_docs() if d["kind"] == "PodMonitor"]
+    assert 1 == len(monitors)
+    (pm,) = monitors
+    assert [{"port": "ops", "path": "/metrics", "interval": "30s"}] == pm["spec"][
+        "podMetricsEndpoints"
+    ]
+    for _, doc in workloads():
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_compose_example_uses_the_ops_listener_and_the_healthcheck(image: Stage) -> None:
+    compose: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    sidecar = compose["services"]["valmi-sidecar"]
+    assert (
+        image.env["VALMI_SIDECAR_OPS_LISTEN"] == sidecar["environment"]["VALMI_SIDECAR_OPS_LISTEN"]
+    )
+    assert ["CMD", "valmi-sidecar", "healthcheck"] == sidecar["healthcheck"]["test"]
+    ops_port = image.env["VALMI_SIDECAR_OPS_LISTEN"].rpartition(":")[2]
+    assert [f"127.0.0.1:{ops_port}:{ops_port}"] == sidecar["ports"], "published on loopback only"
+    agent = compose["services"]["agent"]
+    assert "service_healthy" == agent["depends_on"]["valmi-sidecar"]["condition"]
 
 
 def unit_directives(text: str) -> dict[str, list[str]]:

@@ -5,15 +5,19 @@ name only metrics that exist."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ACTION, OUTCOME, SidecarFactory, wait_until
+from valmi_sidecar import __version__
+from valmi_sidecar.metrics import DrainForecast, drain_forecast
 
 if TYPE_CHECKING:
     from valmi_sidecar.fake_api import FakeValmi
@@ -47,7 +51,7 @@ async def test_metrics_move_as_events_flow(
 ) -> None:
     sidecar, url = await sidecar_factory(fake.url)
     before, types = await scrape(client, url)
-    assert all(n.startswith("valmi_sidecar_") for n, _ in before)
+    assert all(n.startswith(("valmi_sidecar_", "process_", "python_")) for n, _ in before)
     assert "counter" == types["valmi_sidecar_received_events"]
     assert "histogram" == types["valmi_sidecar_upstream_request_duration_seconds"]
     assert "histogram" == types["valmi_sidecar_commit_duration_seconds"]
@@ -96,6 +100,9 @@ async def test_metrics_move_as_events_flow(
     for state, n in (("received", 4), ("queued", 0), ("delivered", 4), ("dead_lettered", 0)):
         assert n == value(after, "valmi_sidecar_events", state=state)
     assert 4 == value(after, "valmi_sidecar_events_received_total")
+    assert 4 == value(after, "valmi_sidecar_events_delivered_total")
+    assert 1 == value(after, "valmi_sidecar_events_duplicates_total")
+    assert 0 == value(after, "valmi_sidecar_events_current", state="queued")
 
     # A permanent refusal upstream: a dead letter by reason, and a 4xx request.
     fake.faults.error_rate, fake.faults.error_status = 1.0, 400
@@ -114,6 +121,111 @@ async def test_metrics_move_as_events_flow(
     assert 1 == value(last, "valmi_sidecar_upstream_requests_total", status_class="4xx")
     assert 1 == value(last, "valmi_sidecar_dead_letters")
     assert 1 == value(last, "valmi_sidecar_events", state="dead_lettered")
+    assert 1 == value(last, "valmi_sidecar_events_current", state="dead_lettered")
+
+
+async def test_current_states_are_a_gauge_and_totals_are_counters(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    """Summing events_current over state means something (every event not delivered);
+    the running totals are counters of their own, never in that family."""
+    _, url = await sidecar_factory(None)
+    for _ in range(2):
+        assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
+    samples, types = await scrape(client, url)
+    assert "gauge" == types["valmi_sidecar_events_current"]
+    states = {dict(labels)["state"] for n, labels in samples if n == "valmi_sidecar_events_current"}
+    assert {"queued", "dead_lettered"} == states
+    assert 2 == value(samples, "valmi_sidecar_events_current", state="queued")
+    for total in ("received", "delivered", "duplicates"):
+        assert "counter" == types[f"valmi_sidecar_events_{total}"]
+    assert 2 == value(samples, "valmi_sidecar_events_received_total")
+
+
+async def test_standard_process_and_python_metrics_and_build_info(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    _, url = await sidecar_factory(None)
+    samples, types = await scrape(client, url)
+    assert 1 == value(samples, "valmi_sidecar_build_info", version=__version__)
+    assert value(samples, "process_resident_memory_bytes") > 0
+    assert value(samples, "process_open_fds") > 0
+    assert "counter" == types["process_cpu_seconds"]
+    assert any(n == "python_info" for n, _ in samples)
+    assert any(n == "python_gc_collections_total" for n, _ in samples)
+    again, _ = await scrape(client, url)
+    assert value(again, "process_start_time_seconds") == value(
+        samples, "process_start_time_seconds"
+    )
+
+
+# --- the drain forecast -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"queued": 0}, DrainForecast(0.0, 0.0, "empty")),
+        ({"stalled": True}, DrainForecast(math.inf, 0.0, "stalled")),
+        # Young queue: the flusher's own rate is unknown; the rate limit is the best case.
+        (
+            {"oldest_age_s": 5.0, "delivered_per_s": 1.0},
+            DrainForecast(60.0, 10000 / 60, "rate_limit"),
+        ),
+        ({"delivered_per_s": None}, DrainForecast(60.0, 10000 / 60, "rate_limit")),
+        ({"oldest_age_s": None}, DrainForecast(60.0, 10000 / 60, "rate_limit")),
+        # The queue waited the whole window: the observed rate is what the flusher does.
+        ({"delivered_per_s": 20.0}, DrainForecast(500.0, 20.0, "observed")),
+        ({"delivered_per_s": 0.0}, DrainForecast(math.inf, 0.0, "observed")),
+        # Never above the rate limit, whatever a short sample says.
+        ({"delivered_per_s": 1000.0}, DrainForecast(60.0, 10000 / 60, "observed")),
+    ],
+)
+def test_drain_forecast(kwargs: dict[str, object], expected: DrainForecast) -> None:
+    args: dict[str, object] = {
+        "queued": 10_000,
+        "oldest_age_s": 120.0,
+        "delivered_per_s": 50.0,
+        "rate_limit_per_min": 10_000,
+        "stalled": False,
+        "window_s": 60.0,
+        **kwargs,
+    }
+    assert expected == drain_forecast(**args)  # type: ignore[arg-type]
+
+
+def test_drain_forecast_json_has_no_infinity() -> None:
+    assert {"forecast_s": None, "rate_per_s": 0.0, "basis": "stalled"} == DrainForecast(
+        math.inf, 0.0, "stalled"
+    ).as_json()
+
+
+async def test_drain_forecast_in_status_and_metrics(
+    fake: FakeValmi, sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    """Upstream down, 5 events queued at 600 a minute: 0.5 s at the rate limit."""
+    await fake.go_down()
+    _, url = await sidecar_factory(fake.url, rate_limit_per_min=600)
+    for _ in range(5):
+        assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
+    drain = (await client.get(url + "/v1/status")).json()["drain"]
+    assert {"forecast_s": 0.5, "rate_per_s": 10.0, "basis": "rate_limit"} == drain
+    samples, types = await scrape(client, url)
+    assert "gauge" == types["valmi_sidecar_drain_forecast_seconds"]
+    assert 0.5 == value(samples, "valmi_sidecar_drain_forecast_seconds")
+
+
+async def test_drain_forecast_is_infinite_when_nothing_forwards(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    """No API key: the queue never drains; status says null, the gauge +Inf (so the alert
+    on max_event_age_s fires)."""
+    _, url = await sidecar_factory(None)
+    assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
+    drain = (await client.get(url + "/v1/status")).json()["drain"]
+    assert {"forecast_s": None, "rate_per_s": 0.0, "basis": "stalled"} == drain
+    samples, _ = await scrape(client, url)
+    assert math.isinf(value(samples, "valmi_sidecar_drain_forecast_seconds"))
 
 
 async def test_metrics_show_transport_errors_and_the_queue_age(
@@ -163,6 +275,7 @@ def test_dashboard_and_alerts_are_well_formed() -> None:
         "ValmiSidecarUpstreamPaused",
         "ValmiSidecarDeadLettersRising",
         "ValmiSidecarQueueNearFull",
+        "ValmiSidecarDrainSlowerThanMaxEventAge",
     ):
         assert expected in names
     for rule in rules:

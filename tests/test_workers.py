@@ -262,7 +262,7 @@ async def test_a_worker_whose_main_process_dies_before_answering_says_the_outcom
     try:
         reader, writer = await asyncio.open_unix_connection(sock=mine)
         s = fast_settings(tmp_path / "data", None)
-        hello = {
+        hello: dict[str, object] = {
             "index": 1,
             "ops_port": 9,
             "ingest_token": None,

@@ -1,5 +1,5 @@
 """``python -m valmi_sidecar``: the same as the ``valmi-sidecar`` command."""
 
-from .cli import main
+from .entry import main
 
 raise SystemExit(main())

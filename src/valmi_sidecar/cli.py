@@ -1,4 +1,5 @@
-"""Command line: ``valmi-sidecar run | fake-api | status | ledger | dead-letters | salvage | check``.
+"""Command line: ``valmi-sidecar run | fake-api | status | ledger | dead-letters | salvage | check
+| healthcheck``.
 
 Every ``run`` flag is generated from ``Settings`` and its help says the default and the
 environment variable, so the three stay in step. Config problems exit 2 before anything
@@ -25,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from . import __version__
+from . import __version__, health
 from .admin import DEAD_LETTER_REASONS, ledger_totals, moved_aside_json, salvage_record
 from .config import (
     ADDRESS_NAME,
@@ -71,6 +72,7 @@ FAKE_API_KEY = "sk_test_fake"
 #: What each setting does; the flag's help adds the default and the environment variable.
 DESCRIPTIONS: Mapping[str, str] = {
     "listen": "address for the local HTTP API, HOST:PORT; anything but loopback needs an ingest token",
+    "ops_listen": "address of the ops listener, HOST:PORT: GET /metrics, /healthz and /readyz only (no events, status or operator routes), for probes and scraping; any address, no ingest token needed",
     "data_dir": "directory for the SQLite queue (created 0700)",
     "api_url": f"base URL of the Valmi API (also read from {ENV_API_URL})",
     "allowed_origins": "web page origins (scheme://host[:port], comma-separated) allowed to call the sidecar from a browser; by default every request with an Origin header is refused (403)",
@@ -99,6 +101,7 @@ DESCRIPTIONS: Mapping[str, str] = {
 
 _METAVARS: Mapping[str, str] = {
     "listen": "HOST:PORT",
+    "ops_listen": "HOST:PORT",
     "api_url": "URL",
     "allowed_origins": "ORIGIN[,ORIGIN...]",
     "allowed_hosts": "HOST[,HOST...]",
@@ -122,6 +125,8 @@ def _show_default(name: str) -> str:
         return "$STATE_DIRECTORY, else $XDG_STATE_HOME/valmi-sidecar"
     if name in DEFAULT_TEXT:
         return DEFAULT_TEXT[name]
+    if name == "ops_listen":
+        return "off"
     value = field_default(name)
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -259,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the raw JSON (default: a readable summary)"
     )
     _add_operator_commands(sub)
+    healthcheck = sub.add_parser(
+        "healthcheck",
+        help="exit 0 when the sidecar is ready (--live: alive), else 1 with the reason",
+        description=health.DESCRIPTION,
+    )
+    health.add_arguments(healthcheck)
     return parser
 
 
@@ -269,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _cmd_run,
         "fake-api": _cmd_fake_api,
         "status": _cmd_status,
+        "healthcheck": health.run,
         **OPERATOR_COMMANDS,
     }
     if args.command is None:
@@ -854,6 +866,13 @@ def offline_status(settings: Settings, db: ReadOnlyDatabase) -> dict[str, Any]:
 _WIDTH = len("oldest queued")
 
 
+_DRAIN_BASES: Final = {
+    "observed": "delivery rate of the last minute",
+    "rate_limit": "at best: the rate limit",
+    "stalled": "stalled",
+}
+
+
 def format_status_details(data: Mapping[str, Any]) -> str:
     """The lines after ``format_status``: where it was read, rates, dead letters by reason."""
     lines: list[str] = []
@@ -867,6 +886,14 @@ def format_status_details(data: Mapping[str, Any]) -> str:
             f"{'rates':<{_WIDTH}}  {rates['received']:g}/s received, {rates['delivered']:g}/s "
             f"delivered, {rates['dead_lettered']:g}/s dead-lettered (last minute)"
         )
+    drain = data.get("drain")
+    if isinstance(drain, Mapping) and drain.get("basis") in _DRAIN_BASES:
+        forecast = drain.get("forecast_s")
+        if forecast is None:
+            text = "never at this rate: nothing is delivered (see upstream)"
+        else:
+            text = f"{_age(forecast)} at {drain.get('rate_per_s', 0):g}/s ({_DRAIN_BASES[drain['basis']]})"
+        lines.append(f"{'drains in':<{_WIDTH}}  {text}")
     dead = data.get("dead_letters")
     if isinstance(dead, Mapping):
         for r in dead.get("reasons") or []:

@@ -102,6 +102,8 @@ class Settings:
     """
 
     listen: str = "127.0.0.1:8787"
+    #: HOST:PORT of the ops listener (``/metrics``, ``/healthz``, ``/readyz`` only); empty: off.
+    ops_listen: str = ""
     data_dir: Path = field(default_factory=default_data_dir)
     api_url: str = "https://api.valmi.io"
     api_key: Secret | None = None
@@ -432,7 +434,7 @@ def _parse(
         raise ConfigError(f"{where}: {raw!r} {_expected(name)}{detail}") from None
     if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
         raise ConfigError(f"{where}: {raw!r} must be greater than 0")
-    if name == "listen":
+    if name == "listen" or (name == "ops_listen" and value):
         try:
             split_listen(str(value))
         except ConfigError:
@@ -459,7 +461,7 @@ def _expected(name: str) -> str:
         return f"is not a whole number; use a whole number greater than 0 (default {default})"
     if kind is float:
         return f"is not a number; use a number of seconds greater than 0 (default {default})"
-    if name == "listen":
+    if name in ("listen", "ops_listen"):
         return _NOT_HOST_PORT
     if name == "api_url":
         return "is not a URL; use for example https://api.valmi.io"
@@ -682,6 +684,17 @@ def _check_together(settings: Settings, layers: _Layered) -> None:
             f"ingest_processes ({src('ingest_processes')}): {settings.ingest_processes} is more "
             f"than {MAX_INGEST_PROCESSES}; use 1 (one process) or about one per CPU core"
         )
+    if settings.ops_listen:
+        ops_host, ops_port = split_listen(settings.ops_listen)
+        wildcards = {"0.0.0.0", "::"}  # noqa: S104 - they overlap every address
+        overlap = ops_host == settings.host or bool({ops_host, settings.host} & wildcards)
+        if ops_port != 0 and ops_port == settings.port and overlap:
+            raise ConfigError(
+                f"ops_listen ({src('ops_listen')}): {settings.ops_listen!r} is the same port "
+                f"as listen ({settings.listen!r}); give the ops listener a port of its own, "
+                "for example 0.0.0.0:9787"
+            )
+    # The ops listener needs no ingest token on any address: it serves no billing data.
     host = settings.host
     if not is_loopback(host) and settings.ingest_token is None:
         raise ConfigError(

@@ -154,6 +154,13 @@ class Policy:
             hosts = frozenset(own)
         return cls(hosts=hosts, origins=frozenset(normalize_origin(o) for o in allowed_origins))
 
+    @classmethod
+    def ops(cls) -> Policy:
+        """The ops listener's: any ``Host`` (kubelet probes and scrapers name the pod's
+        address, which nobody can list in advance, and its routes change nothing and show
+        no billing data), and never a web page: no origin is allowed."""
+        return cls(hosts=None, origins=frozenset())
+
     def origin_allowed(self, origin: str | None) -> bool:
         """True when ``origin`` is present and listed (then CORS answers are given)."""
         if origin is None:

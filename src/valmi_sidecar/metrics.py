@@ -3,10 +3,12 @@
 Nothing on the request path touches prometheus-client: the store, the upstream client and
 the receiver keep plain ``int`` counters and ``Histogram`` objects (only ever changed on the
 event loop, so no locks), and ``render_metrics`` turns one snapshot of them into metric
-families at scrape time. The durable figures (``valmi_sidecar_events{state=…}``) come from
-the store's mirror of its committed counters and reconcile exactly with ``/v1/status``:
-``received = queued + delivered + dead_lettered``. The ``…_total`` counters count what
-happened since the process started, as Prometheus counters do.
+families at scrape time, beside the standard ``process_*`` and ``python_*`` collectors. The
+durable figures (``valmi_sidecar_events_current{state}``, ``…_events_received_total``,
+``…_events_delivered_total``, ``…_events_duplicates_total``) come from the store's mirror
+of its committed counters and reconcile exactly with ``/v1/status``: ``received = queued +
+delivered + dead_lettered``. The other ``…_total`` counters count what happened since the
+process started, as Prometheus counters do.
 
 This module imports nothing of the package at run time, so that every other module may use
 ``Histogram``.
@@ -14,13 +16,21 @@ This module imports nothing of the package at run time, so that every other modu
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -103,6 +113,57 @@ class UpstreamStats:
         self.duration.observe(seconds)
 
 
+DrainBasis = Literal["empty", "observed", "rate_limit", "stalled"]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainForecast:
+    """How long the current queue needs to reach upstream, and the rate that assumes."""
+
+    #: ``math.inf`` when nothing drains (forwarding paused or disabled, or nothing was
+    #: delivered while events waited).
+    seconds: float
+    rate_per_s: float
+    #: ``observed``: the delivery rate of the last minute, the queue never empty in it;
+    #: ``rate_limit``: the most upstream takes (one event a request), as the flusher was
+    #: not busy long enough to show its own rate; ``empty``; ``stalled``.
+    basis: DrainBasis
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "forecast_s": None if math.isinf(self.seconds) else round(self.seconds, 3),
+            "rate_per_s": round(self.rate_per_s, 3),
+            "basis": self.basis,
+        }
+
+
+def drain_forecast(
+    *,
+    queued: int,
+    oldest_age_s: float | None,
+    delivered_per_s: float | None,
+    rate_limit_per_min: int,
+    stalled: bool,
+    window_s: float,
+) -> DrainForecast:
+    """The time ``queued`` events need at the rate they are delivered.
+
+    The delivery rate of the last ``window_s`` is what the flusher achieves only when it
+    had work all that time: when the oldest event has waited at least that long (the queue
+    is drained oldest first). Otherwise the rate is unknown and the rate limit, the most
+    upstream takes, gives the shortest time the queue can need.
+    """
+    if queued <= 0:
+        return DrainForecast(0.0, 0.0, "empty")
+    if stalled:
+        return DrainForecast(math.inf, 0.0, "stalled")
+    limit = rate_limit_per_min / 60.0
+    if delivered_per_s is not None and oldest_age_s is not None and oldest_age_s >= window_s:
+        rate = min(max(delivered_per_s, 0.0), limit)
+        return DrainForecast(queued / rate if rate > 0 else math.inf, rate, "observed")
+    return DrainForecast(queued / limit, limit, "rate_limit")
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsSource:
     """Everything one scrape shows, read by the service at scrape time."""
@@ -119,6 +180,8 @@ class MetricsSource:
     max_queue_bytes: int
     max_event_age_s: float
     database_bytes: int
+    drain: DrainForecast
+    version: str
     #: Ingest worker processes: configured (0 with ``ingest_processes = 1``), running,
     #: and started again after an exit.
     ingest_workers: int = 0
@@ -141,6 +204,11 @@ class _Snapshot(Collector):
         self._s = source
 
     def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily(
+            PREFIX + "build_info", "Always 1; the sidecar's version.", labels=["version"]
+        )
+        build.add_metric([self._s.version], 1.0)
+        yield build
         yield from self._durable()
         yield from self._flows()
         yield from self._queue()
@@ -149,10 +217,20 @@ class _Snapshot(Collector):
 
     def _durable(self) -> Iterator[Metric]:
         c = self._s.counts
+        current = GaugeMetricFamily(
+            PREFIX + "events_current",
+            "Events held now by state, durable: queued (waiting) and dead_lettered (kept, "
+            "not sent); the sum is every accepted event not delivered.",
+            labels=["state"],
+        )
+        current.add_metric(["queued"], c.queued)
+        current.add_metric(["dead_lettered"], c.dead_lettered)
+        yield current
         events = GaugeMetricFamily(
             PREFIX + "events",
-            "Events by state, durable across restarts: received = queued + delivered + "
-            "dead_lettered (duplicates counted apart), as in /v1/status.",
+            "Deprecated, removed in the next release: it mixes current states with running "
+            "totals. Use events_current{state} and the events_received_total, "
+            "events_delivered_total and events_duplicates_total counters.",
             labels=["state"],
         )
         for state, value in (
@@ -170,6 +248,11 @@ class _Snapshot(Collector):
         )
         yield CounterMetricFamily(
             PREFIX + "events_delivered", "Events delivered upstream, durable.", value=c.delivered
+        )
+        yield CounterMetricFamily(
+            PREFIX + "events_duplicates",
+            "Client retries answered from an earlier event (nothing stored), durable.",
+            value=c.duplicates,
         )
 
     def _flows(self) -> Iterator[Metric]:
@@ -243,6 +326,14 @@ class _Snapshot(Collector):
         )
         yield _gauge("dead_letters", "Events dead-lettered now (durable).", c.dead_lettered)
         yield _gauge("events_in_flight", "Events being sent upstream now.", s.in_flight)
+        yield _gauge(
+            "drain_forecast_seconds",
+            "Seconds the queue needs to reach upstream: at the delivery rate of the last "
+            "minute when the queue waited all of it, else at the rate limit (the least it "
+            "can take); +Inf when forwarding is paused or disabled or nothing is delivered. "
+            "Above max_event_age_s, the newest events expire before their turn.",
+            s.drain.seconds,
+        )
 
     def _upstream(self) -> Iterator[Metric]:
         state = GaugeMetricFamily(
@@ -310,8 +401,25 @@ class _Snapshot(Collector):
         )
 
 
+@functools.cache
+def _standard_collectors() -> tuple[Collector, ...]:
+    """prometheus-client's ``process_*`` and ``python_*`` collectors, made once: they read
+    the process's limits and the platform when created. The holder registry only keeps
+    them from registering in the library's global one."""
+    holder = CollectorRegistry(auto_describe=False)
+    return (
+        ProcessCollector(registry=holder),
+        PlatformCollector(registry=holder),
+        GCCollector(registry=holder),
+    )
+
+
 def render_metrics(source: MetricsSource) -> bytes:
-    """The Prometheus text exposition of one consistent snapshot."""
+    """The Prometheus text exposition of one consistent snapshot, with the standard
+    ``process_*`` (this process: the main one when ingest workers run) and ``python_*``
+    families."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(source))
+    for collector in _standard_collectors():
+        registry.register(collector)
     return generate_latest(registry)

@@ -452,16 +452,43 @@ def build_app(
     return app
 
 
-def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+def build_ops_app(
+    settings: Settings, lifecycle: Lifecycle, metrics_fn: MetricsFn, refused: dict[str, int]
+) -> web.Application:
+    """The ops listener: ``/metrics``, ``/healthz`` and ``/readyz``, and nothing that takes
+    or shows events. Any ``Host`` is accepted, an ``Origin`` never (``Policy.ops``);
+    refusals count in ``refused``, the local API's own counts. The caller sets
+    ``app[STORE]`` before it serves."""
+    app = web.Application(
+        middlewares=[local_only_middleware, error_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[POLICY] = Policy.ops()
+    app[LIFECYCLE] = lifecycle
+    app[REFUSED] = refused
+    app[METRICS] = metrics_fn
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def make_runner(
+    app: web.Application, settings: Settings, *, shutdown_timeout_s: float | None = None
+) -> web.AppRunner:
     """The runner of the local API, with its connection limits (the same in every process
-    that serves it)."""
+    that serves it); requests in flight at shutdown get ``shutdown_timeout_s``, by default
+    ``shutdown_grace_s``."""
     # No access log line per request unless asked: aiohttp's own logger, then routed
     # through structlog by logs.configure_logging.
     extra: dict[str, Any] = {} if settings.access_log else {"access_log": None}
     return web.AppRunner(
         app,
         handle_signals=False,
-        shutdown_timeout=settings.shutdown_grace_s,
+        shutdown_timeout=(
+            settings.shutdown_grace_s if shutdown_timeout_s is None else shutdown_timeout_s
+        ),
         # A connection must finish its first request's headers, and later stay idle,
         # at most this long (aiohttp starts the timer when the connection opens), so
         # a slow or idle client cannot hold a socket forever. Bodies: _read_json_body.

@@ -26,13 +26,21 @@ from aiohttp import web
 
 from . import __version__
 from .admin import add_admin_routes, moved_aside_json
-from .config import ADDRESS_NAME, Settings
+from .config import ADDRESS_NAME, Settings, split_listen
 from .flusher import Flusher
 from .logs import configure_logging
-from .metrics import MetricsSource, render_metrics
-from .receiver import INGEST, REFUSED, STORE, Lifecycle, build_app, make_runner
+from .metrics import DrainForecast, MetricsSource, drain_forecast, render_metrics
+from .receiver import (
+    INGEST,
+    REFUSED,
+    STORE,
+    Lifecycle,
+    build_app,
+    build_ops_app,
+    make_runner,
+)
 from .sdnotify import Notifier
-from .store import Store, StoreError, counts_json, moved_aside_files
+from .store import RATE_WINDOW_S, Counts, Store, StoreError, counts_json, moved_aside_files
 from .upstream import Upstream
 from .workers import IngestWorkers, listen_sockets
 
@@ -40,6 +48,8 @@ log = structlog.get_logger("valmi_sidecar.service")
 
 #: Extra seconds allowed for closing the HTTP client and the database.
 CLOSE_TIMEOUT_S: Final = 10.0
+#: Seconds the ops listener lets a request in flight finish when it closes.
+OPS_SHUTDOWN_S: Final = 1.0
 #: How often systemd's STATUS= line is refreshed with the queue depth.
 STATUS_INTERVAL_S: Final = 5.0
 
@@ -60,6 +70,8 @@ class Sidecar:
         self.lifecycle = Lifecycle()
         self.exit_code = 0
         self.address: tuple[str, int] | None = None
+        #: Where the ops listener listens (``ops_listen``), once it does.
+        self.ops_address: tuple[str, int] | None = None
         self._store: Store | None = None
         self._upstream: Upstream | None = None
         self._flusher: Flusher | None = None
@@ -93,6 +105,33 @@ class Sidecar:
             yield
         finally:
             await asyncio.wait_for(self._store.close(), CLOSE_TIMEOUT_S)
+
+    async def _ops_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        """The ops listener, in this process only (ingest workers never serve it). It opens
+        after the store and closes after the final flush, so probes and scrapes see the
+        whole drain."""
+        s = self.settings
+        if not s.ops_listen:
+            yield
+            return
+        assert self._store is not None
+        ops = build_ops_app(s, self.lifecycle, lambda: self._metrics(app), app[REFUSED])
+        ops[STORE] = self._store
+        # Its handlers read memory only: nothing in flight there is worth waiting for.
+        runner = make_runner(ops, s, shutdown_timeout_s=OPS_SHUTDOWN_S)
+        await runner.setup()
+        try:
+            host, port = split_listen(s.ops_listen)
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"ops_listen {s.ops_listen!r}: {exc.strerror or exc}"
+                ) from exc
+            self.ops_address = runner.addresses[0][:2]
+            yield
+        finally:
+            await asyncio.wait_for(runner.cleanup(), CLOSE_TIMEOUT_S)
 
     async def _upstream_ctx(self, _app: web.Application) -> AsyncIterator[None]:
         s = self.settings
@@ -154,8 +193,21 @@ class Sidecar:
 
     # --- status -------------------------------------------------------------------
 
+    def _drain(self, c: Counts, now: float) -> DrainForecast:
+        assert self._store is not None
+        state = self._flusher.state if self._flusher is not None else "disabled"
+        return drain_forecast(
+            queued=c.queued,
+            oldest_age_s=None if c.oldest_queued_at is None else now - c.oldest_queued_at,
+            delivered_per_s=self._store.rates()["delivered"],
+            rate_limit_per_min=self.settings.rate_limit_per_min_effective,
+            stalled=state in ("paused", "disabled"),
+            window_s=RATE_WINDOW_S,
+        )
+
     def status(self) -> dict[str, Any]:
-        """The JSON for ``/v1/status``: counts that reconcile, queue age, upstream state."""
+        """The JSON for ``/v1/status``: counts that reconcile, queue age, upstream state,
+        the drain forecast."""
         assert self._store is not None
         c = self._store.counts()
         now = time.time()
@@ -176,6 +228,7 @@ class Sidecar:
                 None if c.oldest_queued_at is None else round(now - c.oldest_queued_at, 3)
             ),
             "rates_per_s": self._store.rates(),
+            "drain": self._drain(c, now).as_json(),
             "store": {"writable": self._store.writable, "path": str(self._store.path)},
             "moved_aside": moved_aside_json(self._moved_aside),
             "upstream": {
@@ -214,9 +267,10 @@ class Sidecar:
         s = self.settings
         refused: dict[str, int] = app[REFUSED]
         workers = self._workers
+        counts = self._store.counts()
         return render_metrics(
             MetricsSource(
-                counts=self._store.counts(),
+                counts=counts,
                 store=self._store.stats,
                 upstream=self._upstream.stats if self._upstream is not None else None,
                 refused=refused,
@@ -228,6 +282,8 @@ class Sidecar:
                 max_queue_bytes=s.max_queue_bytes,
                 max_event_age_s=s.max_event_age_s,
                 database_bytes=self._store.database_bytes(),
+                drain=self._drain(counts, time.time()),
+                version=__version__,
                 ingest_workers=workers.configured if workers is not None else 0,
                 ingest_workers_running=workers.alive if workers is not None else 0,
                 ingest_worker_restarts=workers.restarts if workers is not None else 0,
@@ -248,7 +304,9 @@ class Sidecar:
         s = self.settings
         app = build_app(s, self.lifecycle, self.status, lambda: self._metrics(app))
         add_admin_routes(app)
-        app.cleanup_ctx.extend([self._store_ctx, self._upstream_ctx, self._flusher_ctx])
+        app.cleanup_ctx.extend(
+            [self._store_ctx, self._ops_ctx, self._upstream_ctx, self._flusher_ctx]
+        )
         runner = make_runner(app, s)
         self._runner = runner
         try:
@@ -279,7 +337,8 @@ class Sidecar:
                 self._notify_tasks.append(task)
         log.info(
             "sidecar_ready",
-            listen=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            listen=_address(host, port),
+            ops_listen=None if self.ops_address is None else _address(*self.ops_address),
             data_dir=str(s.data_dir),
             durability=s.durability,
             forwarding=self._upstream is not None,
@@ -391,6 +450,10 @@ class Sidecar:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _loop_factory() -> Any:
