@@ -137,6 +137,13 @@ async def test_no_agent_key_or_secret_in_any_metric(
         url + "/v1/actions", json={**ACTION, "agent_key": "agent_dead"}, headers=auth
     )
     assert 202 == r.status_code
+    # A refusal is judged the event's own once another event is delivered after it.
+    await wait_until(lambda: fake.requests >= 4, what="the refused attempt")
+    fake.faults.error_rate = 0.0
+    r = await client.post(
+        url + "/v1/actions", json={**ACTION, "agent_key": agents[0]}, headers=auth
+    )
+    assert 202 == r.status_code
     await wait_until(
         lambda: sidecar._store is not None and sidecar._store.counts().dead_lettered == 1,
         what="1 dead letter",
