@@ -541,5 +541,5 @@ def test_bad_allowed_origins_and_hosts_name_the_variable_and_the_entry(
 
 def test_allowed_hosts_in_toml_must_be_a_list_of_strings(tmp_path: Path) -> None:
     cfg = write_toml(tmp_path, "allowed_hosts = [1, 2]\n")
-    with pytest.raises(ConfigError, match="allowed_hosts: .* is not a list of host names"):
+    with pytest.raises(ConfigError, match=r"allowed_hosts: .* is not a list of host names"):
         load_settings(env=HOME, config_file=cfg)

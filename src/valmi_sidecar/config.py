@@ -52,9 +52,14 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Secret:
-    """A string that never shows itself in a repr, a log line or an error."""
+    """A string that never shows itself in a repr, a log line or an error.
+
+    ``path`` is the file it was read from, if any: a reload (SIGHUP) or a paused
+    forwarder reads the file again to pick up a rotated value.
+    """
 
     _value: str = field(repr=False)
+    path: Path | None = field(default=None, compare=False)
 
     def reveal(self) -> str:
         return self._value
@@ -107,6 +112,7 @@ class Settings:
     backoff_cap_s: float = 300.0
     upstream_timeout_s: float = 10.0
     upstream_concurrency: int = 16
+    proxy_from_env: bool = True
     flush_batch_size: int = 256
     final_flush_s: float = 10.0
     shutdown_grace_s: float = 5.0
@@ -127,6 +133,78 @@ class Settings:
     def secrets(self) -> list[str]:
         """The secret values, for the log redactor; never print them."""
         return [s.reveal() for s in (self.api_key, self.ingest_token) if s is not None]
+
+
+def _no_proxy(host: str, port: int, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` names ``host``: ``*``, the host itself, a domain it is in
+    (``example.com`` and ``.example.com`` both match ``api.example.com``), with an
+    optional ``:port``."""
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, entry_port = entry, ""
+        if entry.startswith("[") and "]:" in entry:  # [::1]:8080
+            name, _, entry_port = entry.partition("]:")
+        elif entry.count(":") == 1:  # host:8080 (a bare IPv6 address has more colons)
+            name, _, entry_port = entry.partition(":")
+        if entry_port.isdigit() and int(entry_port) != port:
+            continue
+        name = name.strip("[]").lstrip(".")
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
+
+
+def url_without_credentials(url: str) -> str:
+    """``url`` with any ``user:password@`` shown as ``[credentials]@``, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    return parts._replace(netloc="[credentials]@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
+def env_proxy(api_url: str, env: Mapping[str, str]) -> str | None:
+    """The forward proxy for ``api_url`` from the environment, as curl and most tools read
+    it: ``https_proxy``/``HTTPS_PROXY`` for an https:// API (``http_proxy``/``HTTP_PROXY``
+    for http://), unless ``no_proxy``/``NO_PROXY`` names its host. A loopback API is never
+    proxied. ``None`` for a direct connection; ``ConfigError`` for a URL the client cannot
+    use (the message never shows the proxy's password)."""
+    parts = urlsplit(api_url)
+    host = (parts.hostname or "").lower()
+    if not host or is_loopback(host):
+        return None
+    var = ""
+    value = ""
+    for name in (f"{parts.scheme}_proxy", f"{parts.scheme}_proxy".upper()):
+        if env.get(name, "").strip():
+            var, value = name, env[name].strip()
+            break
+    if not value:
+        return None
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY") or ""
+    if _no_proxy(host, parts.port or (443 if parts.scheme == "https" else 80), no_proxy):
+        return None
+    if "://" not in value:
+        value = "http://" + value  # a bare host:port, as curl takes it
+    shown = url_without_credentials(value)
+    try:
+        proxy = urlsplit(value)
+        proxy.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(
+            f"environment: {var}={shown!r} is not a valid URL; use for example "
+            "http://proxy.internal:3128, or set proxy_from_env = false"
+        ) from None
+    if proxy.scheme != "http" or not proxy.hostname:
+        raise ConfigError(
+            f"environment: {var}={shown!r}: only http:// proxies are supported (the API's "
+            "TLS still runs end to end through CONNECT); use for example "
+            "http://proxy.internal:3128, or set proxy_from_env = false"
+        )
+    return value
 
 
 _NOT_HOST_PORT = "is not HOST:PORT; use for example 127.0.0.1:8787 or [::1]:8787"
@@ -393,8 +471,8 @@ class _Layered:
 
     values: dict[str, object] = field(default_factory=dict)
     where: dict[str, str] = field(default_factory=dict)
-    # For each secret field: (source, reader) where the reader yields the secret text.
-    secrets: dict[str, tuple[str, Callable[[], str]]] = field(default_factory=dict)
+    # For each secret field: (source, reader) where the reader yields the secret.
+    secrets: dict[str, tuple[str, Callable[[], Secret]]] = field(default_factory=dict)
 
     def set(self, name: str, value: object, where: str) -> None:
         self.values[name] = value
@@ -424,12 +502,18 @@ def _read_secret_file(path: Path, where: str) -> str:
     return text
 
 
-def _from_file_reader(path: Path, where: str) -> Callable[[], str]:
-    return lambda: _read_secret_file(path, where)
+def read_secret_file(path: Path) -> str:
+    """The secret in ``path`` again (a rotated key); ``ConfigError`` naming the path, never
+    the content, if it cannot be read or is empty. Blocking: call it off the event loop."""
+    return _read_secret_file(path, "secret file")
 
 
-def _constant(text: str) -> Callable[[], str]:
-    return lambda: text
+def _from_file_reader(path: Path, where: str) -> Callable[[], Secret]:
+    return lambda: Secret(_read_secret_file(path, where), path)
+
+
+def _constant(text: str) -> Callable[[], Secret]:
+    return lambda: Secret(text)
 
 
 def _format_default(value: object) -> str:
@@ -554,16 +638,16 @@ def load_settings(
     if argv_overrides:
         _load_overrides(argv_overrides, env, layers)
 
-    secrets: dict[str, Any] = {name: Secret(read()) for name, (_, read) in layers.secrets.items()}
+    secrets: dict[str, Any] = {name: read() for name, (_, read) in layers.secrets.items()}
     values: dict[str, Any] = dict(layers.values)
     if "data_dir" not in values:
         values["data_dir"] = default_data_dir(env)
     settings = Settings(**values, **secrets)
-    _check_together(settings, layers)
+    _check_together(settings, layers, env)
     return settings
 
 
-def _check_together(settings: Settings, layers: _Layered) -> None:
+def _check_together(settings: Settings, layers: _Layered, env: Mapping[str, str]) -> None:
     """Rules that involve more than one setting."""
 
     def src(name: str) -> str:
@@ -575,6 +659,8 @@ def _check_together(settings: Settings, layers: _Layered) -> None:
             f"backoff_cap_s ({src('backoff_cap_s')}) is {settings.backoff_cap_s:g}; "
             "the base must not exceed the cap"
         )
+    if settings.proxy_from_env:
+        env_proxy(settings.api_url, env)
     if settings.ingest_processes > MAX_INGEST_PROCESSES:
         raise ConfigError(
             f"ingest_processes ({src('ingest_processes')}): {settings.ingest_processes} is more "
@@ -604,6 +690,7 @@ __all__ = [
     "Secret",
     "Settings",
     "default_data_dir",
+    "env_proxy",
     "env_var",
     "field_choices",
     "field_default",
@@ -611,5 +698,7 @@ __all__ = [
     "flag",
     "is_loopback",
     "load_settings",
+    "read_secret_file",
     "split_listen",
+    "url_without_credentials",
 ]
