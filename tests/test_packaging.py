@@ -1,0 +1,72 @@
+"""Packaging: the licence text ships in the wheel (and the image's build context), with
+the metadata an index and a licence scanner read."""
+
+from __future__ import annotations
+
+import email
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LICENSE = ROOT / "LICENSE"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "--quiet",
+            "wheel",
+            "--no-deps",
+            "--no-cache-dir",
+            "--wheel-dir",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+    )
+    (found,) = out.glob("valmi_sidecar-*.whl")
+    return found
+
+
+def test_license_file_is_the_whole_apache_2_text() -> None:
+    text = LICENSE.read_text()
+    assert "Apache License" in text
+    assert "Version 2.0, January 2004" in text
+    for section in range(1, 10):
+        assert f"\n   {section}. " in text, f"section {section} is missing"
+    assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_wheel_carries_the_license_and_its_metadata(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        (licence,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        assert LICENSE.read_bytes() == zf.read(licence)
+        (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = email.message_from_bytes(zf.read(meta_name))
+    assert "Apache-2.0" == meta["License-Expression"]
+    assert ["LICENSE"] == meta.get_all("License-File")
+    classifiers = meta.get_all("Classifier") or []
+    assert "Programming Language :: Python :: 3.11" in classifiers
+    assert "Typing :: Typed" in classifiers
+    assert meta.get_all("Project-URL"), "project URLs"
+
+
+def test_image_build_context_and_build_stage_include_the_license() -> None:
+    """pyproject names the file, so the image's wheel build fails without it."""
+    assert "!LICENSE" in (ROOT / ".dockerignore").read_text().splitlines()
+    copies = [
+        line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY")
+    ]
+    assert any("LICENSE" in line.split() for line in copies)
