@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install lint test run fake-api bench soak browser-check clean
+.PHONY: install lint test run fake-api bench soak browser-check lock clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,6 +38,15 @@ soak: $(PY)
 # The web-page attacks replayed by a real headless Chromium (not in CI; apt-get install chromium).
 browser-check: $(PY)
 	$(PY) benchmarks/browser_check.py
+
+# The image's dependencies and build backend, pinned with hashes (requirements/*.txt, which
+# the Dockerfile installs with --require-hashes), from pyproject.toml. Rebuild the image after.
+LOCK := $(VENV)/bin/uv pip compile --generate-hashes --universal --python-version 3.11 \
+	--custom-compile-command "make lock"
+lock: $(PY)
+	$(VENV)/bin/pip install --quiet uv
+	$(LOCK) pyproject.toml -o requirements/image.txt
+	echo hatchling | $(LOCK) - -o requirements/build.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist
