@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from valmi_sidecar.config import ConfigError, env_proxy, load_settings
+from valmi_sidecar.config import env_proxy, load_settings
 from valmi_sidecar.fake_api import FakeValmi
 from valmi_sidecar.upstream import classify, classify_exception
 
@@ -261,13 +264,37 @@ def test_env_proxy_reads_the_variables_as_curl_does(
     assert expected == env_proxy(api_url, env)
 
 
-def test_an_unusable_proxy_url_is_a_config_error_without_the_password(tmp_path: Path) -> None:
-    env = {"HOME": str(tmp_path), "HTTPS_PROXY": "https://user:hunter2-pw@proxy:3128"}
-    with pytest.raises(ConfigError, match="only http:// proxies") as caught:
-        load_settings(env=env)
-    assert "hunter2-pw" not in str(caught.value)
-    assert "proxy_from_env" in str(caught.value)
-    # Turned off, the variable is not read at all.
+def test_an_unusable_proxy_url_stops_run_with_exit_2_and_hides_the_password(
+    tmp_path: Path,
+) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("VALMI") and "proxy" not in k.lower()
+    }
+    env.update(
+        XDG_STATE_HOME=str(tmp_path / "state"),
+        HTTPS_PROXY="https://user:hunter2-pw@proxy.internal:3128",
+    )
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "valmi_sidecar", *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    result = run("run")
+    assert 2 == result.returncode
+    assert "only http:// proxies are supported" in result.stderr
+    assert "proxy_from_env" in result.stderr
+    assert "hunter2-pw" not in result.stderr + result.stdout
+    assert not (tmp_path / "state").exists(), "nothing started"
+    # The operator commands never go upstream: the variable is not their concern.
+    assert "only http:// proxies" not in run("status").stderr
     assert not load_settings(env={**env, "VALMI_SIDECAR_PROXY_FROM_ENV": "false"}).proxy_from_env
 
 

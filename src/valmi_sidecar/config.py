@@ -643,11 +643,11 @@ def load_settings(
     if "data_dir" not in values:
         values["data_dir"] = default_data_dir(env)
     settings = Settings(**values, **secrets)
-    _check_together(settings, layers, env)
+    _check_together(settings, layers)
     return settings
 
 
-def _check_together(settings: Settings, layers: _Layered, env: Mapping[str, str]) -> None:
+def _check_together(settings: Settings, layers: _Layered) -> None:
     """Rules that involve more than one setting."""
 
     def src(name: str) -> str:
@@ -659,8 +659,6 @@ def _check_together(settings: Settings, layers: _Layered, env: Mapping[str, str]
             f"backoff_cap_s ({src('backoff_cap_s')}) is {settings.backoff_cap_s:g}; "
             "the base must not exceed the cap"
         )
-    if settings.proxy_from_env:
-        env_proxy(settings.api_url, env)
     if settings.ingest_processes > MAX_INGEST_PROCESSES:
         raise ConfigError(
             f"ingest_processes ({src('ingest_processes')}): {settings.ingest_processes} is more "

@@ -475,7 +475,8 @@ def _loop_factory() -> Any:
 
 def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
     """Run the sidecar in the foreground; the exit code for the process. ``reload`` builds
-    the settings again for a SIGHUP."""
+    the settings again for a SIGHUP. ``ConfigError`` for an unusable proxy variable (only
+    ``run`` reads them: the operator commands never go upstream)."""
     proxy = env_proxy(settings.api_url, os.environ) if settings.proxy_from_env else None
     proxy_secrets = _proxy_secrets(proxy)
     configure_logging(
