@@ -12,6 +12,7 @@ import base64
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -166,6 +167,111 @@ async def test_events_reach_upstream_through_the_proxy_and_its_password_is_never
     proc.signal(signal.SIGTERM)
     assert 0 == await proc.wait_exit()
     assert PROXY_PASSWORD not in proc.log_text()
+
+
+@dataclass
+class TlsFront:
+    """A TLS server for ``UPSTREAM_HOST`` (a certificate made here with openssl, trusted by
+    the sidecar through SSL_CERT_FILE) that passes the decrypted bytes to the fake API."""
+
+    target: tuple[str, int]
+    cert: Path
+    key: Path
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> None:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert, self.key)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=ctx)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            try:
+                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            finally:
+                up_writer.close()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={UPSTREAM_HOST}",
+            "-addext",
+            f"subjectAltName=DNS:{UPSTREAM_HOST}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+async def test_an_https_api_is_reached_through_a_connect_tunnel(
+    sidecar_process: SidecarProcessFactory, fake: FakeValmi, tmp_path: Path
+) -> None:
+    """TLS runs end to end inside the tunnel; the credentials go on the CONNECT only."""
+    cert, key = make_certificate(tmp_path)
+    front = TlsFront((fake.host, fake.port), cert, key)
+    await front.start()
+    tunnel = ForwardingProxy(("127.0.0.1", front.port), basic(PROXY_USER, PROXY_PASSWORD))
+    await tunnel.start()
+    try:
+        proc = sidecar_process(
+            f"https://{UPSTREAM_HOST}",
+            HTTPS_PROXY=f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{tunnel.port}",
+            SSL_CERT_FILE=str(cert),
+        )
+        url = await proc.wait_ready()
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            for _ in range(3):
+                resp = await client.post(f"{url}/v1/actions", json=ACTION)
+                assert 202 == resp.status_code
+        await wait_until(lambda: len(fake.received) == 3, 15, "three events through the tunnel")
+        assert tunnel.seen
+        for method, target, auth in tunnel.seen:
+            assert ("CONNECT", f"{UPSTREAM_HOST}:443") == (method, target)
+            assert basic(PROXY_USER, PROXY_PASSWORD) == auth
+        proc.signal(signal.SIGTERM)
+        assert 0 == await proc.wait_exit()
+        assert PROXY_PASSWORD not in proc.log_text()
+    finally:
+        await tunnel.stop()
+        await front.stop()
 
 
 async def test_a_proxy_refusing_the_credentials_keeps_every_event_queued(
