@@ -21,16 +21,26 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY src ./src
 
-# The wheel is built by hatchling (the build backend named in pyproject.toml). The runtime
-# environment is made without pip, and the build stage's pip installs into it: nothing but
-# the sidecar and its dependencies ends up there. Every dependency ships a binary wheel for
-# CPython 3.11 on Linux, so no compiler is needed in either stage.
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+# Every file pip fetches is checked against a hash in requirements/ (`make lock` writes
+# them from pyproject.toml): the build backend, then the dependencies, in a layer of their
+# own that a change to the source does not rebuild. The runtime environment is made
+# without pip, and the build stage's pip installs into it: nothing but the sidecar and its
+# dependencies ends up there. Every dependency ships a binary wheel for CPython 3.11 on
+# Linux, so no compiler is needed in either stage.
+COPY requirements/build.txt requirements/image.txt ./requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/build.txt \
     && python -m venv --without-pip /opt/valmi-sidecar \
-    && pip --python /opt/valmi-sidecar/bin/python install --no-cache-dir /wheels/valmi_sidecar-*.whl
+    && pip --python /opt/valmi-sidecar/bin/python install --no-cache-dir --require-hashes \
+       -r requirements/image.txt
+
+# The wheel is built by hatchling, the locked one (no build isolation: nothing unpinned is
+# fetched); its dependencies are already installed.
+COPY pyproject.toml README.md LICENSE ./
+COPY src ./src
+RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels . \
+    && pip --python /opt/valmi-sidecar/bin/python install --no-cache-dir --no-deps \
+       /wheels/valmi_sidecar-*.whl
 
 # ---- runtime: a slim Python, the environment from the build stage, a fixed non-root user
 FROM python:3.11-slim-bookworm AS runtime

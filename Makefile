@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install lint test run fake-api bench soak browser-check systemd-test clean
+.PHONY: install lint test run fake-api bench soak browser-check systemd-test lock clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -44,6 +44,15 @@ browser-check: $(PY)
 # SIGKILL restart, a configuration error, the data directory's modes.
 systemd-test: $(PY)
 	bash .ci/systemd-test $(VENV)
+
+# The image's dependencies and build backend, pinned with hashes (requirements/*.txt, which
+# the Dockerfile installs with --require-hashes), from pyproject.toml. Rebuild the image after.
+LOCK := $(VENV)/bin/uv pip compile --generate-hashes --universal --python-version 3.11 \
+	--custom-compile-command "make lock"
+lock: $(PY)
+	$(VENV)/bin/pip install --quiet uv
+	$(LOCK) pyproject.toml -o requirements/image.txt
+	echo hatchling | $(LOCK) - -o requirements/build.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist

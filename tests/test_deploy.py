@@ -514,3 +514,10 @@ def test_docs_commands_name_real_files() -> None:
     for rel in re.findall(r"\b((?:systemd|examples)/[\w./-]+\.(?:service|example|ya?ml))", docs):
         assert (ROOT / rel).is_file(), f"README.md names {rel}, which does not exist"
     assert os.access(ROOT / ".ci" / "deploy-checks", os.R_OK)
+
+
+def test_unit_reloads_with_sighup_rather_than_stopping() -> None:
+    """`systemctl reload` sends SIGHUP to the main process, which the sidecar takes as a
+    reload (tests/test_reload.py); without ExecReload= it would refuse to reload."""
+    d = unit_directives(UNIT.read_text())
+    assert ["/bin/kill -HUP $MAINPID"] == d["ExecReload"]

@@ -89,6 +89,7 @@ DESCRIPTIONS: Mapping[str, str] = {
     "pause_after_refusals": "different events refused in a row with the same status (400, 413, 422), nothing delivered between, that pause forwarding as a configuration problem instead of dead-lettering them",
     "upstream_timeout_s": "timeout of one upstream request, in seconds",
     "upstream_concurrency": "upstream requests in flight at once",
+    "proxy_from_env": "reach the Valmi API through the proxy named by HTTPS_PROXY (HTTP_PROXY for an http:// API_URL), except for hosts in NO_PROXY",
     "flush_batch_size": "events leased from the queue per flusher round",
     "final_flush_s": "seconds to keep forwarding after SIGTERM before exiting",
     "shutdown_grace_s": "seconds to let in-flight ingest requests finish on shutdown",
@@ -313,12 +314,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in PLAIN_FIELDS}
     overrides["api_key_file"] = args.api_key_file
     overrides["ingest_token_file"] = args.ingest_token_file
-    settings = load_settings(argv_overrides=overrides, config_file=args.config)
+
+    def read_settings() -> Settings:
+        # The same sources each time: a SIGHUP reads the config and secret files again.
+        return load_settings(argv_overrides=overrides, config_file=args.config)
+
+    settings = read_settings()
 
     # Imported here so that --help and config errors never depend on the service.
     from .service import run as run_service  # noqa: PLC0415
 
-    return run_service(settings)
+    return run_service(settings, read_settings)
 
 
 # --- fake-api -----------------------------------------------------------------------------

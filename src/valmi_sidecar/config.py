@@ -64,9 +64,14 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Secret:
-    """A string that never shows itself in a repr, a log line or an error."""
+    """A string that never shows itself in a repr, a log line or an error.
+
+    ``path`` is the file it was read from, if any: a reload (SIGHUP) or a paused
+    forwarder reads the file again to pick up a rotated value.
+    """
 
     _value: str = field(repr=False)
+    path: Path | None = field(default=None, compare=False)
 
     def reveal(self) -> str:
         return self._value
@@ -123,6 +128,7 @@ class Settings:
     pause_after_refusals: int = 5
     upstream_timeout_s: float = 10.0
     upstream_concurrency: int = 16
+    proxy_from_env: bool = True
     flush_batch_size: int = 256
     final_flush_s: float = 10.0
     shutdown_grace_s: float = 5.0
@@ -165,6 +171,78 @@ def key_rate_limit_per_min(api_key: Secret | None) -> int:
     if api_key is not None and api_key.reveal().startswith(API_KEY_PREFIX):
         return API_KEY_RATE_LIMIT_PER_MIN
     return SDK_KEY_RATE_LIMIT_PER_MIN
+
+
+def _no_proxy(host: str, port: int, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` names ``host``: ``*``, the host itself, a domain it is in
+    (``example.com`` and ``.example.com`` both match ``api.example.com``), with an
+    optional ``:port``."""
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, entry_port = entry, ""
+        if entry.startswith("[") and "]:" in entry:  # [::1]:8080
+            name, _, entry_port = entry.partition("]:")
+        elif entry.count(":") == 1:  # host:8080 (a bare IPv6 address has more colons)
+            name, _, entry_port = entry.partition(":")
+        if entry_port.isdigit() and int(entry_port) != port:
+            continue
+        name = name.strip("[]").lstrip(".")
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
+
+
+def url_without_credentials(url: str) -> str:
+    """``url`` with any ``user:password@`` shown as ``[credentials]@``, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    return parts._replace(netloc="[credentials]@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
+def env_proxy(api_url: str, env: Mapping[str, str]) -> str | None:
+    """The forward proxy for ``api_url`` from the environment, as curl and most tools read
+    it: ``https_proxy``/``HTTPS_PROXY`` for an https:// API (``http_proxy``/``HTTP_PROXY``
+    for http://), unless ``no_proxy``/``NO_PROXY`` names its host. A loopback API is never
+    proxied. ``None`` for a direct connection; ``ConfigError`` for a URL the client cannot
+    use (the message never shows the proxy's password)."""
+    parts = urlsplit(api_url)
+    host = (parts.hostname or "").lower()
+    if not host or is_loopback(host):
+        return None
+    var = ""
+    value = ""
+    for name in (f"{parts.scheme}_proxy", f"{parts.scheme}_proxy".upper()):
+        if env.get(name, "").strip():
+            var, value = name, env[name].strip()
+            break
+    if not value:
+        return None
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY") or ""
+    if _no_proxy(host, parts.port or (443 if parts.scheme == "https" else 80), no_proxy):
+        return None
+    if "://" not in value:
+        value = "http://" + value  # a bare host:port, as curl takes it
+    shown = url_without_credentials(value)
+    try:
+        proxy = urlsplit(value)
+        proxy.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(
+            f"environment: {var}={shown!r} is not a valid URL; use for example "
+            "http://proxy.internal:3128, or set proxy_from_env = false"
+        ) from None
+    if proxy.scheme != "http" or not proxy.hostname:
+        raise ConfigError(
+            f"environment: {var}={shown!r}: only http:// proxies are supported (the API's "
+            "TLS still runs end to end through CONNECT); use for example "
+            "http://proxy.internal:3128, or set proxy_from_env = false"
+        )
+    return value
 
 
 _NOT_HOST_PORT = "is not HOST:PORT; use for example 127.0.0.1:8787 or [::1]:8787"
@@ -483,8 +561,8 @@ class _Layered:
 
     values: dict[str, object] = field(default_factory=dict)
     where: dict[str, str] = field(default_factory=dict)
-    # For each secret field: (source, reader) where the reader yields the secret text.
-    secrets: dict[str, tuple[str, Callable[[], str]]] = field(default_factory=dict)
+    # For each secret field: (source, reader) where the reader yields the secret.
+    secrets: dict[str, tuple[str, Callable[[], Secret]]] = field(default_factory=dict)
 
     def set(self, name: str, value: object, where: str) -> None:
         self.values[name] = value
@@ -514,12 +592,18 @@ def _read_secret_file(path: Path, where: str) -> str:
     return text
 
 
-def _from_file_reader(path: Path, where: str) -> Callable[[], str]:
-    return lambda: _read_secret_file(path, where)
+def read_secret_file(path: Path) -> str:
+    """The secret in ``path`` again (a rotated key); ``ConfigError`` naming the path, never
+    the content, if it cannot be read or is empty. Blocking: call it off the event loop."""
+    return _read_secret_file(path, "secret file")
 
 
-def _constant(text: str) -> Callable[[], str]:
-    return lambda: text
+def _from_file_reader(path: Path, where: str) -> Callable[[], Secret]:
+    return lambda: Secret(_read_secret_file(path, where), path)
+
+
+def _constant(text: str) -> Callable[[], Secret]:
+    return lambda: Secret(text)
 
 
 #: How to describe a default that is worked out at start rather than fixed.
@@ -651,7 +735,7 @@ def load_settings(
     if argv_overrides:
         _load_overrides(argv_overrides, env, layers)
 
-    secrets: dict[str, Any] = {name: Secret(read()) for name, (_, read) in layers.secrets.items()}
+    secrets: dict[str, Any] = {name: read() for name, (_, read) in layers.secrets.items()}
     values: dict[str, Any] = dict(layers.values)
     if "data_dir" not in values:
         values["data_dir"] = default_data_dir(env)
@@ -724,6 +808,7 @@ __all__ = [
     "Secret",
     "Settings",
     "default_data_dir",
+    "env_proxy",
     "env_var",
     "field_choices",
     "field_default",
@@ -732,5 +817,7 @@ __all__ = [
     "is_loopback",
     "key_rate_limit_per_min",
     "load_settings",
+    "read_secret_file",
     "split_listen",
+    "url_without_credentials",
 ]

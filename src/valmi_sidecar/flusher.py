@@ -187,6 +187,8 @@ class Flusher:
         self._budget_reset_at = 0.0
         self._failures = 0
         self._pauses = 0
+        # The status that paused forwarding: on 401/403 each probe reads the key file again.
+        self._pause_status: int | None = None
         self._rate_limits = 0
         # Refused events not yet judged, by seq (still queued, held in flight): dead
         # letters once a delivery is answered after they were sent, back in the queue if
@@ -458,9 +460,20 @@ class Flusher:
 
     # -- senders -------------------------------------------------------------------------
 
+    def probe_now(self) -> None:
+        """While paused, send the next probe now rather than at the end of the backoff
+        (the key was just replaced)."""
+        if self._state == "paused":
+            self._hold_until = 0.0
+            self._wake.set()
+
     async def _send(self, upstream: Upstream, event: QueuedEvent, generation: int) -> None:
         sent_at = time.monotonic()
         try:
+            if self._state == "paused" and self._pause_status in (401, 403):
+                # A rotated key (a Kubernetes Secret updated in place) resumes delivery
+                # without a restart, which for an emptyDir queue would lose it.
+                await upstream.refresh_key()
             answer = await upstream.send(event)
         except asyncio.CancelledError:
             self._unlease(event.seq)  # stays queued; same key next time
@@ -591,6 +604,7 @@ class Flusher:
             self._generation += 1
         self._failures = 0
         self._pauses = 0
+        self._pause_status = None
         self._rate_limits = 0
 
     def _on_failure(self, answer: Answer, now: float, current: bool) -> None:
@@ -626,6 +640,7 @@ class Flusher:
         if self._state == "paused" and not current:
             return  # another answer to a request sent before the pause
         self._pauses += 1
+        self._pause_status = answer.status
         hold = full_jitter(
             self._pauses - 1, self._settings.backoff_base_s, self._settings.backoff_cap_s, self._rng
         )

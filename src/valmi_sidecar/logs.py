@@ -42,8 +42,12 @@ class _Redactor:
     """Replace each secret in every string, however deep in dicts, lists and tuples."""
 
     def __init__(self, secrets: Sequence[str]) -> None:
+        self._secrets: list[str] = []
+        self.add(secrets)
+
+    def add(self, secrets: Sequence[str]) -> None:
         # Longest first, so a secret that contains another is replaced whole.
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._secrets = sorted({*self._secrets, *(s for s in secrets if s)}, key=len, reverse=True)
 
     def text(self, value: str) -> str:
         for secret in self._secrets:
@@ -137,6 +141,36 @@ def stderr_is_journal(env: Mapping[str, str] | None = None) -> bool:
     return value == f"{st.st_dev}:{st.st_ino}"
 
 
+#: The redactor of the configuration in force, for secrets that arrive later (a rotated key).
+_active: list[_Redactor] = []
+
+
+def redact_also(*secrets: str) -> None:
+    """Redact these values too from now on (a key read again after a rotation). A no-op
+    until ``configure_logging`` has run."""
+    for redactor in _active:
+        redactor.add(secrets)
+
+
+def set_level(level: str) -> None:
+    """Change the level of structlog and stdlib logging, keeping everything else."""
+    level = level.lower()
+    if level not in LEVELS:
+        raise ValueError(f"log level {level!r}: use one of {', '.join(LEVELS)}")
+    number = logging.getLevelNamesMapping()[level.upper()]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(number))
+    logging.getLogger().setLevel(number)
+
+
+def _colors() -> bool:
+    """Colours on a terminal, unless ``NO_COLOR`` is set to anything but empty
+    (https://no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    isatty: Callable[[], bool] | None = getattr(sys.stderr, "isatty", None)
+    return isatty is not None and isatty()
+
+
 def _use_json(fmt: str) -> bool:
     if fmt == "json":
         return True
@@ -175,13 +209,14 @@ def configure_logging(
         raise ValueError(f"log format {fmt!r}: use one of {', '.join(FORMATS)}")
     number = logging.getLevelNamesMapping()[level.upper()]
     redactor = _Redactor(secrets)
+    _active[:] = [redactor]
     as_json = _use_json(fmt)
 
     renderer: Processor
     if as_json:
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=_colors())
     final = _RedactingRenderer(renderer, redactor, journal=stderr_is_journal())
 
     shared: list[Processor] = [

@@ -18,7 +18,7 @@ import structlog
 from aiohttp import ClientPayloadError, web
 
 from . import events, openapi
-from .config import Settings
+from .config import Secret, Settings
 from .events import Kind, NewEvent, ValidationError
 from .guard import Policy
 from .store import (
@@ -54,6 +54,14 @@ class Lifecycle:
     no_ingest_worker: bool = False
 
 
+@dataclass
+class IngestToken:
+    """The ingest token clients must send, or ``None``; its value may be replaced while
+    running (a reload), never added or removed (that changes the Host policy)."""
+
+    secret: Secret | None
+
+
 StatusFn = Callable[[], dict[str, Any]]
 MetricsFn = Callable[[], bytes]
 
@@ -72,6 +80,7 @@ LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
 STATUS: Final = web.AppKey[StatusFn]("status")
 METRICS: Final = web.AppKey[MetricsFn]("metrics")
 POLICY: Final = web.AppKey("policy", Policy)
+TOKEN: Final = web.AppKey("ingest_token", IngestToken)
 #: Requests refused, by error code (``valmi_sidecar_refused_requests_total``): every
 #: refusal of an ingest route, and on every route those of the local-only guard.
 REFUSED: Final = web.AppKey[dict[str, int]]("refused")
@@ -190,7 +199,7 @@ def _too_large(limit: int, _detail: str | None = None) -> ApiError:
 
 
 def _check_token(request: web.Request) -> None:
-    token = request.app[SETTINGS].ingest_token
+    token = request.app[TOKEN].secret
     if token is None:
         return  # An agent's own Authorization header (its Valmi key) is ignored.
     given = request.headers.get("Authorization", "")
@@ -421,6 +430,7 @@ def ingest_app(settings: Settings, lifecycle: Lifecycle) -> web.Application:
         token_set=settings.ingest_token is not None,
     )
     app[LIFECYCLE] = lifecycle
+    app[TOKEN] = IngestToken(settings.ingest_token)
     app[REFUSED] = {}
     return app
 

@@ -2,6 +2,8 @@
 
 Start-up: settings (given), data-directory lock and database (the store), the upstream
 HTTP client, the flusher, then listen; ``/readyz`` turns 200 only after all of them.
+SIGHUP reloads: the settings are read again and the API key, the ingest token and the
+log level taken from them, without a restart (others are logged as needing one).
 Shutdown (SIGTERM/SIGINT): ``/readyz`` and new posts turn 503, the listener closes,
 requests in flight finish (``shutdown_grace_s``), the flusher gets a final flush
 (``final_flush_s``), then the client and the store close, in reverse order. Each
@@ -12,28 +14,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 import structlog
 from aiohttp import web
+from yarl import URL
 
 from . import __version__
 from .admin import add_admin_routes, moved_aside_json
-from .config import ADDRESS_NAME, Settings, split_listen
+from .config import (
+    ADDRESS_NAME,
+    PLAIN_FIELDS,
+    ConfigError,
+    Settings,
+    env_proxy,
+    split_listen,
+    url_without_credentials,
+)
 from .flusher import Flusher
-from .logs import configure_logging
+from .logs import configure_logging, redact_also, set_level
 from .metrics import DrainForecast, MetricsSource, drain_forecast, render_metrics
 from .receiver import (
     INGEST,
     REFUSED,
     STORE,
+    TOKEN,
     Lifecycle,
     build_app,
     build_ops_app,
@@ -54,6 +68,10 @@ OPS_SHUTDOWN_S: Final = 1.0
 STATUS_INTERVAL_S: Final = 5.0
 
 
+#: What a reload applies without a restart; every other change waits for one.
+RELOADABLE: Final = ("api_key", "ingest_token", "log_level")
+
+
 def _rfc3339(unix: float | None) -> str | None:
     if unix is None:
         return None
@@ -63,10 +81,24 @@ def _rfc3339(unix: float | None) -> str | None:
 
 
 class Sidecar:
-    """One running sidecar: the resources, their order, and the exit code."""
+    """One running sidecar: the resources, their order, and the exit code.
 
-    def __init__(self, settings: Settings) -> None:
+    ``reload`` builds the settings again (as at start) for a SIGHUP; ``owns_logging``
+    lets a reload change the process's log level.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        reload: Callable[[], Settings] | None = None,
+        *,
+        owns_logging: bool = False,
+    ) -> None:
         self.settings = settings
+        self._reload = reload
+        self._owns_logging = owns_logging
+        self._reload_requested = asyncio.Event()
+        self._app: web.Application | None = None
         self.lifecycle = Lifecycle()
         self.exit_code = 0
         self.address: tuple[str, int] | None = None
@@ -143,11 +175,15 @@ class Sidecar:
             )
             yield
             return
+        proxy = env_proxy(s.api_url, os.environ) if s.proxy_from_env else None
+        if proxy is not None:
+            log.info("upstream_proxy", proxy=url_without_credentials(proxy))
         self._upstream = Upstream(
             s.api_url,
             s.api_key,
             timeout_s=s.upstream_timeout_s,
             max_connections=s.upstream_concurrency,
+            proxy=proxy,
         )
         try:
             yield
@@ -303,6 +339,7 @@ class Sidecar:
         tearing down what had started)."""
         s = self.settings
         app = build_app(s, self.lifecycle, self.status, lambda: self._metrics(app))
+        self._app = app
         add_admin_routes(app)
         app.cleanup_ctx.extend(
             [self._store_ctx, self._ops_ctx, self._upstream_ctx, self._flusher_ctx]
@@ -433,27 +470,123 @@ class Sidecar:
             exit_code=self.exit_code,
         )
 
+    # --- reload (SIGHUP) --------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """Read the settings again and apply the API key, the ingest token and the log
+        level; log what changed (never a secret) and what needs a restart. Never raises:
+        a bad setting is logged and the settings in force stay."""
+        if self._reload is None:
+            log.warning("reload_unsupported", reason="this sidecar was not started by `run`")
+            return
+        try:
+            # Reading the config and secret files blocks: off the event loop.
+            new = await asyncio.to_thread(self._reload)
+        except ConfigError as exc:
+            log.error(
+                "reload_failed",
+                error=str(exc),
+                action="fix it and send SIGHUP again; the settings in force are kept",
+            )
+            return
+        old = self.settings
+        applied: list[str] = []
+        restart = [
+            n for n in PLAIN_FIELDS if n not in RELOADABLE and getattr(new, n) != getattr(old, n)
+        ]
+        api_key = old.api_key
+        if (new.api_key is None) != (old.api_key is None) or (
+            new.api_key is not None and self._upstream is None
+        ):
+            restart.append("api_key")
+        elif new.api_key is not None and self._upstream is not None:
+            try:
+                if self._upstream.set_key(new.api_key):
+                    applied.append("api_key")
+                    if self._flusher is not None:
+                        self._flusher.probe_now()
+                api_key = new.api_key
+            except ValueError as exc:
+                log.error("reload_failed", error=str(exc), action="fix the API key file")
+        token = old.ingest_token
+        holder = self._app[TOKEN] if self._app is not None else None
+        if (new.ingest_token is None) != (old.ingest_token is None):
+            restart.append("ingest_token")
+        elif holder is not None and new.ingest_token is not None:
+            token = new.ingest_token
+            current = holder.secret
+            if current is None or current.reveal() != token.reveal():
+                redact_also(token.reveal())
+                holder.secret = token
+                applied.append("ingest_token")
+        if new.log_level != old.log_level:
+            applied.append("log_level")
+        self.settings = dataclasses.replace(
+            old, api_key=api_key, ingest_token=token, log_level=new.log_level
+        )
+        if self._workers is not None and ("ingest_token" in applied or "log_level" in applied):
+            self._workers.reload(self.settings)
+        more_verbose = _level(new.log_level) < _level(old.log_level)
+        if self._owns_logging and more_verbose:
+            set_level(new.log_level)
+        log.info("settings_reloaded", changed=applied, log_level=new.log_level)
+        if restart:
+            log.warning(
+                "reload_needs_restart",
+                settings=restart,
+                action="restart the sidecar to apply them; the values in force are kept",
+            )
+        if self._owns_logging and not more_verbose:
+            set_level(new.log_level)
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            self._notifier.send(
+                "RELOADING=1",
+                f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
+            )
+            await self.reload()
+            self._notifier.ready(self._status_line())
+
     async def serve(self) -> int:
-        """Run until SIGTERM/SIGINT or a background failure; return the exit code."""
+        """Run until SIGTERM/SIGINT or a background failure, reloading on SIGHUP; return
+        the exit code."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        # Without this, SIGHUP ends the process at once, without a drain, and with a
+        # status that systemd's Restart=on-failure takes for a clean exit.
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+        reloads = asyncio.create_task(self._reload_loop(), name="reload")
+        reloads.add_done_callback(self._on_background_done)
         try:
             try:
                 await self.start()
             except (StoreError, OSError) as exc:
                 log.error("startup_failed", error=str(exc))
                 return 1
+            except ConfigError as exc:
+                log.error("startup_failed", error=str(exc))
+                return 2
             await self._stop_requested.wait()
             await self.stop()
             return self.exit_code
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            self._stopping = True
+            reloads.cancel()
+            await asyncio.wait({reloads}, timeout=CLOSE_TIMEOUT_S)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _level(name: str) -> int:
+    return logging.getLevelNamesMapping()[name.upper()]
 
 
 def _loop_factory() -> Any:
@@ -464,10 +597,29 @@ def _loop_factory() -> Any:
     return None
 
 
-def run(settings: Settings) -> int:
-    """Run the sidecar in the foreground; the exit code for the process."""
+def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    """Run the sidecar in the foreground; the exit code for the process. ``reload`` builds
+    the settings again for a SIGHUP. ``ConfigError`` for an unusable proxy variable (only
+    ``run`` reads them: the operator commands never go upstream)."""
+    proxy = env_proxy(settings.api_url, os.environ) if settings.proxy_from_env else None
+    proxy_secrets = _proxy_secrets(proxy)
     configure_logging(
-        settings.log_level, settings.log_format, settings.secrets(), access_log=settings.access_log
+        settings.log_level,
+        settings.log_format,
+        [*settings.secrets(), *proxy_secrets],
+        access_log=settings.access_log,
     )
+
+    async def serve() -> int:
+        return await Sidecar(settings, reload, owns_logging=True).serve()
+
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(Sidecar(settings).serve())
+        return runner.run(serve())
+
+
+def _proxy_secrets(proxy: str | None) -> list[str]:
+    """The proxy's password as written and decoded, for the log redactor."""
+    if proxy is None:
+        return []
+    url = URL(proxy)
+    return [p for p in (url.raw_password, url.password) if p]

@@ -15,21 +15,28 @@ Valmi's 10,000/min budget accepted 8 times fewer events at 64 connections.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import math
+import os
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Final, Literal
 
 import aiohttp
+import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from . import __version__
-from .config import Secret
+from .config import ConfigError, Secret, read_secret_file
 from .events import PATHS
+from .logs import redact_also
 from .metrics import UpstreamStats
 from .store import QueuedEvent
 
@@ -44,6 +51,12 @@ USER_AGENT: Final = f"valmi-sidecar/{__version__}"
 _RETRY_STATUSES: Final = frozenset({408, 425, 429})
 _DEAD_LETTER_STATUSES: Final = frozenset({400, 413, 422})
 _REDACTED: Final = "[redacted]"
+
+log = structlog.get_logger("valmi_sidecar.upstream")
+
+#: What identifies one version of a key file: a rotated Kubernetes Secret is a new file
+#: behind the same path (a symlink swap), an edited one a new size or modification time.
+_FileStamp = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +144,7 @@ def classify(
     """What an upstream HTTP answer means. Pure; ``now`` is the Unix time for HTTP-dates.
 
     2xx and 409 are delivered; 408, 425, 429 and 5xx are retried; 400, 413 and 422
-    dead-letter the event; 401, 403, 404 and anything else (redirects, other 4xx) pause
+    dead-letter the event; 401, 403, 404, 407 (the proxy) and anything else (redirects, other 4xx) pause
     forwarding, because a wrong key or URL must never dead-letter the queue.
     """
     lowered = _lowered(headers)
@@ -171,6 +184,11 @@ def classify(
             "pause",
             f"HTTP 404: no such endpoint upstream; check api_url, the API's base URL such as https://api.valmi.io ({detail})",
         )
+    if status == 407:
+        return answer(
+            "pause",
+            f"HTTP 407: the egress proxy refused its credentials; check HTTPS_PROXY / HTTP_PROXY ({detail})",
+        )
     if 300 <= status < 400:
         location = excerpt(lowered.get("location", ""), 200) or "no Location"
         return answer(
@@ -195,6 +213,12 @@ def classify_exception(exc: BaseException) -> Answer:
     if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
         return Answer(
             "pause", None, f"{name}: {message or 'bad URL'}; check api_url (http:// or https://)"
+        )
+    if isinstance(exc, aiohttp.ClientHttpProxyError) and exc.status == 407:
+        return Answer(
+            "pause",
+            407,
+            f"{name}: the egress proxy refused its credentials; check HTTPS_PROXY / HTTP_PROXY",
         )
     if isinstance(exc, TimeoutError):
         return Answer("retry", None, f"{name}: {message or 'timed out'}")
@@ -232,12 +256,33 @@ def _lowered(headers: Mapping[str, str]) -> Mapping[str, str]:
     return {k.lower(): v for k, v in headers.items()}
 
 
+def _check_key(api_key: Secret) -> str:
+    key = api_key.reveal()
+    if not key.strip() or not key.isascii() or not key.isprintable():
+        raise ValueError("api_key: must be a non-empty printable ASCII string")
+    return key
+
+
+def _stamp(path: Path) -> _FileStamp:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _basic_credentials(login: str, password: str) -> str:
+    token = base64.b64encode(f"{login}:{password}".encode()).decode("ascii")
+    return f"Basic {token}"
+
+
 class Upstream:
     """One pooled keep-alive client for the Valmi API.
 
     ``send`` never raises for an HTTP or transport failure: every outcome is an ``Answer``
-    whose ``error`` never contains the API key. The session is made on the first send,
-    inside the running event loop.
+    whose ``error`` never contains the API key (current or replaced) or the proxy's
+    credentials. The session is made on the first send, inside the running event loop.
+
+    ``proxy`` is the forward proxy's URL (``http://[user:password@]host:port``) or
+    ``None`` for direct connections. The key can be replaced while running
+    (``set_key``), and re-read from the file it came from (``refresh_key``).
     """
 
     def __init__(
@@ -247,29 +292,114 @@ class Upstream:
         *,
         timeout_s: float,
         max_connections: int,
+        proxy: str | None = None,
     ) -> None:
-        key = api_key.reveal()
-        if not key.strip() or not key.isascii() or not key.isprintable():
-            raise ValueError("api_key: must be a non-empty printable ASCII string")
+        key = _check_key(api_key)
         if max_connections < 1:
             raise ValueError(f"max_connections: must be at least 1, not {max_connections}")
         self._key = key
+        self._key_file = api_key.path
+        self._key_stamp: _FileStamp | None = None
+        # Keys replaced by a rotation: still scrubbed from every answer.
+        self._secrets: list[str] = [key]
         self._base = api_url.rstrip("/")
+        self._headers = self._request_headers()
+        self._proxy: URL | None = None
+        self._proxy_headers: dict[str, str] | None = None
+        if proxy is not None:
+            self._set_proxy(URL(proxy))
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self.stats = UpstreamStats()
 
+    def _set_proxy(self, url: URL) -> None:
+        if url.user is not None or url.password is not None:
+            credentials = _basic_credentials(url.user or "", url.password or "")
+            self._add_secrets(url.raw_password, url.password, credentials)
+            if self._base.startswith("https:"):
+                # Sent on the CONNECT to the proxy, never through the tunnel.
+                self._proxy_headers = {"Proxy-Authorization": credentials}
+            else:
+                # A plain-HTTP request goes to the proxy itself, headers and all.
+                self._headers["Proxy-Authorization"] = credentials
+        self._proxy = url.with_user(None)
+
+    def _add_secrets(self, *secrets: str | None) -> None:
+        # Longest first, so that a secret containing another is replaced whole.
+        found = {*self._secrets, *(s for s in secrets if s)}
+        self._secrets = sorted(found, key=len, reverse=True)
+
+    def _request_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key}"}
+
+    @property
+    def key_file(self) -> Path | None:
+        """The file the key was read from, if any."""
+        return self._key_file
+
+    def set_key(self, api_key: Secret) -> bool:
+        """Use ``api_key`` for the next requests (those in flight keep the old one); True
+        when it differs from the key in use. ``ValueError`` if it is not a usable key."""
+        key = _check_key(api_key)
+        if api_key.path is not None:
+            self._key_file = api_key.path
+        if key == self._key:
+            return False
+        redact_also(key)
+        self._key = key
+        self._add_secrets(key)
+        self._headers["Authorization"] = f"Bearer {key}"
+        return True
+
+    async def refresh_key(self) -> bool:
+        """Read the key file again if it changed since it was last read, and use the key
+        in it; True when the key in use changed. Never raises: an unreadable or empty file
+        is logged and the key in use is kept."""
+        path = self._key_file
+        if path is None:
+            return False
+        try:
+            found = await asyncio.to_thread(self._read_if_changed, path, self._key_stamp)
+        except ConfigError as exc:
+            log.warning("api_key_file_unreadable", path=str(path), error=str(exc))
+            return False
+        except OSError as exc:
+            log.warning(
+                "api_key_file_unreadable", path=str(path), error=exc.strerror or type(exc).__name__
+            )
+            return False
+        if found is None:
+            return False
+        stamp, text = found
+        self._key_stamp = stamp
+        try:
+            changed = self.set_key(Secret(text, path))
+        except ValueError as exc:
+            log.warning("api_key_file_unusable", path=str(path), error=str(exc))
+            return False
+        if changed:
+            log.info("api_key_reloaded", path=str(path), reason="key file changed")
+        return changed
+
+    @staticmethod
+    def _read_if_changed(path: Path, seen: _FileStamp | None) -> tuple[_FileStamp, str] | None:
+        stamp = _stamp(path)
+        if stamp == seen:
+            return None
+        return stamp, read_secret_file(path)
+
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 headers={
-                    "Authorization": f"Bearer {self._key}",
                     "User-Agent": USER_AGENT,
                     "Content-Type": "application/json",
                 },
                 timeout=self._timeout,
                 connector=aiohttp.TCPConnector(limit=self._max_connections),
+                # The proxy is read from the environment once, at start (config.env_proxy),
+                # not on every request; and ~/.netrc is never consulted.
                 trust_env=False,
             )
         return self._session
@@ -285,8 +415,10 @@ class Upstream:
             async with self._client().post(
                 self._base + PATHS[event.kind],
                 data=event.body,
-                headers={"Idempotency-Key": event.idem_key},
+                headers={**self._headers, "Idempotency-Key": event.idem_key},
                 allow_redirects=False,
+                proxy=self._proxy,
+                proxy_headers=self._proxy_headers,
             ) as response:
                 status = response.status
                 # Read the body even of a 2xx: an unread body closes the connection.
@@ -300,8 +432,9 @@ class Upstream:
             raw = b""
         # Scrub the whole body before any cut: an excerpt that ends inside an echoed key
         # would otherwise carry a piece of it past the scrubbing of the answer.
-        if raw and self._key.encode() in raw:
-            raw = raw.replace(self._key.encode(), _REDACTED.encode())
+        for secret in self._secrets:
+            if raw and secret.encode() in raw:
+                raw = raw.replace(secret.encode(), _REDACTED.encode())
         body = raw[: EXCERPT_CHARS * 4].decode("utf-8", "replace")
         return self._scrubbed(classify(status, headers, body))
 
@@ -310,6 +443,8 @@ class Upstream:
             await self._session.close()
 
     def _scrubbed(self, answer: Answer) -> Answer:
-        if self._key not in answer.error:
-            return answer
-        return replace(answer, error=answer.error.replace(self._key, _REDACTED))
+        error = answer.error
+        for secret in self._secrets:
+            if secret in error:
+                error = error.replace(secret, _REDACTED)
+        return answer if error == answer.error else replace(answer, error=error)

@@ -23,7 +23,7 @@ one event-loop pass in one frame:
   token among them: a socket pair is private to the two processes); ``["answers",
   [[rid, "ok", [[id, created_at, duplicate], ...], 0] | [rid, ERROR, message, extra], ...]]``
   where ERROR is ``queue_full``, ``conflict``, ``store`` (nothing stored), ``unknown`` or
-  ``internal`` (either may have been committed); ``["drain"]`` at shutdown.
+  ``internal`` (either may have been committed); ``["reload", {"ingest_token", "log_level"}]`` after a SIGHUP; ``["drain"]`` at shutdown.
 
 Lifecycle: a worker that exits while the sidecar runs is started again (backoff 1 s,
 doubling to 30 s). At shutdown the main process tells every worker to drain (stop
@@ -31,7 +31,8 @@ accepting, finish its requests within ``shutdown_grace_s``, exit), waits for the
 then closes the store. A worker whose main process is gone (its channel ends) stops at
 once: nothing more could be stored, and a submission the main process received but did
 not answer is answered ``503 outcome_unknown`` (it may have been committed). SIGTERM to a
-worker (systemd sends it to every process of the unit) is a drain of that worker.
+worker (systemd sends it to every process of the unit) is a drain of that worker; a worker ignores SIGHUP (its main process reloads
+and passes the new settings on).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from .receiver import (
     LIFECYCLE,
     REFUSED,
     RETRY_AFTER_STORE_ERROR_S,
+    TOKEN,
     ApiError,
     Lifecycle,
     add_ingest_routes,
@@ -254,22 +256,35 @@ class IngestWorkers:
             raise
         log.info("ingest_workers_started", n=self._count, pids=self.pids())
 
+    def reload(self, settings: Settings) -> None:
+        """Pass a new ingest token and log level to every worker (and to those started
+        later)."""
+        self._settings = settings
+        for worker in self._workers.values():
+            write_frame(worker.writer, ["reload", self._reloadable()])
+
+    def _reloadable(self) -> dict[str, Any]:
+        s = self._settings
+        return {
+            "ingest_token": s.ingest_token.reveal() if s.ingest_token is not None else None,
+            "log_level": s.log_level,
+        }
+
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers.values()]
 
     def _hello(self, index: int) -> dict[str, Any]:
         s = self._settings
         return {
+            **self._reloadable(),
             "index": index,
             "ops_port": self._ops_port,
-            "ingest_token": s.ingest_token.reveal() if s.ingest_token is not None else None,
             "listen": s.listen,
             "allowed_origins": list(s.allowed_origins),
             "allowed_hosts": list(s.allowed_hosts),
             "max_body_bytes": s.max_body_bytes,
             "client_timeout_s": s.client_timeout_s,
             "shutdown_grace_s": s.shutdown_grace_s,
-            "log_level": s.log_level,
             "log_format": s.log_format,
             "access_log": s.access_log,
         }
@@ -620,7 +635,19 @@ def _worker_app(settings: Settings, hello: dict[str, Any], link: _MainLink) -> w
     return app
 
 
-async def _follow_main(reader: asyncio.StreamReader, link: _MainLink, stop: asyncio.Event) -> bool:
+def _reload(app: web.Application, changes: dict[str, Any]) -> None:
+    from .logs import redact_also, set_level  # noqa: PLC0415 - as configure_logging
+
+    token = changes["ingest_token"]
+    if token:
+        redact_also(token)
+    app[TOKEN].secret = Secret(token) if token else None
+    set_level(changes["log_level"])
+
+
+async def _follow_main(
+    reader: asyncio.StreamReader, link: _MainLink, stop: asyncio.Event, app: web.Application
+) -> bool:
     """Read the main process's frames until it says drain (True) or the channel ends
     (False: the main process is gone)."""
     try:
@@ -628,6 +655,8 @@ async def _follow_main(reader: asyncio.StreamReader, link: _MainLink, stop: asyn
             frame = await read_frame(reader)
             if frame[0] == "answers":
                 link.answered(frame[1])
+            elif frame[0] == "reload":
+                _reload(app, frame[1])
             elif frame[0] == "drain":
                 stop.set()
     except ChannelClosedError as exc:
@@ -668,9 +697,12 @@ async def run_worker(listen_fds: Sequence[int], channel_fd: int) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A closed terminal or `systemctl kill -s HUP` reaches the workers too; the main
+    # process reloads and sends the result over the channel.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     refused: dict[str, int] = app[REFUSED]
     sent: dict[str, int] = {}
-    follow = loop.create_task(_follow_main(reader, link, stop), name="channel")
+    follow = loop.create_task(_follow_main(reader, link, stop, app), name="channel")
     report = loop.create_task(_report_refused(writer, refused, sent), name="refused")
     write_frame(writer, ["ready"])
     exit_code = 0
@@ -690,7 +722,7 @@ async def run_worker(listen_fds: Sequence[int], channel_fd: int) -> int:
             follow.cancel()
         await asyncio.wait({report, follow}, timeout=1.0)
         writer.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     if follow.done() and not follow.cancelled() and follow.result() is False:
         exit_code = 1
