@@ -172,7 +172,7 @@ async def test_corrupt_database_is_moved_aside_then_salvaged_with_original_keys(
     )
     status = json.loads(out)
     assert salvaged == status["events"]["queued"]
-    assert [str(moved)] == status["moved_aside"]
+    assert [str(moved)] == [m["path"] for m in status["moved_aside"]]
 
     # Forwarded with their original keys and bodies.
     third = sidecar_process(fake.url, data_dir=data_dir)

@@ -81,7 +81,9 @@ async def test_sighup_reloads_key_and_log_level_and_keeps_running(
         await wait_until(lambda: len(fake.received) == 2, 10, "second event, new key")
     assert proc.proc.poll() is None, "SIGHUP must not end the process"
     assert [] == events_named(proc, "upstream_paused"), "the new key was used at once"
-    assert any(e.get("level") == "debug" for e in proc.log_events()), "debug lines now"
+    await wait_until(
+        lambda: any(e.get("level") == "debug" for e in proc.log_events()), 10, "debug lines now"
+    )
     proc.signal(signal.SIGTERM)
     assert 0 == await proc.wait_exit()
     assert_no_secret_logged(proc, OLD_KEY, NEW_KEY)

@@ -160,6 +160,7 @@ def set_level(level: str) -> None:
     number = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(number))
     logging.getLogger().setLevel(number)
+    logging.getLogger("aiosqlite").setLevel(max(number, logging.INFO))
 
 
 def _colors() -> bool:
