@@ -3,6 +3,7 @@ API, and a database corrupted on purpose at start-up, then salvaged and checked.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import httpx
 
 from tests.conftest import ACTION, SidecarFactory, SidecarProcessFactory, wait_until
 from tests.test_dead_letters import free_port, run_cli
+from valmi_sidecar.disk import data_dir_bytes
 from valmi_sidecar.events import rfc3339
 from valmi_sidecar.store import moved_aside_files
 
@@ -87,6 +89,80 @@ async def test_full_disk_refuses_with_503_keeps_every_acknowledged_event_and_rec
     assert {e.body.get("metadata", {}).get("blob", "")[:1] for e in fake.events()} <= {"", "x"}
     c = store.counts()
     assert (len(acked), 0) == (c.received, c.dead_lettered)
+
+
+async def test_disk_budget_is_never_passed_and_the_sidecar_says_full_before(
+    sidecar_process: SidecarProcessFactory, tmp_path: Path
+) -> None:
+    """max_queue_bytes=8 MiB, nothing forwarded, ~1 KB actions posted until the first 503:
+    every file in the data directory together stays within 8 MiB at every moment, the
+    refusal is queue_full with Retry-After, and every acknowledged event is kept."""
+    budget = 8 * 1024 * 1024
+    data_dir = tmp_path / "data"
+    proc = sidecar_process(None, data_dir=data_dir, VALMI_SIDECAR_MAX_QUEUE_BYTES=str(budget))
+    url = await proc.wait_ready()
+    largest = 0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal largest
+        while not done.is_set():
+            largest = max(largest, data_dir_bytes(data_dir))
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    acked: set[str] = set()
+    refusals: list[httpx.Response] = []
+    body = {**ACTION, "metadata": {"pad": "p" * 1000}}
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def post_until_refused() -> None:
+            while not refusals:
+                r = await client.post(url + "/v1/actions", json=body)
+                if r.status_code == 202:
+                    acked.add(r.json()["id"])
+                else:
+                    refusals.append(r)
+
+        await asyncio.wait_for(asyncio.gather(*(post_until_refused() for _ in range(8))), 120)
+        refused = refusals[0]
+        assert 503 == refused.status_code, refused.text
+        assert "queue_full" == refused.json()["error"]["code"]
+        assert "max_queue_bytes" in refused.json()["error"]["message"]
+        assert refused.headers["Retry-After"].isdigit()
+        ready = await client.get(url + "/readyz")
+        assert 503 == ready.status_code
+        assert any("max_queue_bytes" in reason for reason in ready.json()["reasons"])
+        status = (await client.get(url + "/v1/status")).json()
+        metrics = dict(
+            line.split()
+            for line in (await client.get(url + "/metrics")).text.splitlines()
+            if line.startswith("valmi_sidecar_disk")
+        )
+    done.set()
+    await watcher
+    assert len(acked) > 1500  # most of the budget holds events, not overhead
+    assert largest <= budget, f"the data directory reached {largest} bytes"
+    disk = status["disk"]
+    assert (budget, True) == (disk["max_bytes"], disk["full"])
+    assert 0 < disk["bytes"] <= budget
+    assert len(acked) == status["events"]["queued"]
+    assert budget == float(metrics["valmi_sidecar_disk_max_bytes"])
+    assert 0 < float(metrics["valmi_sidecar_disk_bytes"]) <= budget
+    assert 1 == float(metrics["valmi_sidecar_disk_full"])
+
+    proc.signal(signal.SIGTERM)
+    assert 0 == await proc.wait_exit()
+    assert data_dir_bytes(data_dir) <= budget
+    # Nothing acknowledged was lost; a restart on the full directory keeps refusing.
+    again = sidecar_process(None, data_dir=data_dir, VALMI_SIDECAR_MAX_QUEUE_BYTES=str(budget))
+    url = await again.wait_ready()
+    async with httpx.AsyncClient(timeout=10) as client:
+        status = (await client.get(url + "/v1/status")).json()
+        r = await client.post(url + "/v1/actions", json=body)
+    assert len(acked) == status["events"]["queued"]
+    assert (503, "queue_full") == (r.status_code, r.json()["error"]["code"])
+    assert data_dir_bytes(data_dir) <= budget
 
 
 def corrupt_middle(path: Path, pages: int = 4) -> None:

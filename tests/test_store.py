@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from valmi_sidecar.disk import data_dir_bytes, minimum_queue_bytes
 from valmi_sidecar.events import NewEvent, parse_batch, parse_one
 from valmi_sidecar.store import (
     DB_NAME,
@@ -278,14 +279,42 @@ async def test_queue_full_by_events_stores_nothing(open_store: OpenStore, clock:
     assert 3 == store.counts().queued
 
 
-async def test_queue_full_by_bytes_stores_nothing(open_store: OpenStore, clock: Clock) -> None:
-    size = len(action(clock).body)
-    store = await open_store(max_queue_bytes=2 * size + size // 2)
-    await store.submit([action(clock), action(clock)])
-    with pytest.raises(QueueFullError, match="max_queue_bytes"):
-        await store.submit([action(clock)])
-    c = store.counts()
-    assert (2, 2 * size) == (c.queued, c.queued_bytes)
+def padded(clock: Clock, pad: int) -> NewEvent:
+    body = (
+        f'{{"agent_key": "agent-1", "action_type": "llm_call", "metadata": {{"p": "{"x" * pad}"}}}}'
+    )
+    return parse_one("action", body.encode(), now=clock())
+
+
+async def test_disk_budget_bounds_every_file_and_refusal_stores_nothing(
+    open_store: OpenStore, clock: Clock, tmp_path: Path
+) -> None:
+    """max_queue_bytes bounds the data directory's files (database, WAL, SHM, lock, …),
+    measured after every commit; the submission that would pass it stores nothing."""
+    budget = minimum_queue_bytes(16 * 1024) + 512 * 1024
+    data_dir = tmp_path / "data"
+    store = await open_store(data_dir, max_queue_bytes=budget, max_body_bytes=16 * 1024)
+    largest = 0
+    refused: QueueFullError | None = None
+    for i in range(100_000):
+        n = 1 if refused is not None else 1 + i % 5  # once a batch is refused, single ones
+        before = store.counts()
+        try:
+            await store.submit([padded(clock, 1000 + i % 7) for _ in range(n)])
+        except QueueFullError as exc:
+            assert before == store.counts()
+            refused = exc
+            if n == 1:
+                break
+        largest = max(largest, data_dir_bytes(data_dir))
+    assert refused is not None, "never full"
+    assert "max_queue_bytes" in str(refused)
+    assert refused.retry_after_s > 0
+    assert store.full
+    assert largest <= budget
+    assert data_dir_bytes(data_dir) <= budget
+    # Most of the room for events held events: the estimate errs high, the measure does not.
+    assert store.counts().queued_bytes > store.budget.intake_bytes // 2
 
 
 async def test_queue_limit_is_exact_under_concurrent_submits(

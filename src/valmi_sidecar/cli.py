@@ -69,7 +69,7 @@ DESCRIPTIONS: Mapping[str, str] = {
     "data_dir": "directory for the SQLite queue (created 0700)",
     "api_url": f"base URL of the Valmi API (also read from {ENV_API_URL})",
     "durability": "SQLite synchronous mode: 'full' survives power loss, 'normal' only process crashes",
-    "max_queue_bytes": "queue size limit in bytes; when reached, new events get 503 with Retry-After",
+    "max_queue_bytes": "disk budget in bytes: every file in the data directory (events, keys, dead letters, WAL); when reached, new events get 503 with Retry-After",
     "max_queue_events": "queue size limit in events; when reached, new events get 503 with Retry-After",
     "max_body_bytes": "largest request body accepted, in bytes (413 beyond)",
     "rate_limit_per_min": "upstream requests per minute, the API key's budget",
@@ -580,6 +580,7 @@ async def _with_store(t: _Target, work: Callable[[Store], Coroutine[Any, Any, _T
             durability=t.settings.durability,
             max_queue_bytes=t.settings.max_queue_bytes,
             max_queue_events=t.settings.max_queue_events,
+            max_body_bytes=t.settings.max_body_bytes,
             dedup_window_s=t.settings.dedup_window_s,
             prune_interval_s=None,
         )

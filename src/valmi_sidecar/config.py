@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from .disk import minimum_queue_bytes
+
 GiB = 1024**3
 #: The most processes that may serve the local API (``ingest_processes``).
 MAX_INGEST_PROCESSES = 32
@@ -535,6 +537,14 @@ def _check_together(settings: Settings, layers: _Layered) -> None:
         raise ConfigError(
             f"ingest_processes ({src('ingest_processes')}): {settings.ingest_processes} is more "
             f"than {MAX_INGEST_PROCESSES}; use 1 (one process) or about one per CPU core"
+        )
+    least = minimum_queue_bytes(settings.max_body_bytes)
+    if settings.max_queue_bytes < least:
+        raise ConfigError(
+            f"max_queue_bytes ({src('max_queue_bytes')}): {settings.max_queue_bytes} bytes "
+            f"cannot hold the database, its WAL and the room forwarding needs with "
+            f"max_body_bytes={settings.max_body_bytes} ({src('max_body_bytes')}); use at "
+            f"least {least} bytes, or a smaller max_body_bytes"
         )
     host = settings.host
     if not is_loopback(host) and settings.ingest_token is None:

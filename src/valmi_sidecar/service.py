@@ -69,6 +69,7 @@ class Sidecar:
             durability=s.durability,
             max_queue_bytes=s.max_queue_bytes,
             max_queue_events=s.max_queue_events,
+            max_body_bytes=s.max_body_bytes,
             dedup_window_s=s.dedup_window_s,
             recover_corrupt=True,  # a damaged file is moved aside: never a crash loop
         )
@@ -163,6 +164,7 @@ class Sidecar:
             ),
             "rates_per_s": self._store.rates(),
             "store": {"writable": self._store.writable, "path": str(self._store.path)},
+            "disk": self._store.disk().as_dict(),
             "upstream": {
                 "url": self.settings.api_url,
                 "state": state,
@@ -204,6 +206,7 @@ class Sidecar:
                 max_queue_bytes=s.max_queue_bytes,
                 max_event_age_s=s.max_event_age_s,
                 database_bytes=self._store.database_bytes(),
+                disk=self._store.disk(),
                 ingest_workers=workers.configured if workers is not None else 0,
                 ingest_workers_running=workers.alive if workers is not None else 0,
                 ingest_worker_restarts=workers.restarts if workers is not None else 0,
