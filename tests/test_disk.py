@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -163,6 +164,46 @@ async def test_disk_budget_is_never_passed_and_the_sidecar_says_full_before(
     assert len(acked) == status["events"]["queued"]
     assert (503, "queue_full") == (r.status_code, r.json()["error"]["code"])
     assert data_dir_bytes(data_dir) <= budget
+
+
+async def test_a_disk_that_fills_while_forwarding_stops_sending_within_the_unsaved_bound(
+    fake: FakeValmi, sidecar_process: SidecarProcessFactory, tmp_path: Path
+) -> None:
+    """When delivery results cannot be saved, the flusher stops leasing: at most
+    max_unsaved events are sent unrecorded, so a crash then re-sends at most that many.
+    The disk fills for real: the sidecar's file size limit (RLIMIT_FSIZE) is lowered to
+    just past its WAL, so every append to the WAL fails, as on a full file system."""
+    await fake.go_down()
+    data_dir = tmp_path / "data"
+    proc = sidecar_process(fake.url, data_dir=data_dir, VALMI_SIDECAR_UPSTREAM_CONCURRENCY="4")
+    url = await proc.wait_ready()
+    async with httpx.AsyncClient(timeout=10) as client:
+        for _ in range(300):
+            assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
+        bound = (await client.get(url + "/v1/status")).json()["upstream"]["max_unsaved"]
+        assert 16 == bound  # 4 per sender
+        wal = data_dir / "queue.db-wal"
+        limit = max(wal.stat().st_size, proc.log_path.stat().st_size) + 16 * 1024
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        await fake.go_up()
+
+        def settle_failures() -> int:
+            return sum(e.get("event") == "settle_failed" for e in proc.log_events())
+
+        await wait_until(lambda: settle_failures() >= 3, timeout=30, what="3 failed settles")
+        status = (await client.get(url + "/v1/status")).json()
+        sent = len(fake.events())
+        ready = await client.get(url + "/readyz")
+    assert not status["store"]["writable"]
+    assert 503 == ready.status_code
+    assert 0 < sent - status["events"]["delivered"] <= bound, (sent, status["events"])
+
+    # A crash now: the restarted sidecar sends the unsaved ones again, and only those.
+    proc.kill()
+    again = sidecar_process(fake.url, data_dir=data_dir)
+    await again.wait_ready()
+    await wait_until(lambda: 300 == len(fake.events()), timeout=30, what="all 300 delivered")
+    assert fake.duplicates <= bound
 
 
 def corrupt_middle(path: Path, pages: int = 4) -> None:

@@ -21,6 +21,7 @@ from valmi_sidecar.store import (
     Accepted,
     DataDirLockedError,
     DeadLetter,
+    DeadLetterFilter,
     Delivered,
     IdempotencyConflictError,
     QueueFullError,
@@ -315,6 +316,49 @@ async def test_disk_budget_bounds_every_file_and_refusal_stores_nothing(
     assert data_dir_bytes(data_dir) <= budget
     # Most of the room for events held events: the estimate errs high, the measure does not.
     assert store.counts().queued_bytes > store.budget.intake_bytes // 2
+
+
+async def fill(store: Store, clock: Clock, data_dir: Path, budget: int) -> int:
+    """Submit ~1 KB events until the disk budget refuses one; check the files after each."""
+    n = 0
+    while True:
+        try:
+            await store.submit([padded(clock, 1000)])
+        except QueueFullError:
+            return n
+        n += 1
+        assert data_dir_bytes(data_dir) <= budget
+
+
+async def test_a_full_queue_dead_lettered_stays_within_the_budget_and_dead_letters_count(
+    open_store: OpenStore, clock: Clock, tmp_path: Path
+) -> None:
+    """Settlements never fail for want of room (each dead letter reuses the pages of the
+    events before it); dead letters keep their room, say so, and a purge gives it back."""
+    budget = minimum_queue_bytes(16 * 1024) + 512 * 1024
+    data_dir = tmp_path / "data"
+    store = await open_store(data_dir, max_queue_bytes=budget, max_body_bytes=16 * 1024)
+    queued = await fill(store, clock, data_dir, budget)
+    assert store.full
+    while leased := await store.lease(200, ()):
+        await store.settle([DeadLetter(e.seq, "rejected", 400, "no", len(e.body)) for e in leased])
+        assert data_dir_bytes(data_dir) <= budget
+    assert 0 == store.stats.commit_failures
+    c = store.counts()
+    assert (0, queued) == (c.queued, c.dead_lettered)
+    disk = store.disk()
+    assert disk.full  # dead letters are billable: they keep their room
+    assert queued == disk.dead_letters
+    assert disk.dead_letter_share > 0.25
+    assert "dead letters take a large share" in disk.as_dict()["dead_letters_warning"]
+    with pytest.raises(QueueFullError):
+        await store.submit([padded(clock, 1000)])
+
+    assert queued == await store.purge_dead_letters(DeadLetterFilter(), queued)
+    assert not store.disk().full
+    assert (0, 0) == (store.disk().dead_letters, store.disk().dead_letter_bytes)
+    assert store.disk().as_dict()["dead_letters_warning"] is None
+    assert 0 < await fill(store, clock, data_dir, budget)
 
 
 async def test_queue_limit_is_exact_under_concurrent_submits(

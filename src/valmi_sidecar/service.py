@@ -170,6 +170,8 @@ class Sidecar:
                 "state": state,
                 "forwarding": self._upstream is not None,
                 "last_error": flusher.last_error if flusher is not None else None,
+                # Sent but not yet recorded, at most: what a crash can make it send twice.
+                "max_unsaved": flusher.max_unsaved if flusher is not None else 0,
             },
         }
 
