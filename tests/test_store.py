@@ -545,6 +545,27 @@ async def test_prune_removes_old_settled_keys_never_queued_ones(
     assert c.received == c.queued + c.delivered + c.dead_lettered
 
 
+async def test_dedup_window_counts_from_delivery_when_the_event_waited_in_the_queue(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """An event that waited two days in the queue still de-duplicates a client's retry for
+    the window after it was delivered, and its key is pruned only then."""
+    store = await open_store()
+    first = action(clock, key="k")
+    await store.submit([first])
+    clock.t += 2 * DAY  # upstream down for two days
+    (leased,) = await store.lease(1, frozenset())
+    await store.settle([Delivered(leased.seq)])
+    clock.t += DAY - 60  # the client retries just inside the window after delivery
+    assert 0 == await store.prune()
+    (again,) = await store.submit([action(clock, key="k")])
+    assert (True, first.id) == (again.duplicate, again.id)
+    assert (1, 0) == (store.counts().received, store.counts().queued)
+    clock.t += 61
+    assert 1 == await store.prune()
+    assert [] == rows(store, "SELECT idem_key FROM keys")
+
+
 async def test_prune_gives_free_pages_back(open_store: OpenStore, clock: Clock) -> None:
     store = await open_store()
     big = b'{"agent_key": "a", "action_type": "x", "metadata": {"blob": "' + b"x" * 20_000 + b'"}}'

@@ -505,11 +505,20 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered)
         SELECT '', '', '', '', value, value FROM counters WHERE name = 'delivered' AND value > 0;
     """,
+    # 3: the de-dup window of a settled key counts from the later of receipt and settling
+    # (an event that waited two days in the queue still de-duplicates for a day after).
+    """
+    DROP INDEX keys_prunable;
+    CREATE INDEX keys_remembered_since ON keys (max(received_at, coalesce(settled_at, 0)))
+        WHERE state != 0;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
+#: When a key's de-dup window starts: the later of its event's receipt and settling.
+_REMEMBERED_SINCE: Final = "max(received_at, coalesce(settled_at, 0))"
 _SELECT_KEYS: Final = (
-    "SELECT idem_key, id, fingerprint, created_at, received_at, state FROM keys"
+    f"SELECT idem_key, id, fingerprint, created_at, {_REMEMBERED_SINCE}, state FROM keys"  # noqa: S608 - constant SQL; values are bound
     " WHERE idem_key IN (SELECT value FROM json_each(?))"
 )
 #: A ledger row's deltas are added to the row of the same key and day.
@@ -644,8 +653,8 @@ _SETTLE_KEYS: Final = (
 _AGE_FROM: Final = "max(received_at, coalesce(requeued_at, 0))"
 _OLDEST: Final = f"SELECT seq, {_AGE_FROM} FROM events ORDER BY seq LIMIT 1"  # noqa: S608 - constant SQL; values are bound
 _PRUNE: Final = (
-    "DELETE FROM keys WHERE idem_key IN (SELECT idem_key FROM keys"
-    " WHERE state != 0 AND received_at < ? LIMIT ?)"
+    "DELETE FROM keys WHERE idem_key IN (SELECT idem_key FROM keys"  # noqa: S608 - constant SQL; values are bound
+    f" WHERE state != 0 AND {_REMEMBERED_SINCE} < ? LIMIT ?)"
 )
 #: Needs free pages (as a submit does) and leaves nothing behind.
 _PROBE: Final = (
@@ -1788,8 +1797,8 @@ class Store:
                 k = e.idem_key
                 prior = mine.get(k) or group_keys.get(k)
                 if prior is None and k in known:
-                    _, pid, pfp, pcreated, preceived, pstate = known[k]
-                    if pstate == QUEUED or preceived >= cutoff:
+                    _, pid, pfp, pcreated, since, pstate = known[k]
+                    if pstate == QUEUED or since >= cutoff:
                         prior = (pid, pfp, pcreated)
                 if prior is None:
                     mine[k] = (e.id, e.fingerprint, e.created_at)
