@@ -73,7 +73,7 @@ DESCRIPTIONS: Mapping[str, str] = {
     "max_queue_events": "queue size limit in events; when reached, new events get 503 with Retry-After",
     "max_body_bytes": "largest request body accepted, in bytes (413 beyond)",
     "rate_limit_per_min": "upstream requests per minute, the API key's budget",
-    "max_event_age_s": "seconds an event may wait in the queue before it is dead-lettered",
+    "max_event_age_s": "seconds an event may wait in the queue before it is dead-lettered (once tried, never while paused)",
     "dedup_window_s": "seconds an Idempotency-Key is remembered for client retries",
     "backoff_base_s": "first retry delay in seconds after an upstream failure (exponential, full jitter)",
     "backoff_cap_s": "longest retry delay in seconds",

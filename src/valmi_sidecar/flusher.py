@@ -350,7 +350,7 @@ class Flusher:
             ):
                 self._buffer.appendleft(event)  # the world changed while leasing
                 continue
-            if self._clock() - event.received_at > self._settings.max_event_age_s:
+            if self._expired(event):
                 self._queue(
                     DeadLetter(
                         event.seq,
@@ -371,6 +371,17 @@ class Flusher:
             task = tg.create_task(self._send(upstream, event, self._generation))
             self._senders.add(task)
             task.add_done_callback(self._senders.discard)
+
+    def _expired(self, event: QueuedEvent) -> bool:
+        """Whether to dead-letter ``event`` as expired instead of sending it: past
+        ``max_event_age_s`` and it had its chance. Only an event tried before (a retryable
+        failure), and never while paused: then the event is the probe, so a wrong key or
+        URL for longer than the age limit expires nothing, one event per probe or all at once."""
+        return (
+            event.attempts > 0
+            and self._state != "paused"
+            and self._clock() - event.received_at > self._settings.max_event_age_s
+        )
 
     def _send_limit(self) -> int:
         return 1 if self._state in ("backing_off", "paused") else self._concurrency
