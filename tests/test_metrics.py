@@ -160,6 +160,8 @@ def test_dashboard_and_alerts_are_well_formed() -> None:
         "ValmiSidecarUpstreamPaused",
         "ValmiSidecarDeadLettersRising",
         "ValmiSidecarQueueNearFull",
+        "ValmiSidecarDiskFull",
+        "ValmiSidecarDeadLettersFillTheDisk",
     ):
         assert expected in names
     for rule in rules:
