@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sqlite3
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Literal
+
+import structlog
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -85,6 +88,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--metadata-bytes", type=int, default=1_000)
     args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     result = asyncio.run(measure(args.events, args.metadata_bytes))
     for name, value in result.items():
         print(f"{name:>16}: {value}")

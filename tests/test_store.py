@@ -566,6 +566,35 @@ async def test_dedup_window_counts_from_delivery_when_the_event_waited_in_the_qu
     assert [] == rows(store, "SELECT idem_key FROM keys")
 
 
+def used_bytes(store: Store) -> int:
+    (page_size, pages, free) = (
+        rows(store, f"PRAGMA {p}")[0][0] for p in ("page_size", "page_count", "freelist_count")
+    )
+    return int((pages - free) * page_size)
+
+
+async def test_a_remembered_key_takes_under_160_bytes_and_answers_as_before(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """A delivered event's key row, kept for the de-dup window, does not repeat its id or
+    its receipt time (it was 199 bytes on disk): a retry still gets the original answer."""
+    store = await open_store()
+    client = action(clock, key="client-key")
+    await store.submit([client])
+    before = used_bytes(store)
+    for _ in range(10):
+        await store.submit([action(clock) for _ in range(500)])
+        clock.t += 0.0017
+    while leased := await store.lease(1000, frozenset()):
+        await store.settle([Delivered(e.seq) for e in leased])
+    await store.prune()  # keys stay (the window), free pages beyond a few go
+    assert (used_bytes(store) - before) / 5000 < 160
+    (again,) = await store.submit([action(clock, key="client-key")])
+    assert (True, client.id, client.created_at) == (again.duplicate, again.id, again.created_at)
+    own = rows(store, "SELECT id, created_at FROM keys WHERE idem_key != 'client-key' LIMIT 1")
+    assert [("", "")] == own
+
+
 async def test_prune_gives_free_pages_back(open_store: OpenStore, clock: Clock) -> None:
     store = await open_store()
     big = b'{"agent_key": "a", "action_type": "x", "metadata": {"blob": "' + b"x" * 20_000 + b'"}}'
