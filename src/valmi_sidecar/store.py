@@ -82,6 +82,8 @@ PRUNE_CHUNK: Final = 2_000
 #: most; fewer with a small disk budget). Every step goes through the WAL.
 VACUUM_STEP_PAGES: Final = 64
 VACUUM_KEEP_PAGES: Final = 1_024
+#: SQLite's default interval between its automatic checkpoints, in WAL pages.
+WAL_AUTOCHECKPOINT_PAGES: Final = 1_000
 #: The database may always grow to this many pages, whatever the budget: its schema
 #: needs a few (a budget this small refuses every event; configuration refuses it first).
 MIN_PAGES: Final = 64
@@ -1727,9 +1729,14 @@ class Store:
             plan.oldest = (event_rows[0][0], event_rows[0][9])
             plan.oldest_changed = True
         _write_and_commit(db, _group_write_rows(event_rows, plan))
-        self._checkpoint_if_big(db)
-        if plan.removed and (self._disk_full or plan.disk_full):
-            plan.disk_after = self._measure(db)  # room again for new events?
+        # Committed: from here on nothing may fail the group's operations.
+        try:
+            self._checkpoint_if_big(db)
+            if plan.removed and (self._disk_full or plan.disk_full):
+                plan.disk_after = self._measure(db)  # room again for new events?
+        except sqlite3.Error as exc:
+            self._wal_over = True
+            log.warning("checkpoint_failed", error=str(exc))
         return plan
 
     # -- the disk budget (on the writer's thread) -----------------------------------------
@@ -1751,7 +1758,13 @@ class Store:
         if file_bytes(self._wal_path) <= self._budget.wal_soft_bytes:
             self._wal_over = False
             return
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        # Without waiting for readers: a long read (a 'check' of the file) must not stall
+        # every commit behind it; new events wait instead until the WAL can be cut.
+        db.execute("PRAGMA busy_timeout = 0")
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self._wal_over = file_bytes(self._wal_path) > self._budget.wal_soft_bytes
         if self._wal_over:
             log.warning(
@@ -1969,7 +1982,6 @@ class Store:
                     return
                 await self._write_requeue(rows)
                 await db.commit()
-            await self._in_writer_thread(self._after_solo)
         except sqlite3.Error as exc:
             self.stats.commit_failures += 1
             await self._rollback(exc, 1)
@@ -1996,6 +2008,7 @@ class Store:
             self.stats.requeued += n
             self._new_events.set()
             log.info("dead_letters_requeued", n=n)
+        await self._after_solo()
         if not op.future.done():
             op.future.set_result(n)
 
@@ -2014,11 +2027,22 @@ class Store:
             )
         return None
 
-    def _after_solo(self, db: sqlite3.Connection) -> None:
-        """After a transaction of its own (maintenance, an operator's): bound the WAL and
-        measure the database again."""
-        self._checkpoint_if_big(db)
-        self._measure_now(db)
+    async def _after_solo(self) -> None:
+        """After a transaction of its own (maintenance, an operator's), committed: bound
+        the WAL and measure the database again (nothing of it may fail the operation)."""
+
+        def run(db: sqlite3.Connection) -> None:
+            self._checkpoint_if_big(db)
+            self._measure_now(db)
+
+        was_full = self._disk_full
+        try:
+            await self._in_writer_thread(run)
+        except sqlite3.Error as exc:
+            log.warning("checkpoint_failed", error=str(exc))
+            return
+        if was_full and not self._disk_full:
+            log.info("disk_budget_room_again", database_in_use=self._disk_used)
 
     async def _write_requeue(self, rows: list[Any]) -> None:
         """A re-queued dead letter keeps its id, idempotency key and receipt time, gets a
@@ -2055,10 +2079,6 @@ class Store:
                 cursor = await self._writer.execute(_PRUNE, (op.cutoff, PRUNE_CHUNK))
                 n = cursor.rowcount
                 await self._writer.commit()
-            was_full = self._disk_full
-            await self._in_writer_thread(self._after_solo)
-            if was_full and not self._disk_full:
-                log.info("disk_budget_room_again", database_in_use=self._disk_used)
         except sqlite3.Error as exc:
             await self._rollback(exc, 1)
             error = StoreError(f"could not prune {self._path}: {exc}")
@@ -2067,6 +2087,7 @@ class Store:
                 op.future.set_exception(error)
             return
         self._committed()
+        await self._after_solo()
         if not op.future.done():
             op.future.set_result(n)
 
@@ -2618,9 +2639,10 @@ async def _setup_writer(
     # checkpointed and cut back to its soft bound.
     await db.execute(f"PRAGMA max_page_count = {max(MIN_PAGES, budget.max_pages)}")
     await db.execute(f"PRAGMA journal_size_limit = {budget.wal_soft_bytes}")
-    await db.execute(
-        f"PRAGMA wal_autocheckpoint = {max(1, budget.wal_soft_bytes // budget.page_size)}"
-    )
+    # SQLite's own checkpoints (SQLite's default interval, or sooner on a small budget)
+    # keep the WAL within half its soft bound; after a commit, one over the bound is cut.
+    pages = min(WAL_AUTOCHECKPOINT_PAGES, budget.wal_soft_bytes // budget.page_size // 2)
+    await db.execute(f"PRAGMA wal_autocheckpoint = {max(1, pages)}")
     for target in range(version + 1, SCHEMA_VERSION + 1):
         script = MIGRATIONS[target - 1]
         try:
