@@ -155,6 +155,14 @@ async def test_disk_budget_is_never_passed_and_the_sidecar_says_full_before(
     proc.signal(signal.SIGTERM)
     assert 0 == await proc.wait_exit()
     assert data_dir_bytes(data_dir) <= budget
+    code, out, err = await run_cli(
+        "status", "--json", "--data-dir", str(data_dir), "--url", f"http://127.0.0.1:{free_port()}",
+        VALMI_SIDECAR_MAX_QUEUE_BYTES=str(budget),
+    )  # fmt: skip
+    assert 0 == code, err
+    offline = json.loads(out)["disk"]
+    assert budget == offline["max_bytes"]
+    assert 0 < offline["bytes"] <= budget
     # Nothing acknowledged was lost; a restart on the full directory keeps refusing.
     again = sidecar_process(None, data_dir=data_dir, VALMI_SIDECAR_MAX_QUEUE_BYTES=str(budget))
     url = await again.wait_ready()

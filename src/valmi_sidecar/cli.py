@@ -43,6 +43,7 @@ from .config import (
     load_settings,
     split_listen,
 )
+from .disk import data_dir_bytes
 from .events import NewEvent
 from .logs import configure_logging
 from .store import (
@@ -405,9 +406,13 @@ def format_status(data: Mapping[str, Any]) -> str:
     age = _find(data, "oldest_queued_age_s")
     queue = data.get("queue")
     if isinstance(queue, Mapping) and isinstance(queue.get("bytes"), int):
-        limit = queue.get("max_bytes")
-        of = f" of {limit}" if isinstance(limit, int) else ""
-        lines.append(f"{'queued bytes':<{width}}  {queue['bytes']}{of}")
+        lines.append(f"{'queued bytes':<{width}}  {queue['bytes']} (bodies)")
+    disk = data.get("disk")
+    if isinstance(disk, Mapping) and isinstance(disk.get("bytes"), int):
+        full = " (full: new events get 503)" if disk.get("full") else ""
+        lines.append(f"{'disk':<{width}}  {disk['bytes']} of {disk.get('max_bytes')} bytes{full}")
+        if disk.get("dead_letters_warning"):
+            lines.append(f"{'':<{width}}  {disk['dead_letters_warning']}")
     lines.append(f"{'oldest queued':<{width}}  {_age(age) if age is not None else 'none'}")
     upstream = data.get("upstream")
     state = upstream.get("state") if isinstance(upstream, Mapping) else upstream
@@ -743,6 +748,10 @@ def offline_status(settings: Settings, db: ReadOnlyDatabase) -> dict[str, Any]:
         "oldest_queued_age_s": (
             None if c.oldest_queued_at is None else round(now - c.oldest_queued_at, 3)
         ),
+        "disk": {
+            "bytes": data_dir_bytes(settings.data_dir),
+            "max_bytes": settings.max_queue_bytes,
+        },
         "upstream": {"state": "stopped", "last_error": None},
         "dead_letters": {"reasons": db.dead_letter_summary(), **db.operator_counts()},
         "moved_aside": [str(p) for p in moved_aside_files(settings.data_dir)],
