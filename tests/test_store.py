@@ -7,6 +7,7 @@ import os
 import sqlite3
 import stat
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -359,6 +360,41 @@ async def test_a_full_queue_dead_lettered_stays_within_the_budget_and_dead_lette
     assert (0, 0) == (store.disk().dead_letters, store.disk().dead_letter_bytes)
     assert store.disk().as_dict()["dead_letters_warning"] is None
     assert 0 < await fill(store, clock, data_dir, budget)
+
+
+async def test_the_wal_stays_within_its_share_when_a_reader_holds_it(
+    open_store: OpenStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A long read (another process's) keeps the WAL from being cut: commits do not wait
+    for it, new events are refused once the WAL passes its bound, and the WAL is cut and
+    events accepted again once the read ends."""
+    budget = minimum_queue_bytes(16 * 1024) + 4 * 1024 * 1024
+    data_dir = tmp_path / "data"
+    store = await open_store(data_dir, max_queue_bytes=budget, max_body_bytes=16 * 1024)
+    wal = data_dir / "queue.db-wal"
+    reader = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchall()  # holds its snapshot
+        refused: QueueFullError | None = None
+        for _ in range(2_000):
+            started = time.monotonic()
+            try:
+                await store.submit([padded(clock, 1000) for _ in range(4)])
+            except QueueFullError as exc:
+                refused = exc
+                break
+            finally:
+                assert time.monotonic() - started < 2.0  # no wait for the reader
+            assert data_dir_bytes(data_dir) <= budget
+        assert refused is not None
+        assert "WAL" in str(refused)
+        assert wal.stat().st_size <= store.budget.wal_bytes
+    finally:
+        reader.close()
+    await store.submit([padded(clock, 1000)])
+    assert wal.stat().st_size <= store.budget.wal_soft_bytes
+    assert data_dir_bytes(data_dir) <= budget
 
 
 async def test_queue_limit_is_exact_under_concurrent_submits(
