@@ -25,6 +25,15 @@ Counts
     ``counts()`` is an in-memory mirror of the committed state, loaded at open and
     updated after each commit; ``received == queued + delivered + dead_lettered`` holds
     at all times (duplicates are counted apart).
+
+The disk budget
+    ``max_queue_bytes`` bounds every file in the data directory (``disk.DiskBudget``).
+    The writer refuses a submission with ``QueueFullError`` before its commit when the
+    database would leave less than the budget's reserve: it decides from a mirror of the
+    bytes in use that errs high, and measures the database (pages less free pages, one
+    statement) only when the mirror says the submission does not fit. After a commit it
+    cuts the WAL once past its soft bound. Settlements are never refused: they move dead
+    letters one at a time into pages freed before, within the reserve.
 """
 
 from __future__ import annotations
