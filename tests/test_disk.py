@@ -179,8 +179,9 @@ async def test_a_disk_that_fills_while_forwarding_stops_sending_within_the_unsav
 ) -> None:
     """When delivery results cannot be saved, the flusher stops leasing: at most
     max_unsaved events are sent unrecorded, so a crash then re-sends at most that many.
-    The disk fills for real: the sidecar's file size limit (RLIMIT_FSIZE) is lowered to
-    just past its WAL, so every append to the WAL fails, as on a full file system."""
+    The disk fills for real: the sidecar's file size limit (RLIMIT_FSIZE) is lowered below
+    its database file, so no write past 64 KiB of any file succeeds (WAL frames, pages
+    checkpointed into the database), as on a full file system; its log stays below."""
     await fake.go_down()
     data_dir = tmp_path / "data"
     proc = sidecar_process(fake.url, data_dir=data_dir, VALMI_SIDECAR_UPSTREAM_CONCURRENCY="4")
@@ -190,10 +191,13 @@ async def test_a_disk_that_fills_while_forwarding_stops_sending_within_the_unsav
             assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
         bound = (await client.get(url + "/v1/status")).json()["upstream"]["max_unsaved"]
         assert 16 == bound  # 4 per sender
-        wal = data_dir / "queue.db-wal"
-        limit = max(wal.stat().st_size, proc.log_path.stat().st_size) + 16 * 1024
-        resource.prlimit(proc.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        # Forwarding at about 80 events/s, then the disk fills.
+        fake.set_faults(latency_s=0.05)
         await fake.go_up()
+        await wait_until(lambda: len(fake.events()) >= 20, timeout=30, what="forwarding")
+        limit = max(64 * 1024, proc.log_path.stat().st_size + 32 * 1024)
+        assert (data_dir / "queue.db").stat().st_size > limit
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
 
         def settle_failures() -> int:
             return sum(e.get("event") == "settle_failed" for e in proc.log_events())
@@ -204,10 +208,12 @@ async def test_a_disk_that_fills_while_forwarding_stops_sending_within_the_unsav
         ready = await client.get(url + "/readyz")
     assert not status["store"]["writable"]
     assert 503 == ready.status_code
-    assert 0 < sent - status["events"]["delivered"] <= bound, (sent, status["events"])
+    assert sent - status["events"]["delivered"] <= bound, (sent, status["events"])
+    assert sent < 300  # it stopped sending
 
     # A crash now: the restarted sidecar sends the unsaved ones again, and only those.
     proc.kill()
+    fake.set_faults(latency_s=0.0)
     again = sidecar_process(fake.url, data_dir=data_dir)
     await again.wait_ready()
     await wait_until(lambda: 300 == len(fake.events()), timeout=30, what="all 300 delivered")
