@@ -96,8 +96,10 @@ WAL_AUTOCHECKPOINT_PAGES: Final = 1_000
 #: The database may always grow to this many pages, whatever the budget: its schema
 #: needs a few (a budget this small refuses every event; configuration refuses it first).
 MIN_PAGES: Final = 64
-#: Below this much room for events in the database, ``/readyz`` says the queue is full.
+#: Below this much room for events in the database, ``/readyz`` says the queue is full,
+#: and says so until this much is free again.
 FULL_ROOM_BYTES: Final = 4 * 1024
+ROOM_AGAIN_BYTES: Final = 64 * 1024
 #: ``rates()``: one sample of the counts a second at most, over about a minute.
 RATE_SAMPLE_S: Final = 1.0
 RATE_WINDOW_S: Final = 60.0
@@ -1690,9 +1692,8 @@ class Store:
             if plan.disk_measured is not None:
                 self._disk_used = plan.disk_measured
             self._disk_used += plan.disk_added
-        room = self._budget.intake_bytes - self._disk_used
-        decided = plan.disk_full if plan.disk_after is None else None
-        self._disk_full = bool(decided) or room < FULL_ROOM_BYTES
+        refused = plan.disk_full if plan.disk_after is None else None
+        self._disk_full = self._full_after(was_full, refused=bool(refused))
         if self._disk_full and not was_full:
             log.warning(
                 "disk_budget_full",
@@ -1702,6 +1703,13 @@ class Store:
             )
         elif was_full and not self._disk_full:
             log.info("disk_budget_room_again", database_in_use=self._disk_used)
+
+    def _full_after(self, was_full: bool, *, refused: bool) -> bool:
+        """Whether the store is full now (``/readyz``): a submission was just refused for
+        room, or too little is left; once full, until a fair amount is free again, so that
+        it does not flap while small events still fit between refused large ones."""
+        room = self._budget.intake_bytes - self._disk_used
+        return refused or room < (ROOM_AGAIN_BYTES if was_full else FULL_ROOM_BYTES)
 
     def _dead_letter_disk_bytes(self) -> int:
         return self._dead_bytes + self._dead_stored * DEAD_LETTER_OVERHEAD_BYTES
@@ -1758,7 +1766,7 @@ class Store:
     def _measure_now(self, db: sqlite3.Connection) -> None:
         """Measure and set the mirror (at open, and after maintenance, which runs alone)."""
         self._disk_used = self._measure(db)
-        self._disk_full = self._budget.intake_bytes - self._disk_used < FULL_ROOM_BYTES
+        self._disk_full = self._full_after(self._disk_full, refused=False)
 
     def _checkpoint_if_big(self, db: sqlite3.Connection) -> None:
         """Checkpoint and truncate the WAL once a commit left it past its soft bound (a
