@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from valmi_sidecar.disk import data_dir_bytes, minimum_queue_bytes
 from valmi_sidecar.events import NewEvent, parse_batch, parse_one
@@ -341,9 +342,12 @@ async def test_a_full_queue_dead_lettered_stays_within_the_budget_and_dead_lette
     store = await open_store(data_dir, max_queue_bytes=budget, max_body_bytes=16 * 1024)
     queued = await fill(store, clock, data_dir, budget)
     assert store.full
-    while leased := await store.lease(200, ()):
-        await store.settle([DeadLetter(e.seq, "rejected", 400, "no", len(e.body)) for e in leased])
-        assert data_dir_bytes(data_dir) <= budget
+    with capture_logs() as logs:
+        while leased := await store.lease(200, ()):
+            dead = [DeadLetter(e.seq, "rejected", 400, "no", len(e.body)) for e in leased]
+            await store.settle(dead)
+            assert data_dir_bytes(data_dir) <= budget
+    assert 1 == sum(e["event"] == "dead_letters_fill_the_disk" for e in logs)
     assert 0 == store.stats.commit_failures
     c = store.counts()
     assert (0, queued) == (c.queued, c.dead_lettered)

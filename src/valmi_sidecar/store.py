@@ -1670,8 +1670,8 @@ class Store:
         self._next_seq = plan.next_seq
         if plan.oldest_changed:
             self._oldest = plan.oldest
-        self._dead_stored += plan.dead_lettered
-        self._dead_bytes += plan.dead_bytes
+        if plan.dead_lettered:
+            self._add_dead_letters(plan.dead_lettered, plan.dead_bytes)
         self._apply_disk(plan)
         if plan.received:
             self._new_events.set()
@@ -1710,6 +1710,22 @@ class Store:
         it does not flap while small events still fit between refused large ones."""
         room = self._budget.intake_bytes - self._disk_used
         return refused or room < (ROOM_AGAIN_BYTES if was_full else FULL_ROOM_BYTES)
+
+    def _add_dead_letters(self, n: int, body_bytes: int) -> None:
+        before = self._dead_letter_disk_bytes()
+        self._dead_stored += n
+        self._dead_bytes += body_bytes
+        after = self._dead_letter_disk_bytes()
+        warn_at = self._budget.max_bytes * DEAD_LETTER_WARN_SHARE
+        if before < warn_at <= after:
+            log.warning(
+                "dead_letters_fill_the_disk",
+                dead_letters=self._dead_stored,
+                dead_letter_bytes=after,
+                max_queue_bytes=self._budget.max_bytes,
+                action="fix the cause, then 'valmi-sidecar dead-letters retry', or export "
+                "and purge them: they keep their room until then",
+            )
 
     def _dead_letter_disk_bytes(self) -> int:
         return self._dead_bytes + self._dead_stored * DEAD_LETTER_OVERHEAD_BYTES
