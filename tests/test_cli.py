@@ -284,6 +284,23 @@ async def test_status_without_the_token_explains_401(tmp_path: Path) -> None:
     assert "VALMI_SIDECAR_INGEST_TOKEN" in err
 
 
+def test_format_status_shows_the_disk_against_its_budget() -> None:
+    text = format_status(
+        {
+            "queue": {"bytes": 500, "max_bytes": 8_388_608},
+            "disk": {
+                "bytes": 8_000_000,
+                "max_bytes": 8_388_608,
+                "full": True,
+                "dead_letters_warning": "dead letters take a large share of max_queue_bytes",
+            },
+        }
+    )
+    assert "queued bytes   500 (bodies)" in text
+    assert "disk           8000000 of 8388608 bytes (full: new events get 503)" in text
+    assert "dead letters take a large share" in text
+
+
 def test_format_status_tolerates_missing_fields() -> None:
     text = format_status({"events": {"received": 1}})
     assert "received       1" in text

@@ -86,7 +86,7 @@ def test_every_plain_field_has_an_environment_variable() -> None:
         "VALMI_SIDECAR_DATA_DIR": "~/q",
         "VALMI_SIDECAR_API_URL": "http://localhost:8788/",
         "VALMI_SIDECAR_DURABILITY": "NORMAL",
-        "VALMI_SIDECAR_MAX_QUEUE_BYTES": "1_048_576",
+        "VALMI_SIDECAR_MAX_QUEUE_BYTES": "4_194_304",
         "VALMI_SIDECAR_MAX_QUEUE_EVENTS": "10",
         "VALMI_SIDECAR_MAX_BODY_BYTES": "2048",
         "VALMI_SIDECAR_RATE_LIMIT_PER_MIN": "1000",
@@ -110,7 +110,7 @@ def test_every_plain_field_has_an_environment_variable() -> None:
             data_dir=Path("/home/test/q"),
             api_url="http://localhost:8788",
             durability="normal",
-            max_queue_bytes=1_048_576,
+            max_queue_bytes=4_194_304,
             max_queue_events=10,
             max_body_bytes=2048,
             rate_limit_per_min=1000,
@@ -297,6 +297,24 @@ def test_pause_after_a_single_refusal_is_an_error_that_says_why() -> None:
         load_settings(env=env)
     assert str(e.value).startswith("pause_after_refusals (VALMI_SIDECAR_PAUSE_AFTER_REFUSALS)")
     assert "use 2 or more" in str(e.value)
+
+
+def test_a_disk_budget_too_small_for_the_body_limit_is_an_error_that_says_how_much() -> None:
+    """max_queue_bytes bounds the files, WAL included: a budget that cannot hold one
+    request's worth of WAL and the room forwarding needs is refused at start-up."""
+    env = {**HOME, "VALMI_SIDECAR_MAX_QUEUE_BYTES": "2000000"}
+    with pytest.raises(
+        ConfigError, match=r"^max_queue_bytes \(VALMI_SIDECAR_MAX_QUEUE_BYTES\).*max_body_bytes"
+    ) as info:
+        load_settings(env=env)
+    least = int(str(info.value).split("use at least ")[1].split()[0])
+    s = load_settings(env={**env, "VALMI_SIDECAR_MAX_QUEUE_BYTES": str(least)})
+    assert least == s.max_queue_bytes
+    # The issue's 8 MiB with the default 1 MiB body limit is enough.
+    assert (
+        8 * 1024**2
+        == load_settings(env=HOME, argv_overrides={"max_queue_bytes": "8388608"}).max_queue_bytes
+    )
 
 
 def test_backoff_base_above_cap_is_an_error() -> None:

@@ -3,8 +3,10 @@ API, and a database corrupted on purpose at start-up, then salvaged and checked.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import httpx
 
 from tests.conftest import ACTION, SidecarFactory, SidecarProcessFactory, wait_until
 from tests.test_dead_letters import free_port, run_cli
+from valmi_sidecar.disk import data_dir_bytes
 from valmi_sidecar.events import rfc3339
 from valmi_sidecar.store import moved_aside_files
 
@@ -87,6 +90,134 @@ async def test_full_disk_refuses_with_503_keeps_every_acknowledged_event_and_rec
     assert {e.body.get("metadata", {}).get("blob", "")[:1] for e in fake.events()} <= {"", "x"}
     c = store.counts()
     assert (len(acked), 0) == (c.received, c.dead_lettered)
+
+
+async def test_disk_budget_is_never_passed_and_the_sidecar_says_full_before(
+    sidecar_process: SidecarProcessFactory, tmp_path: Path
+) -> None:
+    """max_queue_bytes=8 MiB, nothing forwarded, ~1 KB actions posted until the first 503:
+    every file in the data directory together stays within 8 MiB at every moment, the
+    refusal is queue_full with Retry-After, and every acknowledged event is kept."""
+    budget = 8 * 1024 * 1024
+    data_dir = tmp_path / "data"
+    proc = sidecar_process(None, data_dir=data_dir, VALMI_SIDECAR_MAX_QUEUE_BYTES=str(budget))
+    url = await proc.wait_ready()
+    largest = 0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal largest
+        while not done.is_set():
+            largest = max(largest, data_dir_bytes(data_dir))
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    acked: set[str] = set()
+    refusals: list[httpx.Response] = []
+    body = {**ACTION, "metadata": {"pad": "p" * 1000}}
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def post_until_refused() -> None:
+            while not refusals:
+                r = await client.post(url + "/v1/actions", json=body)
+                if r.status_code == 202:
+                    acked.add(r.json()["id"])
+                else:
+                    refusals.append(r)
+
+        await asyncio.wait_for(asyncio.gather(*(post_until_refused() for _ in range(8))), 120)
+        refused = refusals[0]
+        assert 503 == refused.status_code, refused.text
+        assert "queue_full" == refused.json()["error"]["code"]
+        assert "max_queue_bytes" in refused.json()["error"]["message"]
+        assert refused.headers["Retry-After"].isdigit()
+        ready = await client.get(url + "/readyz")
+        assert 503 == ready.status_code
+        assert any("max_queue_bytes" in reason for reason in ready.json()["reasons"])
+        status = (await client.get(url + "/v1/status")).json()
+        metrics = dict(
+            line.split()
+            for line in (await client.get(url + "/metrics")).text.splitlines()
+            if line.startswith("valmi_sidecar_disk")
+        )
+    done.set()
+    await watcher
+    assert len(acked) > 1500  # most of the budget holds events, not overhead
+    assert largest <= budget, f"the data directory reached {largest} bytes"
+    disk = status["disk"]
+    assert (budget, True) == (disk["max_bytes"], disk["full"])
+    assert 0 < disk["bytes"] <= budget
+    assert len(acked) == status["events"]["queued"]
+    assert budget == float(metrics["valmi_sidecar_disk_max_bytes"])
+    assert 0 < float(metrics["valmi_sidecar_disk_bytes"]) <= budget
+    assert 1 == float(metrics["valmi_sidecar_disk_full"])
+
+    proc.signal(signal.SIGTERM)
+    assert 0 == await proc.wait_exit()
+    assert data_dir_bytes(data_dir) <= budget
+    code, out, err = await run_cli(
+        "status", "--json", "--data-dir", str(data_dir), "--url", f"http://127.0.0.1:{free_port()}",
+        VALMI_SIDECAR_MAX_QUEUE_BYTES=str(budget),
+    )  # fmt: skip
+    assert 0 == code, err
+    offline = json.loads(out)["disk"]
+    assert budget == offline["max_bytes"]
+    assert 0 < offline["bytes"] <= budget
+    # Nothing acknowledged was lost; a restart on the full directory keeps refusing.
+    again = sidecar_process(None, data_dir=data_dir, VALMI_SIDECAR_MAX_QUEUE_BYTES=str(budget))
+    url = await again.wait_ready()
+    async with httpx.AsyncClient(timeout=10) as client:
+        status = (await client.get(url + "/v1/status")).json()
+        r = await client.post(url + "/v1/actions", json=body)
+    assert len(acked) == status["events"]["queued"]
+    assert (503, "queue_full") == (r.status_code, r.json()["error"]["code"])
+    assert data_dir_bytes(data_dir) <= budget
+
+
+async def test_a_disk_that_fills_while_forwarding_stops_sending_within_the_unsaved_bound(
+    fake: FakeValmi, sidecar_process: SidecarProcessFactory, tmp_path: Path
+) -> None:
+    """When delivery results cannot be saved, the flusher stops leasing: at most
+    max_unsaved events are sent unrecorded, so a crash then re-sends at most that many.
+    The disk fills for real: the sidecar's file size limit (RLIMIT_FSIZE) is lowered below
+    its database file, so no write past 64 KiB of any file succeeds (WAL frames, pages
+    checkpointed into the database), as on a full file system; its log stays below."""
+    await fake.go_down()
+    data_dir = tmp_path / "data"
+    proc = sidecar_process(fake.url, data_dir=data_dir, VALMI_SIDECAR_UPSTREAM_CONCURRENCY="4")
+    url = await proc.wait_ready()
+    async with httpx.AsyncClient(timeout=10) as client:
+        for _ in range(300):
+            assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
+        bound = (await client.get(url + "/v1/status")).json()["upstream"]["max_unsaved"]
+        assert 16 == bound  # 4 per sender
+        # Forwarding at about 80 events/s, then the disk fills.
+        fake.set_faults(latency_s=0.05)
+        await fake.go_up()
+        await wait_until(lambda: len(fake.events()) >= 20, timeout=30, what="forwarding")
+        limit = max(64 * 1024, proc.log_path.stat().st_size + 32 * 1024)
+        assert (data_dir / "queue.db").stat().st_size > limit
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+
+        def settle_failures() -> int:
+            return sum(e.get("event") == "settle_failed" for e in proc.log_events())
+
+        await wait_until(lambda: settle_failures() >= 3, timeout=30, what="3 failed settles")
+        status = (await client.get(url + "/v1/status")).json()
+        sent = len(fake.events())
+        ready = await client.get(url + "/readyz")
+    assert not status["store"]["writable"]
+    assert 503 == ready.status_code
+    assert sent - status["events"]["delivered"] <= bound, (sent, status["events"])
+    assert sent < 300  # it stopped sending
+
+    # A crash now: the restarted sidecar sends the unsaved ones again, and only those.
+    proc.kill()
+    fake.set_faults(latency_s=0.0)
+    again = sidecar_process(fake.url, data_dir=data_dir)
+    await again.wait_ready()
+    await wait_until(lambda: 300 == len(fake.events()), timeout=30, what="all 300 delivered")
+    assert fake.duplicates <= bound
 
 
 def corrupt_middle(path: Path, pages: int = 4) -> None:

@@ -22,7 +22,7 @@ from valmi_sidecar.config import Secret
 from valmi_sidecar.events import NewEvent, parse_one
 from valmi_sidecar.fake_api import FakeValmi
 from valmi_sidecar.flusher import Flusher, FlusherError, TokenBucket, full_jitter, rate_budget
-from valmi_sidecar.store import QueuedEvent, Store
+from valmi_sidecar.store import QueuedEvent, Retry, Store
 from valmi_sidecar.upstream import Answer, Upstream
 
 from .conftest import ACTION, DEFAULT_KEY, SidecarProcessFactory, fast_settings, wait_until
@@ -680,11 +680,16 @@ async def test_exhausted_remaining_budget_waits_for_reset_without_429(
 # --- expiry, drain, disabled, failures -------------------------------------------------
 
 
-async def test_expired_events_are_dead_lettered_without_being_sent(
+async def test_expired_events_are_dead_lettered_without_another_send_once_tried(
     store: Store, fake: FakeValmi, start_flusher: StartFlusher
 ) -> None:
+    """Past max_event_age_s, an event tried before is dead-lettered without another send;
+    one never tried had no chance yet, and is sent."""
     old = [action(i, received_at=time.time() - 7200) for i in range(3)]
-    await store.submit([*old, action(3), action(4)])
+    never_tried = action(3, received_at=time.time() - 7200)
+    await store.submit([*old, never_tried, action(4)])
+    leased = await store.lease(3, frozenset())
+    await store.settle([Retry(e.seq, time.time(), "HTTP 502") for e in leased])
     with capture_logs() as logs:
         await start_flusher(fake, max_event_age_s=3600.0)
         await wait_until(lambda: 2 == store.counts().delivered, 5, "2 delivered")
@@ -700,6 +705,22 @@ async def test_expired_events_are_dead_lettered_without_being_sent(
     assert {"expired"} == {r.reason for r in records}
     assert 2 == fake.requests
     assert [3, 4] == order(fake)
+
+
+async def test_nothing_expires_while_forwarding_is_paused(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    """A pause (a wrong key) does not turn into a loop that expires the whole queue: the
+    old events stay queued, one at a time is the probe, and they go once it resumes."""
+    fake.set_faults(unauthorized=True)
+    await store.submit([action(i, received_at=time.time() - 7200) for i in range(50)])
+    flusher, _ = await start_flusher(fake, max_event_age_s=3600.0, upstream_concurrency=4)
+    await wait_until(lambda: fake.requests >= 5, 10, "5 probes while paused")
+    assert "paused" == flusher.state
+    assert (50, 0) == (store.counts().queued, store.counts().dead_lettered)
+    fake.set_faults(unauthorized=False)
+    await wait_until(lambda: 50 == store.counts().delivered, 10, "all 50 delivered")
+    assert 0 == store.counts().dead_lettered
 
 
 async def test_drain_stops_within_its_bound_when_upstream_hangs(

@@ -276,6 +276,8 @@ def test_dashboard_and_alerts_are_well_formed() -> None:
         "ValmiSidecarDeadLettersRising",
         "ValmiSidecarQueueNearFull",
         "ValmiSidecarDrainSlowerThanMaxEventAge",
+        "ValmiSidecarDiskFull",
+        "ValmiSidecarDeadLettersFillTheDisk",
     ):
         assert expected in names
     for rule in rules:

@@ -49,6 +49,7 @@ from .config import (
     load_settings,
     split_listen,
 )
+from .disk import data_dir_bytes
 from .events import NewEvent
 from .logs import configure_logging
 from .store import (
@@ -78,11 +79,11 @@ DESCRIPTIONS: Mapping[str, str] = {
     "allowed_origins": "web page origins (scheme://host[:port], comma-separated) allowed to call the sidecar from a browser; by default every request with an Origin header is refused (403)",
     "allowed_hosts": "extra names accepted in the Host header besides localhost, 127.0.0.1, [::1] and the listen host (comma-separated; others get 403); with an ingest token the Host check is off unless this is set",
     "durability": "SQLite synchronous mode: 'full' survives power loss, 'normal' only process crashes",
-    "max_queue_bytes": "queue size limit in bytes; when reached, new events get 503 with Retry-After",
+    "max_queue_bytes": "disk budget in bytes: every file in the data directory (events, keys, dead letters, WAL); when reached, new events get 503 with Retry-After",
     "max_queue_events": "queue size limit in events; when reached, new events get 503 with Retry-After",
     "max_body_bytes": "largest request body accepted, in bytes (413 beyond)",
     "rate_limit_per_min": "upstream requests per minute; set it only when the key's budget differs from Valmi's documented one",
-    "max_event_age_s": "seconds an event may wait in the queue before it is dead-lettered",
+    "max_event_age_s": "seconds an event may wait in the queue before it is dead-lettered (once tried, never while paused)",
     "dedup_window_s": "seconds an Idempotency-Key is remembered for client retries",
     "backoff_base_s": "first retry delay in seconds after an upstream failure (exponential, full jitter)",
     "backoff_cap_s": "longest retry delay in seconds",
@@ -440,9 +441,13 @@ def format_status(data: Mapping[str, Any]) -> str:
     age = _find(data, "oldest_queued_age_s")
     queue = data.get("queue")
     if isinstance(queue, Mapping) and isinstance(queue.get("bytes"), int):
-        limit = queue.get("max_bytes")
-        of = f" of {limit}" if isinstance(limit, int) else ""
-        lines.append(f"{'queued bytes':<{width}}  {queue['bytes']}{of}")
+        lines.append(f"{'queued bytes':<{width}}  {queue['bytes']} (bodies)")
+    disk = data.get("disk")
+    if isinstance(disk, Mapping) and isinstance(disk.get("bytes"), int):
+        full = " (full: new events get 503)" if disk.get("full") else ""
+        lines.append(f"{'disk':<{width}}  {disk['bytes']} of {disk.get('max_bytes')} bytes{full}")
+        if disk.get("dead_letters_warning"):
+            lines.append(f"{'':<{width}}  {disk['dead_letters_warning']}")
     lines.append(f"{'oldest queued':<{width}}  {_age(age) if age is not None else 'none'}")
     upstream = data.get("upstream")
     state = upstream.get("state") if isinstance(upstream, Mapping) else upstream
@@ -698,6 +703,7 @@ async def _with_store(t: _Target, work: Callable[[Store], Coroutine[Any, Any, _T
             durability=t.settings.durability,
             max_queue_bytes=t.settings.max_queue_bytes,
             max_queue_events=t.settings.max_queue_events,
+            max_body_bytes=t.settings.max_body_bytes,
             dedup_window_s=t.settings.dedup_window_s,
             prune_interval_s=None,
         )
@@ -862,6 +868,10 @@ def offline_status(settings: Settings, db: ReadOnlyDatabase) -> dict[str, Any]:
         "oldest_queued_age_s": (
             None if c.oldest_queued_at is None else round(now - c.oldest_queued_at, 3)
         ),
+        "disk": {
+            "bytes": data_dir_bytes(settings.data_dir),
+            "max_bytes": settings.max_queue_bytes,
+        },
         "upstream": {"state": "stopped", "last_error": None},
         "dead_letters": {"reasons": db.dead_letter_summary(), **db.operator_counts()},
         "moved_aside": moved_aside_json(moved_aside_files(settings.data_dir)),

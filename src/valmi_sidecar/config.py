@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from .disk import minimum_queue_bytes
 from .guard import normalize_host, normalize_origin
 
 GiB = 1024**3
@@ -767,6 +768,14 @@ def _check_together(settings: Settings, layers: _Layered) -> None:
         raise ConfigError(
             f"ingest_processes ({src('ingest_processes')}): {settings.ingest_processes} is more "
             f"than {MAX_INGEST_PROCESSES}; use 1 (one process) or about one per CPU core"
+        )
+    least = minimum_queue_bytes(settings.max_body_bytes)
+    if settings.max_queue_bytes < least:
+        raise ConfigError(
+            f"max_queue_bytes ({src('max_queue_bytes')}): {settings.max_queue_bytes} bytes "
+            f"cannot hold the database, its WAL and the room forwarding needs with "
+            f"max_body_bytes={settings.max_body_bytes} ({src('max_body_bytes')}); use at "
+            f"least {least} bytes, or a smaller max_body_bytes"
         )
     if settings.ops_listen:
         ops_host, ops_port = split_listen(settings.ops_listen)

@@ -37,6 +37,7 @@ from typing import Final, Literal
 import structlog
 
 from .config import Settings
+from .disk import SETTLE_DEAD_BYTES
 from .store import DeadLetter, Delivered, QueuedEvent, Retry, Settlement, Store, StoreError
 from .upstream import Answer, Upstream
 
@@ -53,6 +54,10 @@ BACKOFF_AFTER_FAILURES: Final = 3
 SETTLE_LINGER_S: Final = 0.1
 #: After a failed settle (disk full or failing), wait this long before trying it again.
 SETTLE_RETRY_S: Final = 1.0
+#: Events sent (or being sent) whose outcome is not yet committed, at most, per sender:
+#: ``UNSAVED_PER_SENDER * upstream_concurrency`` is how many events a crash can make the
+#: sidecar send twice. At the bound, leasing waits for a settle commit.
+UNSAVED_PER_SENDER: Final = 4
 #: The longest a single upstream hint (Retry-After, X-RateLimit-Reset) may hold sending.
 MAX_HOLD_S: Final = 24 * 3600.0
 #: How long drain() waits for the loop to wind down after its deadline.
@@ -166,6 +171,7 @@ class Flusher:
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 (jitter, not secrets)
         self._concurrency = max(1, settings.upstream_concurrency)
         self._batch = max(1, settings.flush_batch_size)
+        self._max_unsaved = UNSAVED_PER_SENDER * self._concurrency
         rate_per_s, burst = rate_budget(settings.rate_limit_per_min_effective)
         self._bucket = TokenBucket(rate_per_s, burst)
 
@@ -179,6 +185,8 @@ class Flusher:
         self._sending = 0
         self._senders: set[asyncio.Task[None]] = set()
         self._pending: list[Settlement] = []
+        # Outcomes in the settle transaction running now.
+        self._committing = 0
         # Global hold (monotonic time) set by backoff, rate limits and pauses.
         self._hold_until = 0.0
         # Requests upstream's X-RateLimit-Remaining still allows in this window (None: not
@@ -207,6 +215,8 @@ class Flusher:
 
         self._wake = asyncio.Event()
         self._settle_wake = asyncio.Event()
+        # Set when leasing waits for outcomes to be saved: the settle loop stops lingering.
+        self._settle_now = asyncio.Event()
         self._progress = asyncio.Event()
         self._stop = asyncio.Event()
         self._done = asyncio.Event()
@@ -259,6 +269,15 @@ class Flusher:
     @property
     def in_flight(self) -> int:
         return self._sending
+
+    @property
+    def max_unsaved(self) -> int:
+        """Events sent whose outcome is not yet saved, at most: after a crash, at most this
+        many can be sent twice (with the same key)."""
+        return self._max_unsaved
+
+    def _unsaved(self) -> int:
+        return self._sending + len(self._pending) + self._committing
 
     async def run(self) -> None:
         """Forward until ``drain()`` stops the loop (or until cancelled).
@@ -352,6 +371,12 @@ class Flusher:
             if self._sending >= self._send_limit():
                 await self._wait_wake(None)
                 continue
+            if not self._store.writable or self._unsaved() >= self._max_unsaved:
+                # Nothing is sent that cannot be recorded: a crash now re-sends only
+                # what is unsaved, and the disk being full must not make that grow.
+                self._settle_now.set()
+                await self._wait_wake(SETTLE_RETRY_S)
+                continue
             delay = self._bucket.delay()
             if delay > 0:
                 await self._wait_wake(delay)
@@ -370,13 +395,14 @@ class Flusher:
             ):
                 self._buffer.appendleft(event)  # the world changed while leasing
                 continue
-            if self._clock() - event.received_at > self._settings.max_event_age_s:
+            if self._expired(event):
                 self._queue(
                     DeadLetter(
                         event.seq,
                         reason="expired",
                         status=None,
                         detail=f"not delivered within max_event_age_s={self._settings.max_event_age_s:g}",
+                        size=len(event.body),
                     )
                 )
                 self._summary["dead_lettered"] += 1
@@ -390,6 +416,17 @@ class Flusher:
             task = tg.create_task(self._send(upstream, event, self._generation))
             self._senders.add(task)
             task.add_done_callback(self._senders.discard)
+
+    def _expired(self, event: QueuedEvent) -> bool:
+        """Whether to dead-letter ``event`` as expired instead of sending it: past
+        ``max_event_age_s`` and it had its chance. Only an event tried before (a retryable
+        failure), and never while paused: then the event is the probe, so a wrong key or
+        URL for longer than the age limit expires nothing, one event per probe or all at once."""
+        return (
+            event.attempts > 0
+            and self._state != "paused"
+            and self._clock() - event.received_at > self._settings.max_event_age_s
+        )
 
     def _send_limit(self) -> int:
         return 1 if self._state in ("backing_off", "paused") else self._concurrency
@@ -525,7 +562,7 @@ class Flusher:
         self._progress.set()
 
     def _dead_letter(self, event: QueuedEvent, answer: Answer) -> None:
-        self._queue(DeadLetter(event.seq, "rejected", answer.status, answer.error))
+        self._queue(DeadLetter(event.seq, "rejected", answer.status, answer.error, len(event.body)))
         self._summary["dead_lettered"] += 1
         log.warning(
             "event_dead_lettered",
@@ -720,7 +757,10 @@ class Flusher:
                     await self._settle_wake.wait()
                     continue
                 if len(self._pending) < self._batch and not self._closing:
-                    await asyncio.sleep(SETTLE_LINGER_S)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SETTLE_LINGER_S):
+                            await self._settle_now.wait()
+                self._settle_now.clear()
                 try:
                     await self._commit()
                 except StoreError as exc:
@@ -736,21 +776,25 @@ class Flusher:
                     )
                     await asyncio.sleep(SETTLE_RETRY_S)
         except asyncio.CancelledError:
-            if self._pending:  # best effort; unsettled events are re-sent with the same key
-                try:
+            try:  # best effort; unsettled events are re-sent with the same key
+                while self._pending:
                     await self._commit()
-                except StoreError as exc:
-                    log.warning("final_settle_failed", error=f"{type(exc).__name__}: {exc}")
+            except StoreError as exc:
+                log.warning("final_settle_failed", error=f"{type(exc).__name__}: {exc}")
             raise
 
     async def _commit(self) -> None:
-        batch, self._pending = self._pending, []
+        n = _within_dead_bytes(self._pending)
+        batch, self._pending = self._pending[:n], self._pending[n:]
         started = time.monotonic()
+        self._committing = len(batch)
         try:
             await self._store.settle(batch)
         except BaseException:
             self._pending[:0] = batch  # not recorded: keep them, ahead of newer outcomes
             raise
+        finally:
+            self._committing = 0
         for settlement in batch:
             self._in_flight.discard(settlement.seq)
             if isinstance(settlement, Retry):
@@ -816,6 +860,18 @@ class Flusher:
         if due is None:
             return False
         return due - self._clock() > deadline - time.monotonic()
+
+
+def _within_dead_bytes(pending: list[Settlement]) -> int:
+    """How many of the first outcomes one settle transaction takes: its dead letters (whose
+    bodies it copies) within ``SETTLE_DEAD_BYTES``, the disk budget's bound; one at least."""
+    total = 0
+    for i, s in enumerate(pending):
+        if isinstance(s, DeadLetter):
+            total += s.size
+            if total > SETTLE_DEAD_BYTES and i:
+                return i
+    return len(pending)
 
 
 __all__ = [

@@ -40,7 +40,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .store import Counts, StoreStats
+    from .store import Counts, DiskUsage, StoreStats
 
 PREFIX: Final = "valmi_sidecar_"
 UPSTREAM_STATES: Final = ("ok", "backing_off", "rate_limited", "paused", "disabled")
@@ -182,6 +182,7 @@ class MetricsSource:
     database_bytes: int
     drain: DrainForecast
     version: str
+    disk: DiskUsage
     #: Ingest worker processes: configured (0 with ``ingest_processes = 1``), running,
     #: and started again after an exit.
     ingest_workers: int = 0
@@ -388,6 +389,27 @@ class _Snapshot(Collector):
         )
         yield _gauge(
             "database_size_bytes", "Size of the database file and its WAL.", s.database_bytes
+        )
+        disk = s.disk
+        yield _gauge(
+            "disk_bytes",
+            "Bytes every file in the data directory takes, as max_queue_bytes counts them.",
+            disk.bytes,
+        )
+        yield _gauge(
+            "disk_max_bytes",
+            "The disk budget (max_queue_bytes): the data directory never takes more.",
+            disk.max_bytes,
+        )
+        yield _gauge(
+            "disk_full",
+            "1 when new events are refused (503 queue_full) for want of room in the disk budget.",
+            float(disk.full),
+        )
+        yield _gauge(
+            "dead_letter_bytes",
+            "Bytes the stored dead letters take on disk (bodies plus rows, estimated).",
+            disk.dead_letter_bytes,
         )
         yield CounterMetricFamily(
             PREFIX + "database_corruptions",

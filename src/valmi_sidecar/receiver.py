@@ -386,11 +386,13 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("no ingest worker is running (restarting; see the log)")
     if not store.writable:
         problems.append("the database is not writable (disk full or failing?)")
-    if (
-        counts.queued >= settings.max_queue_events
-        or counts.queued_bytes >= settings.max_queue_bytes
-    ):
-        problems.append("the queue is full")
+    if counts.queued >= settings.max_queue_events:
+        problems.append("the queue is full (max_queue_events)")
+    if store.full:
+        problems.append(
+            "the data directory is at its disk budget (max_queue_bytes): new events get "
+            "503 queue_full until forwarding frees room"
+        )
     if problems:
         body = {"status": "not_ready", "reasons": problems}
         return web.Response(status=503, body=_encode(body), content_type=_JSON)

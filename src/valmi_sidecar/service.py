@@ -127,6 +127,7 @@ class Sidecar:
             durability=s.durability,
             max_queue_bytes=s.max_queue_bytes,
             max_queue_events=s.max_queue_events,
+            max_body_bytes=s.max_body_bytes,
             dedup_window_s=s.dedup_window_s,
             recover_corrupt=True,  # a damaged file is moved aside: never a crash loop
         )
@@ -267,6 +268,7 @@ class Sidecar:
             "drain": self._drain(c, now).as_json(),
             "store": {"writable": self._store.writable, "path": str(self._store.path)},
             "moved_aside": moved_aside_json(self._moved_aside),
+            "disk": self._store.disk().as_dict(),
             "upstream": {
                 "url": self.settings.api_url,
                 "state": state,
@@ -281,6 +283,8 @@ class Sidecar:
                 ),
                 "rate_limit_per_min": self.settings.rate_limit_per_min_effective,
                 "rate_limit_source": self.settings.rate_limit_source,
+                # Sent but not yet recorded, at most: what a crash can make it send twice.
+                "max_unsaved": flusher.max_unsaved if flusher is not None else 0,
             },
         }
 
@@ -320,6 +324,7 @@ class Sidecar:
                 database_bytes=self._store.database_bytes(),
                 drain=self._drain(counts, time.time()),
                 version=__version__,
+                disk=self._store.disk(),
                 ingest_workers=workers.configured if workers is not None else 0,
                 ingest_workers_running=workers.alive if workers is not None else 0,
                 ingest_worker_restarts=workers.restarts if workers is not None else 0,

@@ -25,6 +25,15 @@ Counts
     ``counts()`` is an in-memory mirror of the committed state, loaded at open and
     updated after each commit; ``received == queued + delivered + dead_lettered`` holds
     at all times (duplicates are counted apart).
+
+The disk budget
+    ``max_queue_bytes`` bounds every file in the data directory (``disk.DiskBudget``).
+    The writer refuses a submission with ``QueueFullError`` before its commit when the
+    database would leave less than the budget's reserve: it decides from a mirror of the
+    bytes in use that errs high, and measures the database (pages less free pages, one
+    statement) only when the mirror says the submission does not fit. After a commit it
+    cuts the WAL once past its soft bound. Settlements are never refused: they move dead
+    letters one at a time into pages freed before, within the reserve.
 """
 
 from __future__ import annotations
@@ -47,6 +56,15 @@ import aiosqlite
 import msgspec
 import structlog
 
+from .disk import (
+    DEAD_LETTER_OVERHEAD_BYTES,
+    EVENT_OVERHEAD_BYTES,
+    SETTLE_DEAD_BYTES,
+    DiskBudget,
+    data_dir_bytes,
+    event_disk_bytes,
+    file_bytes,
+)
 from .events import Kind, NewEvent, check_idempotency_key
 from .metrics import COMMIT_EVENTS_BUCKETS, COMMIT_SECONDS_BUCKETS, Histogram
 
@@ -66,18 +84,28 @@ CLOSE_DRAIN_S: Final = 5.0
 CONNECTION_CLOSE_S: Final = 1.5
 #: SQLite's wait for a lock before ``SQLITE_BUSY``.
 BUSY_TIMEOUT_MS: Final = 5_000
-#: ``keys`` rows deleted per prune transaction (the writer interleaves other work).
-PRUNE_CHUNK: Final = 5_000
-#: Free pages released per ``incremental_vacuum`` step, and free pages kept for reuse.
-VACUUM_STEP_PAGES: Final = 512
+#: ``keys`` rows deleted per prune transaction (the writer interleaves other work; each
+#: transaction stays within the disk budget's bound on one transaction's WAL).
+PRUNE_CHUNK: Final = 2_000
+#: Free pages released per ``incremental_vacuum`` step, and free pages kept for reuse (at
+#: most; fewer with a small disk budget). Every step goes through the WAL.
+VACUUM_STEP_PAGES: Final = 64
 VACUUM_KEEP_PAGES: Final = 1_024
+#: SQLite's default interval between its automatic checkpoints, in WAL pages.
+WAL_AUTOCHECKPOINT_PAGES: Final = 1_000
+#: The database may always grow to this many pages, whatever the budget: its schema
+#: needs a few (a budget this small refuses every event; configuration refuses it first).
+MIN_PAGES: Final = 64
+#: Below this much room for events in the database, ``/readyz`` says the queue is full,
+#: and says so until this much is free again.
+FULL_ROOM_BYTES: Final = 4 * 1024
+ROOM_AGAIN_BYTES: Final = 64 * 1024
 #: ``rates()``: one sample of the counts a second at most, over about a minute.
 RATE_SAMPLE_S: Final = 1.0
 RATE_WINDOW_S: Final = 60.0
-#: Upper bound of the WAL file once checkpointed (bytes).
-JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
-
 DB_NAME: Final = "queue.db"
+#: The database's own files: the budget measures them apart from the rest of the directory.
+DB_FILES: Final = frozenset({DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"})
 LOCK_NAME: Final = "lock"
 #: Written by a clean close: the database file's identity and the queue's size then. A
 #: start that finds it, with the file unchanged and no WAL, skips the integrity check and
@@ -163,6 +191,9 @@ class DeadLetter:
     reason: str
     status: int | None
     detail: str
+    #: The event's body bytes, when the caller knows them: the flusher keeps the dead
+    #: letters of one settlement within ``disk.SETTLE_DEAD_BYTES``.
+    size: int = 0
 
 
 Settlement = Delivered | Retry | DeadLetter
@@ -177,6 +208,44 @@ class Counts:
     dead_lettered: int
     duplicates: int
     oldest_queued_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class DiskUsage:
+    """The data directory against the disk budget (``max_queue_bytes``)."""
+
+    #: Every file in the data directory now, as the budget counts them.
+    bytes: int
+    max_bytes: int
+    #: Whether new events are refused for want of room (``queue_full``).
+    full: bool
+    #: Dead letters stored now, and what they take on disk (bodies plus rows, estimated).
+    dead_letters: int
+    dead_letter_bytes: int
+
+    @property
+    def dead_letter_share(self) -> float:
+        return self.dead_letter_bytes / self.max_bytes if self.max_bytes else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "full": self.full,
+            "dead_letters": self.dead_letters,
+            "dead_letter_bytes": self.dead_letter_bytes,
+            "dead_letter_share": round(self.dead_letter_share, 4),
+            "dead_letters_warning": (
+                "dead letters take a large share of max_queue_bytes: re-queue "
+                "('valmi-sidecar dead-letters retry') or export and purge them"
+                if self.dead_letter_share >= DEAD_LETTER_WARN_SHARE
+                else None
+            ),
+        }
+
+
+#: Dead letters taking this share of the disk budget or more are reported (status, log).
+DEAD_LETTER_WARN_SHARE: Final = 0.25
 
 
 def counts_json(
@@ -456,12 +525,30 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered)
         SELECT '', '', '', '', value, value FROM counters WHERE name = 'delivered' AND value > 0;
     """,
+    # 3: the de-dup window of a settled key counts from the later of receipt and settling
+    # (an event that waited two days in the queue still de-duplicates for a day after).
+    """
+    DROP INDEX keys_prunable;
+    CREATE INDEX keys_remembered_since ON keys (max(received_at, coalesce(settled_at, 0)))
+        WHERE state != 0;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
+#: When a key's de-dup window starts: the later of its event's receipt and settling.
+_REMEMBERED_SINCE: Final = "max(received_at, coalesce(settled_at, 0))"
+#: A key row remembered for a day by every event is about a fifth smaller when it does
+#: not repeat what it can derive: its ``id`` is ``''`` when it is the key itself (a key
+#: the sidecar made), its ``created_at`` ``''`` when this formatting of ``received_at``
+#: gives it (compared as stored, so a formatting that differs is kept as it is).
+_CREATED_FROM_RECEIVED: Final = "strftime('%Y-%m-%dT%H:%M:%fZ', {received_at}, 'unixepoch')"
+_KEY_ID: Final = "coalesce(nullif(id, ''), idem_key)"
+_KEY_CREATED_AT: Final = "coalesce(nullif(created_at, ''), {})".format(
+    _CREATED_FROM_RECEIVED.format(received_at="received_at")
+)
 _SELECT_KEYS: Final = (
-    "SELECT idem_key, id, fingerprint, created_at, received_at, state FROM keys"
-    " WHERE idem_key IN (SELECT value FROM json_each(?))"
+    f"SELECT idem_key, {_KEY_ID}, fingerprint, {_KEY_CREATED_AT}, {_REMEMBERED_SINCE}, state"  # noqa: S608 - constant SQL; values are bound
+    " FROM keys WHERE idem_key IN (SELECT value FROM json_each(?))"
 )
 #: A ledger row's deltas are added to the row of the same key and day.
 _LEDGER_ADD: Final = (
@@ -515,7 +602,13 @@ _GROUP_WRITE_DDL: Final = (
     CREATE TEMP TRIGGER IF NOT EXISTS group_write_event INSTEAD OF INSERT ON group_write
     WHEN NEW.op = 0 BEGIN
         INSERT OR REPLACE INTO keys (idem_key, id, fingerprint, created_at, received_at, state)
-            VALUES (NEW.idem_key, NEW.id, NEW.fingerprint, NEW.created_at, NEW.received_at, 0);
+            VALUES (NEW.idem_key, CASE WHEN NEW.id = NEW.idem_key THEN '' ELSE NEW.id END,
+                    NEW.fingerprint,
+                    CASE WHEN NEW.created_at = """
+    + _CREATED_FROM_RECEIVED.format(received_at="NEW.received_at")
+    + """ THEN ''
+                         ELSE NEW.created_at END,
+                    NEW.received_at, 0);
         INSERT INTO events (seq, id, idem_key, kind, body, size, agent_key, event_type, value,
                             received_at, created_at)
             VALUES (NEW.seq, NEW.id, NEW.idem_key, NEW.kind, NEW.body, NEW.size, NEW.agent_key,
@@ -564,9 +657,10 @@ _INSERT_REQUEUED: Final = (
 #: The key of a re-queued dead letter is queued again (never expires while queued); a
 #: pruned key row comes back without a fingerprint (a client retry with it gets a 409).
 _REQUEUE_KEY: Final = (
-    "INSERT INTO keys (idem_key, id, fingerprint, created_at, received_at, state)"
+    "INSERT INTO keys (idem_key, id, fingerprint, created_at, received_at, state)"  # noqa: S608 - constant SQL; values are bound
     " VALUES (?, ?, x'', ?, ?, 0)"
-    " ON CONFLICT (idem_key) DO UPDATE SET state = 0, settled_at = NULL WHERE id = excluded.id"
+    " ON CONFLICT (idem_key) DO UPDATE SET state = 0, settled_at = NULL"
+    f" WHERE {_KEY_ID} = excluded.id"
 )
 _LEDGER_COLUMNS: Final = (
     "agent_key, kind, event_type, day, received, delivered, dead_lettered, received_value,"
@@ -587,6 +681,7 @@ _RETRY: Final = (
     "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE seq = ?"
 )
 _DELETE_EVENTS: Final = "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))"
+_DELETE_EVENT: Final = "DELETE FROM events WHERE seq = ?"
 _SETTLE_KEYS: Final = (
     "UPDATE keys SET state = ?, settled_at = ? WHERE idem_key IN (SELECT value FROM json_each(?))"
 )
@@ -594,13 +689,17 @@ _SETTLE_KEYS: Final = (
 _AGE_FROM: Final = "max(received_at, coalesce(requeued_at, 0))"
 _OLDEST: Final = f"SELECT seq, {_AGE_FROM} FROM events ORDER BY seq LIMIT 1"  # noqa: S608 - constant SQL; values are bound
 _PRUNE: Final = (
-    "DELETE FROM keys WHERE idem_key IN (SELECT idem_key FROM keys"
-    " WHERE state != 0 AND received_at < ? LIMIT ?)"
+    "DELETE FROM keys WHERE idem_key IN (SELECT idem_key FROM keys"  # noqa: S608 - constant SQL; values are bound
+    f" WHERE state != 0 AND {_REMEMBERED_SINCE} < ? LIMIT ?)"
 )
 #: Needs free pages (as a submit does) and leaves nothing behind.
 _PROBE: Final = (
     "BEGIN IMMEDIATE; INSERT INTO counters (name, value) VALUES ('probe', zeroblob(65536));"
     " DELETE FROM counters WHERE name = 'probe'; COMMIT;"
+)
+
+_MEASURE: Final = (
+    "SELECT page_count, freelist_count FROM pragma_page_count(), pragma_freelist_count()"
 )
 
 _json: Final = msgspec.json.Encoder()
@@ -824,6 +923,16 @@ class _Plan:
     delivered_kinds: dict[str, int] = field(default_factory=dict)
     duplicate_kinds: dict[str, int] = field(default_factory=dict)
     dead_by: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Body bytes of the events dead-lettered.
+    dead_bytes: int = 0
+    #: What the accepted events may add to the database (``disk.event_disk_bytes``).
+    disk_added: int = 0
+    #: Bytes of the database in use, when measured during this group (before its writes).
+    disk_measured: int | None = None
+    #: Whether new events are refused for want of room, when this group decided it.
+    disk_full: bool | None = None
+    #: Bytes of the database in use after the commit, when measured (room freed).
+    disk_after: int | None = None
 
 
 class _Fail:
@@ -848,7 +957,7 @@ class Store:
         lock_fd: int,
         writer: aiosqlite.Connection,
         reader: aiosqlite.Connection,
-        max_queue_bytes: int,
+        budget: DiskBudget,
         max_queue_events: int,
         dedup_window_s: float,
         clock: Callable[[], float],
@@ -858,7 +967,7 @@ class Store:
         self._lock_fd: int | None = lock_fd
         self._writer = writer
         self._reader = reader
-        self._max_bytes = max_queue_bytes
+        self._budget = budget
         self._max_events = max_queue_events
         self._window_s = dedup_window_s
         self._clock = clock
@@ -889,6 +998,16 @@ class Store:
         self._next_seq = 1
         self._requeued_at = 0.0
         self._samples: deque[tuple[float, int, int, int]] = deque()
+        # The disk: bytes of the database in use as last measured plus what was added
+        # since (erring high; measured again when it nears the budget), whether events
+        # are refused for want of room, and the dead letters stored (count, body bytes).
+        self._disk_used = 0
+        self._disk_full = False
+        self._wal_path = self._path.with_name(DB_NAME + "-wal")
+        #: Writer thread only: the last checkpoint left the WAL past its soft bound.
+        self._wal_over = False
+        self._dead_stored = 0
+        self._dead_bytes = 0
 
         #: What the store did since it opened, for ``/metrics``.
         self.stats = StoreStats()
@@ -907,6 +1026,7 @@ class Store:
         durability: Literal["full", "normal"] = "full",
         max_queue_bytes: int = 1024**3,
         max_queue_events: int = 5_000_000,
+        max_body_bytes: int = 1024 * 1024,
         dedup_window_s: float = 24 * 3600.0,
         clock: Callable[[], float] = time.time,
         prune_interval_s: float | None = 600.0,
@@ -918,6 +1038,9 @@ class Store:
         ``StoreError`` when the database cannot be used (newer schema, no WAL, I/O;
         ``CorruptDatabaseError`` when the file is damaged).
         ``prune_interval_s=None`` turns the periodic prune off (call ``prune()`` yourself).
+
+        ``max_queue_bytes`` bounds every file in ``data_dir`` (``disk.DiskBudget``; the
+        largest submission, ``max_body_bytes``, sizes the WAL's share).
 
         ``recover_corrupt=True`` (the service) first runs ``PRAGMA quick_check``; a damaged
         file is moved aside to ``queue.db.corrupt-<UTC time>`` (with its WAL) and the store
@@ -936,6 +1059,7 @@ class Store:
         options: dict[str, Any] = {
             "durability": durability,
             "max_queue_bytes": max_queue_bytes,
+            "max_body_bytes": max_body_bytes,
             "max_queue_events": max_queue_events,
             "dedup_window_s": dedup_window_s,
             "clock": clock,
@@ -982,7 +1106,10 @@ class Store:
             received=c.received,
             delivered=c.delivered,
             dead_lettered=c.dead_lettered,
+            disk_bytes=data_dir_bytes(data_dir),
+            max_queue_bytes=max_queue_bytes,
         )
+        store._warn_if_budget_short()
         return store
 
     @classmethod
@@ -993,6 +1120,7 @@ class Store:
         *,
         durability: str,
         max_queue_bytes: int,
+        max_body_bytes: int,
         max_queue_events: int,
         dedup_window_s: float,
         clock: Callable[[], float],
@@ -1012,7 +1140,14 @@ class Store:
             )
             if check:
                 await _quick_check(writer, path)
-            await _setup_writer(writer, path, synchronous=durability.upper())
+            rows = await writer.execute_fetchall("PRAGMA page_size")
+            budget = DiskBudget.plan(
+                max_queue_bytes,
+                max_body_bytes=max_body_bytes,
+                other_bytes=await asyncio.to_thread(data_dir_bytes, data_dir, exclude=DB_FILES),
+                page_size=int(next(iter(rows))[0]),
+            )
+            await _setup_writer(writer, path, synchronous=durability.upper(), budget=budget)
             reader = await aiosqlite.connect(path, isolation_level=None)
             for pragma in (f"busy_timeout = {BUSY_TIMEOUT_MS}", "query_only = ON"):
                 await reader.execute(f"PRAGMA {pragma}")
@@ -1022,13 +1157,14 @@ class Store:
                 lock_fd=lock_fd,
                 writer=writer,
                 reader=reader,
-                max_queue_bytes=max_queue_bytes,
+                budget=budget,
                 max_queue_events=max_queue_events,
                 dedup_window_s=dedup_window_s,
                 clock=clock,
             )
             store.startup_check = "passed" if check else "skipped" if clean else "off"
             await store._load(clean)
+            await store._in_writer_thread(store._measure_now)
         except BaseException as exc:
             for conn in (reader, writer):
                 if conn is not None:
@@ -1057,6 +1193,10 @@ class Store:
                 self._queued, self._queued_bytes = int(r[0]), int(r[1])
         for r in await self._reader.execute_fetchall(_OLDEST):
             self._oldest = (int(r[0]), float(r[1]))
+        for r in await self._reader.execute_fetchall(
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM dead_letters"
+        ):
+            self._dead_stored, self._dead_bytes = int(r[0]), int(r[1])
         for r in await self._reader.execute_fetchall(
             "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
         ):
@@ -1138,6 +1278,44 @@ class Store:
     def path(self) -> Path:
         """The database file."""
         return self._path
+
+    @property
+    def budget(self) -> DiskBudget:
+        """How ``max_queue_bytes`` is shared between the files of the data directory."""
+        return self._budget
+
+    @property
+    def full(self) -> bool:
+        """Whether new events are refused for want of room in the disk budget."""
+        return self._disk_full
+
+    def disk(self) -> DiskUsage:
+        """The data directory against the disk budget (a few ``stat`` calls, no I/O wait)."""
+        return DiskUsage(
+            bytes=data_dir_bytes(self._data_dir),
+            max_bytes=self._budget.max_bytes,
+            full=self._disk_full,
+            dead_letters=self._dead_stored,
+            dead_letter_bytes=self._dead_letter_disk_bytes(),
+        )
+
+    def _warn_if_budget_short(self) -> None:
+        problem = self._budget.problem()
+        if problem is not None:
+            log.error(
+                "disk_budget_too_small",
+                problem=problem,
+                other_files_bytes=self._budget.other_bytes,
+                action="raise max_queue_bytes, or remove what else is in the data directory "
+                "(salvage, then delete, moved-aside databases)",
+            )
+        elif self._disk_full:
+            log.warning(
+                "disk_budget_full",
+                max_queue_bytes=self._budget.max_bytes,
+                database_in_use=self._disk_used,
+                dead_letter_bytes=self._dead_letter_disk_bytes(),
+            )
 
     def database_bytes(self) -> int:
         """Bytes of the database file and its WAL (two ``stat`` calls, no I/O wait)."""
@@ -1276,19 +1454,34 @@ class Store:
         return [_ledger_row(r) for r in await self._reader.execute_fetchall(sql, params)]
 
     async def requeue_dead_letters(self, flt: DeadLetterFilter, limit: int) -> int:
-        """Move up to ``limit`` matching dead letters back to the queue, in one transaction,
-        with their original id and idempotency key; returns how many. Raises
-        ``QueueFullError`` (nothing moved) when they would pass the queue's limit."""
-        future: asyncio.Future[int] = self._loop_future()
-        self._enqueue(_Requeue(flt, max(0, limit), future))
-        return await future
+        """Move up to ``limit`` matching dead letters back to the queue, with their original
+        id and idempotency key; returns how many. Each transaction moves a bounded number
+        of bytes (the disk budget's bound on the WAL); raises ``QueueFullError`` when not
+        even the first would fit (nothing moved), or returns what moved before one did not."""
+        return await self._change_dead_letters(_Requeue, flt, limit)
 
     async def purge_dead_letters(self, flt: DeadLetterFilter, limit: int) -> int:
         """Delete up to ``limit`` matching dead letters; returns how many. The counts (and
         the ledger) still count them as dead-lettered: only the stored events go."""
-        future: asyncio.Future[int] = self._loop_future()
-        self._enqueue(_Purge(flt, max(0, limit), future))
-        return await future
+        return await self._change_dead_letters(_Purge, flt, limit)
+
+    async def _change_dead_letters(
+        self, kind: type[_Requeue | _Purge], flt: DeadLetterFilter, limit: int
+    ) -> int:
+        done = 0
+        while done < limit:
+            future: asyncio.Future[int] = self._loop_future()
+            self._enqueue(kind(flt, limit - done, future))
+            try:
+                n = await future
+            except QueueFullError:
+                if done:
+                    break
+                raise
+            if n == 0:
+                break
+            done += n
+        return done
 
     async def import_events(self, events: Sequence[NewEvent]) -> ImportResult:
         """Queue events that keep their id, key and receipt time (``salvage``). An event
@@ -1402,6 +1595,9 @@ class Store:
         up to ``MAX_GROUP_EVENTS`` events. Operations whose caller gave up are dropped."""
         group: list[_Op] = []
         n = 0
+        # Body bytes of the group's submissions: one transaction's WAL stays within the
+        # disk budget's bound (a single submission is never split).
+        body_bytes = 0
         pending = self._pending
         while pending and n < MAX_GROUP_EVENTS:
             op = pending[0]
@@ -1412,11 +1608,18 @@ class Store:
                 if not op.future.done():
                     return [op]
                 continue
+            if isinstance(op, _Submit):
+                size = sum(len(e.body) for e in op.events)
+                if group and body_bytes + size > self._budget.group_body_bytes:
+                    break
+            else:
+                size = 0
             pending.popleft()
             if op.future.done():
                 continue  # cancelled by its caller: not stored, nobody waits for it
             assert isinstance(op, _Submit | _Settle)
             group.append(op)
+            body_bytes += size
             n += len(op.events) if isinstance(op, _Submit) else len(op.settlements)
         return group
 
@@ -1482,6 +1685,9 @@ class Store:
         self._next_seq = plan.next_seq
         if plan.oldest_changed:
             self._oldest = plan.oldest
+        if plan.dead_lettered:
+            self._add_dead_letters(plan.dead_lettered, plan.dead_bytes)
+        self._apply_disk(plan)
         if plan.received:
             self._new_events.set()
         for op, result in plan.results:
@@ -1491,6 +1697,53 @@ class Store:
                 op.future.set_exception(result.error)
             else:
                 op.future.set_result(result)
+
+    def _apply_disk(self, plan: _Plan) -> None:
+        """The mirror of the disk after a group commit."""
+        was_full = self._disk_full
+        if plan.disk_after is not None:
+            self._disk_used = plan.disk_after
+        else:
+            if plan.disk_measured is not None:
+                self._disk_used = plan.disk_measured
+            self._disk_used += plan.disk_added
+        refused = plan.disk_full if plan.disk_after is None else None
+        self._disk_full = self._full_after(was_full, refused=bool(refused))
+        if self._disk_full and not was_full:
+            log.warning(
+                "disk_budget_full",
+                max_queue_bytes=self._budget.max_bytes,
+                database_in_use=self._disk_used,
+                dead_letter_bytes=self._dead_letter_disk_bytes(),
+            )
+        elif was_full and not self._disk_full:
+            log.info("disk_budget_room_again", database_in_use=self._disk_used)
+
+    def _full_after(self, was_full: bool, *, refused: bool) -> bool:
+        """Whether the store is full now (``/readyz``): a submission was just refused for
+        room, or too little is left; once full, until a fair amount is free again, so that
+        it does not flap while small events still fit between refused large ones."""
+        room = self._budget.intake_bytes - self._disk_used
+        return refused or room < (ROOM_AGAIN_BYTES if was_full else FULL_ROOM_BYTES)
+
+    def _add_dead_letters(self, n: int, body_bytes: int) -> None:
+        before = self._dead_letter_disk_bytes()
+        self._dead_stored += n
+        self._dead_bytes += body_bytes
+        after = self._dead_letter_disk_bytes()
+        warn_at = self._budget.max_bytes * DEAD_LETTER_WARN_SHARE
+        if before < warn_at <= after:
+            log.warning(
+                "dead_letters_fill_the_disk",
+                dead_letters=self._dead_stored,
+                dead_letter_bytes=after,
+                max_queue_bytes=self._budget.max_bytes,
+                action="fix the cause, then 'valmi-sidecar dead-letters retry', or export "
+                "and purge them: they keep their room until then",
+            )
+
+    def _dead_letter_disk_bytes(self) -> int:
+        return self._dead_bytes + self._dead_stored * DEAD_LETTER_OVERHEAD_BYTES
 
     def _write_group(self, group: list[_Op], db: sqlite3.Connection) -> _Plan:
         """Run the statements of one group and commit, on the writer's thread; return
@@ -1511,7 +1764,9 @@ class Store:
             if keys:
                 rows = db.execute(_SELECT_KEYS, (_json.encode(keys).decode(),)).fetchall()
                 known = {r[0]: tuple(r) for r in rows}
-            self._plan_submits(submits, plan, event_rows, known)
+            if self._wal_over:  # the last checkpoint could not finish: try again first
+                self._checkpoint_if_big(db)
+            self._plan_submits(db, submits, plan, event_rows, known)
         for op in settles:
             plan.results.append((op, None))
         if settles:
@@ -1522,10 +1777,81 @@ class Store:
             plan.oldest = (event_rows[0][0], event_rows[0][9])
             plan.oldest_changed = True
         _write_and_commit(db, _group_write_rows(event_rows, plan))
+        # Committed: from here on nothing may fail the group's operations.
+        try:
+            self._checkpoint_if_big(db)
+            if plan.removed and (self._disk_full or plan.disk_full):
+                plan.disk_after = self._measure(db)  # room again for new events?
+        except sqlite3.Error as exc:
+            self._wal_over = True
+            log.warning("checkpoint_failed", error=str(exc))
         return plan
+
+    # -- the disk budget (on the writer's thread) -----------------------------------------
+
+    def _measure(self, db: sqlite3.Connection) -> int:
+        """Bytes of the database in use now: its pages less the free ones."""
+        pages, free = db.execute(_MEASURE).fetchone()
+        return (int(pages) - int(free)) * self._budget.page_size
+
+    def _measure_now(self, db: sqlite3.Connection) -> None:
+        """Measure and set the mirror (at open, and after maintenance, which runs alone)."""
+        self._disk_used = self._measure(db)
+        self._disk_full = self._full_after(self._disk_full, refused=False)
+
+    def _checkpoint_if_big(self, db: sqlite3.Connection) -> None:
+        """Checkpoint and truncate the WAL once a commit left it past its soft bound (a
+        reader in the middle of a long read can hold it; then ``_wal_over`` stays set and
+        new events wait, see ``_room_for``)."""
+        if file_bytes(self._wal_path) <= self._budget.wal_soft_bytes:
+            self._wal_over = False
+            return
+        # Without waiting for readers: a long read (a 'check' of the file) must not stall
+        # every commit behind it; new events wait instead until the WAL can be cut.
+        db.execute("PRAGMA busy_timeout = 0")
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._wal_over = file_bytes(self._wal_path) > self._budget.wal_soft_bytes
+        if self._wal_over:
+            log.warning(
+                "wal_checkpoint_blocked",
+                wal_bytes=file_bytes(self._wal_path),
+                bound=self._budget.wal_soft_bytes,
+            )
+
+    def _room_for(self, db: sqlite3.Connection, plan: _Plan, need: int) -> QueueFullError | None:
+        """Whether events that may take ``need`` bytes fit in the disk budget after what
+        this group accepted so far: ``None`` (then counted in the plan) or the refusal. The
+        database is measured only when the mirror, which errs high, says they do not fit."""
+        budget = self._budget
+        used = self._disk_used if plan.disk_measured is None else plan.disk_measured
+        if used + plan.disk_added + need > budget.intake_bytes and plan.disk_measured is None:
+            used = plan.disk_measured = self._measure(db)
+        if self._wal_over:
+            plan.disk_full = True
+            return QueueFullError(
+                f"the WAL of {self._path} could not be checkpointed (a long read holds it), "
+                f"and max_queue_bytes={budget.max_bytes} leaves it no more room; retry later",
+                QUEUE_FULL_RETRY_AFTER_S,
+            )
+        if used + plan.disk_added + need > budget.intake_bytes:
+            plan.disk_full = True
+            return QueueFullError(
+                f"the data directory is at its disk budget, max_queue_bytes={budget.max_bytes}: "
+                f"{used + plan.disk_added} of the {budget.intake_bytes} bytes the database "
+                "keeps for events, keys and dead letters are in use; retry later (forwarding "
+                "frees room; dead letters keep theirs until re-queued or purged)",
+                QUEUE_FULL_RETRY_AFTER_S,
+            )
+        plan.disk_added += need
+        plan.disk_full = False
+        return None
 
     def _plan_submits(
         self,
+        db: sqlite3.Connection,
         submits: list[_Submit],
         plan: _Plan,
         event_rows: list[tuple[Any, ...]],
@@ -1548,8 +1874,8 @@ class Store:
                 k = e.idem_key
                 prior = mine.get(k) or group_keys.get(k)
                 if prior is None and k in known:
-                    _, pid, pfp, pcreated, preceived, pstate = known[k]
-                    if pstate == QUEUED or preceived >= cutoff:
+                    _, pid, pfp, pcreated, since, pstate = known[k]
+                    if pstate == QUEUED or since >= cutoff:
                         prior = (pid, pfp, pcreated)
                 if prior is None:
                     mine[k] = (e.id, e.fingerprint, e.created_at)
@@ -1568,10 +1894,9 @@ class Store:
                         f"{queued} events queued, limit max_queue_events={self._max_events}",
                         QUEUE_FULL_RETRY_AFTER_S,
                     )
-                elif queued_bytes + new_bytes > self._max_bytes:
-                    failure = QueueFullError(
-                        f"{queued_bytes} bytes queued, limit max_queue_bytes={self._max_bytes}",
-                        QUEUE_FULL_RETRY_AFTER_S,
+                else:
+                    failure = self._room_for(
+                        db, plan, sum(event_disk_bytes(len(e.body)) for e in new)
                     )
             if failure is not None:
                 plan.results.append((op, _Fail(failure)))
@@ -1622,6 +1947,7 @@ class Store:
         dead_rows: list[tuple[Any, ...]] = []
         retry_rows: list[tuple[Any, ...]] = []
         deleted: list[int] = []
+        delivered: list[int] = []
         settled_keys: dict[int, list[str]] = {DELIVERED: [], DEAD: []}
         for op in settles:
             for s in op.settlements:
@@ -1635,6 +1961,7 @@ class Store:
                 # found: idem_key, size, agent_key, kind, event_type, value, day
                 ledger_key = (found[2], found[3], found[4], found[6])
                 if isinstance(s, Delivered):
+                    delivered.append(s.seq)
                     plan.delivered += 1
                     settled_keys[DELIVERED].append(found[0])
                     _bump(plan.ledger, ledger_key, _DELIVERED, found[5])
@@ -1643,18 +1970,24 @@ class Store:
                     plan.dead_lettered += 1
                     settled_keys[DEAD].append(found[0])
                     dead_rows.append((now, s.reason, s.status, s.detail, s.seq))
+                    plan.dead_bytes += found[1]
                     _bump(plan.ledger, ledger_key, _DEAD, found[5])
                     _count(plan.dead_by, (found[3], s.reason))
                 deleted.append(s.seq)
                 plan.removed_bytes += found[1]
         if retry_rows:
             db.executemany(_RETRY, retry_rows)
-        if dead_rows:
-            db.executemany(_INSERT_DEAD, dead_rows)
+        if delivered:
+            # One statement (not one per row): the writer thread takes the GIL back after
+            # every SQLite step, and each time it may have to wait for the loop.
+            db.execute(_DELETE_EVENTS, (_json.encode(delivered).decode(),))
+        for row in dead_rows:
+            # One at a time, after the deliveries: each dead letter reuses the pages the
+            # ones before it freed, so the database grows by one event at most, within the
+            # disk budget's reserve, even when it is full.
+            db.execute(_INSERT_DEAD, row)
+            db.execute(_DELETE_EVENT, (row[-1],))
         if deleted:
-            # One statement each (not one per row): the writer thread takes the GIL back
-            # after every SQLite step, and each time it may have to wait for the loop.
-            db.execute(_DELETE_EVENTS, (_json.encode(deleted).decode(),))
             for state, keys in settled_keys.items():
                 if keys:
                     db.execute(_SETTLE_KEYS, (state, now, _json.encode(keys).decode()))
@@ -1680,6 +2013,9 @@ class Store:
             if not rows:
                 op.future.set_result(0)
                 return
+            # One transaction's WAL within the disk budget's bound: the rest of the
+            # request goes in the next (_change_dead_letters() loops).
+            rows = _within_bytes(rows, SETTLE_DEAD_BYTES)
             if isinstance(op, _Purge):
                 await db.executemany(
                     "DELETE FROM dead_letters WHERE seq = ?", [(r[0],) for r in rows]
@@ -1687,7 +2023,8 @@ class Store:
                 await db.execute(_BUMP_OPERATOR, (len(rows), "purged"))
                 await db.commit()
             else:
-                failure = self._requeue_limit(rows)
+                used = await self._in_writer_thread(self._measure)
+                failure = self._requeue_limit(rows, used)
                 if failure is not None:
                     op.future.set_exception(failure)
                     return
@@ -1703,6 +2040,8 @@ class Store:
             return
         self._committed()
         n = len(rows)
+        self._dead_stored -= n
+        self._dead_bytes -= sum(len(r[4]) for r in rows)
         if isinstance(op, _Purge):
             self.stats.purged += n
             log.info("dead_letters_purged", n=n)
@@ -1717,20 +2056,41 @@ class Store:
             self.stats.requeued += n
             self._new_events.set()
             log.info("dead_letters_requeued", n=n)
+        await self._after_solo()
         if not op.future.done():
             op.future.set_result(n)
 
-    def _requeue_limit(self, rows: list[Any]) -> QueueFullError | None:
+    def _requeue_limit(self, rows: list[Any], used: int) -> QueueFullError | None:
+        """A re-queued dead letter leaves its row for an event row of about the same size:
+        it needs little room, and may use half the reserve (an operator freeing room)."""
         n = len(rows)
-        size = sum(len(r[4]) for r in rows)
-        if self._queued + n > self._max_events or self._queued_bytes + size > self._max_bytes:
+        budget = self._budget
+        room = budget.intake_bytes + budget.reserve_bytes // 2 - used
+        if self._queued + n > self._max_events or n * EVENT_OVERHEAD_BYTES > room:
             return QueueFullError(
-                f"re-queueing {n} dead letters ({size} bytes) would pass the queue's limit "
-                f"({self._queued} of {self._max_events} events, {self._queued_bytes} of "
-                f"{self._max_bytes} bytes queued); retry fewer or later",
+                f"re-queueing {n} dead letters would pass the queue's limit "
+                f"({self._queued} of {self._max_events} events queued; {used} bytes of the "
+                f"database in use, max_queue_bytes={budget.max_bytes}); retry fewer or later",
                 QUEUE_FULL_RETRY_AFTER_S,
             )
         return None
+
+    async def _after_solo(self) -> None:
+        """After a transaction of its own (maintenance, an operator's), committed: bound
+        the WAL and measure the database again (nothing of it may fail the operation)."""
+
+        def run(db: sqlite3.Connection) -> None:
+            self._checkpoint_if_big(db)
+            self._measure_now(db)
+
+        was_full = self._disk_full
+        try:
+            await self._in_writer_thread(run)
+        except sqlite3.Error as exc:
+            log.warning("checkpoint_failed", error=str(exc))
+            return
+        if was_full and not self._disk_full:
+            log.info("disk_budget_room_again", database_in_use=self._disk_used)
 
     async def _write_requeue(self, rows: list[Any]) -> None:
         """A re-queued dead letter keeps its id, idempotency key and receipt time, gets a
@@ -1751,8 +2111,9 @@ class Store:
             )
             key_rows.append((r[2], r[1], r[9], r[8]))
             _bump(delta, (r[5], r[3], r[6], r[10]), _DEAD, r[7], sign=-1)
-        await db.executemany(_INSERT_REQUEUED, event_rows)
+        # Deleted first: the events reuse the pages the dead letters leave.
         await db.executemany("DELETE FROM dead_letters WHERE seq = ?", [(r[0],) for r in rows])
+        await db.executemany(_INSERT_REQUEUED, event_rows)
         await db.executemany(_REQUEUE_KEY, key_rows)
         await db.executemany(_UPSERT_LEDGER, _ledger_rows(delta))
         await db.execute(_BUMP_COUNTER, (-len(rows), "dead_lettered"))
@@ -1774,6 +2135,7 @@ class Store:
                 op.future.set_exception(error)
             return
         self._committed()
+        await self._after_solo()
         if not op.future.done():
             op.future.set_result(n)
 
@@ -1784,8 +2146,9 @@ class Store:
         rows = await self._writer.execute_fetchall("PRAGMA freelist_count")
         free = int(next(iter(rows))[0])
         released = 0
-        while free - released > VACUUM_KEEP_PAGES and not self._stopping:
-            step = min(VACUUM_STEP_PAGES, free - released - VACUUM_KEEP_PAGES)
+        keep = min(VACUUM_KEEP_PAGES, self._budget.max_pages // 16)
+        while free - released > keep and not self._stopping:
+            step = min(VACUUM_STEP_PAGES, free - released - keep)
             # executescript, not execute: the pragma frees one page per step of the
             # statement, and sqlite3's execute() steps a column-less statement only once.
             await self._writer.executescript(f"PRAGMA incremental_vacuum({step});")
@@ -1834,6 +2197,16 @@ class Store:
 
 
 # -- queries shared by the store and the read-only database -------------------------------
+
+
+def _within_bytes(rows: list[Any], limit: int) -> list[Any]:
+    """The first dead-letter rows (body at index 4) whose bytes fit in ``limit``; one at least."""
+    total = 0
+    for i, r in enumerate(rows):
+        total += len(r[4]) + DEAD_LETTER_OVERHEAD_BYTES
+        if total > limit and i:
+            return rows[:i]
+    return rows
 
 
 def _dead_letters_query(flt: DeadLetterFilter, limit: int) -> tuple[str, list[Any]]:
@@ -2434,7 +2807,9 @@ async def _quick_check(db: aiosqlite.Connection, path: Path) -> None:
     )
 
 
-async def _setup_writer(db: aiosqlite.Connection, path: Path, *, synchronous: str) -> None:
+async def _setup_writer(
+    db: aiosqlite.Connection, path: Path, *, synchronous: str, budget: DiskBudget
+) -> None:
     await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     version = int(next(iter(await db.execute_fetchall("PRAGMA user_version")))[0])
     if version > SCHEMA_VERSION:
@@ -2449,7 +2824,15 @@ async def _setup_writer(db: aiosqlite.Connection, path: Path, *, synchronous: st
     if str(mode).lower() != "wal":
         raise StoreError(f"{path}: the file system does not support WAL (journal_mode={mode})")
     await db.execute(f"PRAGMA synchronous = {synchronous}")
-    await db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+    # The disk budget: the file never grows past its share (a database already larger
+    # keeps its size and takes no new events until it has room again), and the WAL is
+    # checkpointed and cut back to its soft bound.
+    await db.execute(f"PRAGMA max_page_count = {max(MIN_PAGES, budget.max_pages)}")
+    await db.execute(f"PRAGMA journal_size_limit = {budget.wal_soft_bytes}")
+    # SQLite's own checkpoints (SQLite's default interval, or sooner on a small budget)
+    # keep the WAL within half its soft bound; after a commit, one over the bound is cut.
+    pages = min(WAL_AUTOCHECKPOINT_PAGES, budget.wal_soft_bytes // budget.page_size // 2)
+    await db.execute(f"PRAGMA wal_autocheckpoint = {max(1, pages)}")
     for target in range(version + 1, SCHEMA_VERSION + 1):
         script = MIGRATIONS[target - 1]
         try:
@@ -2475,6 +2858,7 @@ __all__ = [
     "DeadLetterFilter",
     "DeadLetterRecord",
     "Delivered",
+    "DiskUsage",
     "IdempotencyConflictError",
     "ImportResult",
     "LedgerRow",
