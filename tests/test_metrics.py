@@ -4,6 +4,7 @@ name only metrics that exist."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -298,3 +299,20 @@ async def test_examples_name_only_real_metrics(
         named |= metric_names(expr)
     assert named, "the examples name no metric"
     assert set() == named - exposed
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+async def test_every_metric_the_sidecar_exposes_is_in_the_readme(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    """An operator reads what a metric means in the README: every family /metrics serves
+    (but the standard process_* and python_* ones) is named there, unprefixed."""
+    _, url = await sidecar_factory(None, ingest_processes=1)
+    text = (await client.get(url + "/metrics")).text
+    readme = await asyncio.to_thread(README.read_text)
+    names = {f.name for f in text_string_to_metric_families(text)}
+    ours = {n.removeprefix("valmi_sidecar_") for n in names if n.startswith("valmi_sidecar_")}
+    assert len(ours) > 30
+    assert set() == {n for n in ours if f"`{n}" not in readme}
