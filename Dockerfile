@@ -14,7 +14,10 @@
 # VALMI_SIDECAR_OPS_LISTEN to move it, or to "" to turn it off.
 
 # ---- build: the project's wheel, then a virtual environment holding it and its dependencies
-FROM python:3.11-slim-bookworm AS build
+# The base image by digest (the multi-platform index of python:3.11-slim-bookworm,
+# Python 3.11.16, built 2026-08-25): a rebuild gets the same bytes. README, "Container
+# image", says how to take the next one.
+FROM python:3.11-slim-bookworm@sha256:0bee7276f83efd4a1ee05bbbf4281d95ed28e079220a9457f25a93e3f1e3c31b AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -43,7 +46,7 @@ RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels 
        /wheels/valmi_sidecar-*.whl
 
 # ---- runtime: a slim Python, the environment from the build stage, a fixed non-root user
-FROM python:3.11-slim-bookworm AS runtime
+FROM python:3.11-slim-bookworm@sha256:0bee7276f83efd4a1ee05bbbf4281d95ed28e079220a9457f25a93e3f1e3c31b AS runtime
 
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="valmi-sidecar" \

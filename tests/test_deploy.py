@@ -521,3 +521,12 @@ def test_unit_reloads_with_sighup_rather_than_stopping() -> None:
     reload (tests/test_reload.py); without ExecReload= it would refuse to reload."""
     d = unit_directives(UNIT.read_text())
     assert ["/bin/kill -HUP $MAINPID"] == d["ExecReload"]
+
+
+def test_image_base_is_pinned_by_digest_in_every_stage() -> None:
+    """A rebuild gets the same base bytes; the README says how to take the next one."""
+    froms = re.findall(r"^FROM (\S+)", (ROOT / "Dockerfile").read_text(), re.M)
+    assert len(froms) >= 2
+    for image in froms:
+        assert re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", image), image
+    assert len(set(froms)) == 1, "both stages on the same base"
