@@ -603,11 +603,20 @@ def _offline(t: _Target, url_path: str = "") -> Path:
     return t.db
 
 
-def _read_only(path: Path) -> ReadOnlyDatabase:
+def _read_only(path: Path, *, untouched: bool = False) -> ReadOnlyDatabase:
     try:
-        return ReadOnlyDatabase(path)
+        return ReadOnlyDatabase(path, untouched=untouched)
     except StoreError as e:
         raise CliError(str(e)) from e
+
+
+def _read_file(t: _Target, path: Path) -> ReadOnlyDatabase:
+    """A database named on the command line (a moved-aside one, usually), read without
+    creating anything beside it; a live one (a sidecar may be writing it) read as usual."""
+    live = path.resolve() == t.db.resolve() or (
+        path.name == DB_NAME and _sidecar_holds(path.parent)
+    )
+    return _read_only(path, untouched=not live)
 
 
 async def _with_store(t: _Target, work: Callable[[Store], Coroutine[Any, Any, _T]]) -> _T:
@@ -914,7 +923,7 @@ def _iter_dead_letters(
     from the database file ``source`` when given (``--from``: a moved-aside one)."""
     remaining = limit if limit is not None else 2**62
     after = 0
-    offline_db = None if source is None else _read_only(Path(source))
+    offline_db = None if source is None else _read_file(t, Path(source))
     try:
         while remaining > 0:
             page = min(remaining, 1_000)
@@ -1101,7 +1110,7 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
     report = SalvageReport()
     totals = {"imported": 0, "duplicates": 0, "conflicts": 0}
     offline = False
-    with _read_only(source) as db:
+    with _read_file(t, source) as db:
         try:
             dead: int | None = db.count_dead_letters(DeadLetterFilter())
         except StoreError:
@@ -1132,10 +1141,11 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
     _out(
         f"salvaged {totals['imported']} events from {source} "
         f"({totals['duplicates']} already queued, {totals['conflicts']} with a reused key skipped, "
-        f"{report.unreadable} unreadable rows skipped"
-        + ("; the rest of the table could not be walked" if report.gave_up else "")
-        + ")"
+        f"{len(report.unreadable)} unreadable rows skipped)"
     )
+    damage = format_salvage_damage(report)
+    if damage:
+        _out(damage)
     if dead != 0:
         # Salvage queues only what was queued: the file's dead letters (refused by Valmi or
         # expired) are not sent again unasked, and would go with the file.
@@ -1145,7 +1155,32 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
             f"list --from {source}` and keep them with `{PROG} dead-letters export --from "
             f"{source} -o FILE` before deleting it"
         )
-    return 0 if not report.gave_up else 1
+    return 0
+
+
+def format_salvage_damage(report: SalvageReport) -> str:
+    """What salvage could not queue again, row by row, and where the file is damaged."""
+    lines = []
+    for row in report.unreadable:
+        where = " ".join(
+            part
+            for part in (row.id or "", f"(seq {row.seq})" if row.seq is not None else "")
+            if part
+        )
+        lines.append(f"unreadable: {where or 'a row'}: {row.reason}")
+    for first, last in report.damaged:
+        seqs = f"seq {first}" if first == last else f"seqs {first}-{last}"
+        lines.append(
+            f"damaged: no row with {seqs} could be read (rows there, if any, cannot be salvaged)"
+        )
+    if report.gave_up:
+        lines.append(
+            "damaged: the events table could not be walked to its end; rows after the last "
+            "one read may be missing"
+        )
+    if report.errors:
+        lines.append("SQLite said: " + "; ".join(sorted(report.errors)))
+    return "\n".join(lines)
 
 
 #: ``{"events": []}`` around the records of one POST /v1/salvage body.
@@ -1205,7 +1240,7 @@ async def _salvage_offline(
 def _cmd_check(args: argparse.Namespace) -> int:
     t = _target(args)
     path = Path(args.file) if args.file else t.db
-    with _read_only(path) as db:
+    with _read_file(t, path) if args.file else _read_only(path) as db:
         try:
             problems = db.integrity_check()
         except StoreError as e:

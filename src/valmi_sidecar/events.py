@@ -243,6 +243,15 @@ def _parses_iso8601(ts: str) -> bool:
     return True
 
 
+def body_fingerprint(kind: Kind, obj: Mapping[str, Any]) -> bytes:
+    """What identifies a client's event body, whatever its key order and spacing: it tells
+    a retry with the same ``Idempotency-Key`` from a different event, and a salvaged body
+    from a damaged one."""
+    return hashlib.blake2b(
+        kind.encode() + b"\0" + _sorted_encoder.encode(obj), digest_size=16
+    ).digest()
+
+
 def _stamp(
     kind: Kind,
     obj: dict[str, Any],
@@ -253,9 +262,7 @@ def _stamp(
     encoded: bytes | None = None,
 ) -> NewEvent:
     """The event to store. ``encoded``, when given, is ``obj`` encoded (no timestamp added)."""
-    fingerprint = hashlib.blake2b(
-        kind.encode() + b"\0" + _sorted_encoder.encode(obj), digest_size=16
-    ).digest()
+    fingerprint = body_fingerprint(kind, obj)
     if "timestamp" in obj:
         body = encoded if encoded is not None else _encoder.encode(obj)
     elif encoded is not None and len(obj) > 0:

@@ -34,12 +34,14 @@ import contextlib
 import fcntl
 import functools
 import os
+import shutil
 import sqlite3
 import stat
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
 
@@ -47,7 +49,18 @@ import aiosqlite
 import msgspec
 import structlog
 
-from .events import Kind, NewEvent, check_idempotency_key
+from .events import (
+    KINDS,
+    TYPE_FIELDS,
+    Kind,
+    NewEvent,
+    ValidationError,
+    body_fingerprint,
+    check_body,
+    check_idempotency_key,
+    decode,
+    rfc3339,
+)
 from .metrics import COMMIT_EVENTS_BUCKETS, COMMIT_SECONDS_BUCKETS, Histogram
 
 log = structlog.get_logger("valmi_sidecar.store")
@@ -1902,26 +1915,40 @@ def integrity_check(conn: sqlite3.Connection, *, quick: bool = False) -> list[st
 class ReadOnlyDatabase:
     """A query-only connection to a database file, for the command line when no sidecar
     runs (and for ``check`` and ``salvage`` at any time). Never migrates or writes; under
-    WAL it sees everything committed, a running sidecar's commits included."""
+    WAL it sees everything committed, a running sidecar's commits included.
 
-    def __init__(self, path: Path) -> None:
+    ``untouched=True`` (a moved-aside file) leaves the file's directory as it was: SQLite
+    reads it as immutable, with no -wal or -shm created beside it; a file with a WAL of
+    its own is read from a private copy of both instead, since an immutable database
+    ignores its WAL."""
+
+    def __init__(self, path: Path, *, untouched: bool = False) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"no database at {self.path}")
+        self._copy_dir: Path | None = None
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        if untouched:
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.is_file() and wal.stat().st_size > 0:
+                self._copy_dir = _private_copy(self.path, wal)
+                uri = (self._copy_dir / DB_NAME).as_uri() + "?mode=ro"
+            else:
+                uri += "&immutable=1"
         try:
             # Used from one thread at a time (the CLI hands salvage chunks to a worker).
             self._conn = sqlite3.connect(
-                self.path.resolve().as_uri() + "?mode=ro",
-                uri=True,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-                check_same_thread=False,
+                uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
             )
         except sqlite3.Error as exc:
+            self._remove_copy()
             raise StoreError(f"cannot open {self.path} read-only: {exc}") from exc
         try:
             self.version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+            # The schema is read once, here: without it nothing in the file can be read.
+            self._conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
         except sqlite3.Error as exc:
-            self._conn.close()
+            self.close()
             cls = CorruptDatabaseError if is_corruption(exc) else StoreError
             raise cls(f"cannot read {self.path}: {exc}") from exc
 
@@ -1933,6 +1960,12 @@ class ReadOnlyDatabase:
 
     def close(self) -> None:
         self._conn.close()
+        self._remove_copy()
+
+    def _remove_copy(self) -> None:
+        if self._copy_dir is not None:
+            shutil.rmtree(self._copy_dir, ignore_errors=True)
+            self._copy_dir = None
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
@@ -1995,28 +2028,113 @@ class ReadOnlyDatabase:
         return integrity_check(self._conn)
 
     def salvage(self, report: SalvageReport, chunk: int = 500) -> Iterator[list[NewEvent]]:
-        """Every readable queued event, in chunks, as it was stored (id, key, body, receipt
-        time). Damaged rows are skipped and counted in ``report.unreadable``; when a range
-        scan hits a damaged page, the rows after it are read one by one."""
+        """Every queued event that can be read and validated, in chunks, as it was stored
+        (id, key, body, receipt time, fingerprint). Reads past any damage: a row that
+        cannot be read or validated is recorded in ``report.unreadable``; when a damaged
+        page stops a range scan, the rows after it are looked up one by one, and the ones
+        that cannot be reached are recorded in ``report.damaged``."""
+        rows: list[Any] = []
+        seen: set[str | None] = set()
+        for row in self._walk(report):
+            seen.update((_text(row[1]), _text(row[2])))
+            rows.append(row)
+            if len(rows) >= chunk:
+                events = self._checked(rows, report)
+                rows = []
+                if events:
+                    yield events
+        events = self._checked(rows, report)
+        if events:
+            yield events
+        seen.update(u.id for u in report.unreadable)
+        self._missing(seen, report)
+
+    def _missing(self, seen: set[str | None], report: SalvageReport) -> None:
+        """Record the events that the keys table says were queued but that no row read
+        from the events table holds: lost in a damaged page, their ids still known."""
+        after = b""
+        while True:
+            got = 0
+            try:
+                for raw_id, raw_key in self._conn.execute(
+                    "SELECT CAST(id AS BLOB), CAST(idem_key AS BLOB) FROM keys"
+                    " WHERE state = 0 AND CAST(idem_key AS BLOB) > ? ORDER BY idem_key",
+                    (after,),
+                ):
+                    got += 1
+                    after = raw_key if isinstance(raw_key, bytes) else after
+                    eid, key = _text(raw_id), _text(raw_key)
+                    if eid not in seen and key not in seen:
+                        report.unreadable.append(UnreadableRow(None, eid, _LOST))
+            except sqlite3.DatabaseError as exc:
+                report.errors.add(str(exc))
+                if got:
+                    continue
+            return
+
+    def _walk(self, report: SalvageReport, probe: int = 256) -> Iterator[Any]:
+        """The rows of ``events`` that SQLite can read, in ``seq`` order, past damage."""
         last = self._max_seq()
         after = 0
+        # Rows whose seq is out of order (a damaged key): kept apart, so never read twice.
+        odd: set[int] = set()
         while True:
-            rows, failed = self._scan(after, chunk)
-            if rows:
-                after = int(rows[-1][0])
-            if failed and not rows:
-                if last is None or after >= last:
-                    if last is None:
-                        report.gave_up = True
-                    break
-                rows, after = self._probe_range(after, min(after + chunk, last), report)
-            elif not rows:
-                break
-            events = [e for e in (self._salvaged(r, report) for r in rows) if e is not None]
-            if events:
-                yield self._with_fingerprints(events)
+            got = 0
+            try:
+                for row in self._conn.execute(
+                    f"SELECT {_SALVAGE_COLUMNS} FROM events WHERE seq > ? ORDER BY seq",  # noqa: S608 - constant SQL; values are bound
+                    (after,),
+                ):
+                    seq = row[0]
+                    if isinstance(seq, int) and after < seq and (last is None or seq <= last):
+                        after = seq
+                    elif seq in odd:
+                        continue
+                    else:
+                        odd.add(seq)
+                    got += 1
+                    yield row
+            except sqlite3.DatabaseError as exc:
+                report.errors.add(str(exc))
+            else:
+                return
+            if got:
+                continue  # scan again from the row before the damage
+            if last is None or after >= last:
+                report.gave_up = last is None
+                return
+            until = min(after + probe, last)
+            for seq in range(after + 1, until + 1):
+                try:
+                    row = self._conn.execute(
+                        f"SELECT {_SALVAGE_COLUMNS} FROM events WHERE seq = ?",  # noqa: S608 - constant SQL; values are bound
+                        (seq,),
+                    ).fetchone()
+                except sqlite3.DatabaseError as exc:
+                    report.errors.add(str(exc))
+                    self._name_damaged(seq, report)
+                    continue
+                if row is not None and seq not in odd:
+                    yield row
+            after = until
+
+    def _name_damaged(self, seq: int, report: SalvageReport) -> None:
+        """A row that cannot be read whole: named by its id when that much can be read."""
+        try:
+            row = self._conn.execute(
+                "SELECT CAST(id AS BLOB) FROM events WHERE seq = ?", (seq,)
+            ).fetchone()
+        except sqlite3.DatabaseError:
+            row = None
+        eid = None if row is None else _text(row[0])
+        if eid is None:
+            report.damage(seq)
+        else:
+            report.unreadable.append(UnreadableRow(seq, eid, "its record is damaged"))
 
     def _max_seq(self) -> int | None:
+        """The highest seq the table has held, from what can still be read of it."""
+        found = []
         for sql in (
             "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
             "SELECT max(seq) FROM events",
@@ -2025,99 +2143,193 @@ class ReadOnlyDatabase:
                 row = self._conn.execute(sql).fetchone()
             except sqlite3.DatabaseError:
                 continue
-            if row is not None and row[0] is not None:
-                return int(row[0])
-        return None
+            if row is not None and isinstance(row[0], int):
+                found.append(row[0])
+        return max(found) if found else None
 
-    def _scan(self, after: int, chunk: int) -> tuple[list[Any], bool]:
-        rows: list[Any] = []
+    def _checked(self, rows: list[Any], report: SalvageReport) -> list[NewEvent]:
+        fingerprints = self._fingerprints([_text(r[2]) for r in rows])
+        out = []
+        for row in rows:
+            event = _salvaged(row, fingerprints)
+            if isinstance(event, str):
+                seq = row[0] if isinstance(row[0], int) else None
+                report.unreadable.append(UnreadableRow(seq, _text(row[1]), event))
+            else:
+                report.read += 1
+                out.append(event)
+        return out
+
+    def _fingerprints(self, keys: list[str | None]) -> dict[str, bytes]:
+        """The fingerprints stored at ingest for ``keys``, as far as they can be read; one
+        key at a time when a damaged page stops the lookup of all of them."""
+        wanted = [k for k in keys if k is not None]
+        sql = (
+            "SELECT CAST(idem_key AS BLOB), fingerprint FROM keys"
+            " WHERE idem_key IN (SELECT value FROM json_each(?))"
+        )
         try:
-            for r in self._conn.execute(
-                f"SELECT {_SALVAGE_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608 - constant SQL; values are bound
-                (after, chunk),
-            ):
-                rows.append(r)
-        except sqlite3.DatabaseError as exc:
-            if not is_corruption(exc):
-                raise
-            return rows, True
-        return rows, False
-
-    def _probe_range(self, after: int, until: int, report: SalvageReport) -> tuple[list[Any], int]:
-        rows = []
-        for seq in range(after + 1, until + 1):
-            try:
-                row = self._conn.execute(
-                    f"SELECT {_SALVAGE_COLUMNS} FROM events WHERE seq = ?",  # noqa: S608 - constant SQL; values are bound
-                    (seq,),
-                ).fetchone()
-            except sqlite3.DatabaseError as exc:
-                if not is_corruption(exc):
-                    raise
-                report.unreadable += 1
-                continue
-            if row is not None:
-                rows.append(row)
-        return rows, until
-
-    @staticmethod
-    def _salvaged(r: Any, report: SalvageReport) -> NewEvent | None:
-        _seq, eid, key, kind, body, agent_key, event_type, value, received_at, created_at = r
-        if kind not in ("action", "outcome") or not isinstance(body, bytes):
-            report.unreadable += 1
-            return None
-        try:
-            msgspec.json.decode(body)
-            event = NewEvent(
-                id=str(eid),
-                idem_key=str(key),
-                kind=cast(Kind, kind),
-                body=body,
-                fingerprint=b"",
-                agent_key=str(agent_key),
-                event_type=str(event_type),
-                value=None if value is None else float(value),
-                received_at=float(received_at),
-                created_at=str(created_at),
-            )
-        except (TypeError, ValueError, msgspec.DecodeError):
-            report.unreadable += 1
-            return None
-        if salvage_problem(event) is not None:
-            report.unreadable += 1
-            return None
-        report.read += 1
-        return event
-
-    def _with_fingerprints(self, events: list[NewEvent]) -> list[NewEvent]:
-        """The original fingerprints, so that a client retry of a salvaged event is still
-        answered as a duplicate (empty when the key row cannot be read)."""
-        keys = _json.encode([e.idem_key for e in events]).decode()
-        try:
-            found = {
-                str(r[0]): bytes(r[1])
-                for r in self._conn.execute(
-                    "SELECT idem_key, fingerprint FROM keys"
-                    " WHERE idem_key IN (SELECT value FROM json_each(?))",
-                    (keys,),
-                )
-            }
+            return _fingerprint_rows(self._conn.execute(sql, (_json.encode(wanted).decode(),)))
         except sqlite3.DatabaseError:
-            found = {}
-        return [replace(e, fingerprint=found.get(e.idem_key, b"")) for e in events]
+            pass
+        found: dict[str, bytes] = {}
+        for key in wanted:
+            try:
+                cursor = self._conn.execute(
+                    "SELECT CAST(idem_key AS BLOB), fingerprint FROM keys WHERE idem_key = ?",
+                    (key,),
+                )
+                found.update(_fingerprint_rows(cursor))
+            except sqlite3.DatabaseError:
+                continue
+        return found
 
 
+#: Text columns as stored bytes: damaged text is then a value to judge, not a decode error.
 _SALVAGE_COLUMNS: Final = (
-    "seq, id, idem_key, kind, body, agent_key, event_type, value, received_at, created_at"
+    "seq, CAST(id AS BLOB), CAST(idem_key AS BLOB), CAST(kind AS BLOB), body,"
+    " CAST(agent_key AS BLOB), CAST(event_type AS BLOB), value, received_at,"
+    " CAST(created_at AS BLOB)"
 )
+
+
+_LOST: Final = "queued, says the keys table, but its row in the events table cannot be read"
+
+
+def _text(raw: object) -> str | None:
+    """A stored text value, or ``None`` when it is not printable UTF-8."""
+    if not isinstance(raw, bytes):
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() else None
+
+
+def _fingerprint_rows(rows: Iterator[Any]) -> dict[str, bytes]:
+    found = {}
+    for key, fingerprint in rows:
+        text = _text(key)
+        if text is not None and isinstance(fingerprint, bytes):
+            found[text] = fingerprint
+    return found
+
+
+def _salvaged(row: Any, fingerprints: dict[str, bytes]) -> NewEvent | str:
+    """The event a stored row holds, or why it cannot be queued again: its fields must be
+    readable, its body a valid event vouched for by the fingerprint stored at ingest or,
+    when that is gone, by the columns copied from it."""
+    _seq, raw_id, raw_key, raw_kind, body, agent_key, event_type, value, received_at, created = row
+    eid, key, kind = _text(raw_id), _text(raw_key), _text(raw_kind)
+    if eid is None or not eid.isascii():
+        return "its id is not readable"
+    if key is None:
+        return "its idempotency key is not readable"
+    if kind not in KINDS:
+        return "its kind is neither action nor outcome"
+    if not isinstance(body, bytes):
+        return "its body is not readable"
+    typed: Kind = kind
+    try:
+        obj = decode(body)
+    except ValidationError as exc:
+        return f"its body is damaged: {exc}"
+    problems = check_body(typed, obj)
+    if problems:
+        return f"its body is damaged: {ValidationError(problems)}"
+    stored = fingerprints.get(key, b"")
+    vouched = bool(stored) and stored in _fingerprints_of(typed, obj)
+    if stored and not vouched:
+        return "its body does not match the fingerprint stored at ingest"
+    try:
+        number = float(obj["value"]) if typed == "outcome" else None
+    except OverflowError:
+        return "its value is out of range"
+    if not vouched and (
+        _text(agent_key) != obj["agent_key"]
+        or _text(event_type) != obj[TYPE_FIELDS[typed]]
+        or not _same_number(value, number)
+    ):
+        return "its body and the columns copied from it disagree"
+    if isinstance(received_at, bool) or not isinstance(received_at, int | float):
+        return "its receipt time is not readable"
+    created_at = _text(created)
+    event = NewEvent(
+        id=eid,
+        idem_key=key,
+        kind=typed,
+        body=body,
+        fingerprint=stored,
+        agent_key=obj["agent_key"],
+        event_type=obj[TYPE_FIELDS[typed]],
+        value=number,
+        received_at=float(received_at),
+        created_at=created_at or "",
+    )
+    problem = salvage_problem(event)
+    if problem is not None:
+        return f"its {problem[0]} {problem[1]}"
+    if not created_at:
+        event.created_at = rfc3339(event.received_at)
+    return event
+
+
+def _fingerprints_of(kind: Kind, obj: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The fingerprint of the body as the client sent it: with its timestamp, or without
+    (the sidecar filled it in)."""
+    sent = {k: v for k, v in obj.items() if k != "timestamp"}
+    return body_fingerprint(kind, obj), body_fingerprint(kind, sent)
+
+
+def _same_number(stored: object, number: float | None) -> bool:
+    if number is None:
+        return stored is None
+    return isinstance(stored, int | float) and not isinstance(stored, bool) and stored == number
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableRow:
+    """A stored event that salvage could not queue again: its seq, its id when readable,
+    and why."""
+
+    seq: int | None
+    id: str | None
+    reason: str
 
 
 @dataclass(slots=True)
 class SalvageReport:
     read: int = 0
-    unreadable: int = 0
+    unreadable: list[UnreadableRow] = field(default_factory=list)
+    #: Ranges of seqs (first, last) whose rows could not be reached: damaged pages.
+    damaged: list[tuple[int, int]] = field(default_factory=list)
+    #: What SQLite said about the damage, once each.
+    errors: set[str] = field(default_factory=set)
     #: The table could not be walked to its end (its size unreadable).
     gave_up: bool = False
+
+    def damage(self, seq: int) -> None:
+        if self.damaged and self.damaged[-1][1] == seq - 1:
+            self.damaged[-1] = (self.damaged[-1][0], seq)
+        else:
+            self.damaged.append((seq, seq))
+
+
+def _private_copy(path: Path, wal: Path) -> Path:
+    """A copy of a database and its WAL in a new private temporary directory."""
+    copy_dir = Path(tempfile.mkdtemp(prefix="valmi-sidecar-read-"))
+    try:
+        shutil.copyfile(path, copy_dir / DB_NAME)
+        shutil.copyfile(wal, copy_dir / (DB_NAME + "-wal"))
+    except OSError as exc:
+        shutil.rmtree(copy_dir, ignore_errors=True)
+        raise StoreError(
+            f"cannot copy {path} and its WAL to {copy_dir.parent} to read them without "
+            f"changing them: {exc.strerror}; set TMPDIR to a directory with room for "
+            f"{path.stat().st_size + wal.stat().st_size} bytes"
+        ) from exc
+    return copy_dir
 
 
 def moved_aside_files(data_dir: Path) -> list[Path]:
@@ -2330,4 +2542,5 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreStats",
+    "UnreadableRow",
 ]
