@@ -587,15 +587,16 @@ def _sidecar_holds(data_dir: Path) -> bool:
         os.close(fd)
 
 
-def _offline(t: _Target, url_path: str = "") -> Path:
-    """The database to use directly, after no sidecar answered at ``t.base``."""
+def _offline(t: _Target, url_path: str = "", *, create: bool = False) -> Path:
+    """The database to use directly, after no sidecar answered at ``t.base``; ``create``
+    when the command may be the first to write it."""
     data_dir = t.settings.data_dir
     if _sidecar_holds(data_dir):
         raise CliError(
             f"a sidecar holds {data_dir} but nothing answers at {t.base}{url_path}; "
             "pass --url with its listen address"
         )
-    if not t.db.is_file():
+    if not create and not t.db.is_file():
         raise CliError(
             f"no sidecar answering at {t.base}{url_path}; is `{PROG} run` running? "
             f"(and no database at {t.db} to read instead; pass --data-dir)"
@@ -871,7 +872,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     data = None if args.from_file else _call(t, "GET", "/v1/ledger", params=params)
     if data is None:
         source = Path(args.from_file) if args.from_file else _offline(t, "/v1/ledger")
-        with _read_only(source) as db:
+        with _read_file(t, source) if args.from_file else _read_only(source) as db:
             try:
                 rows = db.ledger(args.agent_key, args.since, args.until)
             except StoreError as e:
@@ -1125,7 +1126,7 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
                     raise CliError(f"{too_big} ({totals['imported']} salvaged before it)")
                 data = _call(t, "POST", "/v1/salvage", body={"events": records})
                 if data is None:  # nothing listens (any more): import the rest directly
-                    _offline(t, "/v1/salvage")
+                    _offline(t, "/v1/salvage", create=True)
                     _quiet_logs()
                     rest = chunk[sum(len(r) for r in bodies[:i]) :]
                     data = asyncio.run(_salvage_offline(t, rest, chunks))

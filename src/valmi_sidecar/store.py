@@ -1944,6 +1944,10 @@ class ReadOnlyDatabase:
             self._remove_copy()
             raise StoreError(f"cannot open {self.path} read-only: {exc}") from exc
         try:
+            if untouched:
+                # A file shorter than its header says (truncated) is then read as far as
+                # it goes instead of refused whole; the connection cannot write anyway.
+                self._conn.execute("PRAGMA writable_schema = ON")
             self.version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
             # The schema is read once, here: without it nothing in the file can be read.
             self._conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
@@ -2029,7 +2033,8 @@ class ReadOnlyDatabase:
 
     def salvage(self, report: SalvageReport, chunk: int = 500) -> Iterator[list[NewEvent]]:
         """Every queued event that can be read and validated, in chunks, as it was stored
-        (id, key, body, receipt time, fingerprint). Reads past any damage: a row that
+        (id, key, body, receipt time; the fingerprint derived again from the body when
+        its key row cannot be read). Reads past any damage: a row that
         cannot be read or validated is recorded in ``report.unreadable``; when a damaged
         page stops a range scan, the rows after it are looked up one by one, and the ones
         that cannot be reached are recorded in ``report.damaged``."""
@@ -2255,6 +2260,10 @@ def _salvaged(row: Any, fingerprints: dict[str, bytes]) -> NewEvent | str:
     if isinstance(received_at, bool) or not isinstance(received_at, int | float):
         return "its receipt time is not readable"
     created_at = _text(created)
+    if not stored:
+        # Derived again: a timestamp equal to the receipt time is the one ingest filled in.
+        filled = created_at is not None and obj.get("timestamp") == created_at
+        stored = _fingerprints_of(typed, obj)[1 if filled else 0]
     event = NewEvent(
         id=eid,
         idem_key=key,
