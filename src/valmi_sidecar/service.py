@@ -5,24 +5,28 @@ HTTP client, the flusher, then listen; ``/readyz`` turns 200 only after all of t
 Shutdown (SIGTERM/SIGINT): ``/readyz`` and new posts turn 503, the listener closes,
 requests in flight finish (``shutdown_grace_s``), the flusher gets a final flush
 (``final_flush_s``), then the client and the store close, in reverse order. Each
-resource is one aiohttp cleanup context, torn down only if its start succeeded.
+resource is one aiohttp cleanup context, torn down only if its start succeeded. A second
+signal stops forwarding at once: the events not yet sent stay queued, with their keys.
+On a terminal, the drain says what it is doing once a second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import structlog
 from aiohttp import web
 
 from . import __version__
 from .admin import add_admin_routes
-from .config import Settings
+from .config import Settings, split_listen
 from .flusher import Flusher
 from .logs import configure_logging
 from .metrics import MetricsSource, render_metrics
@@ -38,13 +42,51 @@ log = structlog.get_logger("valmi_sidecar.service")
 CLOSE_TIMEOUT_S: Final = 10.0
 #: How often systemd's STATUS= line is refreshed with the queue depth.
 STATUS_INTERVAL_S: Final = 5.0
+#: How often a terminal is told how the drain is going.
+CONSOLE_INTERVAL_S: Final = 1.0
+
+
+class ListenError(Exception):
+    """The listen address cannot be bound; the message says which and what to do."""
+
+    def __init__(self, message: str, action: str) -> None:
+        super().__init__(message)
+        self.action = action
+
+
+def listen_error(exc: OSError, listen: str) -> ListenError:
+    """What a failed bind means for the person running the sidecar."""
+    port = split_listen(listen)[1]
+    if exc.errno == errno.EADDRINUSE:
+        return ListenError(
+            f"cannot listen on {listen}: the address is already in use",
+            f"another valmi-sidecar or another program listens there (`ss -ltnp 'sport = "
+            f":{port}'` names it); stop it, or give this sidecar another address with "
+            "--listen HOST:PORT or VALMI_SIDECAR_LISTEN",
+        )
+    if exc.errno == errno.EACCES:
+        return ListenError(
+            f"cannot listen on {listen}: permission denied",
+            "ports below 1024 need privileges; choose a port from 1024 up with --listen HOST:PORT",
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ListenError(
+            f"cannot listen on {listen}: no network interface of this host has that address",
+            "listen on 127.0.0.1 or on an address of this host (--listen HOST:PORT)",
+        )
+    return ListenError(
+        f"cannot listen on {listen}: {exc.strerror or exc}",
+        "check the address given with --listen HOST:PORT or VALMI_SIDECAR_LISTEN",
+    )
 
 
 class Sidecar:
     """One running sidecar: the resources, their order, and the exit code."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, console: TextIO | None = None) -> None:
+        """``console``: a terminal to tell how the shutdown goes (a person waits there)."""
         self.settings = settings
+        self._console = console
         self.lifecycle = Lifecycle()
         self.exit_code = 0
         self.address: tuple[str, int] | None = None
@@ -59,6 +101,10 @@ class Sidecar:
         self._notifier = Notifier.from_env()
         self._notify_tasks: list[asyncio.Task[None]] = []
         self._workers: IngestWorkers | None = None
+        self._hurried = False
+        self._stopper: asyncio.Task[None] | None = None
+        self._grace_until: float | None = None
+        self._flush_until: float | None = None
 
     # --- resources, one cleanup context each -------------------------------------
 
@@ -113,7 +159,8 @@ class Sidecar:
             await self._final_flush(self._flusher, task)
 
     async def _final_flush(self, flusher: Flusher, task: asyncio.Task[None]) -> None:
-        bound = self.settings.final_flush_s
+        bound = 0.0 if self._hurried else self.settings.final_flush_s
+        self._flush_until = time.monotonic() + bound
         if not task.done():
             try:
                 await asyncio.wait_for(flusher.drain(bound), bound + CLOSE_TIMEOUT_S)
@@ -123,6 +170,8 @@ class Sidecar:
             task.cancel()
         # Wait for the task to end; its own failure was already reported by the callback.
         await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+        if self._stopper is not None:
+            await asyncio.wait({self._stopper}, timeout=CLOSE_TIMEOUT_S)
 
     def _on_background_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -218,6 +267,65 @@ class Sidecar:
             self.exit_code = exit_code
         self._stop_requested.set()
 
+    def _on_signal(self) -> None:
+        """SIGTERM/SIGINT: the first drains; the second stops forwarding at once."""
+        if not self._stop_requested.is_set():
+            self.request_stop()
+        elif not self._hurried:
+            self.hurry()
+        else:
+            self._say("still closing the store cleanly; every queued event stays queued")
+
+    def hurry(self) -> None:
+        """Stop forwarding now instead of at the end of the final flush. Events not yet
+        forwarded stay queued with their keys; requests in flight upstream are cancelled
+        and sent again, with the same key, after the next start."""
+        self._hurried = True
+        queued = self._store.counts().queued if self._store is not None else 0
+        log.warning("shutdown_hurried", queued=queued)
+        self._say(
+            f"stopping now: forwarding stops; {queued} queued events stay queued and are "
+            "forwarded after the next start"
+        )
+        flusher, task = self._flusher, self._flusher_task
+        if flusher is not None and task is not None and not task.done():
+            self._stopper = asyncio.create_task(flusher.drain(0.0), name="flusher-stop")
+            self._stopper.add_done_callback(self._on_stopper_done)
+
+    def _on_stopper_done(self, task: asyncio.Task[None]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("background_task_crashed", task=task.get_name(), exc_info=exc)
+            self.exit_code = self.exit_code or 1
+
+    def _say(self, text: str) -> None:
+        if self._console is not None:
+            self._console.write(text + "\n")
+            self._console.flush()
+
+    def _drain_line(self) -> str:
+        queued = self._store.counts().queued if self._store is not None else 0
+        now = time.monotonic()
+        if self._hurried:
+            return f"stopping now: closing the store; {queued} events stay queued"
+        if self._flush_until is not None:
+            left = max(0.0, self._flush_until - now)
+            return (
+                f"stopping: forwarding the queue, {queued} events left, {left:.0f} s left "
+                "(Ctrl-C again to stop now: they stay queued)"
+            )
+        left = max(0.0, (self._grace_until or now) - now)
+        return (
+            f"stopping: finishing requests in flight, {left:.0f} s left at most, then "
+            f"forwarding the queue ({queued} events) for up to "
+            f"{self.settings.final_flush_s:g} s (Ctrl-C again to stop now: they stay queued)"
+        )
+
+    async def _tell_console(self) -> None:
+        while True:
+            self._say(self._drain_line())
+            await asyncio.sleep(CONSOLE_INTERVAL_S)
+
     async def start(self) -> None:
         """Open every resource in order, then listen. Raises if any step fails (after
         tearing down what had started)."""
@@ -229,12 +337,15 @@ class Sidecar:
         self._runner = runner
         try:
             await runner.setup()
-            if s.ingest_processes > 1:
-                host, port = await self._start_workers(runner, app)
-            else:
-                site = web.TCPSite(runner, s.host, s.port, backlog=1024)
-                await site.start()
-                host, port = runner.addresses[0][:2]
+            try:
+                if s.ingest_processes > 1:
+                    host, port = await self._start_workers(runner, app)
+                else:
+                    site = web.TCPSite(runner, s.host, s.port, backlog=1024)
+                    await site.start()
+                    host, port = runner.addresses[0][:2]
+            except OSError as exc:
+                raise listen_error(exc, s.listen) from exc
         except BaseException:
             self._stopping = True
             await runner.cleanup()
@@ -294,6 +405,27 @@ class Sidecar:
         self.lifecycle.draining = True
         self._notifier.stopping("draining: " + self._status_line())
         log.info("shutdown_started")
+        self._grace_until = time.monotonic() + self.settings.shutdown_grace_s
+        console = (
+            asyncio.create_task(self._tell_console(), name="shutdown-console")
+            if self._console is not None
+            else None
+        )
+        try:
+            await self._drain()
+        finally:
+            if console is not None:
+                console.cancel()
+                await asyncio.wait({console}, timeout=1.0)
+        counts = self._store.counts() if self._store is not None else None
+        if counts is not None:
+            self._say(
+                f"stopped: {counts.queued} events stay queued"
+                if counts.queued
+                else "stopped: the queue is empty"
+            )
+
+    async def _drain(self) -> None:
         if self._workers is not None:
             # First, while the store and the main API are open: the workers finish their
             # requests (which need both) and exit.
@@ -328,10 +460,13 @@ class Sidecar:
         """Run until SIGTERM/SIGINT or a background failure; return the exit code."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(sig, self._on_signal)
         try:
             try:
                 await self.start()
+            except ListenError as exc:
+                log.error("startup_failed", error=str(exc), action=exc.action)
+                return 1
             except (StoreError, OSError) as exc:
                 log.error("startup_failed", error=str(exc))
                 return 1
@@ -356,5 +491,6 @@ def run(settings: Settings) -> int:
     configure_logging(
         settings.log_level, settings.log_format, settings.secrets(), access_log=settings.access_log
     )
+    console = sys.stderr if sys.stderr.isatty() else None
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(Sidecar(settings).serve())
+        return runner.run(Sidecar(settings, console).serve())
