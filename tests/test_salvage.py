@@ -114,6 +114,8 @@ async def salvage(moved: Path, data_dir: Path) -> tuple[int, str, str]:
 
 def queued(data_dir: Path) -> dict[str, tuple[str, str, bytes, float, bytes]]:
     """What the new queue holds, by id: key, kind, body, receipt time, fingerprint."""
+    if not (data_dir / "queue.db").exists():  # nothing was salvaged into it
+        return {}
     with closing(sqlite3.connect(data_dir / "queue.db")) as db:
         rows = db.execute(
             "SELECT e.id, e.idem_key, e.kind, e.body, e.received_at, k.fingerprint"
@@ -320,3 +322,34 @@ async def test_salvage_check_and_from_read_a_file_with_its_own_wal_without_chang
     assert (0, []) == (code, json.loads(out)), err
     assert before == {p.name: p.read_bytes() for p in aside.iterdir()}
     assert {e.id for e in events} == set(queued(tmp_path / "data"))
+
+
+async def test_salvage_past_a_damaged_root_page_names_every_event_and_finishes(
+    tmp_path: Path,
+) -> None:
+    """No row of the table can be reached: each seq the index lists is looked up (not
+    every number up to the highest seq, here past ten million), and the keys table
+    names every queued event that is lost."""
+    moved, written = await write_queue(tmp_path, n=60)
+    with closing(sqlite3.connect(moved)) as db, db:
+        db.execute("UPDATE events SET seq = seq + 10000000")  # a long-lived queue
+        db.execute("UPDATE sqlite_sequence SET seq = seq + 10000000 WHERE name = 'events'")
+    written = Written(
+        written.events,
+        written.leaves,
+        written.root,
+        {s + 10_000_000: i for s, i in written.ids_by_seq.items()},
+    )
+    damage_pages(moved, [written.root], lambda size: b"\xde\xad" * (size // 2))
+
+    started = time.monotonic()
+    code, out, err = await salvage(moved, tmp_path / "data")
+    assert time.monotonic() - started < 30
+    got = check_salvaged(code, out, err, tmp_path / "data", written, set())
+    assert {} == got
+    assert (
+        f"salvaged 0 events from {moved} (0 already queued, 0 with a reused key skipped, 60 " in out
+    )
+    assert all(f"unreadable: {i}: queued, says the keys table" in out for i in written.events)
+    assert "damaged: no row with seqs 10000001-10000060 could be read" in out
+    untouched_beside(moved)

@@ -30,6 +30,7 @@ Counts
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import fcntl
 import functools
@@ -2077,9 +2078,12 @@ class ReadOnlyDatabase:
                     continue
             return
 
-    def _walk(self, report: SalvageReport, probe: int = 256) -> Iterator[Any]:
-        """The rows of ``events`` that SQLite can read, in ``seq`` order, past damage."""
-        last = self._max_seq()
+    def _walk(self, report: SalvageReport) -> Iterator[Any]:
+        """The rows of ``events`` that SQLite can read, in ``seq`` order, past damage:
+        when a scan stops at a damaged page, the next seqs are looked up one by one until
+        one reads, and the scan goes on from there."""
+        known = self._indexed_seqs()
+        last = self._max_seq(known)
         after = 0
         # Rows whose seq is out of order (a damaged key): kept apart, so never read twice.
         odd: set[int] = set()
@@ -2108,8 +2112,15 @@ class ReadOnlyDatabase:
             if last is None or after >= last:
                 report.gave_up = last is None
                 return
-            until = min(after + probe, last)
-            for seq in range(after + 1, until + 1):
+            # The seqs the index lists when it can be read (each one a row); else every
+            # seq, gaps of delivered events included.
+            candidates = (
+                known[bisect.bisect_right(known, after) :]
+                if known is not None
+                else range(after + 1, last + 1)
+            )
+            after = last
+            for seq in candidates:
                 try:
                     row = self._conn.execute(
                         f"SELECT {_SALVAGE_COLUMNS} FROM events WHERE seq = ?",  # noqa: S608 - constant SQL; values are bound
@@ -2119,9 +2130,20 @@ class ReadOnlyDatabase:
                     report.errors.add(str(exc))
                     self._name_damaged(seq, report)
                     continue
-                if row is not None and seq not in odd:
-                    yield row
-            after = until
+                if row is not None:
+                    after = seq
+                    if seq not in odd:
+                        yield row
+                    break
+
+    def _indexed_seqs(self) -> list[int] | None:
+        """Every seq that the ``events_due`` index lists, read from the index alone (it
+        holds each row's seq apart from the table's pages); ``None`` when it is damaged."""
+        try:
+            rows = self._conn.execute("SELECT seq FROM events INDEXED BY events_due").fetchall()
+        except sqlite3.DatabaseError:
+            return None
+        return sorted(r[0] for r in rows if isinstance(r[0], int))
 
     def _name_damaged(self, seq: int, report: SalvageReport) -> None:
         """A row that cannot be read whole: named by its id when that much can be read."""
@@ -2137,9 +2159,9 @@ class ReadOnlyDatabase:
         else:
             report.unreadable.append(UnreadableRow(seq, eid, "its record is damaged"))
 
-    def _max_seq(self) -> int | None:
+    def _max_seq(self, known: list[int] | None) -> int | None:
         """The highest seq the table has held, from what can still be read of it."""
-        found = []
+        found = known[-1:] if known else []
         for sql in (
             "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
             "SELECT max(seq) FROM events",
