@@ -99,7 +99,7 @@ async def write_queue(tmp_path: Path, n: int = 150) -> tuple[Path, Written]:
     moved.parent.mkdir()
     (data_dir / "queue.db").rename(moved)
     with closing(sqlite3.connect(f"{moved.as_uri()}?mode=ro&immutable=1", uri=True)) as db:
-        (root,) = db.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'events'").fetchone()
+        (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'events'").fetchone()
         ids_by_seq = dict(db.execute("SELECT seq, id FROM events"))
     assert n == len(ids_by_seq)
     written = Written({e.id: e for e in events}, table_leaves(moved, root), root, ids_by_seq)

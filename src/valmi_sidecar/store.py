@@ -1951,7 +1951,7 @@ class ReadOnlyDatabase:
                 self._conn.execute("PRAGMA writable_schema = ON")
             self.version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
             # The schema is read once, here: without it nothing in the file can be read.
-            self._conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+            self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as exc:
             self.close()
             cls = CorruptDatabaseError if is_corruption(exc) else StoreError
