@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sqlite3
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SidecarProcessFactory
 from tests.test_dead_letters import free_port, run_cli
 from valmi_sidecar.events import NewEvent, parse_one
 from valmi_sidecar.store import Store
@@ -352,4 +354,23 @@ async def test_salvage_past_a_damaged_root_page_names_every_event_and_finishes(
     )
     assert all(f"unreadable: {i}: queued, says the keys table" in out for i in written.events)
     assert "damaged: no row with seqs 10000001-10000060 could be read" in out
+    untouched_beside(moved)
+
+
+async def test_salvage_of_a_damaged_file_through_a_running_sidecar(
+    tmp_path: Path, sidecar_process: SidecarProcessFactory
+) -> None:
+    moved, written = await write_queue(tmp_path)
+    page = sorted(written.leaves)[2]
+    damage_pages(moved, [page], lambda size: b"\x00\xff" * (size // 2))
+    intact = {s for p, seqs in written.leaves.items() if p != page for s in seqs}
+    data_dir = tmp_path / "data"
+    sidecar = sidecar_process(None, data_dir=data_dir)  # no upstream: all stays queued
+    url = await sidecar.wait_ready()
+
+    code, out, err = await run_cli("salvage", str(moved), "--url", url, "--data-dir", str(data_dir))
+    sidecar.signal(signal.SIGTERM)
+    assert 0 == await sidecar.wait_exit()
+    got = check_salvaged(code, out, err, data_dir, written, intact)
+    assert len(intact) <= len(got) < len(written.events)
     untouched_beside(moved)
