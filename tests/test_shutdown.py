@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import ACTION, DEFAULT_KEY, SidecarProcessFactory, wait_until
-from tests.test_dead_letters import free_port
+from tests.test_dead_letters import free_port, run_cli
 from valmi_sidecar.store import ReadOnlyDatabase
 
 
@@ -169,6 +169,18 @@ async def test_a_port_in_use_is_named_with_what_to_do(
         assert 1 == await proc.wait_exit(timeout=20)
     (failed,) = [e for e in proc.log_events() if e.get("event") == "startup_failed"]
     assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" == failed["error"]
-    assert "--listen HOST:PORT" in str(failed["action"])
+    assert "--listen HOST:PORT or VALMI_SIDECAR_LISTEN" in str(failed["action"])
     assert f"sport = :{port}" in str(failed["action"])
     assert "Errno" not in proc.log_text()
+
+
+async def test_the_fake_api_on_a_port_in_use_says_so_without_a_traceback() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = await run_cli("fake-api", "--listen", f"127.0.0.1:{port}")
+    assert 1 == code, out + err
+    assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in err
+    assert "choose another address with --listen HOST:PORT" in err
+    assert "Traceback" not in err

@@ -313,13 +313,18 @@ def _cmd_fake_api(args: argparse.Namespace) -> int:
         raise ConfigError(f"--rate-limit-per-min: {args.rate_limit_per_min} must be greater than 0")
 
     from . import fake_api  # noqa: PLC0415 - only when it runs
+    from .service import listen_error  # noqa: PLC0415 - only when it runs
 
     configure_logging(args.log_level)
-    return run_until_signalled(
-        lambda: fake_api.serve(
-            host, port, api_keys=keys, rate_limit_per_min=args.rate_limit_per_min
+    try:
+        return run_until_signalled(
+            lambda: fake_api.serve(
+                host, port, api_keys=keys, rate_limit_per_min=args.rate_limit_per_min
+            )
         )
-    )
+    except OSError as e:
+        problem = listen_error(e, args.listen, "--listen HOST:PORT")
+        raise CliError(f"{problem}; {problem.action}") from e
 
 
 def run_until_signalled(make: Callable[[], Coroutine[Any, Any, object]]) -> int:

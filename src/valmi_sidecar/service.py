@@ -54,29 +54,32 @@ class ListenError(Exception):
         self.action = action
 
 
-def listen_error(exc: OSError, listen: str) -> ListenError:
-    """What a failed bind means for the person running the sidecar."""
+#: How a person gives the sidecar another listen address.
+LISTEN_FLAG: Final = "--listen HOST:PORT or VALMI_SIDECAR_LISTEN"
+
+
+def listen_error(exc: OSError, listen: str, flag: str = LISTEN_FLAG) -> ListenError:
+    """What a failed bind means for the person running the server; ``flag`` is how they
+    give it another address."""
     port = split_listen(listen)[1]
     if exc.errno == errno.EADDRINUSE:
         return ListenError(
             f"cannot listen on {listen}: the address is already in use",
-            f"another valmi-sidecar or another program listens there (`ss -ltnp 'sport = "
-            f":{port}'` names it); stop it, or give this sidecar another address with "
-            "--listen HOST:PORT or VALMI_SIDECAR_LISTEN",
+            f"another program listens there, perhaps another valmi-sidecar (`ss -ltnp "
+            f"'sport = :{port}'` names it); stop it, or choose another address with {flag}",
         )
     if exc.errno == errno.EACCES:
         return ListenError(
             f"cannot listen on {listen}: permission denied",
-            "ports below 1024 need privileges; choose a port from 1024 up with --listen HOST:PORT",
+            f"ports below 1024 need privileges; choose a port from 1024 up with {flag}",
         )
     if exc.errno == errno.EADDRNOTAVAIL:
         return ListenError(
             f"cannot listen on {listen}: no network interface of this host has that address",
-            "listen on 127.0.0.1 or on an address of this host (--listen HOST:PORT)",
+            f"listen on 127.0.0.1 or on an address of this host ({flag})",
         )
     return ListenError(
-        f"cannot listen on {listen}: {exc.strerror or exc}",
-        "check the address given with --listen HOST:PORT or VALMI_SIDECAR_LISTEN",
+        f"cannot listen on {listen}: {exc.strerror or exc}", f"check the address given with {flag}"
     )
 
 
