@@ -324,6 +324,8 @@ def _cmd_fake_api(args: argparse.Namespace) -> int:
         )
     except OSError as e:
         problem = listen_error(e, args.listen, "--listen HOST:PORT")
+        if problem is None:
+            raise
         raise CliError(f"{problem}; {problem.action}") from e
 
 

@@ -58,9 +58,9 @@ class ListenError(Exception):
 LISTEN_FLAG: Final = "--listen HOST:PORT or VALMI_SIDECAR_LISTEN"
 
 
-def listen_error(exc: OSError, listen: str, flag: str = LISTEN_FLAG) -> ListenError:
-    """What a failed bind means for the person running the server; ``flag`` is how they
-    give it another address."""
+def listen_error(exc: OSError, listen: str, flag: str = LISTEN_FLAG) -> ListenError | None:
+    """What a failed bind means for the person running the server (``None`` when ``exc``
+    is not about the address); ``flag`` is how they give it another address."""
     port = split_listen(listen)[1]
     if exc.errno == errno.EADDRINUSE:
         return ListenError(
@@ -78,9 +78,7 @@ def listen_error(exc: OSError, listen: str, flag: str = LISTEN_FLAG) -> ListenEr
             f"cannot listen on {listen}: no network interface of this host has that address",
             f"listen on 127.0.0.1 or on an address of this host ({flag})",
         )
-    return ListenError(
-        f"cannot listen on {listen}: {exc.strerror or exc}", f"check the address given with {flag}"
-    )
+    return None
 
 
 class Sidecar:
@@ -348,7 +346,10 @@ class Sidecar:
                     await site.start()
                     host, port = runner.addresses[0][:2]
             except OSError as exc:
-                raise listen_error(exc, s.listen) from exc
+                problem = listen_error(exc, s.listen)
+                if problem is None:
+                    raise
+                raise problem from exc
         except BaseException:
             self._stopping = True
             await runner.cleanup()
