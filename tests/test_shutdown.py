@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -22,6 +23,9 @@ import pytest
 from tests.conftest import ACTION, DEFAULT_KEY, SidecarProcessFactory, wait_until
 from tests.test_dead_letters import free_port, run_cli
 from valmi_sidecar.store import ReadOnlyDatabase
+
+if TYPE_CHECKING:
+    from valmi_sidecar.fake_api import FakeValmi
 
 
 class OnATerminal:
@@ -184,3 +188,41 @@ async def test_the_fake_api_on_a_port_in_use_says_so_without_a_traceback() -> No
     assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in err
     assert "choose another address with --listen HOST:PORT" in err
     assert "Traceback" not in err
+
+
+async def test_a_second_signal_mid_forwarding_loses_nothing_and_bills_each_event_once(
+    fake: FakeValmi, sidecar_process: SidecarProcessFactory, tmp_path: Path
+) -> None:
+    """Requests in flight to a slow upstream are cut off by the second signal; after a
+    restart every acknowledged event arrives, each key stored once upstream."""
+    fake.set_faults(latency_s=0.5)
+    first = sidecar_process(fake.url, VALMI_SIDECAR_FINAL_FLUSH_S="120")
+    url = await first.wait_ready()
+    acked: set[str] = set()
+    async with httpx.AsyncClient() as client:
+        for _ in range(200):
+            r = await client.post(url + "/v1/actions", json=ACTION)
+            assert 202 == r.status_code
+            acked.add(r.json()["id"])
+    await fake.wait_until(lambda: len(fake.events()) > 0, timeout_s=10)
+    first.signal(signal.SIGTERM)
+    await wait_until(
+        lambda: "shutdown_started" in {e.get("event") for e in first.log_events()},
+        10,
+        "shutdown_started",
+    )
+    first.signal(signal.SIGTERM)
+    assert 0 == await first.wait_exit(timeout=15)
+    left = next(e for e in first.log_events() if e.get("event") == "shutdown_complete")
+    assert 0 < int(left["queued"]) < 200  # some went, the rest stayed queued
+
+    fake.set_faults(latency_s=0.0)
+    second = sidecar_process(fake.url)
+    await second.wait_ready()
+    await fake.wait_until(lambda: len(fake.events()) == 200, timeout_s=30)
+    second.signal(signal.SIGTERM)
+    assert 0 == await second.wait_exit()
+    assert acked == {e.idem_key for e in fake.events()}
+    with ReadOnlyDatabase(tmp_path / "data" / "queue.db") as db:
+        counts = db.counts()
+    assert (200, 0, 200) == (counts.received, counts.queued, counts.delivered)
