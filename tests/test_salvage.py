@@ -234,9 +234,11 @@ async def test_salvage_of_a_truncated_file_queues_what_is_left(tmp_path: Path) -
 
 
 async def test_salvage_judges_text_columns_with_invalid_utf8(tmp_path: Path) -> None:
-    """Invalid UTF-8 where text was (once a traceback): an event whose body is intact and
-    matches its fingerprint is queued from its body; one whose id, body or kind is
-    damaged, or whose body no longer matches its fingerprint, is named and skipped."""
+    """Invalid UTF-8 where text was (once a traceback), and other damaged fields: an event
+    whose damaged field has a second copy that agrees with the rest (the body and its
+    fingerprint, the key row's id and receipt time) is queued as written; one whose body
+    or kind is damaged, whose body no longer matches its fingerprint, or whose copies
+    disagree, is named and skipped."""
     moved, written = await write_queue(tmp_path, n=40)
     by_seq = written.ids_by_seq
     # On disk, as a bad sector leaves it: the agent_key column of seq 5 (not its body).
@@ -258,19 +260,33 @@ async def test_salvage_judges_text_columns_with_invalid_utf8(tmp_path: Path) -> 
             "UPDATE events SET body = CAST(replace(CAST(body AS TEXT), '\"agent_0', '\"agent-0')"
             " AS BLOB) WHERE seq = 10"
         )
+        # A receipt time damaged in the row, confirmed by its key row and created_at.
+        db.execute("UPDATE events SET received_at = 1.25e-221 WHERE seq = 11")
+        # Damaged in every copy: the row's, its created_at and its key row's.
+        db.execute("UPDATE events SET received_at = 12345.678, created_at = 'x' WHERE seq = 12")
+        db.execute(
+            "UPDATE keys SET received_at = 0.5, created_at = 'y'"
+            " WHERE id = (SELECT id FROM events WHERE seq = 12)"
+        )
+        # An id readable but not the one its key row holds: which copy is right is unknown.
+        db.execute("UPDATE events SET id = 'evt_bogus' WHERE seq = 13")
 
     code, out, err = await salvage(moved, tmp_path / "data")
     assert 0 == code, out + err
     got = queued(tmp_path / "data")
-    assert set(by_seq.values()) - {by_seq[s] for s in (7, 8, 9, 10)} == set(got)
+    assert set(by_seq.values()) - {by_seq[s] for s in (8, 9, 10, 12, 13)} == set(got)
     assert {i: as_written(written.events[i]) for i in got} == got
     assert f"unreadable: {by_seq[8]} (seq 8): its body is damaged" in out
     assert f"unreadable: {by_seq[9]} (seq 9): its kind is neither action nor outcome" in out
     assert (
         f"unreadable: {by_seq[10]} (seq 10): its body does not match the fingerprint stored" in out
     )
-    assert "unreadable: (seq 7): its id is not readable" in out
-    assert "4 unreadable rows skipped" in out.splitlines()[0]
+    assert f"unreadable: {by_seq[12]} (seq 12): its receipt time is damaged" in out
+    assert (
+        f"unreadable: {by_seq[13]} (seq 13): its id column reads 'evt_bogus', not the id its"
+        " key row holds" in out
+    )
+    assert "5 unreadable rows skipped" in out.splitlines()[0]
     untouched_beside(moved)
 
 
@@ -373,4 +389,38 @@ async def test_salvage_of_a_damaged_file_through_a_running_sidecar(
     assert 0 == await sidecar.wait_exit()
     got = check_salvaged(code, out, err, data_dir, written, intact)
     assert len(intact) <= len(got) < len(written.events)
+    untouched_beside(moved)
+
+
+async def test_salvage_checks_keys_and_ids_against_their_second_copies(tmp_path: Path) -> None:
+    """The key row holds a second copy of an event's key and id: an unreadable key is
+    taken from it; a readable key that differs from it is named, not guessed. Without a
+    key row, a key the sidecar made must be the id, and the id must carry the receipt
+    time; an event that passes is queued and counted as unchecked."""
+    moved, written = await write_queue(tmp_path, n=40)
+    by_seq = written.ids_by_seq
+    assert by_seq[15] == written.events[by_seq[15]].idem_key  # the sidecar's own keys
+    assert "client-15" == written.events[by_seq[16]].idem_key
+    drop_key_row = "DELETE FROM keys WHERE id = (SELECT id FROM events WHERE seq = ?)"
+    with closing(sqlite3.connect(moved)) as db, db:
+        db.execute("UPDATE events SET idem_key = CAST(x'ff' AS TEXT) WHERE seq = 14")
+        db.execute("UPDATE events SET idem_key = 'client-15x' WHERE seq = 16")
+        for seq in (15, 17, 19):
+            db.execute(drop_key_row, (seq,))
+        db.execute("UPDATE events SET idem_key = substr(id, 1, 31) || 'x' WHERE seq = 15")
+        db.execute("UPDATE events SET id = 'evt_000000000001' || substr(id, 17) WHERE seq = 19")
+        db.execute("UPDATE events SET idem_key = id WHERE seq = 19")
+
+    code, out, err = await salvage(moved, tmp_path / "data")
+    assert 0 == code, out + err
+    got = queued(tmp_path / "data")
+    assert set(by_seq.values()) - {by_seq[s] for s in (15, 16, 19)} == set(got)
+    assert {i: as_written(written.events[i]) for i in got} == got
+    assert (
+        f"unreadable: {by_seq[16]} (seq 16): its idempotency key column reads 'client-15x',"
+        " its key row 'client-15'" in out
+    )
+    assert f"(seq 15): its idempotency key '{by_seq[15][:31]}x' is not its id" in out
+    assert "(seq 19): its id and its receipt time disagree" in out
+    assert "unchecked: 1 of the events queued again had no key row left" in out
     untouched_beside(moved)

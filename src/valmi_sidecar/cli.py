@@ -1181,6 +1181,12 @@ def format_salvage_damage(report: SalvageReport) -> str:
         lines.append(
             f"damaged: no row with {seqs} could be read (rows there, if any, cannot be salvaged)"
         )
+    if report.unchecked:
+        lines.append(
+            f"unchecked: {report.unchecked} of the events queued again had no key row left "
+            "to check their idempotency key, id and body against (only the rest of their "
+            "row vouched for them)"
+        )
     if report.gave_up:
         lines.append(
             "damaged: the events table could not be walked to its end; rows after the last "

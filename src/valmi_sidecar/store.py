@@ -35,6 +35,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -2040,49 +2041,90 @@ class ReadOnlyDatabase:
         page stops a range scan, the rows after it are looked up one by one, and the ones
         that cannot be reached are recorded in ``report.damaged``."""
         rows: list[Any] = []
+        # Rows whose key has no key row: checked at the end against the key rows found
+        # by id (their key may be the damaged copy).
+        deferred: list[Any] = []
         seen: set[str | None] = set()
         for row in self._walk(report):
             seen.update((_text(row[1]), _text(row[2])))
             rows.append(row)
             if len(rows) >= chunk:
-                events = self._checked(rows, report)
+                events = self._checked(rows, report, deferred)
                 rows = []
                 if events:
                     yield events
-        events = self._checked(rows, report)
+        events = self._checked(rows, report, deferred)
         if events:
             yield events
+        if deferred:
+            wanted = {_text(r[1]) for r in deferred}
+            by_id = {
+                row.id: (key, row)
+                for key, row in self._queued_key_rows(report)
+                if row.id is not None and row.id in wanted
+            }
+            for start in range(0, len(deferred), chunk):
+                events = self._checked(deferred[start : start + chunk], report, None, by_id)
+                if events:
+                    yield events
         seen.update(u.id for u in report.unreadable)
-        self._missing(seen, report)
+        for key, row in self._queued_key_rows(report):
+            if row.id not in seen and key not in seen:
+                report.unreadable.append(UnreadableRow(None, row.id, _LOST))
 
-    def _missing(self, seen: set[str | None], report: SalvageReport) -> None:
-        """Record the events that the keys table says were queued but that no row read
-        from the events table holds: lost in a damaged page, their ids still known."""
-        after = b""
-        while True:
-            got = 0
-            try:
-                for raw_id, raw_key in self._conn.execute(
-                    "SELECT CAST(id AS BLOB), CAST(idem_key AS BLOB) FROM keys"
-                    " WHERE state = 0 AND CAST(idem_key AS BLOB) > ? ORDER BY idem_key",
-                    (after,),
-                ):
-                    got += 1
-                    after = raw_key if isinstance(raw_key, bytes) else after
-                    eid, key = _text(raw_id), _text(raw_key)
-                    if eid not in seen and key not in seen:
-                        report.unreadable.append(UnreadableRow(None, eid, _LOST))
-            except sqlite3.DatabaseError as exc:
-                report.errors.add(str(exc))
-                if got:
-                    continue
-            return
+    def _queued_key_rows(self, report: SalvageReport) -> Iterator[tuple[str, _KeyRow]]:
+        """The key rows of queued events that can be read: in key order up to the first
+        damaged page, then from the last key backwards down to the last damaged one."""
+        first: str | None = None
+        for descending in (False, True):
+            bound: str | None = None
+            while True:
+                got, moved = 0, False
+                where = "state = 0"
+                params: list[str] = []
+                if bound is not None:
+                    where += " AND idem_key < ?" if descending else " AND idem_key > ?"
+                    params.append(bound)
+                order = "DESC" if descending else "ASC"
+                try:
+                    for raw in self._conn.execute(
+                        f"SELECT {_KEY_COLUMNS} FROM keys WHERE {where} ORDER BY idem_key {order}",  # noqa: S608 - constant SQL; values are bound
+                        params,
+                    ):
+                        got += 1
+                        read = _key_row(raw)
+                        if read is None:
+                            continue
+                        key = read[0]
+                        if descending and first is not None and key <= first:
+                            return  # met the rows read forwards
+                        if not descending:
+                            first = key
+                        bound, moved = key, True
+                        yield read
+                except sqlite3.DatabaseError as exc:
+                    report.errors.add(str(exc))
+                    if got and moved:
+                        continue  # again from the last key read
+                break
 
     def _walk(self, report: SalvageReport) -> Iterator[Any]:
-        """The rows of ``events`` that SQLite can read, in ``seq`` order, past damage:
-        when a scan stops at a damaged page, the next seqs are looked up one by one until
-        one reads, and the scan goes on from there."""
+        """The rows of ``events`` that SQLite can read, in ``seq`` order, past damage;
+        the seqs that the index lists and no row came back for are recorded as damaged
+        (a damaged page can also hide rows without an error)."""
         known = self._indexed_seqs()
+        walked: set[int] = set()
+        for row in self._walk_rows(report, known):
+            if isinstance(row[0], int):
+                walked.add(row[0])
+            yield row
+        for seq in known or ():
+            if seq not in walked:
+                report.damage(seq)
+
+    def _walk_rows(self, report: SalvageReport, known: list[int] | None) -> Iterator[Any]:
+        """When a scan stops at a damaged page, the next seqs are looked up one by one
+        until one reads, and the scan goes on from there."""
         last = self._max_seq(known)
         after = 0
         # Rows whose seq is out of order (a damaged key): kept apart, so never read twice.
@@ -2174,39 +2216,60 @@ class ReadOnlyDatabase:
                 found.append(row[0])
         return max(found) if found else None
 
-    def _checked(self, rows: list[Any], report: SalvageReport) -> list[NewEvent]:
-        fingerprints = self._fingerprints([_text(r[2]) for r in rows])
+    def _checked(
+        self,
+        rows: list[Any],
+        report: SalvageReport,
+        deferred: list[Any] | None,
+        by_id: dict[str, tuple[str, _KeyRow]] | None = None,
+    ) -> list[NewEvent]:
+        """The events of ``rows``; the rows whose key has no key row go to ``deferred``
+        (when given and their id is readable) instead."""
+        by_key = self._key_rows([_text(r[2]) for r in rows])
         out = []
         for row in rows:
-            event = _salvaged(row, fingerprints)
-            if isinstance(event, str):
-                seq = row[0] if isinstance(row[0], int) else None
-                report.unreadable.append(UnreadableRow(seq, _text(row[1]), event))
-            else:
+            if deferred is not None and _text(row[2]) not in by_key and _text(row[1]):
+                deferred.append(row)
+                continue
+            seq = row[0] if isinstance(row[0], int) else None
+            event = _salvaged(row, by_key, by_id or {})
+            if isinstance(event, NewEvent):
                 report.read += 1
+                report.unchecked += int(
+                    event.idem_key not in by_key and event.id not in (by_id or {})
+                )
                 out.append(event)
+            elif event[0] is not None:
+                report.unreadable.append(UnreadableRow(seq, event[0], event[1]))
+            elif seq is not None:
+                # Nameless: the keys table names it, when it can, among the lost ones.
+                report.damage(seq)
         return out
 
-    def _fingerprints(self, keys: list[str | None]) -> dict[str, bytes]:
-        """The fingerprints stored at ingest for ``keys``, as far as they can be read; one
-        key at a time when a damaged page stops the lookup of all of them."""
+    def _key_rows(self, keys: list[str | None]) -> dict[str, _KeyRow]:
+        """The key rows of ``keys``, as far as they can be read; one key at a time when a
+        damaged page stops the lookup of all of them."""
         wanted = [k for k in keys if k is not None]
-        sql = (
-            "SELECT CAST(idem_key AS BLOB), fingerprint FROM keys"
-            " WHERE idem_key IN (SELECT value FROM json_each(?))"
-        )
+        if not wanted:
+            return {}
         try:
-            return _fingerprint_rows(self._conn.execute(sql, (_json.encode(wanted).decode(),)))
+            return _key_rows_of(
+                self._conn.execute(
+                    f"SELECT {_KEY_COLUMNS} FROM keys"  # noqa: S608 - constant SQL; values are bound
+                    " WHERE idem_key IN (SELECT value FROM json_each(?))",
+                    (_json.encode(wanted).decode(),),
+                )
+            )
         except sqlite3.DatabaseError:
             pass
-        found: dict[str, bytes] = {}
+        found: dict[str, _KeyRow] = {}
         for key in wanted:
             try:
                 cursor = self._conn.execute(
-                    "SELECT CAST(idem_key AS BLOB), fingerprint FROM keys WHERE idem_key = ?",
+                    f"SELECT {_KEY_COLUMNS} FROM keys WHERE idem_key = ?",  # noqa: S608 - constant SQL; values are bound
                     (key,),
                 )
-                found.update(_fingerprint_rows(cursor))
+                found.update(_key_rows_of(cursor))
             except sqlite3.DatabaseError:
                 continue
         return found
@@ -2234,59 +2297,127 @@ def _text(raw: object) -> str | None:
     return text if text.isprintable() else None
 
 
-def _fingerprint_rows(rows: Iterator[Any]) -> dict[str, bytes]:
-    found = {}
-    for key, fingerprint in rows:
-        text = _text(key)
-        if text is not None and isinstance(fingerprint, bytes):
-            found[text] = fingerprint
-    return found
+@dataclass(frozen=True, slots=True)
+class _KeyRow:
+    """What the keys table holds of an event, written with it: a second copy of its id
+    and receipt time, and the fingerprint of its body."""
+
+    id: str | None
+    fingerprint: bytes
+    received_at: float | None
+    created_at: str | None
 
 
-def _salvaged(row: Any, fingerprints: dict[str, bytes]) -> NewEvent | str:
-    """The event a stored row holds, or why it cannot be queued again: its fields must be
-    readable, its body a valid event vouched for by the fingerprint stored at ingest or,
-    when that is gone, by the columns copied from it."""
-    _seq, raw_id, raw_key, raw_kind, body, agent_key, event_type, value, received_at, created = row
+#: An id as ingest makes it (``new_event_id``): the receipt time's milliseconds, then
+#: random digits.
+_EVENT_ID: Final = re.compile(r"evt_([0-9a-f]{12})[0-9a-f]{16}")
+
+_KEY_COLUMNS: Final = (
+    "CAST(idem_key AS BLOB), CAST(id AS BLOB), fingerprint, received_at, CAST(created_at AS BLOB)"
+)
+
+
+def _key_row(raw: Any) -> tuple[str, _KeyRow] | None:
+    """A key and its row, from ``_KEY_COLUMNS``; ``None`` when the key is unreadable."""
+    key, eid, fingerprint, received_at, created_at = raw
+    text = _text(key)
+    if text is None:
+        return None
+    return text, _KeyRow(
+        _text(eid),
+        fingerprint if isinstance(fingerprint, bytes) else b"",
+        _unix_time(received_at),
+        _text(created_at),
+    )
+
+
+def _key_rows_of(rows: Iterator[Any]) -> dict[str, _KeyRow]:
+    return dict(read for read in map(_key_row, rows) if read is not None)
+
+
+def _unix_time(value: object) -> float | None:
+    """A stored receipt time that has a UTC day, else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 <= value <= MAX_UNIX_TIME else None
+
+
+def _salvaged(
+    row: Any, by_key: dict[str, _KeyRow], by_id: dict[str, tuple[str, _KeyRow]]
+) -> NewEvent | tuple[str | None, str]:
+    """The event a stored row holds, or ``(its id if known, why it cannot be queued
+    again)``. Its fields must be readable and agree with their second copies: the id and
+    key those of its key row (found by key, or by id when the key is damaged), the
+    receipt time that of its ``created_at`` or key row and of the milliseconds in its id,
+    the body a valid event that matches the fingerprint stored at ingest (or, when that
+    is gone, the columns copied from it)."""
+    _seq, raw_id, raw_key, raw_kind, body, agent_key, event_type, value, received, created = row
     eid, key, kind = _text(raw_id), _text(raw_key), _text(raw_kind)
-    if eid is None or not eid.isascii():
-        return "its id is not readable"
+    if eid is not None and not eid.isascii():
+        eid = None
+    key_row = by_key.get(key) if key is not None else None
+    if key_row is None and eid is not None and eid in by_id:
+        kept, key_row = by_id[eid]
+        if key is not None and check_idempotency_key(key) is None:
+            # Two readable keys for one id: which copy is damaged is unknown.
+            return eid, f"its idempotency key column reads {key!r}, its key row {kept!r}"
+        key = kept  # the key row's copy of an unreadable key
     if key is None:
-        return "its idempotency key is not readable"
+        return eid, "its idempotency key is not readable"
+    problem = check_idempotency_key(key)
+    if problem is not None:
+        return eid, f"its idempotency_key {problem}"
+    if key_row is not None and key_row.id is not None:
+        if eid is not None and eid != key_row.id:
+            return key_row.id, f"its id column reads {eid!r}, not the id its key row holds"
+        eid = key_row.id
+    if eid is None:
+        return None, "its id is not readable"
+    if key_row is None and key != eid and (_EVENT_ID.fullmatch(key) or _near(key, eid)):
+        # A key the sidecar made is the event's id: one of the two is damaged.
+        return eid, f"its idempotency key {key!r} is not its id, and no key row says which is"
     if kind not in KINDS:
-        return "its kind is neither action nor outcome"
+        return eid, "its kind is neither action nor outcome"
     if not isinstance(body, bytes):
-        return "its body is not readable"
+        return eid, "its body is not readable"
     typed: Kind = kind
     try:
         obj = decode(body)
     except ValidationError as exc:
-        return f"its body is damaged: {exc}"
+        return eid, f"its body is damaged: {exc}"
     problems = check_body(typed, obj)
     if problems:
-        return f"its body is damaged: {ValidationError(problems)}"
-    stored = fingerprints.get(key, b"")
-    vouched = bool(stored) and stored in _fingerprints_of(typed, obj)
+        return eid, f"its body is damaged: {ValidationError(problems)}"
+    times = _receipt_time(_unix_time(received), _text(created), key_row)
+    if times is None:
+        return eid, "its receipt time is damaged"
+    received_at, created_at = times
+    minted = _EVENT_ID.fullmatch(eid)
+    if minted is not None and int(minted[1], 16) != int(received_at * 1000):
+        return eid, "its id and its receipt time disagree"
+    if minted is None and key_row is None:
+        return eid, "its id is not one the sidecar makes, and no key row holds it"
+    # A timestamp equal to the receipt time is the one ingest filled in: the fingerprint
+    # is of the body without it.
+    as_sent, without = _fingerprints_of(typed, obj)
+    filled = obj.get("timestamp") == created_at
+    stored = key_row.fingerprint if key_row is not None else b""
+    vouched = bool(stored) and (stored == as_sent or (filled and stored == without))
     if stored and not vouched:
-        return "its body does not match the fingerprint stored at ingest"
+        return eid, "its body does not match the fingerprint stored at ingest"
     try:
         number = float(obj["value"]) if typed == "outcome" else None
     except OverflowError:
-        return "its value is out of range"
+        return eid, "its value is out of range"
     if not vouched and (
         _text(agent_key) != obj["agent_key"]
         or _text(event_type) != obj[TYPE_FIELDS[typed]]
         or not _same_number(value, number)
     ):
-        return "its body and the columns copied from it disagree"
-    if isinstance(received_at, bool) or not isinstance(received_at, int | float):
-        return "its receipt time is not readable"
-    created_at = _text(created)
+        return eid, "its body and the columns copied from it disagree"
     if not stored:
-        # Derived again: a timestamp equal to the receipt time is the one ingest filled in.
-        filled = created_at is not None and obj.get("timestamp") == created_at
-        stored = _fingerprints_of(typed, obj)[1 if filled else 0]
-    event = NewEvent(
+        stored = without if filled else as_sent  # derived again
+    return NewEvent(
         id=eid,
         idem_key=key,
         kind=typed,
@@ -2295,15 +2426,29 @@ def _salvaged(row: Any, fingerprints: dict[str, bytes]) -> NewEvent | str:
         agent_key=obj["agent_key"],
         event_type=obj[TYPE_FIELDS[typed]],
         value=number,
-        received_at=float(received_at),
-        created_at=created_at or "",
+        received_at=received_at,
+        created_at=created_at,
     )
-    problem = salvage_problem(event)
-    if problem is not None:
-        return f"its {problem[0]} {problem[1]}"
-    if not created_at:
-        event.created_at = rfc3339(event.received_at)
-    return event
+
+
+def _near(a: str, b: str) -> bool:
+    """Whether two strings of one length differ in at most 3 places: a damaged copy."""
+    return len(a) == len(b) and sum(x != y for x, y in zip(a, b, strict=True)) <= 3
+
+
+def _receipt_time(
+    received: float | None, created: str | None, key_row: _KeyRow | None
+) -> tuple[float, str] | None:
+    """An event's receipt time and its RFC 3339 form, from a copy that another one
+    confirms (ingest writes ``created_at`` as the receipt time formatted, in both the
+    event row and its key row); ``None`` when no two agree."""
+    if received is not None and created is not None and rfc3339(received) == created:
+        return received, created
+    if key_row is not None and key_row.received_at is not None:
+        kept = rfc3339(key_row.received_at)
+        if received == key_row.received_at or kept in (created, key_row.created_at):
+            return key_row.received_at, kept
+    return None
 
 
 def _fingerprints_of(kind: Kind, obj: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -2333,18 +2478,28 @@ class UnreadableRow:
 class SalvageReport:
     read: int = 0
     unreadable: list[UnreadableRow] = field(default_factory=list)
-    #: Ranges of seqs (first, last) whose rows could not be reached: damaged pages.
-    damaged: list[tuple[int, int]] = field(default_factory=list)
+    #: The seqs whose rows could not be reached: in damaged pages.
+    damaged_seqs: set[int] = field(default_factory=set)
+    #: Events read whose key row is gone: their key and id have no second copy.
+    unchecked: int = 0
     #: What SQLite said about the damage, once each.
     errors: set[str] = field(default_factory=set)
     #: The table could not be walked to its end (its size unreadable).
     gave_up: bool = False
 
     def damage(self, seq: int) -> None:
-        if self.damaged and self.damaged[-1][1] == seq - 1:
-            self.damaged[-1] = (self.damaged[-1][0], seq)
-        else:
-            self.damaged.append((seq, seq))
+        self.damaged_seqs.add(seq)
+
+    @property
+    def damaged(self) -> list[tuple[int, int]]:
+        """The damaged seqs as ranges ``(first, last)``, in order."""
+        ranges: list[tuple[int, int]] = []
+        for seq in sorted(self.damaged_seqs):
+            if ranges and ranges[-1][1] == seq - 1:
+                ranges[-1] = (ranges[-1][0], seq)
+            else:
+                ranges.append((seq, seq))
+        return ranges
 
 
 def _private_copy(path: Path, wal: Path) -> Path:
