@@ -41,8 +41,9 @@ import sqlite3
 import stat
 import tempfile
 import time
+from array import array
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
@@ -2113,16 +2114,19 @@ class ReadOnlyDatabase:
         the seqs that the index lists and no row came back for are recorded as damaged
         (a damaged page can also hide rows without an error)."""
         known = self._indexed_seqs()
-        walked: set[int] = set()
+        # One byte per seq the index lists (a queue may hold millions): came back or not.
+        walked = bytearray(len(known) if known is not None else 0)
         for row in self._walk_rows(report, known):
-            if isinstance(row[0], int):
-                walked.add(row[0])
+            if known is not None and isinstance(row[0], int):
+                at = bisect.bisect_left(known, row[0])
+                if at < len(known) and known[at] == row[0]:
+                    walked[at] = 1
             yield row
-        for seq in known or ():
-            if seq not in walked:
-                report.damage(seq)
+        for at, came in enumerate(walked):
+            if not came and known is not None:
+                report.damage(known[at])
 
-    def _walk_rows(self, report: SalvageReport, known: list[int] | None) -> Iterator[Any]:
+    def _walk_rows(self, report: SalvageReport, known: array[int] | None) -> Iterator[Any]:
         """When a scan stops at a damaged page, the next seqs are looked up one by one
         until one reads, and the scan goes on from there."""
         last = self._max_seq(known)
@@ -2156,8 +2160,8 @@ class ReadOnlyDatabase:
                 return
             # The seqs the index lists when it can be read (each one a row); else every
             # seq, gaps of delivered events included.
-            candidates = (
-                known[bisect.bisect_right(known, after) :]
+            candidates: Iterable[int] = (
+                (known[at] for at in range(bisect.bisect_right(known, after), len(known)))
                 if known is not None
                 else range(after + 1, last + 1)
             )
@@ -2178,14 +2182,18 @@ class ReadOnlyDatabase:
                         yield row
                     break
 
-    def _indexed_seqs(self) -> list[int] | None:
-        """Every seq that the ``events_due`` index lists, read from the index alone (it
-        holds each row's seq apart from the table's pages); ``None`` when it is damaged."""
+    def _indexed_seqs(self) -> array[int] | None:
+        """Every seq that the ``events_due`` index lists, in order, read from the index
+        alone (it holds each row's seq apart from the table's pages); ``None`` when it is
+        damaged."""
+        seqs = array("q")
         try:
-            rows = self._conn.execute("SELECT seq FROM events INDEXED BY events_due").fetchall()
+            for (seq,) in self._conn.execute("SELECT seq FROM events INDEXED BY events_due"):
+                if isinstance(seq, int):
+                    seqs.append(seq)
         except sqlite3.DatabaseError:
             return None
-        return sorted(r[0] for r in rows if isinstance(r[0], int))
+        return array("q", sorted(seqs))
 
     def _name_damaged(self, seq: int, report: SalvageReport) -> None:
         """A row that cannot be read whole: named by its id when that much can be read."""
@@ -2201,9 +2209,9 @@ class ReadOnlyDatabase:
         else:
             report.unreadable.append(UnreadableRow(seq, eid, "its record is damaged"))
 
-    def _max_seq(self, known: list[int] | None) -> int | None:
+    def _max_seq(self, known: array[int] | None) -> int | None:
         """The highest seq the table has held, from what can still be read of it."""
-        found = known[-1:] if known else []
+        found = [known[-1]] if known else []
         for sql in (
             "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
             "SELECT max(seq) FROM events",
