@@ -338,13 +338,20 @@ def _cmd_fake_api(args: argparse.Namespace) -> int:
         raise ConfigError(f"--rate-limit-per-min: {args.rate_limit_per_min} must be greater than 0")
 
     from . import fake_api  # noqa: PLC0415 - only when it runs
+    from .service import listen_error  # noqa: PLC0415 - only when it runs
 
     configure_logging(args.log_level)
-    return run_until_signalled(
-        lambda: fake_api.serve(
-            host, port, api_keys=keys, rate_limit_per_min=args.rate_limit_per_min
+    try:
+        return run_until_signalled(
+            lambda: fake_api.serve(
+                host, port, api_keys=keys, rate_limit_per_min=args.rate_limit_per_min
+            )
         )
-    )
+    except OSError as e:
+        problem = listen_error(e, args.listen, "--listen HOST:PORT")
+        if problem is None:
+            raise
+        raise CliError(f"{problem}; {problem.action}") from e
 
 
 def run_until_signalled(make: Callable[[], Coroutine[Any, Any, object]]) -> int:
@@ -669,16 +676,18 @@ def _sidecar_holds(data_dir: Path) -> bool:
         os.close(fd)
 
 
-def _offline(t: _Target, url_path: str = "", *, announce: bool = True) -> Path:
+def _offline(
+    t: _Target, url_path: str = "", *, announce: bool = True, create: bool = False
+) -> Path:
     """The database to use directly, after no sidecar answered at ``t.base`` (or none
-    holds the data directory)."""
+    holds the data directory); ``create`` when the command may be the first to write it."""
     data_dir = t.settings.data_dir
     if _sidecar_holds(data_dir):
         raise CliError(
             f"a sidecar holds {data_dir} but nothing answers at {t.base}{url_path}; "
             "pass --url with its listen address"
         )
-    if not t.db.is_file():
+    if not create and not t.db.is_file():
         raise CliError(
             f"no sidecar answering at {t.base}{url_path}; is `{PROG} run` running? "
             f"(and no database at {t.db} to read instead; pass --data-dir)"
@@ -688,11 +697,20 @@ def _offline(t: _Target, url_path: str = "", *, announce: bool = True) -> Path:
     return t.db
 
 
-def _read_only(path: Path) -> ReadOnlyDatabase:
+def _read_only(path: Path, *, untouched: bool = False) -> ReadOnlyDatabase:
     try:
-        return ReadOnlyDatabase(path)
+        return ReadOnlyDatabase(path, untouched=untouched)
     except StoreError as e:
         raise CliError(str(e)) from e
+
+
+def _read_file(t: _Target, path: Path) -> ReadOnlyDatabase:
+    """A database named on the command line (a moved-aside one, usually), read without
+    creating anything beside it; a live one (a sidecar may be writing it) read as usual."""
+    live = path.resolve() == t.db.resolve() or (
+        path.name == DB_NAME and _sidecar_holds(path.parent)
+    )
+    return _read_only(path, untouched=not live)
 
 
 async def _with_store(t: _Target, work: Callable[[Store], Coroutine[Any, Any, _T]]) -> _T:
@@ -980,7 +998,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
         source = Path(args.from_file) if args.from_file else _offline(t, "/v1/ledger")
         if args.from_file:
             _announce(f"{source} (--from)")
-        with _read_only(source) as db:
+        with _read_file(t, source) if args.from_file else _read_only(source) as db:
             try:
                 rows = db.ledger(args.agent_key, args.since, args.until)
             except StoreError as e:
@@ -1032,7 +1050,7 @@ def _iter_dead_letters(
     from the database file ``source`` when given (``--from``: a moved-aside one)."""
     remaining = limit if limit is not None else 2**62
     after = 0
-    offline_db = None if source is None else _read_only(Path(source))
+    offline_db = None if source is None else _read_file(t, Path(source))
     if source is not None:
         _announce(f"{source} (--from)")
     try:
@@ -1240,7 +1258,7 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
     report = SalvageReport()
     totals = {"imported": 0, "duplicates": 0, "conflicts": 0}
     offline = False
-    with _read_only(source) as db:
+    with _read_file(t, source) as db:
         try:
             dead: int | None = db.count_dead_letters(DeadLetterFilter())
         except StoreError:
@@ -1255,7 +1273,7 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
                     raise CliError(f"{too_big} ({totals['imported']} salvaged before it)")
                 data = _call(t, "POST", "/v1/salvage", body={"events": records})
                 if data is None:  # nothing listens (any more): import the rest directly
-                    _offline(t, "/v1/salvage")
+                    _offline(t, "/v1/salvage", create=True)
                     _quiet_logs()
                     rest = chunk[sum(len(r) for r in bodies[:i]) :]
                     data = asyncio.run(_salvage_offline(t, rest, chunks))
@@ -1271,10 +1289,11 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
     _out(
         f"salvaged {totals['imported']} events from {source} "
         f"({totals['duplicates']} already queued, {totals['conflicts']} with a reused key skipped, "
-        f"{report.unreadable} unreadable rows skipped"
-        + ("; the rest of the table could not be walked" if report.gave_up else "")
-        + ")"
+        f"{len(report.unreadable)} unreadable rows skipped)"
     )
+    damage = format_salvage_damage(report)
+    if damage:
+        _out(damage)
     if dead != 0:
         # Salvage queues only what was queued: the file's dead letters (refused by Valmi or
         # expired) are not sent again unasked, and would go with the file.
@@ -1284,7 +1303,38 @@ def _cmd_salvage(args: argparse.Namespace) -> int:
             f"list --from {source}` and keep them with `{PROG} dead-letters export --from "
             f"{source} -o FILE` before deleting it"
         )
-    return 0 if not report.gave_up else 1
+    return 0
+
+
+def format_salvage_damage(report: SalvageReport) -> str:
+    """What salvage could not queue again, row by row, and where the file is damaged."""
+    lines = []
+    for row in report.unreadable:
+        where = " ".join(
+            part
+            for part in (row.id or "", f"(seq {row.seq})" if row.seq is not None else "")
+            if part
+        )
+        lines.append(f"unreadable: {where or 'a row'}: {row.reason}")
+    for first, last in report.damaged:
+        seqs = f"seq {first}" if first == last else f"seqs {first}-{last}"
+        lines.append(
+            f"damaged: no row with {seqs} could be read (rows there, if any, cannot be salvaged)"
+        )
+    if report.unchecked:
+        lines.append(
+            f"unchecked: {report.unchecked} of the events queued again had no key row left "
+            "to check their idempotency key, id and body against (only the rest of their "
+            "row vouched for them)"
+        )
+    if report.gave_up:
+        lines.append(
+            "damaged: the events table could not be walked to its end; rows after the last "
+            "one read may be missing"
+        )
+    if report.errors:
+        lines.append("SQLite said: " + "; ".join(sorted(report.errors)))
+    return "\n".join(lines)
 
 
 #: ``{"events": []}`` around the records of one POST /v1/salvage body.
@@ -1344,7 +1394,7 @@ async def _salvage_offline(
 def _cmd_check(args: argparse.Namespace) -> int:
     t = _target(args)
     path = Path(args.file) if args.file else t.db
-    with _read_only(path) as db:
+    with _read_file(t, path) if args.file else _read_only(path) as db:
         try:
             problems = db.integrity_check()
         except StoreError as e:

@@ -310,6 +310,15 @@ def check_timestamp(ts: object) -> str | None:
     return None
 
 
+def body_fingerprint(kind: Kind, obj: Mapping[str, Any]) -> bytes:
+    """What identifies a client's event body, whatever its key order and spacing: it tells
+    a retry with the same ``Idempotency-Key`` from a different event, and a salvaged body
+    from a damaged one."""
+    return hashlib.blake2b(
+        kind.encode() + b"\0" + _sorted_encoder.encode(obj), digest_size=16
+    ).digest()
+
+
 def _stamp(
     kind: Kind,
     obj: dict[str, Any],
@@ -324,9 +333,7 @@ def _stamp(
         # ``"timestamp": null`` means what leaving it out means: the receipt time.
         obj = {k: v for k, v in obj.items() if k != "timestamp"}
         encoded = None
-    fingerprint = hashlib.blake2b(
-        kind.encode() + b"\0" + _sorted_encoder.encode(obj), digest_size=16
-    ).digest()
+    fingerprint = body_fingerprint(kind, obj)
     if "timestamp" in obj:
         body = encoded if encoded is not None else _encoder.encode(obj)
     elif encoded is not None and len(obj) > 0:

@@ -7,7 +7,9 @@ log level taken from them, without a restart (others are logged as needing one).
 Shutdown (SIGTERM/SIGINT): ``/readyz`` and new posts turn 503, the listener closes,
 requests in flight finish (``shutdown_grace_s``), the flusher gets a final flush
 (``final_flush_s``), then the client and the store close, in reverse order. Each
-resource is one aiohttp cleanup context, torn down only if its start succeeded.
+resource is one aiohttp cleanup context, torn down only if its start succeeded. A second
+signal stops forwarding at once: the events not yet sent stay queued, with their keys.
+On a terminal, the drain says what it is doing once a second.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import structlog
 from aiohttp import web
@@ -66,6 +70,43 @@ CLOSE_TIMEOUT_S: Final = 10.0
 OPS_SHUTDOWN_S: Final = 1.0
 #: How often systemd's STATUS= line is refreshed with the queue depth.
 STATUS_INTERVAL_S: Final = 5.0
+#: How often a terminal is told how the drain is going.
+CONSOLE_INTERVAL_S: Final = 1.0
+
+
+class ListenError(Exception):
+    """The listen address cannot be bound; the message says which and what to do."""
+
+    def __init__(self, message: str, action: str) -> None:
+        super().__init__(message)
+        self.action = action
+
+
+#: How a person gives the sidecar another listen address.
+LISTEN_FLAG: Final = "--listen HOST:PORT or VALMI_SIDECAR_LISTEN"
+
+
+def listen_error(exc: OSError, listen: str, flag: str = LISTEN_FLAG) -> ListenError | None:
+    """What a failed bind means for the person running the server (``None`` when ``exc``
+    is not about the address); ``flag`` is how they give it another address."""
+    port = split_listen(listen)[1]
+    if exc.errno == errno.EADDRINUSE:
+        return ListenError(
+            f"cannot listen on {listen}: the address is already in use",
+            f"another program listens there, perhaps another valmi-sidecar (`ss -ltnp "
+            f"'sport = :{port}'` names it); stop it, or choose another address with {flag}",
+        )
+    if exc.errno == errno.EACCES:
+        return ListenError(
+            f"cannot listen on {listen}: permission denied",
+            f"ports below 1024 need privileges; choose a port from 1024 up with {flag}",
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ListenError(
+            f"cannot listen on {listen}: no network interface of this host has that address",
+            f"listen on 127.0.0.1 or on an address of this host ({flag})",
+        )
+    return None
 
 
 #: What a reload applies without a restart; every other change waits for one.
@@ -84,7 +125,8 @@ class Sidecar:
     """One running sidecar: the resources, their order, and the exit code.
 
     ``reload`` builds the settings again (as at start) for a SIGHUP; ``owns_logging``
-    lets a reload change the process's log level.
+    lets a reload change the process's log level; ``console`` is a terminal to tell how
+    the shutdown goes.
     """
 
     def __init__(
@@ -93,8 +135,11 @@ class Sidecar:
         reload: Callable[[], Settings] | None = None,
         *,
         owns_logging: bool = False,
+        console: TextIO | None = None,
     ) -> None:
+        """``console``: a terminal to tell how the shutdown goes (a person waits there)."""
         self.settings = settings
+        self._console = console
         self._reload = reload
         self._owns_logging = owns_logging
         self._reload_requested = asyncio.Event()
@@ -117,6 +162,10 @@ class Sidecar:
         self._address_file: Path | None = None
         self._moved_aside: list[Path] = []
         self._workers: IngestWorkers | None = None
+        self._hurried = False
+        self._stopper: asyncio.Task[None] | None = None
+        self._grace_until: float | None = None
+        self._flush_until: float | None = None
 
     # --- resources, one cleanup context each -------------------------------------
 
@@ -203,7 +252,8 @@ class Sidecar:
             await self._final_flush(self._flusher, task)
 
     async def _final_flush(self, flusher: Flusher, task: asyncio.Task[None]) -> None:
-        bound = self.settings.final_flush_s
+        bound = 0.0 if self._hurried else self.settings.final_flush_s
+        self._flush_until = time.monotonic() + bound
         if not task.done():
             try:
                 await asyncio.wait_for(flusher.drain(bound), bound + CLOSE_TIMEOUT_S)
@@ -213,6 +263,8 @@ class Sidecar:
             task.cancel()
         # Wait for the task to end; its own failure was already reported by the callback.
         await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+        if self._stopper is not None:
+            await asyncio.wait({self._stopper}, timeout=CLOSE_TIMEOUT_S)
 
     def _on_background_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -230,7 +282,7 @@ class Sidecar:
 
     # --- status -------------------------------------------------------------------
 
-    def _drain(self, c: Counts, now: float) -> DrainForecast:
+    def _drain_forecast(self, c: Counts, now: float) -> DrainForecast:
         assert self._store is not None
         state = self._flusher.state if self._flusher is not None else "disabled"
         return drain_forecast(
@@ -265,7 +317,7 @@ class Sidecar:
                 None if c.oldest_queued_at is None else round(now - c.oldest_queued_at, 3)
             ),
             "rates_per_s": self._store.rates(),
-            "drain": self._drain(c, now).as_json(),
+            "drain": self._drain_forecast(c, now).as_json(),
             "store": {"writable": self._store.writable, "path": str(self._store.path)},
             "moved_aside": moved_aside_json(self._moved_aside),
             "disk": self._store.disk().as_dict(),
@@ -322,7 +374,7 @@ class Sidecar:
                 max_queue_bytes=s.max_queue_bytes,
                 max_event_age_s=s.max_event_age_s,
                 database_bytes=self._store.database_bytes(),
-                drain=self._drain(counts, time.time()),
+                drain=self._drain_forecast(counts, time.time()),
                 version=__version__,
                 disk=self._store.disk(),
                 ingest_workers=workers.configured if workers is not None else 0,
@@ -339,6 +391,65 @@ class Sidecar:
             self.exit_code = exit_code
         self._stop_requested.set()
 
+    def _on_signal(self) -> None:
+        """SIGTERM/SIGINT: the first drains; the second stops forwarding at once."""
+        if not self._stop_requested.is_set():
+            self.request_stop()
+        elif not self._hurried:
+            self.hurry()
+        else:
+            self._say("still closing the store cleanly; every queued event stays queued")
+
+    def hurry(self) -> None:
+        """Stop forwarding now instead of at the end of the final flush. Events not yet
+        forwarded stay queued with their keys; requests in flight upstream are cancelled
+        and sent again, with the same key, after the next start."""
+        self._hurried = True
+        queued = self._store.counts().queued if self._store is not None else 0
+        log.warning("shutdown_hurried", queued=queued)
+        self._say(
+            f"stopping now: forwarding stops; {queued} queued events stay queued and are "
+            "forwarded after the next start"
+        )
+        flusher, task = self._flusher, self._flusher_task
+        if flusher is not None and task is not None and not task.done():
+            self._stopper = asyncio.create_task(flusher.drain(0.0), name="flusher-stop")
+            self._stopper.add_done_callback(self._on_stopper_done)
+
+    def _on_stopper_done(self, task: asyncio.Task[None]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("background_task_crashed", task=task.get_name(), exc_info=exc)
+            self.exit_code = self.exit_code or 1
+
+    def _say(self, text: str) -> None:
+        if self._console is not None:
+            self._console.write(text + "\n")
+            self._console.flush()
+
+    def _drain_line(self) -> str:
+        queued = self._store.counts().queued if self._store is not None else 0
+        now = time.monotonic()
+        if self._hurried:
+            return f"stopping now: closing the store; {queued} events stay queued"
+        if self._flush_until is not None:
+            left = max(0.0, self._flush_until - now)
+            return (
+                f"stopping: forwarding the queue, {queued} events left, {left:.0f} s left "
+                "(Ctrl-C again to stop now: they stay queued)"
+            )
+        left = max(0.0, (self._grace_until or now) - now)
+        return (
+            f"stopping: finishing requests in flight, {left:.0f} s left at most, then "
+            f"forwarding the queue ({queued} events) for up to "
+            f"{self.settings.final_flush_s:g} s (Ctrl-C again to stop now: they stay queued)"
+        )
+
+    async def _tell_console(self) -> None:
+        while True:
+            self._say(self._drain_line())
+            await asyncio.sleep(CONSOLE_INTERVAL_S)
+
     async def start(self) -> None:
         """Open every resource in order, then listen. Raises if any step fails (after
         tearing down what had started)."""
@@ -353,12 +464,18 @@ class Sidecar:
         self._runner = runner
         try:
             await runner.setup()
-            if s.ingest_processes > 1:
-                host, port = await self._start_workers(runner, app)
-            else:
-                site = web.TCPSite(runner, s.host, s.port, backlog=1024)
-                await site.start()
-                host, port = runner.addresses[0][:2]
+            try:
+                if s.ingest_processes > 1:
+                    host, port = await self._start_workers(runner, app)
+                else:
+                    site = web.TCPSite(runner, s.host, s.port, backlog=1024)
+                    await site.start()
+                    host, port = runner.addresses[0][:2]
+            except OSError as exc:
+                problem = listen_error(exc, s.listen)
+                if problem is None:
+                    raise
+                raise problem from exc
         except BaseException:
             self._stopping = True
             await runner.cleanup()
@@ -442,6 +559,27 @@ class Sidecar:
         self.lifecycle.draining = True
         self._notifier.stopping("draining: " + self._status_line())
         log.info("shutdown_started")
+        self._grace_until = time.monotonic() + self.settings.shutdown_grace_s
+        console = (
+            asyncio.create_task(self._tell_console(), name="shutdown-console")
+            if self._console is not None
+            else None
+        )
+        try:
+            await self._drain()
+        finally:
+            if console is not None:
+                console.cancel()
+                await asyncio.wait({console}, timeout=1.0)
+        counts = self._store.counts() if self._store is not None else None
+        if counts is not None:
+            self._say(
+                f"stopped: {counts.queued} events stay queued"
+                if counts.queued
+                else "stopped: the queue is empty"
+            )
+
+    async def _drain(self) -> None:
         if self._workers is not None:
             # First, while the store and the main API are open: the workers finish their
             # requests (which need both) and exit.
@@ -560,7 +698,7 @@ class Sidecar:
         the exit code."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(sig, self._on_signal)
         # Without this, SIGHUP ends the process at once, without a drain, and with a
         # status that systemd's Restart=on-failure takes for a clean exit.
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
@@ -569,6 +707,9 @@ class Sidecar:
         try:
             try:
                 await self.start()
+            except ListenError as exc:
+                log.error("startup_failed", error=str(exc), action=exc.action)
+                return 1
             except (StoreError, OSError) as exc:
                 log.error("startup_failed", error=str(exc))
                 return 1
@@ -615,8 +756,10 @@ def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int
         access_log=settings.access_log,
     )
 
+    console = sys.stderr if sys.stderr.isatty() else None
+
     async def serve() -> int:
-        return await Sidecar(settings, reload, owns_logging=True).serve()
+        return await Sidecar(settings, reload, owns_logging=True, console=console).serve()
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(serve())
