@@ -401,7 +401,8 @@ async def test_salvage_checks_keys_and_ids_against_their_second_copies(tmp_path:
     by_seq = written.ids_by_seq
     assert by_seq[15] == written.events[by_seq[15]].idem_key  # the sidecar's own keys
     assert "client-15" == written.events[by_seq[16]].idem_key
-    drop_key_row = "DELETE FROM keys WHERE id = (SELECT id FROM events WHERE seq = ?)"
+    # By key: a key row leaves out an id that is its key (the sidecar's own keys).
+    drop_key_row = "DELETE FROM keys WHERE idem_key = (SELECT idem_key FROM events WHERE seq = ?)"
     with closing(sqlite3.connect(moved)) as db, db:
         db.execute("UPDATE events SET idem_key = CAST(x'ff' AS TEXT) WHERE seq = 14")
         db.execute("UPDATE events SET idem_key = 'client-15x' WHERE seq = 16")

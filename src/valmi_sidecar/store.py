@@ -2708,8 +2708,12 @@ class _KeyRow:
 #: random digits.
 _EVENT_ID: Final = re.compile(r"evt_([0-9a-f]{12})[0-9a-f]{16}")
 
+#: A key row's id and ``created_at`` as written, filled in where the row leaves out what
+#: it can derive (``_KEY_ID``, ``_KEY_CREATED_AT``): a file of any schema version reads
+#: the same.
 _KEY_COLUMNS: Final = (
-    "CAST(idem_key AS BLOB), CAST(id AS BLOB), fingerprint, received_at, CAST(created_at AS BLOB)"
+    f"CAST(idem_key AS BLOB), CAST({_KEY_ID} AS BLOB), fingerprint, received_at,"
+    f" CAST({_KEY_CREATED_AT} AS BLOB)"
 )
 
 
