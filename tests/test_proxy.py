@@ -37,21 +37,17 @@ PROXY_USER = "egress"
 PROXY_PASSWORD = "pr0xy-s3cret-pw"
 
 
-@dataclass
-class ForwardingProxy:
-    """An HTTP forward proxy that sends every request to one target, and requires Basic
-    credentials when ``credentials`` is set (407 otherwise)."""
+@dataclass(kw_only=True)
+class LoopbackServer:
+    """A server on 127.0.0.1 that owns its connections' tasks: ``stop`` cancels them.
+    Subclasses serve one connection in ``_serve_one``."""
 
-    target: tuple[str, int]
-    credentials: str | None = None
-    #: (method, request target, Proxy-Authorization or None) of each request, in order.
-    seen: list[tuple[str, str, str | None]] = field(default_factory=list)
     port: int = 0
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+    async def listen(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -69,13 +65,30 @@ class ForwardingProxy:
         self._tasks.add(task)
         try:
             await self._serve_one(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         finally:
             self._tasks.discard(task)
             writer.close()
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.wait_closed()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class ForwardingProxy(LoopbackServer):
+    """An HTTP forward proxy that sends every request to one target, and requires Basic
+    credentials when ``credentials`` is set (407 otherwise)."""
+
+    target: tuple[str, int]
+    credentials: str | None = None
+    #: (method, request target, Proxy-Authorization or None) of each request, in order.
+    seen: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.listen()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -170,47 +183,25 @@ async def test_events_reach_upstream_through_the_proxy_and_its_password_is_never
 
 
 @dataclass
-class TlsFront:
+class TlsFront(LoopbackServer):
     """A TLS server for ``UPSTREAM_HOST`` (a certificate made here with openssl, trusted by
     the sidecar through SSL_CERT_FILE) that passes the decrypted bytes to the fake API."""
 
     target: tuple[str, int]
     cert: Path
     key: Path
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(self.cert, self.key)
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=ctx)
-        self.port = self._server.sockets[0].getsockname()[1]
+        await self.listen(ctx)
 
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-            try:
-                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-            finally:
-                up_writer.close()
-        except (ConnectionError, ssl.SSLError):
-            pass
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         finally:
-            self._tasks.discard(task)
-            writer.close()
+            up_writer.close()
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
