@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+import structlog
 
 from valmi_sidecar.config import Secret, Settings
 
@@ -56,6 +58,19 @@ async def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
         await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def reset_logging() -> Iterator[None]:
+    """Undo configure_logging so that other tests see structlog's defaults."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.reset_defaults()
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -371,19 +371,6 @@ def test_fake_api_rejects_bad_listen(tmp_path: Path) -> None:
 # --- logging ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def reset_logging() -> Iterator[None]:
-    """Undo configure_logging so that other tests see structlog's defaults."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.reset_defaults()
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
 SECRET = "sk_live_7f3a9c2e51"
 
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import pty
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,21 +69,8 @@ def test_an_empty_no_color_changes_nothing() -> None:
     assert ESC in on_a_terminal(NO_COLOR="")
 
 
-@pytest.fixture
-def configured() -> Iterator[None]:
-    """Undo configure_logging so that other tests see structlog's defaults."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.reset_defaults()
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
 def test_set_level_changes_what_is_logged_and_keeps_the_format(
-    capsys: pytest.CaptureFixture[str], configured: None
+    capsys: pytest.CaptureFixture[str], reset_logging: None
 ) -> None:
     configure_logging("warning", "json")
     log = structlog.get_logger("t")
@@ -100,7 +85,7 @@ def test_set_level_changes_what_is_logged_and_keeps_the_format(
 
 
 def test_a_secret_added_later_is_redacted_from_then_on(
-    capsys: pytest.CaptureFixture[str], configured: None
+    capsys: pytest.CaptureFixture[str], reset_logging: None
 ) -> None:
     configure_logging("info", "json", secrets=["sk_live_first"])
     redact_also("sk_live_rotated")
