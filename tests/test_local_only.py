@@ -12,7 +12,6 @@ import asyncio
 import json
 import shutil
 import socket
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from valmi_sidecar.guard import Policy, host_name, is_json_media_type
 from valmi_sidecar.store import DeadLetter, Store
 
 from .conftest import ACTION, OUTCOME, SidecarProcessFactory
+from .test_dead_letters import run_cli
 
 PAGE = "http://127.0.0.1:9000"
 #: What Chromium adds to a page's no-cors fetch, beacon or Blob POST to another port.
@@ -250,33 +250,12 @@ async def test_the_clients_agents_use_still_work(
         assert received + 6 == status["events"]["received"]
 
     for args in (("status", "--json"), ("dead-letters", "list", "--json")):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "valmi_sidecar",
-            *args,
-            "--url",
-            local,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert 0 == proc.returncode, err.decode()
+        code, out, err = await run_cli(*args, "--url", local)
+        assert 0 == code, err
         assert json.loads(out)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "valmi_sidecar",
-        "dead-letters",
-        "retry",
-        "--url",
-        local,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert 0 == proc.returncode, err.decode()
-    assert out.decode().startswith("re-queued 3 dead letters"), out
+    code, out, err = await run_cli("dead-letters", "retry", "--url", local)
+    assert 0 == code, err
+    assert out.startswith("re-queued 3 dead letters"), out
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl program")
