@@ -24,6 +24,7 @@ HTTP framework, so the rules are tested without sockets.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -87,6 +88,9 @@ def normalize_host(text: str) -> str:
     return host
 
 
+# Every request asks, and a client sends the same Host again and again: cached, bounded
+# (a client sending endless names only evicts its own entries).
+@functools.lru_cache(maxsize=256)
 def host_name(header: str) -> str | None:
     """The name part of a ``Host`` header (``[::1]:8787`` → ``::1``); ``None`` if it is not
     a well-formed host (which is then refused: no allowed name can match it)."""
