@@ -6,11 +6,13 @@ Module-specific fixtures live in their own test files.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +60,15 @@ async def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
         await asyncio.sleep(0.01)
+
+
+@contextlib.contextmanager
+def occupied_port() -> Iterator[int]:
+    """A loopback port another socket listens on, for as long as the block runs."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from valmi_sidecar.config import ConfigError, Secret, load_settings
 from valmi_sidecar.guard import Policy
 
-from .conftest import ACTION, DEFAULT_KEY, SidecarFactory, SidecarProcessFactory, wait_until
+from .conftest import (
+    ACTION,
+    DEFAULT_KEY,
+    SidecarFactory,
+    SidecarProcessFactory,
+    occupied_port,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from valmi_sidecar.fake_api import FakeValmi
@@ -268,10 +274,7 @@ async def test_process_serves_ops_on_all_interfaces_with_ingest_workers(
 async def test_process_with_ops_port_taken_exits_1_naming_the_setting(
     sidecar_process: SidecarProcessFactory,
 ) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with occupied_port() as port:
         p = sidecar_process(VALMI_SIDECAR_OPS_LISTEN=f"127.0.0.1:{port}")
         assert 1 == await p.wait_exit()
     failed = next(e for e in p.log_events() if e.get("event") == "startup_failed")

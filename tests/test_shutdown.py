@@ -10,7 +10,6 @@ import os
 import pty
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.conftest import ACTION, DEFAULT_KEY, SidecarProcessFactory, wait_until
+from tests.conftest import ACTION, DEFAULT_KEY, SidecarProcessFactory, occupied_port, wait_until
 from tests.test_dead_letters import free_port, run_cli
 from valmi_sidecar.store import ReadOnlyDatabase
 
@@ -165,10 +164,7 @@ async def test_a_second_sigterm_without_a_terminal_stops_forwarding_and_prints_o
 async def test_a_port_in_use_is_named_with_what_to_do(
     sidecar_process: SidecarProcessFactory,
 ) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with occupied_port() as port:
         proc = sidecar_process(None, VALMI_SIDECAR_LISTEN=f"127.0.0.1:{port}")
         assert 1 == await proc.wait_exit(timeout=20)
     (failed,) = [e for e in proc.log_events() if e.get("event") == "startup_failed"]
@@ -179,10 +175,7 @@ async def test_a_port_in_use_is_named_with_what_to_do(
 
 
 async def test_the_fake_api_on_a_port_in_use_says_so_without_a_traceback() -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with occupied_port() as port:
         code, out, err = await run_cli("fake-api", "--listen", f"127.0.0.1:{port}")
     assert 1 == code, out + err
     assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in err
