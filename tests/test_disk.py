@@ -40,8 +40,8 @@ async def test_full_disk_refuses_with_503_keeps_every_acknowledged_event_and_rec
         acked.add(r.json()["id"])
 
     # The database may not grow beyond its current pages: the disk is "full".
-    (pages,) = next(iter(await store._writer.execute_fetchall("PRAGMA page_count")))
-    await store._writer.execute(f"PRAGMA max_page_count = {int(pages)}")
+    ((pages,),) = await store.writer_connection.fetchall("PRAGMA page_count")
+    await store.writer_connection.fetchall(f"PRAGMA max_page_count = {int(pages)}")
     refused: httpx.Response | None = None
     for _ in range(200):
         r = await client.post(url + "/v1/actions", json=BIG)
@@ -72,7 +72,7 @@ async def test_full_disk_refuses_with_503_keeps_every_acknowledged_event_and_rec
     assert len(acked) == store.counts().received  # nothing refused was counted
 
     # Space comes back: the writer's probe finds it without any new traffic.
-    await store._writer.execute("PRAGMA max_page_count = 1073741823")
+    await store.writer_connection.fetchall("PRAGMA max_page_count = 1073741823")
 
     async def ready_again() -> bool:
         return 200 == (await client.get(url + "/readyz")).status_code

@@ -341,7 +341,7 @@ async def test_a_crashed_background_task_stops_the_service_with_exit_1(
     store = sidecar._store
     assert store is not None
     with capture_logs() as logs:
-        await store._writer.close()  # the writer's next call fails unexpectedly
+        await store.writer_connection.close()  # the writer's next call fails unexpectedly
         resp = await client.post(f"{url}/v1/actions", json=ACTION)
         assert 503 == resp.status_code
         await wait_until(sidecar._stop_requested.is_set, 10, "stop requested")

@@ -313,7 +313,9 @@ async def test_outcomes_the_store_cannot_write_are_kept_and_written_later(
 ) -> None:
     """A failing disk must not stop the flusher, lose the outcomes or re-send events."""
     await store.submit([action(i) for i in range(10)])
-    await store._writer.execute("PRAGMA query_only = ON")  # every write fails from now on
+    await store.writer_connection.fetchall(
+        "PRAGMA query_only = ON"
+    )  # every write fails from now on
     with capture_logs() as logs:
         flusher, task = await start_flusher(fake)
         await wait_until(lambda: 10 == fake.requests, 10, "all 10 sent")
@@ -322,7 +324,7 @@ async def test_outcomes_the_store_cannot_write_are_kept_and_written_later(
         )
         assert not task.done()
         assert 0 == store.counts().delivered
-        await store._writer.execute("PRAGMA query_only = OFF")  # the disk is back
+        await store.writer_connection.fetchall("PRAGMA query_only = OFF")  # the disk is back
         await wait_until(lambda: 10 == store.counts().delivered, 10, "10 settled once writable")
     assert 10 == fake.requests  # none was sent twice meanwhile
     assert (0, "ok") == (store.counts().queued, flusher.state)

@@ -210,12 +210,12 @@ async def test_ledger_is_in_the_same_transaction_as_the_events(
     await post(client, url, action(AGENTS[0], "llm_call"))
     store = sidecar._store
     assert store is not None
-    await store._writer.execute("PRAGMA max_page_count = 1")
+    await store.writer_connection.fetchall("PRAGMA max_page_count = 1")
     big = {**action(AGENTS[0], "llm_call"), "metadata": {"blob": "x" * 200_000}}
     r = await client.post(url + "/v1/actions", json=big)
     assert 503 == r.status_code
     assert "store_unavailable" == r.json()["error"]["code"]
-    await store._writer.execute("PRAGMA max_page_count = 1073741823")
+    await store.writer_connection.fetchall("PRAGMA max_page_count = 1073741823")
     book = await ledger(client, url)
     assert 1 == book["totals"]["received"]
     assert_reconciles(book, (await status(client, url))["events"])

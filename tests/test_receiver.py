@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from valmi_sidecar import store as store_module
 from valmi_sidecar.config import Secret
 from valmi_sidecar.fake_api import FakeValmi
+from valmi_sidecar.store import core as store_core
 
 from .conftest import ACTION, OUTCOME, SidecarFactory, wait_until
 
@@ -347,7 +347,7 @@ async def test_a_store_closed_in_the_middle_of_the_commit_answers_outcome_unknow
     """The store closes while the request's commit is held up (another connection holds
     the write lock): the event may be committed, so the answer says so and to retry with
     the same key, not that nothing was stored."""
-    monkeypatch.setattr(store_module, "CLOSE_DRAIN_S", 0.2)
+    monkeypatch.setattr(store_core, "CLOSE_DRAIN_S", 0.2)
     sidecar, url = await sidecar_factory(None)
     store = sidecar._store
     assert store is not None
@@ -357,7 +357,7 @@ async def test_a_store_closed_in_the_middle_of_the_commit_answers_outcome_unknow
         posting = asyncio.create_task(
             client.post(f"{url}/v1/actions", json=ACTION, headers={"Idempotency-Key": "o-1"})
         )
-        await wait_until(lambda: bool(store._group), 10, "the commit to start")
+        await wait_until(lambda: store.in_transaction, 10, "the commit to start")
         closing = asyncio.create_task(store.close())
         resp = await posting
         blocker.execute("COMMIT")

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from valmi_sidecar import store as store_module
 from valmi_sidecar.disk import data_dir_bytes, minimum_queue_bytes
 from valmi_sidecar.events import NewEvent, parse_batch, parse_one
 from valmi_sidecar.store import (
@@ -33,6 +32,7 @@ from valmi_sidecar.store import (
     Store,
     StoreError,
 )
+from valmi_sidecar.store import core as store_core
 
 from .conftest import wait_until
 
@@ -822,7 +822,9 @@ async def test_failed_commit_fails_every_op_and_store_recovers(
 ) -> None:
     store = await open_store()
     await store.submit([action(clock)])
-    await store._writer.execute("PRAGMA max_page_count = 1")  # no room to grow: "disk full"
+    await store.writer_connection.fetchall(
+        "PRAGMA max_page_count = 1"
+    )  # no room to grow: "disk full"
     big = b'{"agent_key": "a", "action_type": "x", "metadata": {"blob": "' + b"x" * 50_000 + b'"}}'
     results = await asyncio.gather(
         store.submit([parse_one("action", big, now=clock())]),
@@ -836,7 +838,7 @@ async def test_failed_commit_fails_every_op_and_store_recovers(
     assert [(1,)] == rows(store, "SELECT count(*) FROM events")
     assert [(1,)] == rows(store, "SELECT count(*) FROM keys")
 
-    await store._writer.execute("PRAGMA max_page_count = 1073741823")
+    await store.writer_connection.fetchall("PRAGMA max_page_count = 1073741823")
     (ok,) = await store.submit([parse_one("action", big, now=clock())])
     c = store.counts()
     assert (True, False, 2, 2) == (store.writable, ok.duplicate, c.received, c.queued)
@@ -847,7 +849,7 @@ async def test_writer_crash_fails_submits_and_ends_writer_task(
     open_store: OpenStore, clock: Clock
 ) -> None:
     store = await open_store()
-    await store._writer.close()  # the writer's next call fails with an unexpected error
+    await store.writer_connection.close()  # the writer's next call fails with an unexpected error
     with pytest.raises(StoreError):
         await store.submit([action(clock)])
     await asyncio.wait({store.writer_task}, timeout=5)
@@ -864,13 +866,13 @@ async def test_a_close_in_the_middle_of_a_commit_says_the_outcome_is_unknown(
     thread is inside the transaction, which then commits: those submits get
     ``OutcomeUnknownError``, never the "nothing was stored" of a plain ``StoreError``. A
     submit that never reached the writer was not stored, and says so."""
-    monkeypatch.setattr(store_module, "CLOSE_DRAIN_S", 0.2)
+    monkeypatch.setattr(store_core, "CLOSE_DRAIN_S", 0.2)
     store = await open_store()
     blocker = sqlite3.connect(store.path, isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: the commit waits for it
         in_commit = asyncio.ensure_future(store.submit([action(clock, key="in-commit")]))
-        await wait_until(lambda: bool(store._group), 10, "the writer inside the transaction")
+        await wait_until(lambda: store.in_transaction, 10, "the writer inside the transaction")
         waiting = asyncio.ensure_future(store.submit([action(clock, key="waiting")]))
         closing = asyncio.ensure_future(store.close())
         await asyncio.wait({in_commit, waiting}, timeout=10)
@@ -893,7 +895,7 @@ async def test_writable_recovers_by_itself_when_idle(open_store: OpenStore, cloc
     """After a failed commit and no further writes, the writer's probe finds the disk
     writable again (so readiness does not wait for traffic that it turned away)."""
     store = await open_store()
-    await store._writer.execute("PRAGMA max_page_count = 1")
+    await store.writer_connection.fetchall("PRAGMA max_page_count = 1")
     big = b'{"agent_key": "a", "action_type": "x", "metadata": {"blob": "' + b"x" * 50_000 + b'"}}'
     with pytest.raises(StoreError):
         await store.submit([parse_one("action", big, now=clock())])
@@ -902,7 +904,7 @@ async def test_writable_recovers_by_itself_when_idle(open_store: OpenStore, cloc
             break
         await asyncio.sleep(0.05)
     assert (True, False) == (store.probes >= 1, store.writable)  # still full: probe failed
-    await store._writer.execute("PRAGMA max_page_count = 1073741823")
+    await store.writer_connection.fetchall("PRAGMA max_page_count = 1073741823")
     for _ in range(100):
         if store.writable:
             break

@@ -1,0 +1,622 @@
+"""The store's public face: ``Store``, the durable queue of one data directory.
+
+One ``Store`` owns one data directory: an exclusive ``flock`` on ``DIR/lock`` (so two
+sidecars never send the same queue twice) and the database ``DIR/queue.db`` (WAL).
+
+Writes go through the group-commit writer (``writer.Writer``). Reads (``lease()``,
+``next_due_at()``, the dead letters, the ledger) use a second, query-only connection on a
+thread of its own: under WAL it sees committed data only, so the flusher never sends an
+event whose commit then failed. ``counts()`` is the mirror of the committed state
+(``mirror.Mirror``), no I/O.
+
+``max_queue_bytes`` bounds every file in the data directory (``disk.DiskBudget``):
+``space.Space`` refuses a submission with ``QueueFullError`` before its commit would pass it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import structlog
+
+from ..disk import DiskBudget, data_dir_bytes
+from ..events import NewEvent
+from . import files
+from .mirror import Mirror
+from .records import (
+    Accepted,
+    CorruptDatabaseError,
+    Counts,
+    DeadLetterFilter,
+    DeadLetterRecord,
+    DiskUsage,
+    IdempotencyConflictError,
+    ImportResult,
+    LedgerRow,
+    QueuedEvent,
+    QueueFullError,
+    Settlement,
+    StoreError,
+    StoreStats,
+)
+from .schema import BUSY_TIMEOUT_MS, DB_FILES, DB_NAME, is_corruption, quick_check, setup_writer
+from .space import Space
+from .sql import COUNT_DEAD, LEASE, SUMMARY, dead_letter_where, dead_letters_query, ledger_query
+from .sql import summary_row as _summary_row
+from .thread import SqliteThread
+from .writer import Writer
+from .writes import PRUNE_CHUNK, Limits, Prune, Purge, Requeue, Settle, Submit
+
+log = structlog.get_logger("valmi_sidecar.store")
+
+#: How long ``close()`` lets the writer commit what is pending before it gives up, and
+#: how long it waits for each connection to close: all of ``close()`` stays under 10 s.
+CLOSE_DRAIN_S: Final = 5.0
+CONNECTION_CLOSE_S: Final = 1.5
+#: The writer's statement cache (sqlite3's default is 128): the group-write INSERTs plus
+#: everything else the writer runs.
+_WRITER_CACHED_STATEMENTS: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    durability: str
+    max_queue_bytes: int
+    max_body_bytes: int
+    max_queue_events: int
+    dedup_window_s: float
+    clock: Callable[[], float]
+
+
+class Store:
+    """The durable queue of one data directory. Build it with ``await Store.open(...)``."""
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        lock_fd: int,
+        writer: SqliteThread,
+        reader: SqliteThread,
+        budget: DiskBudget,
+        options: _Options,
+    ) -> None:
+        self._data_dir = data_dir
+        self._path = data_dir / DB_NAME
+        self._lock_fd: int | None = lock_fd
+        self._reader = reader
+        self._clock = options.clock
+        self._window_s = options.dedup_window_s
+        self._durability = options.durability
+        self._mirror = Mirror(budget.max_bytes)
+        self._space = Space(budget, self._path)
+        self._writer = Writer(
+            writer,
+            path=self._path,
+            mirror=self._mirror,
+            space=self._space,
+            limits=Limits(options.max_queue_events, options.dedup_window_s),
+            clock=options.clock,
+        )
+        self._closing = False
+        self._closed = False
+        #: What start-up did about integrity: "passed" (``PRAGMA quick_check``), "skipped"
+        #: (closed cleanly last time, the file unchanged since) or "off" (not asked).
+        self.startup_check = "off"
+        self._writer_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        data_dir: Path,
+        *,
+        durability: Literal["full", "normal"] = "full",
+        max_queue_bytes: int = 1024**3,
+        max_queue_events: int = 5_000_000,
+        max_body_bytes: int = 1024 * 1024,
+        dedup_window_s: float = 24 * 3600.0,
+        clock: Callable[[], float] = time.time,
+        prune_interval_s: float | None = 600.0,
+        recover_corrupt: bool = False,
+    ) -> Store:
+        """Lock ``data_dir``, open (or create and migrate) its database, start the writer.
+
+        Raises ``DataDirLockedError`` when another sidecar uses the directory and
+        ``StoreError`` when the database cannot be used (newer schema, no WAL, I/O;
+        ``CorruptDatabaseError`` when the file is damaged).
+        ``prune_interval_s=None`` turns the periodic prune off (call ``prune()`` yourself).
+
+        ``max_queue_bytes`` bounds every file in ``data_dir`` (``disk.DiskBudget``; the
+        largest submission, ``max_body_bytes``, sizes the WAL's share).
+
+        ``recover_corrupt=True`` (the service) first runs ``PRAGMA quick_check``; a damaged
+        file is moved aside to ``queue.db.corrupt-<UTC time>`` (with its WAL) and the store
+        starts with an empty queue, so that a corrupt disk never makes a crash loop
+        (``valmi-sidecar salvage FILE`` re-queues what can be read of it).
+        """
+        if durability not in ("full", "normal"):
+            raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
+        data_dir = Path(data_dir)
+        options = _Options(
+            durability, max_queue_bytes, max_body_bytes, max_queue_events, dedup_window_s, clock
+        )
+        lock_fd = await asyncio.to_thread(files.lock_data_dir, data_dir)
+        try:
+            clean = await asyncio.to_thread(files.take_clean_record, data_dir)
+            check = recover_corrupt and clean is None
+            try:
+                store = await cls._open_database(data_dir, lock_fd, options, check, clean)
+                moved = None
+            except CorruptDatabaseError as exc:
+                if not recover_corrupt:
+                    raise
+                moved = await cls._move_aside(data_dir / DB_NAME, exc)
+                store = await cls._open_database(data_dir, lock_fd, options, True, None)
+            store.stats.corrupt_moved_aside = int(moved is not None)
+            aside = await asyncio.to_thread(files.moved_aside_files, data_dir)
+            store.stats.corrupt_files = len(aside)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        store._start(prune_interval_s)
+        return store
+
+    @staticmethod
+    async def _move_aside(path: Path, exc: CorruptDatabaseError) -> Path:
+        moved = await asyncio.to_thread(files.move_aside, path)
+        log.error(
+            "database_corrupt",
+            path=str(path),
+            moved_to=str(moved),
+            error=str(exc),
+            action=f"started with an empty queue; run 'valmi-sidecar salvage {moved}' "
+            "to re-queue what can be read of it",
+        )
+        return moved
+
+    @classmethod
+    async def _open_database(
+        cls,
+        data_dir: Path,
+        lock_fd: int,
+        options: _Options,
+        check: bool,
+        clean: tuple[int, int] | None,
+    ) -> Store:
+        """Connect, check, migrate and load; on failure close the connections (not the lock).
+
+        ``clean``: the queue's size from the clean-shutdown record, when it matched."""
+        writer: SqliteThread | None = None
+        reader: SqliteThread | None = None
+        path = data_dir / DB_NAME
+        try:
+            await asyncio.to_thread(files.create_private, path)
+            writer = await SqliteThread.connect(
+                path,
+                name="store-writer",
+                isolation_level="IMMEDIATE",
+                cached_statements=_WRITER_CACHED_STATEMENTS,
+            )
+            if check:
+                await writer.call(lambda db: quick_check(db, path))
+            (page_size,) = (await writer.fetchall("PRAGMA page_size"))[0]
+            budget = DiskBudget.plan(
+                options.max_queue_bytes,
+                max_body_bytes=options.max_body_bytes,
+                other_bytes=await asyncio.to_thread(data_dir_bytes, data_dir, exclude=DB_FILES),
+                page_size=int(page_size),
+            )
+            synchronous = options.durability.upper()
+            await writer.call(
+                lambda db: setup_writer(db, path, synchronous=synchronous, budget=budget)
+            )
+            reader = await SqliteThread.connect(path, name="store-reader", isolation_level=None)
+            await reader.call(_setup_reader)
+            await asyncio.to_thread(files.chmod_private, path)
+            store = cls(
+                data_dir=data_dir,
+                lock_fd=lock_fd,
+                writer=writer,
+                reader=reader,
+                budget=budget,
+                options=options,
+            )
+            store.startup_check = "passed" if check else "skipped" if clean else "off"
+            await reader.call(lambda db: store._mirror.load(db, clean))
+            await writer.call(store._space.measure_now)
+        except BaseException as exc:
+            for conn in (reader, writer):
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+            if isinstance(exc, sqlite3.Error):
+                kind = CorruptDatabaseError if is_corruption(exc) else StoreError
+                raise kind(f"cannot open {path}: {exc}") from exc
+            raise
+        return store
+
+    def _start(self, prune_interval_s: float | None) -> None:
+        self._writer_task = asyncio.create_task(self._writer.run(), name="store-writer")
+        if prune_interval_s is not None:
+            self._prune_task = asyncio.create_task(
+                self._run_pruner(prune_interval_s), name="store-prune"
+            )
+        c = self.counts()
+        log.info(
+            "store_opened",
+            path=str(self._path),
+            durability=self._durability,
+            integrity_check=self.startup_check,
+            queued=c.queued,
+            queued_bytes=c.queued_bytes,
+            received=c.received,
+            delivered=c.delivered,
+            dead_lettered=c.dead_lettered,
+            disk_bytes=data_dir_bytes(self._data_dir),
+            max_queue_bytes=self._space.budget.max_bytes,
+        )
+        self._warn_if_budget_short()
+
+    async def close(self) -> None:
+        """Refuse new writes, commit what is pending (bounded by ``CLOSE_DRAIN_S``), stop
+        the writer and the pruner, close both connections and release the lock."""
+        if self._closing:
+            return
+        self._closing = True
+        asked: list[SqliteThread] = []
+        writer = self._writer
+        clean = True
+        try:
+            if self._prune_task is not None:
+                self._prune_task.cancel()
+                await asyncio.wait({self._prune_task})
+            task = self._writer_task
+            if task is not None:
+                writer.stop()
+                await asyncio.wait({task}, timeout=CLOSE_DRAIN_S)
+                if not task.done():
+                    clean = False
+                    log.error("store_close_timeout", pending=writer.pending, bound_s=CLOSE_DRAIN_S)
+                    task.cancel()
+                    await asyncio.wait({task}, timeout=1.0)
+            writer.fail_all(StoreError("the store is closed"))
+            for conn in (self._reader, writer.conn):
+                asked.append(conn)
+                try:
+                    await asyncio.wait_for(conn.close(), CONNECTION_CLOSE_S)
+                except (sqlite3.Error, TimeoutError) as exc:
+                    clean = False
+                    log.error("store_close_failed", error=f"{type(exc).__name__}: {exc}")
+            if clean and writer.writable:
+                m = self._mirror
+                try:
+                    await asyncio.to_thread(
+                        files.write_clean_record, self._data_dir, m.queued, m.queued_bytes
+                    )
+                except OSError as exc:  # the next start checks the file: slower, no harm
+                    log.warning("clean_record_failed", error=str(exc))
+            await asyncio.to_thread(files.give_files, self._data_dir)
+        finally:
+            self._closed = True
+            for conn in (self._reader, writer.conn):
+                if conn not in asked:  # cancelled before closing it
+                    conn.stop()
+            if self._lock_fd is not None:
+                fd, self._lock_fd = self._lock_fd, None
+                os.close(fd)  # releases the flock
+        log.info("store_closed", path=str(self._path), queued=self._mirror.queued)
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        """False after a failed commit (or once the writer stopped) until a commit succeeds."""
+        return self._writer.writable and not self._closed
+
+    @property
+    def writer_task(self) -> asyncio.Task[None]:
+        """The writer task. It ends only in ``close()``; if it ends otherwise (an unexpected
+        exception, which it carries), the store can no longer write: stop the service."""
+        assert self._writer_task is not None
+        return self._writer_task
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether the writer is in the middle of a transaction."""
+        return self._writer.in_transaction
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed (submits, settles, maintenance; probes not counted)."""
+        return self._writer.commits
+
+    @property
+    def probes(self) -> int:
+        """Probe transactions finished (failed or not) while not ``writable``."""
+        return self._writer.probes
+
+    @property
+    def stats(self) -> StoreStats:
+        """What the store did since it opened, for ``/metrics``."""
+        return self._mirror.stats
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def budget(self) -> DiskBudget:
+        """How ``max_queue_bytes`` is shared between the files of the data directory."""
+        return self._space.budget
+
+    @property
+    def full(self) -> bool:
+        """Whether new events are refused for want of room in the disk budget."""
+        return self._space.full
+
+    def disk(self) -> DiskUsage:
+        """The data directory against the disk budget (a few ``stat`` calls, no I/O wait)."""
+        return DiskUsage(
+            bytes=data_dir_bytes(self._data_dir),
+            max_bytes=self._space.budget.max_bytes,
+            full=self._space.full,
+            dead_letters=self._mirror.dead_stored,
+            dead_letter_bytes=self._mirror.dead_letter_disk_bytes(),
+        )
+
+    def database_bytes(self) -> int:
+        """Bytes of the database file and its WAL (two ``stat`` calls, no I/O wait)."""
+        total = 0
+        for p in (self._path, self._path.with_name(self._path.name + "-wal")):
+            with contextlib.suppress(OSError):
+                total += p.stat().st_size
+        return total
+
+    def counts(self) -> Counts:
+        """The committed counts (in memory, no I/O)."""
+        return self._mirror.counts()
+
+    def rates(self) -> dict[str, float | None]:
+        """Events a second over about the last minute (received, delivered, dead-lettered);
+        ``None`` until two samples a second apart exist."""
+        return self._mirror.rates()
+
+    def _warn_if_budget_short(self) -> None:
+        budget = self._space.budget
+        problem = budget.problem()
+        if problem is not None:
+            log.error(
+                "disk_budget_too_small",
+                problem=problem,
+                other_files_bytes=budget.other_bytes,
+                action="raise max_queue_bytes, or remove what else is in the data directory "
+                "(salvage, then delete, moved-aside databases)",
+            )
+        elif self._space.full:
+            log.warning(
+                "disk_budget_full",
+                max_queue_bytes=budget.max_bytes,
+                database_in_use=self._space.used,
+                dead_letter_bytes=self._mirror.dead_letter_disk_bytes(),
+            )
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def submit(self, events: Sequence[NewEvent]) -> list[Accepted]:
+        """Make ``events`` durable, all or nothing; one ``Accepted`` per event, same order.
+
+        Returns after the commit. Raises ``IdempotencyConflictError`` (a key reused with a
+        different body), ``QueueFullError`` or ``StoreError``; then nothing was stored.
+        """
+        if not events:
+            return []
+        return await self._submit_future(events)
+
+    def submit_soon(self, events: Sequence[NewEvent]) -> asyncio.Future[list[Accepted]]:
+        """What ``submit`` does, without a task: the future resolves after the commit (or
+        with the same errors). For callers that submit many at once (the ingest workers'
+        channel); raises ``StoreError`` at once if the store is closing or stopped."""
+        return self._submit_future(events)
+
+    def _submit_future(
+        self, events: Sequence[NewEvent], *, all_keys: bool = False
+    ) -> asyncio.Future[list[Accepted]]:
+        future: asyncio.Future[list[Accepted]] = self._loop_future()
+        if events:
+            self._writer.enqueue(Submit(events, future, all_keys))
+        else:
+            future.set_result([])
+        return future
+
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        """Record the outcome of sending leased events, in one transaction. A settlement
+        for an event no longer queued is ignored."""
+        if not settlements:
+            return
+        future: asyncio.Future[None] = self._loop_future()
+        self._writer.enqueue(Settle(settlements, future))
+        await future
+
+    async def prune(self) -> int:
+        """Forget the idempotency keys older than the de-dup window whose events left the
+        queue, then give free pages back to the file system. Returns the keys deleted."""
+        total = 0
+        while True:
+            n = await self._maintain(self._clock() - self._window_s)
+            total += n
+            if n < PRUNE_CHUNK:
+                break
+        await self._maintain(None)
+        if total:
+            log.info("keys_pruned", n=total)
+        return total
+
+    async def _maintain(self, cutoff: float | None) -> int:
+        future: asyncio.Future[int] = self._loop_future()
+        self._writer.enqueue(Prune(cutoff, future))
+        return await future
+
+    async def requeue_dead_letters(self, flt: DeadLetterFilter, limit: int) -> int:
+        """Move up to ``limit`` matching dead letters back to the queue, with their original
+        id and idempotency key; returns how many. Each transaction moves a bounded number
+        of bytes (the disk budget's bound on the WAL); raises ``QueueFullError`` when not
+        even the first would fit (nothing moved), or returns what moved before one did not."""
+        return await self._change_dead_letters(Requeue, flt, limit)
+
+    async def purge_dead_letters(self, flt: DeadLetterFilter, limit: int) -> int:
+        """Delete up to ``limit`` matching dead letters; returns how many. The counts (and
+        the ledger) still count them as dead-lettered: only the stored events go."""
+        return await self._change_dead_letters(Purge, flt, limit)
+
+    async def _change_dead_letters(
+        self, kind: type[Requeue | Purge], flt: DeadLetterFilter, limit: int
+    ) -> int:
+        done = 0
+        while done < limit:
+            future: asyncio.Future[int] = self._loop_future()
+            self._writer.enqueue(kind(flt, limit - done, future))
+            try:
+                n = await future
+            except QueueFullError:
+                if done:
+                    break
+                raise
+            if n == 0:
+                break
+            done += n
+        return done
+
+    async def import_events(self, events: Sequence[NewEvent]) -> ImportResult:
+        """Queue events that keep their id, key and receipt time (``salvage``). An event
+        whose key is known with the same body is a duplicate (not stored again); with a
+        different body, a conflict (skipped). Raises ``QueueFullError``/``StoreError``."""
+        try:
+            accepted = await self._submit_future(events, all_keys=True) if events else []
+        except IdempotencyConflictError:
+            # One at a time decides which ones conflict; they still share group commits.
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [tg.create_task(self._import_one(e)) for e in events]
+            except ExceptionGroup as group:
+                raise group.exceptions[0] from group
+            outcomes = [t.result() for t in tasks]
+        else:
+            outcomes = ["duplicate" if a.duplicate else "imported" for a in accepted]
+        result = ImportResult(
+            imported=outcomes.count("imported"),
+            duplicates=outcomes.count("duplicate"),
+            conflicts=outcomes.count("conflict"),
+        )
+        self.stats.salvaged += result.imported
+        return result
+
+    async def _import_one(self, event: NewEvent) -> str:
+        try:
+            (accepted,) = await self._submit_future([event], all_keys=True)
+        except IdempotencyConflictError:
+            return "conflict"
+        return "duplicate" if accepted.duplicate else "imported"
+
+    def _loop_future(self) -> asyncio.Future[Any]:
+        if self._closing:
+            raise StoreError("the store is closing")
+        if self._writer.failure is not None:
+            raise StoreError(f"the store's writer stopped: {self._writer.failure!r}")
+        return asyncio.get_running_loop().create_future()
+
+    @property
+    def writer_connection(self) -> SqliteThread:
+        """The writer's connection: a seam for tests and benchmarks, which run statements
+        on it between transactions (a full disk is ``PRAGMA max_page_count``) or close it
+        (the writer's next call then fails unexpectedly). The sidecar never uses it."""
+        return self._writer.conn
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def lease(self, limit: int, exclude: Collection[int]) -> list[QueuedEvent]:
+        """Up to ``limit`` due events, oldest first, skipping the seqs in ``exclude``.
+
+        Nothing is marked in the database: an event leased when the process dies is still
+        queued at restart and is sent again with the same key.
+        """
+        if limit <= 0:
+            return []
+        params = (self._clock(), limit + len(exclude))
+
+        def run(db: sqlite3.Connection) -> list[QueuedEvent]:
+            out: list[QueuedEvent] = []
+            for r in db.execute(LEASE, params):
+                if r[0] in exclude:
+                    continue
+                out.append(QueuedEvent(*r))
+                if len(out) == limit:
+                    break
+            return out
+
+        return await self._reader.call(run)
+
+    async def next_due_at(self, exclude: Collection[int]) -> float | None:
+        """The earliest ``next_attempt_at`` of the queued events not in ``exclude``."""
+        rows = await self._reader.fetchall(
+            "SELECT seq, next_attempt_at FROM events ORDER BY next_attempt_at LIMIT ?",
+            (len(exclude) + 1,),
+        )
+        for seq, due in rows:
+            if seq not in exclude:
+                return float(due)
+        return None
+
+    async def wait_for_events(self) -> None:
+        """Return once a commit added events since the previous call returned."""
+        await self._writer.new_events.wait()
+        self._writer.new_events.clear()
+
+    async def dead_letters(
+        self, limit: int = 100, flt: DeadLetterFilter | None = None
+    ) -> list[DeadLetterRecord]:
+        """Up to ``limit`` dead letters that match ``flt``, oldest event first."""
+        sql, params = dead_letters_query(flt or DeadLetterFilter(), limit)
+        return [DeadLetterRecord(*r) for r in await self._reader.fetchall(sql, params)]
+
+    async def count_dead_letters(self, flt: DeadLetterFilter) -> int:
+        """How many stored dead letters match ``flt``."""
+        where, params = dead_letter_where(flt)
+        return int((await self._reader.fetchall(COUNT_DEAD + where, params))[0][0])
+
+    async def dead_letter_summary(self) -> list[dict[str, Any]]:
+        """Stored dead letters by reason: count, first and last ``dead_at``."""
+        return [_summary_row(r) for r in await self._reader.fetchall(SUMMARY)]
+
+    async def ledger(
+        self, agent_key: str | None = None, since: str | None = None, until: str | None = None
+    ) -> list[LedgerRow]:
+        """The ledger lines, filtered by agent key and UTC day (``YYYY-MM-DD``, inclusive)."""
+        sql, params = ledger_query(agent_key, since, until)
+        return [LedgerRow(*r) for r in await self._reader.fetchall(sql, params)]
+
+    async def _run_pruner(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.prune()
+            except StoreError as exc:
+                log.error("prune_failed", error=str(exc))
+            except Exception as exc:  # a bug in one prune must not end pruning; logged
+                log.error("prune_crashed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+
+def _setup_reader(db: sqlite3.Connection) -> None:
+    for pragma in (f"busy_timeout = {BUSY_TIMEOUT_MS}", "query_only = ON"):
+        db.execute(f"PRAGMA {pragma}")

@@ -1,0 +1,260 @@
+"""The SQL statements of the store, and the rows they read as records.
+
+Statements are constants with their values bound; the column lists of a ``SELECT`` that
+reads a record are derived from the record's fields, in their order, so a row is never
+read by position by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Final
+
+import msgspec
+
+from ..events import NewEvent
+from .records import DeadLetterFilter, DeadLetterRecord, LedgerRow, QueuedEvent
+
+
+def record_fields(record: type) -> tuple[str, ...]:
+    """The field names of a record type (a msgspec ``Struct`` or a dataclass), in order."""
+    names: tuple[str, ...] | None = getattr(record, "__struct_fields__", None)
+    if names is None:
+        names = tuple(f.name for f in dataclasses.fields(record))
+    return names
+
+
+def columns(record: type, **expressions: str) -> str:
+    """The ``SELECT`` list that reads ``record``: its fields in order, each the column of
+    its name or the SQL expression given for it."""
+    return ", ".join(expressions.get(name, name) for name in record_fields(record))
+
+
+#: When a key's de-dup window starts: the later of its event's receipt and settling.
+REMEMBERED_SINCE: Final = "max(received_at, coalesce(settled_at, 0))"
+#: A key row remembered for a day by every event is about a fifth smaller when it does
+#: not repeat what it can derive: its ``id`` is ``''`` when it is the key itself (a key
+#: the sidecar made), its ``created_at`` ``''`` when this formatting of ``received_at``
+#: gives it (compared as stored, so a formatting that differs is kept as it is).
+CREATED_FROM_RECEIVED: Final = "strftime('%Y-%m-%dT%H:%M:%fZ', {received_at}, 'unixepoch')"
+KEY_ID: Final = "coalesce(nullif(id, ''), idem_key)"
+KEY_CREATED_AT: Final = "coalesce(nullif(created_at, ''), {})".format(
+    CREATED_FROM_RECEIVED.format(received_at="received_at")
+)
+SELECT_KEYS: Final = (
+    f"SELECT idem_key, {KEY_ID}, fingerprint, {KEY_CREATED_AT}, {REMEMBERED_SINCE}, state"  # noqa: S608 - constant SQL; values are bound
+    " FROM keys WHERE idem_key IN (SELECT value FROM json_each(?))"
+)
+#: A ledger row's deltas are added to the row of the same key and day.
+LEDGER_ADD: Final = (
+    " ON CONFLICT (agent_key, kind, event_type, day) DO UPDATE SET"
+    " received = received + excluded.received, delivered = delivered + excluded.delivered,"
+    " dead_lettered = dead_lettered + excluded.dead_lettered,"
+    " received_value = received_value + excluded.received_value,"
+    " delivered_value = delivered_value + excluded.delivered_value,"
+    " dead_lettered_value = dead_lettered_value + excluded.dead_lettered_value"
+)
+UPSERT_LEDGER: Final = (
+    "INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered, dead_lettered,"  # noqa: S608 - constant SQL; values are bound
+    " received_value, delivered_value, dead_lettered_value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    + LEDGER_ADD
+)
+#: What one group transaction writes besides its settlements (new events, their keys, the
+#: ledger and the counters) goes through ONE multi-row INSERT into this TEMP view, whose
+#: INSTEAD OF triggers do the writes row by row. Python's sqlite3 releases the GIL around
+#: every step and reset and must win it back from the busy event loop each time (under
+#: load 1-3 ms each); one statement per group, run in autocommit so that its own step also
+#: commits (and fsyncs), makes that 2 times instead of about 10. ``op`` selects the row's
+#: kind: 0 an event (and its key), 1 a ledger delta, 2 the counters.
+#: The fields of a ``NewEvent`` in the order they are bound (all of them: a field added
+#: to ``NewEvent`` is a column of the view, and a test checks that the trigger stores it).
+NEW_EVENT_FIELDS: Final = record_fields(NewEvent)
+GROUP_WRITE_COLUMNS: Final = (
+    "op",
+    "seq",
+    "size",
+    *NEW_EVENT_FIELDS,
+    "day",
+    "received",
+    "delivered",
+    "dead_lettered",
+    "received_value",
+    "delivered_value",
+    "dead_lettered_value",
+    "duplicates",
+)
+GROUP_WRITE_NCOL: Final = len(GROUP_WRITE_COLUMNS)
+GROUP_WRITE_DDL: Final = (
+    "CREATE TEMP VIEW IF NOT EXISTS group_write AS SELECT "  # noqa: S608 - constant SQL
+    + ", ".join(f"NULL AS {c}" for c in GROUP_WRITE_COLUMNS)
+    + """;
+    CREATE TEMP TRIGGER IF NOT EXISTS group_write_event INSTEAD OF INSERT ON group_write
+    WHEN NEW.op = 0 BEGIN
+        INSERT OR REPLACE INTO keys (idem_key, id, fingerprint, created_at, received_at, state)
+            VALUES (NEW.idem_key, CASE WHEN NEW.id = NEW.idem_key THEN '' ELSE NEW.id END,
+                    NEW.fingerprint,
+                    CASE WHEN NEW.created_at = """
+    + CREATED_FROM_RECEIVED.format(received_at="NEW.received_at")
+    + """ THEN ''
+                         ELSE NEW.created_at END,
+                    NEW.received_at, 0);
+        INSERT INTO events (seq, id, idem_key, kind, body, size, agent_key, event_type, value,
+                            received_at, created_at)
+            VALUES (NEW.seq, NEW.id, NEW.idem_key, NEW.kind, NEW.body, NEW.size, NEW.agent_key,
+                    NEW.event_type, NEW.value, NEW.received_at, NEW.created_at);
+    END;
+    CREATE TEMP TRIGGER IF NOT EXISTS group_write_ledger INSTEAD OF INSERT ON group_write
+    WHEN NEW.op = 1 BEGIN
+        INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered,
+                            dead_lettered, received_value, delivered_value, dead_lettered_value)
+            VALUES (NEW.agent_key, NEW.kind, NEW.event_type, NEW.day, NEW.received,
+                    NEW.delivered, NEW.dead_lettered, NEW.received_value, NEW.delivered_value,
+                    NEW.dead_lettered_value)
+            """
+    + LEDGER_ADD
+    + """;
+    END;
+    CREATE TEMP TRIGGER IF NOT EXISTS group_write_counters INSTEAD OF INSERT ON group_write
+    WHEN NEW.op = 2 BEGIN
+        UPDATE counters SET value = value + CASE name WHEN 'received' THEN NEW.received
+            WHEN 'delivered' THEN NEW.delivered WHEN 'dead_lettered' THEN NEW.dead_lettered
+            WHEN 'duplicates' THEN NEW.duplicates ELSE 0 END;
+    END;
+    """
+)
+GROUP_WRITE_HEAD: Final = f"INSERT INTO group_write ({', '.join(GROUP_WRITE_COLUMNS)}) VALUES "  # noqa: S608 - constant SQL
+GROUP_WRITE_ROW: Final = "(" + ", ".join("?" * GROUP_WRITE_NCOL) + ")"
+SELECT_SETTLED: Final = (
+    "SELECT seq, idem_key, size, agent_key, kind, event_type, value,"
+    " strftime('%Y-%m-%d', received_at, 'unixepoch') FROM events"
+    " WHERE seq IN (SELECT value FROM json_each(?))"
+)
+BUMP_COUNTER: Final = "UPDATE counters SET value = value + ? WHERE name = ?"
+BUMP_OPERATOR: Final = "UPDATE operator_counters SET value = value + ? WHERE name = ?"
+DL_COLUMNS: Final = columns(DeadLetterRecord)
+DL_REQUEUE_COLUMNS: Final = (
+    "seq, id, idem_key, kind, body, agent_key, event_type, value, received_at, created_at,"
+    " strftime('%Y-%m-%d', received_at, 'unixepoch')"
+)
+INSERT_REQUEUED: Final = (
+    "INSERT INTO events (seq, id, idem_key, kind, body, size, agent_key, event_type, value,"
+    " received_at, created_at, requeued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+#: The key of a re-queued dead letter is queued again (never expires while queued); a
+#: pruned key row comes back without a fingerprint (a client retry with it gets a 409).
+REQUEUE_KEY: Final = (
+    "INSERT INTO keys (idem_key, id, fingerprint, created_at, received_at, state)"  # noqa: S608 - constant SQL; values are bound
+    " VALUES (?, ?, x'', ?, ?, 0)"
+    " ON CONFLICT (idem_key) DO UPDATE SET state = 0, settled_at = NULL"
+    f" WHERE {KEY_ID} = excluded.id"
+)
+LEDGER_COLUMNS: Final = columns(LedgerRow)
+COUNT_DEAD: Final = "SELECT count(*) FROM dead_letters WHERE "
+SUMMARY: Final = (
+    "SELECT reason, count(*), min(dead_at), max(dead_at) FROM dead_letters"
+    " GROUP BY reason ORDER BY reason"
+)
+INSERT_DEAD: Final = (
+    "INSERT OR REPLACE INTO dead_letters (seq, id, idem_key, kind, body, agent_key, event_type,"
+    " value, received_at, created_at, dead_at, reason, status, detail, attempts)"
+    " SELECT seq, id, idem_key, kind, body, agent_key, event_type, value, received_at,"
+    " created_at, ?, ?, ?, ?, attempts + 1 FROM events WHERE seq = ?"
+)
+RETRY: Final = (
+    "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE seq = ?"
+)
+DELETE_EVENTS: Final = "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))"
+DELETE_EVENT: Final = "DELETE FROM events WHERE seq = ?"
+SETTLE_KEYS: Final = (
+    "UPDATE keys SET state = ?, settled_at = ? WHERE idem_key IN (SELECT value FROM json_each(?))"
+)
+#: The age of a re-queued dead letter counts from its re-queueing.
+AGE_FROM: Final = "max(received_at, coalesce(requeued_at, 0))"
+OLDEST: Final = f"SELECT seq, {AGE_FROM} FROM events ORDER BY seq LIMIT 1"  # noqa: S608 - constant SQL; values are bound
+#: Due events, oldest first, as ``QueuedEvent``s (the age from ``AGE_FROM``).
+LEASE: Final = (
+    f"SELECT {columns(QueuedEvent, received_at=AGE_FROM)} FROM events"  # noqa: S608 - constant SQL; values are bound
+    " WHERE next_attempt_at <= ? ORDER BY seq LIMIT ?"
+)
+PRUNE: Final = (
+    "DELETE FROM keys WHERE idem_key IN (SELECT idem_key FROM keys"  # noqa: S608 - constant SQL; values are bound
+    f" WHERE state != 0 AND {REMEMBERED_SINCE} < ? LIMIT ?)"
+)
+#: Needs free pages (as a submit does) and leaves nothing behind.
+PROBE: Final = (
+    "BEGIN IMMEDIATE; INSERT INTO counters (name, value) VALUES ('probe', zeroblob(65536));"
+    " DELETE FROM counters WHERE name = 'probe'; COMMIT;"
+)
+
+MEASURE: Final = (
+    "SELECT page_count, freelist_count FROM pragma_page_count(), pragma_freelist_count()"
+)
+
+JSON: Final = msgspec.json.Encoder()
+
+
+#: A key row's id and ``created_at`` as written, filled in where the row leaves out what
+#: it can derive (``KEY_ID``, ``KEY_CREATED_AT``): a file of any schema version reads
+#: the same.
+KEY_COLUMNS: Final = (
+    f"CAST(idem_key AS BLOB), CAST({KEY_ID} AS BLOB), fingerprint, received_at,"
+    f" CAST({KEY_CREATED_AT} AS BLOB)"
+)
+
+
+#: Text columns as stored bytes: damaged text is then a value to judge, not a decode error.
+SALVAGE_COLUMNS: Final = (
+    "seq, CAST(id AS BLOB), CAST(idem_key AS BLOB), CAST(kind AS BLOB), body,"
+    " CAST(agent_key AS BLOB), CAST(event_type AS BLOB), value, received_at,"
+    " CAST(created_at AS BLOB)"
+)
+
+
+def dead_letter_where(flt: DeadLetterFilter) -> tuple[str, list[Any]]:
+    """The ``WHERE`` clause that selects the dead letters ``flt`` matches, and its values."""
+    clauses = ["seq > ?"]
+    params: list[Any] = [flt.after_seq]
+    if flt.reason is not None:
+        clauses.append("reason = ?")
+        params.append(flt.reason)
+    if flt.agent_key is not None:
+        clauses.append("agent_key = ?")
+        params.append(flt.agent_key)
+    if flt.dead_before is not None:
+        clauses.append("dead_at < ?")
+        params.append(flt.dead_before)
+    if flt.dead_after is not None:
+        clauses.append("dead_at >= ?")
+        params.append(flt.dead_after)
+    if flt.ids is not None:
+        clauses.append("id IN (SELECT value FROM json_each(?))")
+        params.append(JSON.encode(list(flt.ids)).decode())
+    return " AND ".join(clauses), params
+
+
+def dead_letters_query(flt: DeadLetterFilter, limit: int) -> tuple[str, list[Any]]:
+    where, params = dead_letter_where(flt)
+    return (
+        f"SELECT {DL_COLUMNS} FROM dead_letters WHERE {where} ORDER BY seq LIMIT ?",  # noqa: S608 - constant SQL; values are bound
+        [*params, limit],
+    )
+
+
+def summary_row(r: Any) -> dict[str, Any]:
+    return {"reason": r[0], "count": r[1], "first_dead_at": r[2], "last_dead_at": r[3]}
+
+
+def ledger_query(
+    agent_key: str | None, since: str | None, until: str | None
+) -> tuple[str, list[Any]]:
+    clauses = ["1"]
+    params: list[Any] = []
+    for clause, value in (("agent_key = ?", agent_key), ("day >= ?", since), ("day <= ?", until)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return (
+        f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE {' AND '.join(clauses)}"  # noqa: S608 - constant SQL; values are bound
+        " ORDER BY day, agent_key, kind, event_type",
+        params,
+    )

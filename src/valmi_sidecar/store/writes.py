@@ -1,0 +1,644 @@
+"""What one writer transaction does, on the writer's thread, and the plan it returns.
+
+Every function here takes the writer's ``sqlite3.Connection`` and runs on its thread, in
+one trip from the event loop. Nothing here touches the event loop or the store: what a
+transaction changed comes back as a ``Plan`` that the writer applies, after ``COMMIT``,
+to the mirror of the committed state (``mirror.Mirror``) and the disk (``space.Space``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import operator
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+
+from ..disk import DEAD_LETTER_OVERHEAD_BYTES, event_disk_bytes
+from ..events import NewEvent
+from .records import (
+    DEAD,
+    DELIVERED,
+    QUEUED,
+    Accepted,
+    DeadLetterFilter,
+    DeadLetterRecord,
+    Delivered,
+    IdempotencyConflictError,
+    QueueFullError,
+    Retry,
+    Settlement,
+    utc_day,
+)
+from .space import QUEUE_FULL_RETRY_AFTER_S, Space
+from .sql import (
+    BUMP_COUNTER,
+    BUMP_OPERATOR,
+    DELETE_EVENT,
+    DELETE_EVENTS,
+    DL_COLUMNS,
+    GROUP_WRITE_COLUMNS,
+    GROUP_WRITE_HEAD,
+    GROUP_WRITE_NCOL,
+    GROUP_WRITE_ROW,
+    INSERT_DEAD,
+    INSERT_REQUEUED,
+    JSON,
+    KEY_CREATED_AT,
+    KEY_ID,
+    NEW_EVENT_FIELDS,
+    OLDEST,
+    PRUNE,
+    REMEMBERED_SINCE,
+    REQUEUE_KEY,
+    RETRY,
+    SETTLE_KEYS,
+    UPSERT_LEDGER,
+    columns,
+    dead_letter_where,
+)
+
+#: ``keys`` rows deleted per prune transaction (the writer interleaves other work; each
+#: transaction stays within the disk budget's bound on one transaction's WAL).
+PRUNE_CHUNK: Final = 2_000
+#: Free pages released per ``incremental_vacuum`` step, and free pages kept for reuse (at
+#: most; fewer with a small disk budget). Every step goes through the WAL.
+VACUUM_STEP_PAGES: Final = 64
+VACUUM_KEEP_PAGES: Final = 1_024
+#: Rows per group-write INSERT at most (fewer when SQLite binds fewer values): one statement
+#: per size up to it in the statement cache (padding to a few sizes costs more writer CPU
+#: than the cache saves).
+MAX_INSERT_ROWS: Final = 64
+
+
+# -- the operations the writer takes ----------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class Submit:
+    events: Sequence[NewEvent]
+    future: asyncio.Future[list[Accepted]]
+    #: Look up every key, the sidecar's own too: events that come back (salvage) keep
+    #: the keys they were given, and those may be stored already.
+    all_keys: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Settle:
+    settlements: Sequence[Settlement]
+    future: asyncio.Future[None]
+
+
+@dataclass(slots=True, eq=False)
+class Prune:
+    """Maintenance, run alone in the writer: delete up to ``PRUNE_CHUNK`` expired keys
+    (``cutoff`` is a time), or with ``cutoff=None`` release free pages."""
+
+    cutoff: float | None
+    future: asyncio.Future[int]
+
+
+@dataclass(slots=True, eq=False)
+class Requeue:
+    """Operator action, run alone: move up to ``limit`` dead letters back to the queue."""
+
+    filter: DeadLetterFilter
+    limit: int
+    future: asyncio.Future[int]
+
+
+@dataclass(slots=True, eq=False)
+class Purge:
+    """Operator action, run alone: delete up to ``limit`` dead letters (counts stay)."""
+
+    filter: DeadLetterFilter
+    limit: int
+    future: asyncio.Future[int]
+
+
+Op = Submit | Settle | Prune | Requeue | Purge
+#: Operations that run in a transaction of their own.
+SOLO: Final = (Prune, Requeue, Purge)
+
+
+# -- the plan ----------------------------------------------------------------------------
+
+#: ``(agent_key, kind, event_type, day)`` -> ``[received, delivered, dead_lettered,
+#: received_value, delivered_value, dead_lettered_value]``.
+LedgerDelta = dict[tuple[str, str, str, str], list[float]]
+#: Ledger columns.
+_RECEIVED, _DELIVERED, _DEAD = 0, 1, 2
+
+
+class Fail:
+    """A planned failure of one operation (raised to its caller after the commit)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The committed state a transaction starts from (read on the event loop before it)."""
+
+    next_seq: int
+    oldest: tuple[int, float] | None
+    queued: int
+    queued_bytes: int
+    #: The time a re-queue gives its events as the start of their age.
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_events: int
+    dedup_window_s: float
+
+
+@dataclass(slots=True)
+class Plan:
+    """What one transaction changes, applied to the mirror after ``COMMIT``."""
+
+    results: list[tuple[Op, Any]] = field(default_factory=list)
+    received: int = 0
+    queued_bytes: int = 0
+    delivered: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0
+    removed: int = 0
+    removed_bytes: int = 0
+    next_seq: int = 0
+    oldest: tuple[int, float] | None = None
+    oldest_changed: bool = False
+    ledger: LedgerDelta = field(default_factory=dict)
+    events: int = 0
+    received_kinds: dict[str, int] = field(default_factory=dict)
+    delivered_kinds: dict[str, int] = field(default_factory=dict)
+    duplicate_kinds: dict[str, int] = field(default_factory=dict)
+    dead_by: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Body bytes of the events dead-lettered.
+    dead_bytes: int = 0
+    #: Dead letters re-queued (they leave the dead letters for the queue) or purged.
+    requeued: int = 0
+    purged: int = 0
+    #: Body bytes of the dead letters that left (re-queued or purged).
+    dead_removed_bytes: int = 0
+    #: What the accepted events may add to the database (``disk.event_disk_bytes``).
+    disk_added: int = 0
+    #: Bytes of the database in use, when measured during this group (before its writes).
+    disk_measured: int | None = None
+    #: Whether new events are refused for want of room, when this group decided it.
+    disk_full: bool | None = None
+    #: Bytes of the database in use after the commit, when measured (room freed).
+    disk_after: int | None = None
+
+
+def _bump(
+    delta: LedgerDelta,
+    key: tuple[str, str, str, str],
+    col: int,
+    value: float | None,
+    sign: int = 1,
+) -> None:
+    row = delta.get(key)
+    if row is None:
+        row = delta[key] = [0, 0, 0, 0.0, 0.0, 0.0]
+    row[col] += sign
+    if value is not None:
+        row[col + 3] += sign * value
+
+
+def _count(counts: dict[Any, int], key: Any, n: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + n
+
+
+# -- the rows a transaction reads ----------------------------------------------------------
+
+
+class _KnownKey(msgspec.Struct, frozen=True):
+    """A stored key, as the de-duplication of new events needs it."""
+
+    idem_key: str
+    id: str
+    fingerprint: bytes
+    created_at: str
+    since: float
+    state: int
+
+
+class _Settled(msgspec.Struct, frozen=True):
+    """A queued event, as settling it needs it."""
+
+    seq: int
+    idem_key: str
+    size: int
+    agent_key: str
+    kind: str
+    event_type: str
+    value: float | None
+    day: str
+
+
+_SELECT_KEYS: Final = (
+    f"SELECT {columns(_KnownKey, id=KEY_ID, created_at=KEY_CREATED_AT, since=REMEMBERED_SINCE)}"  # noqa: S608 - constant SQL; values are bound
+    " FROM keys WHERE idem_key IN (SELECT value FROM json_each(?))"
+)
+_DAY_OF_RECEIPT: Final = "strftime('%Y-%m-%d', received_at, 'unixepoch')"
+_SELECT_SETTLED: Final = (
+    f"SELECT {columns(_Settled, day=_DAY_OF_RECEIPT)} FROM events"  # noqa: S608 - constant SQL; values are bound
+    " WHERE seq IN (SELECT value FROM json_each(?))"
+)
+
+
+def _records(
+    db: sqlite3.Connection, factory: Callable[..., Any], sql: str, params: Sequence[Any]
+) -> list[Any]:
+    return [factory(*r) for r in db.execute(sql, params)]
+
+
+# -- submits and settlements: one group transaction ---------------------------------------
+
+
+class GroupWriter:
+    """Writes one group of submissions and settlements and commits (writer thread)."""
+
+    def __init__(self, limits: Limits, space: Space, clock: Callable[[], float]) -> None:
+        self._limits = limits
+        self._space = space
+        self._clock = clock
+
+    def write(self, group: list[Op], start: Snapshot, db: sqlite3.Connection) -> Plan:
+        """Run the statements of one group and commit; return what they changed."""
+        plan = Plan(next_seq=start.next_seq, oldest=start.oldest)
+        submits = [op for op in group if isinstance(op, Submit)]
+        settles = [op for op in group if isinstance(op, Settle)]
+        event_rows: list[tuple[Any, ...]] = []
+        if submits:
+            # Only a client's own key can be stored already: a key the sidecar made is the
+            # event's new id (time plus 64 random bits), so looking it up finds nothing;
+            # unless the event comes back (salvage) with the key it was given then.
+            keys = [
+                e.idem_key for op in submits for e in op.events if op.all_keys or e.idem_key != e.id
+            ]
+            known: dict[str, _KnownKey] = {}
+            if keys:
+                rows = _records(db, _KnownKey, _SELECT_KEYS, (JSON.encode(keys).decode(),))
+                known = {r.idem_key: r for r in rows}
+            if self._space.wal_over:  # the last checkpoint could not finish: try again first
+                self._space.checkpoint_if_big(db)
+            self._plan_submits(db, submits, start, plan, event_rows=event_rows, known=known)
+        for op in settles:
+            plan.results.append((op, None))
+        if settles:
+            _write_settles(db, settles, plan, self._clock())
+        # After the settlements, which may have removed every older event: the new events
+        # are written last, so they are the oldest only when nothing older is left.
+        if event_rows and plan.oldest is None:
+            plan.oldest = (event_rows[0][1], event_rows[0][_RECEIVED_AT])
+            plan.oldest_changed = True
+        _write_and_commit(db, _group_write_rows(event_rows, plan))
+        # Committed: from here on nothing may fail the group's operations.
+        try:
+            self._space.checkpoint_if_big(db)
+            if plan.removed and (self._space.full or plan.disk_full):
+                plan.disk_after = self._space.measure(db)  # room again for new events?
+        except sqlite3.Error as exc:
+            self._space.checkpoint_failed(exc)
+        return plan
+
+    def _plan_submits(
+        self,
+        db: sqlite3.Connection,
+        submits: list[Submit],
+        start: Snapshot,
+        plan: Plan,
+        *,
+        event_rows: list[tuple[Any, ...]],
+        known: dict[str, _KnownKey],
+    ) -> None:
+        cutoff = self._clock() - self._limits.dedup_window_s
+        # Keys stored by earlier submissions of this group: key -> (id, fingerprint, created_at).
+        group_keys: dict[str, tuple[str, bytes, str]] = {}
+        queued, queued_bytes, seq = start.queued, start.queued_bytes, plan.next_seq
+        for op in submits:
+            outcome = _dedupe(op.events, group_keys, known, cutoff)
+            if isinstance(outcome, Fail):
+                plan.results.append((op, outcome))
+                continue
+            accepted, mine, new, dups = outcome
+            failure = self._refusal(db, plan, new, queued) if new else None
+            if failure is not None:
+                plan.results.append((op, Fail(failure)))
+                continue
+            group_keys.update(mine)
+            queued += len(new)
+            queued_bytes += sum(len(e.body) for e in new)
+            plan.duplicates += len(dups)
+            plan.events += len(op.events)
+            for kind in dups:
+                _count(plan.duplicate_kinds, kind)
+            for e in new:
+                _count(plan.received_kinds, e.kind)
+                day = utc_day(e.received_at)
+                _bump(plan.ledger, (e.agent_key, e.kind, e.event_type, day), _RECEIVED, e.value)
+                event_rows.append((0, seq, len(e.body), *_event_values(e)))
+                seq += 1
+            plan.results.append((op, accepted))
+        plan.received = queued - start.queued
+        plan.queued_bytes = queued_bytes - start.queued_bytes
+        plan.next_seq = seq
+
+    def _refusal(
+        self, db: sqlite3.Connection, plan: Plan, new: list[NewEvent], queued: int
+    ) -> QueueFullError | None:
+        max_events = self._limits.max_events
+        if queued + len(new) > max_events:
+            return QueueFullError(
+                f"{queued} events queued, limit max_queue_events={max_events}",
+                QUEUE_FULL_RETRY_AFTER_S,
+            )
+        return self._space.room_for(db, plan, sum(event_disk_bytes(len(e.body)) for e in new))
+
+
+_Dedupe = tuple[list[Accepted], dict[str, tuple[str, bytes, str]], list[NewEvent], list[str]]
+
+
+def _dedupe(
+    events: Sequence[NewEvent],
+    group_keys: dict[str, tuple[str, bytes, str]],
+    known: dict[str, _KnownKey],
+    cutoff: float,
+) -> _Dedupe | Fail:
+    """One submission against the keys known: what it adds, what repeats an event stored
+    before (a duplicate), or the conflict (a key reused with another body)."""
+    accepted: list[Accepted] = []
+    mine: dict[str, tuple[str, bytes, str]] = {}
+    new: list[NewEvent] = []
+    dups: list[str] = []
+    for e in events:
+        k = e.idem_key
+        prior = mine.get(k) or group_keys.get(k)
+        if prior is None and k in known:
+            row = known[k]
+            if row.state == QUEUED or row.since >= cutoff:
+                prior = (row.id, row.fingerprint, row.created_at)
+        if prior is None:
+            mine[k] = (e.id, e.fingerprint, e.created_at)
+            new.append(e)
+            accepted.append(Accepted(e.id, e.created_at, duplicate=False))
+        elif prior[1] == e.fingerprint:
+            dups.append(e.kind)
+            accepted.append(Accepted(prior[0], prior[2], duplicate=True))
+        else:
+            return Fail(IdempotencyConflictError(k))
+    return accepted, mine, new, dups
+
+
+#: A new event's values in ``GROUP_WRITE_COLUMNS`` order, after ``op``, ``seq`` and ``size``.
+_event_values: Final = operator.attrgetter(*NEW_EVENT_FIELDS)
+_RECEIVED_AT: Final = GROUP_WRITE_COLUMNS.index("received_at")
+_GROUP_WRITE_INDEX: Final = {name: i for i, name in enumerate(GROUP_WRITE_COLUMNS)}
+_EVENT_ROW_TAIL: Final = (None,) * (GROUP_WRITE_NCOL - 3 - len(NEW_EVENT_FIELDS))
+
+
+def _group_write_row(op: int, **values: Any) -> tuple[Any, ...]:
+    """One row of the group-write INSERT: ``op`` and the named columns, NULL elsewhere."""
+    row: list[Any] = [None] * GROUP_WRITE_NCOL
+    row[0] = op
+    for name, value in values.items():
+        row[_GROUP_WRITE_INDEX[name]] = value
+    return tuple(row)
+
+
+def _group_write_rows(event_rows: list[tuple[Any, ...]], plan: Plan) -> list[tuple[Any, ...]]:
+    """The rows of the group-write INSERT: events (op 0), ledger deltas (1), counters (2)."""
+    rows: list[tuple[Any, ...]] = [(*r, *_EVENT_ROW_TAIL) for r in event_rows]
+    for (agent_key, kind, event_type, day), d in plan.ledger.items():
+        rows.append(
+            _group_write_row(
+                1,
+                agent_key=agent_key,
+                kind=kind,
+                event_type=event_type,
+                day=day,
+                received=int(d[0]),
+                delivered=int(d[1]),
+                dead_lettered=int(d[2]),
+                received_value=d[3],
+                delivered_value=d[4],
+                dead_lettered_value=d[5],
+            )
+        )
+    if plan.received or plan.delivered or plan.dead_lettered or plan.duplicates:
+        rows.append(
+            _group_write_row(
+                2,
+                received=plan.received,
+                delivered=plan.delivered,
+                dead_lettered=plan.dead_lettered,
+                duplicates=plan.duplicates,
+            )
+        )
+    return rows
+
+
+@functools.cache
+def _values_sql(n: int) -> str:
+    return GROUP_WRITE_HEAD + ", ".join([GROUP_WRITE_ROW] * n)
+
+
+def _write_and_commit(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Write ``rows`` through the group-write view and commit the transaction.
+
+    With no transaction open (no settlements in the group) and rows for one statement,
+    that statement runs in autocommit: its own step writes, commits and fsyncs (same
+    durability: ``synchronous`` applies to every commit), with one GIL round trip.
+    """
+    limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // GROUP_WRITE_NCOL
+    per = max(1, min(MAX_INSERT_ROWS, limit))
+    if rows and len(rows) <= per and not db.in_transaction:
+        isolation = db.isolation_level
+        db.isolation_level = None  # no implicit BEGIN: the one INSERT is the transaction
+        try:
+            db.execute(_values_sql(len(rows)), [v for r in rows for v in r])
+        finally:
+            db.isolation_level = isolation
+        return
+    for i in range(0, len(rows), per):
+        chunk = rows[i : i + per]
+        db.execute(_values_sql(len(chunk)), [v for r in chunk for v in r])
+    db.commit()
+
+
+def _write_settles(db: sqlite3.Connection, settles: list[Settle], plan: Plan, now: float) -> None:
+    seqs = [s.seq for op in settles for s in op.settlements]
+    rows = _records(db, _Settled, _SELECT_SETTLED, (JSON.encode(seqs).decode(),))
+    present = {r.seq: r for r in rows}
+    plan.events += len(seqs)
+    dead_rows: list[tuple[Any, ...]] = []
+    retry_rows: list[tuple[Any, ...]] = []
+    deleted: list[int] = []
+    delivered: list[int] = []
+    settled_keys: dict[int, list[str]] = {DELIVERED: [], DEAD: []}
+    for op in settles:
+        for s in op.settlements:
+            found = present.get(s.seq)
+            if found is None:
+                continue  # no longer queued (settled before, or settled twice here)
+            if isinstance(s, Retry):
+                retry_rows.append((s.next_attempt_at, s.error, s.seq))
+                continue
+            del present[s.seq]
+            ledger_key = (found.agent_key, found.kind, found.event_type, found.day)
+            if isinstance(s, Delivered):
+                delivered.append(s.seq)
+                plan.delivered += 1
+                settled_keys[DELIVERED].append(found.idem_key)
+                _bump(plan.ledger, ledger_key, _DELIVERED, found.value)
+                _count(plan.delivered_kinds, found.kind)
+            else:
+                plan.dead_lettered += 1
+                settled_keys[DEAD].append(found.idem_key)
+                dead_rows.append((now, s.reason, s.status, s.detail, s.seq))
+                plan.dead_bytes += found.size
+                _bump(plan.ledger, ledger_key, _DEAD, found.value)
+                _count(plan.dead_by, (found.kind, s.reason))
+            deleted.append(s.seq)
+            plan.removed_bytes += found.size
+    if retry_rows:
+        db.executemany(RETRY, retry_rows)
+    if delivered:
+        # One statement (not one per row): the writer thread takes the GIL back after
+        # every SQLite step, and each time it may have to wait for the loop.
+        db.execute(DELETE_EVENTS, (JSON.encode(delivered).decode(),))
+    for row in dead_rows:
+        # One at a time, after the deliveries: each dead letter reuses the pages the
+        # ones before it freed, so the database grows by one event at most, within the
+        # disk budget's reserve, even when it is full.
+        db.execute(INSERT_DEAD, row)
+        db.execute(DELETE_EVENT, (row[-1],))
+    if deleted:
+        for state, keys in settled_keys.items():
+            if keys:
+                db.execute(SETTLE_KEYS, (state, now, JSON.encode(keys).decode()))
+        plan.removed = len(deleted)
+        if plan.oldest is not None and plan.oldest[0] in deleted:
+            plan.oldest = None
+            for seq, age_from in db.execute(OLDEST):
+                plan.oldest = (int(seq), float(age_from))
+            plan.oldest_changed = True
+
+
+# -- operator actions and maintenance: transactions of their own -----------------------------
+
+
+def _select_dead_letters(
+    db: sqlite3.Connection, flt: DeadLetterFilter, limit: int
+) -> list[DeadLetterRecord]:
+    where, params = dead_letter_where(flt)
+    sql = f"SELECT {DL_COLUMNS} FROM dead_letters WHERE {where} ORDER BY seq LIMIT ?"  # noqa: S608 - constant SQL; values are bound
+    return _records(db, DeadLetterRecord, sql, (*params, limit))
+
+
+def _within_bytes(rows: list[DeadLetterRecord], limit: int) -> list[DeadLetterRecord]:
+    """The first dead letters whose bytes fit in ``limit``; one at least."""
+    total = 0
+    for i, r in enumerate(rows):
+        total += len(r.body) + DEAD_LETTER_OVERHEAD_BYTES
+        if total > limit and i:
+            return rows[:i]
+    return rows
+
+
+def purge(db: sqlite3.Connection, op: Purge, max_bytes: int) -> Plan:
+    """Delete the first dead letters ``op`` selects (at most ``max_bytes`` of them) and
+    commit. The counts and the ledger still count them as dead-lettered."""
+    plan = Plan()
+    rows = _within_bytes(_select_dead_letters(db, op.filter, op.limit), max_bytes)
+    if rows:
+        db.executemany("DELETE FROM dead_letters WHERE seq = ?", [(r.seq,) for r in rows])
+        db.execute(BUMP_OPERATOR, (len(rows), "purged"))
+        db.commit()
+    plan.purged = len(rows)
+    plan.dead_removed_bytes = sum(len(r.body) for r in rows)
+    plan.results.append((op, len(rows)))
+    return plan
+
+
+def requeue(
+    db: sqlite3.Connection,
+    op: Requeue,
+    start: Snapshot,
+    max_bytes: int,
+    refusal: Callable[[sqlite3.Connection, int], QueueFullError | None],
+) -> Plan:
+    """Move the first dead letters ``op`` selects back to the queue and commit.
+
+    A re-queued dead letter keeps its id, idempotency key and receipt time, gets a new
+    place at the end of the queue, and its age restarts (``requeued_at``). It moves from
+    dead-lettered to queued in the counters and in the ledger; received is unchanged, so
+    the counts still reconcile. ``refusal(db, n)`` says whether ``n`` fit."""
+    plan = Plan(next_seq=start.next_seq, oldest=start.oldest)
+    rows = _within_bytes(_select_dead_letters(db, op.filter, op.limit), max_bytes)
+    failure = refusal(db, len(rows)) if rows else None
+    if failure is not None:
+        plan.results.append((op, Fail(failure)))
+        return plan
+    now, seq = start.now, start.next_seq
+    delta: LedgerDelta = {}
+    for r in rows:
+        _bump(
+            delta, (r.agent_key, r.kind, r.event_type, utc_day(r.received_at)), _DEAD, r.value, -1
+        )
+    # Deleted first: the events reuse the pages the dead letters leave.
+    db.executemany("DELETE FROM dead_letters WHERE seq = ?", [(r.seq,) for r in rows])
+    db.executemany(
+        INSERT_REQUEUED,
+        [
+            (seq + i, r.id, r.idem_key, r.kind, r.body, len(r.body), r.agent_key, r.event_type,
+             r.value, r.received_at, r.created_at, now)
+            for i, r in enumerate(rows)
+        ],
+    )  # fmt: skip
+    db.executemany(REQUEUE_KEY, [(r.idem_key, r.id, r.created_at, r.received_at) for r in rows])
+    db.executemany(UPSERT_LEDGER, [(*key, *map(int, d[:3]), *d[3:]) for key, d in delta.items()])
+    db.execute(BUMP_COUNTER, (-len(rows), "dead_lettered"))
+    db.execute(BUMP_OPERATOR, (len(rows), "requeued"))
+    db.commit()
+    n = len(rows)
+    plan.requeued = n
+    plan.dead_removed_bytes = sum(len(r.body) for r in rows)
+    plan.next_seq = seq + n
+    if n and plan.oldest is None:
+        plan.oldest, plan.oldest_changed = (seq, now), True
+    plan.results.append((op, n))
+    return plan
+
+
+def prune_keys(db: sqlite3.Connection, cutoff: float) -> int:
+    """Delete up to ``PRUNE_CHUNK`` keys whose de-dup window ended before ``cutoff``."""
+    n = db.execute(PRUNE, (cutoff, PRUNE_CHUNK)).rowcount
+    db.commit()
+    return n
+
+
+def vacuum(db: sqlite3.Connection, max_pages: int, stopping: Callable[[], bool]) -> int:
+    """Give free pages beyond ``VACUUM_KEEP_PAGES`` back to the file system, in small
+    steps (one big ``incremental_vacuum`` pushes far more pages through the WAL). Returns
+    the pages released. Each step is its own transaction."""
+    free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+    released = 0
+    keep = min(VACUUM_KEEP_PAGES, max_pages // 16)
+    while free - released > keep and not stopping():
+        step = min(VACUUM_STEP_PAGES, free - released - keep)
+        # executescript, not execute: the pragma frees one page per step of the
+        # statement, and sqlite3's execute() steps a column-less statement only once.
+        db.executescript(f"PRAGMA incremental_vacuum({step});")
+        released += step
+    return released
