@@ -113,7 +113,7 @@ async def test_imports_nothing_of_the_service(tmp_path: Path) -> None:
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     code, modules = json.loads(out)
     assert 1 == code
-    heavy = ("aiohttp", "httpx", "structlog", "prometheus_client", "msgspec", "aiosqlite")
+    heavy = ("aiohttp", "httpx", "structlog", "prometheus_client", "msgspec")
     loaded = {m.split(".")[0] for m in modules}
     assert set() == loaded & set(heavy)
     ours = {m for m in modules if m.startswith("valmi_sidecar.")}

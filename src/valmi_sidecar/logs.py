@@ -160,7 +160,6 @@ def set_level(level: str) -> None:
     number = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(number))
     logging.getLogger().setLevel(number)
-    logging.getLogger("aiosqlite").setLevel(max(number, logging.INFO))
 
 
 def _colors() -> bool:
@@ -252,6 +251,3 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(number)
     logging.getLogger("aiohttp.access").setLevel(logging.INFO if access_log else logging.WARNING)
-    # The SQLite driver logs every statement at debug: the sidecar's own debug lines say
-    # what matters (store_checked, commits), so debug stays readable.
-    logging.getLogger("aiosqlite").setLevel(max(number, logging.INFO))
