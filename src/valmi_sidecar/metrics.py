@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -38,6 +37,11 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from .histogram import (
+    UPSTREAM_SECONDS_BUCKETS,
+    Histogram,
+)
 
 if TYPE_CHECKING:
     from .store import Counts, DiskUsage, StoreStats
@@ -63,40 +67,14 @@ REFUSAL_CODES: Final = (
     "shutting_down",
 )
 
-COMMIT_SECONDS_BUCKETS: Final = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-)  # fmt: skip
-COMMIT_EVENTS_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-UPSTREAM_SECONDS_BUCKETS: Final = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-)  # fmt: skip
 
-
-class Histogram:
-    """Fixed buckets; ``observe`` is one bisect and two additions. Event loop only."""
-
-    __slots__ = ("bounds", "buckets", "sum")
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(float(b) for b in bounds)
-        self.buckets = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.buckets[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    @property
-    def count(self) -> int:
-        return sum(self.buckets)
-
-    def family(self, name: str, doc: str) -> HistogramMetricFamily:
-        cumulative: list[tuple[str, float]] = []
-        running = 0
-        for bound, n in zip((*self.bounds, float("inf")), self.buckets, strict=True):
-            running += n
-            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=self.sum)
+def histogram_family(h: Histogram, name: str, doc: str) -> HistogramMetricFamily:
+    cumulative: list[tuple[str, float]] = []
+    running = 0
+    for bound, n in zip((*h.bounds, float("inf")), h.buckets, strict=True):
+        running += n
+        cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=h.sum)
 
 
 @dataclass(slots=True)
@@ -352,18 +330,22 @@ class _Snapshot(Collector):
         for name in STATUS_CLASSES:
             requests.add_metric([name], up.requests.get(name, 0))
         yield requests
-        yield up.duration.family(
-            PREFIX + "upstream_request_duration_seconds", "Upstream request duration."
+        yield histogram_family(
+            up.duration, PREFIX + "upstream_request_duration_seconds", "Upstream request duration."
         )
 
     def _store(self) -> Iterator[Metric]:
         s = self._s
         st = s.store
-        yield st.commit_events.family(
-            PREFIX + "commit_batch_events", "Events (submitted or settled) per group commit."
+        yield histogram_family(
+            st.commit_events,
+            PREFIX + "commit_batch_events",
+            "Events (submitted or settled) per group commit.",
         )
-        yield st.commit_seconds.family(
-            PREFIX + "commit_duration_seconds", "Duration of one group commit transaction."
+        yield histogram_family(
+            st.commit_seconds,
+            PREFIX + "commit_duration_seconds",
+            "Duration of one group commit transaction.",
         )
         yield CounterMetricFamily(
             PREFIX + "commit_failures",

@@ -14,7 +14,7 @@ from typing import Any, Final
 import msgspec
 
 from ..events import Kind, NewEvent, check_idempotency_key
-from ..metrics import COMMIT_EVENTS_BUCKETS, COMMIT_SECONDS_BUCKETS, Histogram
+from ..histogram import COMMIT_EVENTS_BUCKETS, COMMIT_SECONDS_BUCKETS, Histogram
 
 #: ``keys.state``: where the event of a key is.
 QUEUED: Final = 0
