@@ -21,7 +21,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -29,8 +28,9 @@ import structlog
 
 from ..disk import DiskBudget, data_dir_bytes
 from ..events import NewEvent
-from . import files
+from . import files, opening, reads
 from .mirror import Mirror
+from .plan import PRUNE_CHUNK, Limits, Prune, Purge, Requeue, Settle, Submit
 from .records import (
     Accepted,
     CorruptDatabaseError,
@@ -47,13 +47,10 @@ from .records import (
     StoreError,
     StoreStats,
 )
-from .schema import BUSY_TIMEOUT_MS, DB_FILES, DB_NAME, is_corruption, quick_check, setup_writer
+from .schema import DB_NAME
 from .space import Space
-from .sql import COUNT_DEAD, LEASE, SUMMARY, dead_letter_where, dead_letters_query, ledger_query
-from .sql import summary_row as _summary_row
 from .thread import SqliteThread
 from .writer import Writer
-from .writes import PRUNE_CHUNK, Limits, Prune, Purge, Requeue, Settle, Submit
 
 log = structlog.get_logger("valmi_sidecar.store")
 
@@ -61,19 +58,6 @@ log = structlog.get_logger("valmi_sidecar.store")
 #: how long it waits for each connection to close: all of ``close()`` stays under 10 s.
 CLOSE_DRAIN_S: Final = 5.0
 CONNECTION_CLOSE_S: Final = 1.5
-#: The writer's statement cache (sqlite3's default is 128): the group-write INSERTs plus
-#: everything else the writer runs.
-_WRITER_CACHED_STATEMENTS: Final = 256
-
-
-@dataclass(frozen=True, slots=True)
-class _Options:
-    durability: str
-    max_queue_bytes: int
-    max_body_bytes: int
-    max_queue_events: int
-    dedup_window_s: float
-    clock: Callable[[], float]
 
 
 class Store:
@@ -84,22 +68,21 @@ class Store:
         *,
         data_dir: Path,
         lock_fd: int,
-        writer: SqliteThread,
-        reader: SqliteThread,
-        budget: DiskBudget,
-        options: _Options,
+        conns: opening.Connections,
+        options: opening.Options,
     ) -> None:
+        budget = conns.budget
         self._data_dir = data_dir
         self._path = data_dir / DB_NAME
         self._lock_fd: int | None = lock_fd
-        self._reader = reader
+        self._reader = conns.reader
         self._clock = options.clock
         self._window_s = options.dedup_window_s
         self._durability = options.durability
         self._mirror = Mirror(budget.max_bytes)
         self._space = Space(budget, self._path)
         self._writer = Writer(
-            writer,
+            conns.writer,
             path=self._path,
             mirror=self._mirror,
             space=self._space,
@@ -148,7 +131,7 @@ class Store:
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
         data_dir = Path(data_dir)
-        options = _Options(
+        options = opening.Options(
             durability, max_queue_bytes, max_body_bytes, max_queue_events, dedup_window_s, clock
         )
         lock_fd = await asyncio.to_thread(files.lock_data_dir, data_dir)
@@ -161,7 +144,7 @@ class Store:
             except CorruptDatabaseError as exc:
                 if not recover_corrupt:
                     raise
-                moved = await cls._move_aside(data_dir / DB_NAME, exc)
+                moved = await opening.move_aside(data_dir / DB_NAME, exc)
                 store = await cls._open_database(data_dir, lock_fd, options, True, None)
             store.stats.corrupt_moved_aside = int(moved is not None)
             aside = await asyncio.to_thread(files.moved_aside_files, data_dir)
@@ -172,77 +155,28 @@ class Store:
         store._start(prune_interval_s)
         return store
 
-    @staticmethod
-    async def _move_aside(path: Path, exc: CorruptDatabaseError) -> Path:
-        moved = await asyncio.to_thread(files.move_aside, path)
-        log.error(
-            "database_corrupt",
-            path=str(path),
-            moved_to=str(moved),
-            error=str(exc),
-            action=f"started with an empty queue; run 'valmi-sidecar salvage {moved}' "
-            "to re-queue what can be read of it",
-        )
-        return moved
-
     @classmethod
     async def _open_database(
         cls,
         data_dir: Path,
         lock_fd: int,
-        options: _Options,
+        options: opening.Options,
         check: bool,
         clean: tuple[int, int] | None,
     ) -> Store:
         """Connect, check, migrate and load; on failure close the connections (not the lock).
 
         ``clean``: the queue's size from the clean-shutdown record, when it matched."""
-        writer: SqliteThread | None = None
-        reader: SqliteThread | None = None
-        path = data_dir / DB_NAME
+        conns = await opening.connect(data_dir, options, check=check)
         try:
-            await asyncio.to_thread(files.create_private, path)
-            writer = await SqliteThread.connect(
-                path,
-                name="store-writer",
-                isolation_level="IMMEDIATE",
-                cached_statements=_WRITER_CACHED_STATEMENTS,
-            )
-            if check:
-                await writer.call(lambda db: quick_check(db, path))
-            (page_size,) = (await writer.fetchall("PRAGMA page_size"))[0]
-            budget = DiskBudget.plan(
-                options.max_queue_bytes,
-                max_body_bytes=options.max_body_bytes,
-                other_bytes=await asyncio.to_thread(data_dir_bytes, data_dir, exclude=DB_FILES),
-                page_size=int(page_size),
-            )
-            synchronous = options.durability.upper()
-            await writer.call(
-                lambda db: setup_writer(db, path, synchronous=synchronous, budget=budget)
-            )
-            reader = await SqliteThread.connect(path, name="store-reader", isolation_level=None)
-            await reader.call(_setup_reader)
-            await asyncio.to_thread(files.chmod_private, path)
-            store = cls(
-                data_dir=data_dir,
-                lock_fd=lock_fd,
-                writer=writer,
-                reader=reader,
-                budget=budget,
-                options=options,
-            )
+            store = cls(data_dir=data_dir, lock_fd=lock_fd, conns=conns, options=options)
             store.startup_check = "passed" if check else "skipped" if clean else "off"
-            await reader.call(lambda db: store._mirror.load(db, clean))
-            await writer.call(store._space.measure_now)
+            await conns.reader.call(lambda db: store._mirror.load(db, clean))
+            await conns.writer.call(store._space.measure_now)
         except BaseException as exc:
-            for conn in (reader, writer):
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
+            await conns.close()
             if isinstance(exc, sqlite3.Error):
-                kind = CorruptDatabaseError if is_corruption(exc) else StoreError
-                raise kind(f"cannot open {path}: {exc}") from exc
+                raise opening.open_error(data_dir / DB_NAME, exc) from exc
             raise
         return store
 
@@ -553,30 +487,11 @@ class Store:
         """
         if limit <= 0:
             return []
-        params = (self._clock(), limit + len(exclude))
-
-        def run(db: sqlite3.Connection) -> list[QueuedEvent]:
-            out: list[QueuedEvent] = []
-            for r in db.execute(LEASE, params):
-                if r[0] in exclude:
-                    continue
-                out.append(QueuedEvent(*r))
-                if len(out) == limit:
-                    break
-            return out
-
-        return await self._reader.call(run)
+        return await self._reader.call(reads.lease(self._clock(), limit, exclude))
 
     async def next_due_at(self, exclude: Collection[int]) -> float | None:
         """The earliest ``next_attempt_at`` of the queued events not in ``exclude``."""
-        rows = await self._reader.fetchall(
-            "SELECT seq, next_attempt_at FROM events ORDER BY next_attempt_at LIMIT ?",
-            (len(exclude) + 1,),
-        )
-        for seq, due in rows:
-            if seq not in exclude:
-                return float(due)
-        return None
+        return await self._reader.call(reads.next_due_at(exclude))
 
     async def wait_for_events(self) -> None:
         """Return once a commit added events since the previous call returned."""
@@ -587,24 +502,21 @@ class Store:
         self, limit: int = 100, flt: DeadLetterFilter | None = None
     ) -> list[DeadLetterRecord]:
         """Up to ``limit`` dead letters that match ``flt``, oldest event first."""
-        sql, params = dead_letters_query(flt or DeadLetterFilter(), limit)
-        return [DeadLetterRecord(*r) for r in await self._reader.fetchall(sql, params)]
+        return await self._reader.call(reads.dead_letters(flt or DeadLetterFilter(), limit))
 
     async def count_dead_letters(self, flt: DeadLetterFilter) -> int:
         """How many stored dead letters match ``flt``."""
-        where, params = dead_letter_where(flt)
-        return int((await self._reader.fetchall(COUNT_DEAD + where, params))[0][0])
+        return await self._reader.call(reads.count_dead_letters(flt))
 
     async def dead_letter_summary(self) -> list[dict[str, Any]]:
         """Stored dead letters by reason: count, first and last ``dead_at``."""
-        return [_summary_row(r) for r in await self._reader.fetchall(SUMMARY)]
+        return await self._reader.call(reads.dead_letter_summary)
 
     async def ledger(
         self, agent_key: str | None = None, since: str | None = None, until: str | None = None
     ) -> list[LedgerRow]:
         """The ledger lines, filtered by agent key and UTC day (``YYYY-MM-DD``, inclusive)."""
-        sql, params = ledger_query(agent_key, since, until)
-        return [LedgerRow(*r) for r in await self._reader.fetchall(sql, params)]
+        return await self._reader.call(reads.ledger(agent_key, since, until))
 
     async def _run_pruner(self, interval_s: float) -> None:
         while True:
@@ -615,8 +527,3 @@ class Store:
                 log.error("prune_failed", error=str(exc))
             except Exception as exc:  # a bug in one prune must not end pruning; logged
                 log.error("prune_crashed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-
-
-def _setup_reader(db: sqlite3.Connection) -> None:
-    for pragma in (f"busy_timeout = {BUSY_TIMEOUT_MS}", "query_only = ON"):
-        db.execute(f"PRAGMA {pragma}")

@@ -16,9 +16,9 @@ from typing import Final
 import structlog
 
 from ..disk import DEAD_LETTER_OVERHEAD_BYTES
+from .plan import Plan, Snapshot
 from .records import DEAD_LETTER_WARN_SHARE, Counts, StoreStats
 from .sql import OLDEST
-from .writes import Plan, Snapshot
 
 log = structlog.get_logger("valmi_sidecar.store")
 

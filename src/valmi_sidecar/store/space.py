@@ -25,7 +25,7 @@ from .schema import BUSY_TIMEOUT_MS, DB_NAME
 from .sql import MEASURE
 
 if TYPE_CHECKING:
-    from .writes import Plan
+    from .plan import Plan
 
 log = structlog.get_logger("valmi_sidecar.store")
 

@@ -27,28 +27,14 @@ from typing import Any, Final
 import structlog
 
 from ..disk import SETTLE_DEAD_BYTES
+from .actions import prune_keys, purge, requeue, vacuum
 from .mirror import Mirror
+from .plan import SOLO, Fail, Limits, Op, Plan, Prune, Purge, Requeue, Settle, Submit
 from .records import OutcomeUnknownError, StoreError
 from .space import Space
 from .sql import PROBE
 from .thread import SqliteThread
-from .writes import (
-    SOLO,
-    Fail,
-    GroupWriter,
-    Limits,
-    Op,
-    Plan,
-    Prune,
-    Purge,
-    Requeue,
-    Settle,
-    Submit,
-    prune_keys,
-    purge,
-    requeue,
-    vacuum,
-)
+from .writes import GroupWriter
 
 log = structlog.get_logger("valmi_sidecar.store")
 

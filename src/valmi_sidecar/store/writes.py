@@ -1,4 +1,4 @@
-"""What one writer transaction does, on the writer's thread, and the plan it returns.
+"""What one group transaction (submissions and settlements) does, on the writer's thread.
 
 Every function here takes the writer's ``sqlite3.Connection`` and runs on its thread, in
 one trip from the event loop. Nothing here touches the event loop or the store: what a
@@ -8,214 +8,65 @@ to the mirror of the committed state (``mirror.Mirror``) and the disk (``space.S
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import operator
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
 
-from ..disk import DEAD_LETTER_OVERHEAD_BYTES, event_disk_bytes
+from ..disk import event_disk_bytes
 from ..events import NewEvent
+from .plan import (
+    IN_DEAD,
+    IN_DELIVERED,
+    IN_RECEIVED,
+    Fail,
+    Limits,
+    Op,
+    Plan,
+    Settle,
+    Snapshot,
+    Submit,
+    bump,
+    count,
+)
 from .records import (
     DEAD,
     DELIVERED,
     QUEUED,
     Accepted,
-    DeadLetterFilter,
-    DeadLetterRecord,
     Delivered,
     IdempotencyConflictError,
     QueueFullError,
     Retry,
-    Settlement,
     utc_day,
 )
 from .space import QUEUE_FULL_RETRY_AFTER_S, Space
 from .sql import (
-    BUMP_COUNTER,
-    BUMP_OPERATOR,
     DELETE_EVENT,
     DELETE_EVENTS,
-    DL_COLUMNS,
     GROUP_WRITE_COLUMNS,
     GROUP_WRITE_HEAD,
     GROUP_WRITE_NCOL,
     GROUP_WRITE_ROW,
     INSERT_DEAD,
-    INSERT_REQUEUED,
     JSON,
     KEY_CREATED_AT,
     KEY_ID,
     NEW_EVENT_FIELDS,
     OLDEST,
-    PRUNE,
     REMEMBERED_SINCE,
-    REQUEUE_KEY,
     RETRY,
     SETTLE_KEYS,
-    UPSERT_LEDGER,
     columns,
-    dead_letter_where,
 )
 
-#: ``keys`` rows deleted per prune transaction (the writer interleaves other work; each
-#: transaction stays within the disk budget's bound on one transaction's WAL).
-PRUNE_CHUNK: Final = 2_000
-#: Free pages released per ``incremental_vacuum`` step, and free pages kept for reuse (at
-#: most; fewer with a small disk budget). Every step goes through the WAL.
-VACUUM_STEP_PAGES: Final = 64
-VACUUM_KEEP_PAGES: Final = 1_024
 #: Rows per group-write INSERT at most (fewer when SQLite binds fewer values): one statement
 #: per size up to it in the statement cache (padding to a few sizes costs more writer CPU
 #: than the cache saves).
 MAX_INSERT_ROWS: Final = 64
-
-
-# -- the operations the writer takes ----------------------------------------------------
-
-
-@dataclass(slots=True, eq=False)
-class Submit:
-    events: Sequence[NewEvent]
-    future: asyncio.Future[list[Accepted]]
-    #: Look up every key, the sidecar's own too: events that come back (salvage) keep
-    #: the keys they were given, and those may be stored already.
-    all_keys: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class Settle:
-    settlements: Sequence[Settlement]
-    future: asyncio.Future[None]
-
-
-@dataclass(slots=True, eq=False)
-class Prune:
-    """Maintenance, run alone in the writer: delete up to ``PRUNE_CHUNK`` expired keys
-    (``cutoff`` is a time), or with ``cutoff=None`` release free pages."""
-
-    cutoff: float | None
-    future: asyncio.Future[int]
-
-
-@dataclass(slots=True, eq=False)
-class Requeue:
-    """Operator action, run alone: move up to ``limit`` dead letters back to the queue."""
-
-    filter: DeadLetterFilter
-    limit: int
-    future: asyncio.Future[int]
-
-
-@dataclass(slots=True, eq=False)
-class Purge:
-    """Operator action, run alone: delete up to ``limit`` dead letters (counts stay)."""
-
-    filter: DeadLetterFilter
-    limit: int
-    future: asyncio.Future[int]
-
-
-Op = Submit | Settle | Prune | Requeue | Purge
-#: Operations that run in a transaction of their own.
-SOLO: Final = (Prune, Requeue, Purge)
-
-
-# -- the plan ----------------------------------------------------------------------------
-
-#: ``(agent_key, kind, event_type, day)`` -> ``[received, delivered, dead_lettered,
-#: received_value, delivered_value, dead_lettered_value]``.
-LedgerDelta = dict[tuple[str, str, str, str], list[float]]
-#: Ledger columns.
-_RECEIVED, _DELIVERED, _DEAD = 0, 1, 2
-
-
-class Fail:
-    """A planned failure of one operation (raised to its caller after the commit)."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """The committed state a transaction starts from (read on the event loop before it)."""
-
-    next_seq: int
-    oldest: tuple[int, float] | None
-    queued: int
-    queued_bytes: int
-    #: The time a re-queue gives its events as the start of their age.
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_events: int
-    dedup_window_s: float
-
-
-@dataclass(slots=True)
-class Plan:
-    """What one transaction changes, applied to the mirror after ``COMMIT``."""
-
-    results: list[tuple[Op, Any]] = field(default_factory=list)
-    received: int = 0
-    queued_bytes: int = 0
-    delivered: int = 0
-    dead_lettered: int = 0
-    duplicates: int = 0
-    removed: int = 0
-    removed_bytes: int = 0
-    next_seq: int = 0
-    oldest: tuple[int, float] | None = None
-    oldest_changed: bool = False
-    ledger: LedgerDelta = field(default_factory=dict)
-    events: int = 0
-    received_kinds: dict[str, int] = field(default_factory=dict)
-    delivered_kinds: dict[str, int] = field(default_factory=dict)
-    duplicate_kinds: dict[str, int] = field(default_factory=dict)
-    dead_by: dict[tuple[str, str], int] = field(default_factory=dict)
-    #: Body bytes of the events dead-lettered.
-    dead_bytes: int = 0
-    #: Dead letters re-queued (they leave the dead letters for the queue) or purged.
-    requeued: int = 0
-    purged: int = 0
-    #: Body bytes of the dead letters that left (re-queued or purged).
-    dead_removed_bytes: int = 0
-    #: What the accepted events may add to the database (``disk.event_disk_bytes``).
-    disk_added: int = 0
-    #: Bytes of the database in use, when measured during this group (before its writes).
-    disk_measured: int | None = None
-    #: Whether new events are refused for want of room, when this group decided it.
-    disk_full: bool | None = None
-    #: Bytes of the database in use after the commit, when measured (room freed).
-    disk_after: int | None = None
-
-
-def _bump(
-    delta: LedgerDelta,
-    key: tuple[str, str, str, str],
-    col: int,
-    value: float | None,
-    sign: int = 1,
-) -> None:
-    row = delta.get(key)
-    if row is None:
-        row = delta[key] = [0, 0, 0, 0.0, 0.0, 0.0]
-    row[col] += sign
-    if value is not None:
-        row[col + 3] += sign * value
-
-
-def _count(counts: dict[Any, int], key: Any, n: int = 1) -> None:
-    counts[key] = counts.get(key, 0) + n
 
 
 # -- the rows a transaction reads ----------------------------------------------------------
@@ -342,11 +193,11 @@ class GroupWriter:
             plan.duplicates += len(dups)
             plan.events += len(op.events)
             for kind in dups:
-                _count(plan.duplicate_kinds, kind)
+                count(plan.duplicate_kinds, kind)
             for e in new:
-                _count(plan.received_kinds, e.kind)
+                count(plan.received_kinds, e.kind)
                 day = utc_day(e.received_at)
-                _bump(plan.ledger, (e.agent_key, e.kind, e.event_type, day), _RECEIVED, e.value)
+                bump(plan.ledger, (e.agent_key, e.kind, e.event_type, day), IN_RECEIVED, e.value)
                 event_rows.append((0, seq, len(e.body), *_event_values(e)))
                 seq += 1
             plan.results.append((op, accepted))
@@ -500,15 +351,15 @@ def _write_settles(db: sqlite3.Connection, settles: list[Settle], plan: Plan, no
                 delivered.append(s.seq)
                 plan.delivered += 1
                 settled_keys[DELIVERED].append(found.idem_key)
-                _bump(plan.ledger, ledger_key, _DELIVERED, found.value)
-                _count(plan.delivered_kinds, found.kind)
+                bump(plan.ledger, ledger_key, IN_DELIVERED, found.value)
+                count(plan.delivered_kinds, found.kind)
             else:
                 plan.dead_lettered += 1
                 settled_keys[DEAD].append(found.idem_key)
                 dead_rows.append((now, s.reason, s.status, s.detail, s.seq))
                 plan.dead_bytes += found.size
-                _bump(plan.ledger, ledger_key, _DEAD, found.value)
-                _count(plan.dead_by, (found.kind, s.reason))
+                bump(plan.ledger, ledger_key, IN_DEAD, found.value)
+                count(plan.dead_by, (found.kind, s.reason))
             deleted.append(s.seq)
             plan.removed_bytes += found.size
     if retry_rows:
@@ -533,112 +384,3 @@ def _write_settles(db: sqlite3.Connection, settles: list[Settle], plan: Plan, no
             for seq, age_from in db.execute(OLDEST):
                 plan.oldest = (int(seq), float(age_from))
             plan.oldest_changed = True
-
-
-# -- operator actions and maintenance: transactions of their own -----------------------------
-
-
-def _select_dead_letters(
-    db: sqlite3.Connection, flt: DeadLetterFilter, limit: int
-) -> list[DeadLetterRecord]:
-    where, params = dead_letter_where(flt)
-    sql = f"SELECT {DL_COLUMNS} FROM dead_letters WHERE {where} ORDER BY seq LIMIT ?"  # noqa: S608 - constant SQL; values are bound
-    return _records(db, DeadLetterRecord, sql, (*params, limit))
-
-
-def _within_bytes(rows: list[DeadLetterRecord], limit: int) -> list[DeadLetterRecord]:
-    """The first dead letters whose bytes fit in ``limit``; one at least."""
-    total = 0
-    for i, r in enumerate(rows):
-        total += len(r.body) + DEAD_LETTER_OVERHEAD_BYTES
-        if total > limit and i:
-            return rows[:i]
-    return rows
-
-
-def purge(db: sqlite3.Connection, op: Purge, max_bytes: int) -> Plan:
-    """Delete the first dead letters ``op`` selects (at most ``max_bytes`` of them) and
-    commit. The counts and the ledger still count them as dead-lettered."""
-    plan = Plan()
-    rows = _within_bytes(_select_dead_letters(db, op.filter, op.limit), max_bytes)
-    if rows:
-        db.executemany("DELETE FROM dead_letters WHERE seq = ?", [(r.seq,) for r in rows])
-        db.execute(BUMP_OPERATOR, (len(rows), "purged"))
-        db.commit()
-    plan.purged = len(rows)
-    plan.dead_removed_bytes = sum(len(r.body) for r in rows)
-    plan.results.append((op, len(rows)))
-    return plan
-
-
-def requeue(
-    db: sqlite3.Connection,
-    op: Requeue,
-    start: Snapshot,
-    max_bytes: int,
-    refusal: Callable[[sqlite3.Connection, int], QueueFullError | None],
-) -> Plan:
-    """Move the first dead letters ``op`` selects back to the queue and commit.
-
-    A re-queued dead letter keeps its id, idempotency key and receipt time, gets a new
-    place at the end of the queue, and its age restarts (``requeued_at``). It moves from
-    dead-lettered to queued in the counters and in the ledger; received is unchanged, so
-    the counts still reconcile. ``refusal(db, n)`` says whether ``n`` fit."""
-    plan = Plan(next_seq=start.next_seq, oldest=start.oldest)
-    rows = _within_bytes(_select_dead_letters(db, op.filter, op.limit), max_bytes)
-    failure = refusal(db, len(rows)) if rows else None
-    if failure is not None:
-        plan.results.append((op, Fail(failure)))
-        return plan
-    now, seq = start.now, start.next_seq
-    delta: LedgerDelta = {}
-    for r in rows:
-        _bump(
-            delta, (r.agent_key, r.kind, r.event_type, utc_day(r.received_at)), _DEAD, r.value, -1
-        )
-    # Deleted first: the events reuse the pages the dead letters leave.
-    db.executemany("DELETE FROM dead_letters WHERE seq = ?", [(r.seq,) for r in rows])
-    db.executemany(
-        INSERT_REQUEUED,
-        [
-            (seq + i, r.id, r.idem_key, r.kind, r.body, len(r.body), r.agent_key, r.event_type,
-             r.value, r.received_at, r.created_at, now)
-            for i, r in enumerate(rows)
-        ],
-    )  # fmt: skip
-    db.executemany(REQUEUE_KEY, [(r.idem_key, r.id, r.created_at, r.received_at) for r in rows])
-    db.executemany(UPSERT_LEDGER, [(*key, *map(int, d[:3]), *d[3:]) for key, d in delta.items()])
-    db.execute(BUMP_COUNTER, (-len(rows), "dead_lettered"))
-    db.execute(BUMP_OPERATOR, (len(rows), "requeued"))
-    db.commit()
-    n = len(rows)
-    plan.requeued = n
-    plan.dead_removed_bytes = sum(len(r.body) for r in rows)
-    plan.next_seq = seq + n
-    if n and plan.oldest is None:
-        plan.oldest, plan.oldest_changed = (seq, now), True
-    plan.results.append((op, n))
-    return plan
-
-
-def prune_keys(db: sqlite3.Connection, cutoff: float) -> int:
-    """Delete up to ``PRUNE_CHUNK`` keys whose de-dup window ended before ``cutoff``."""
-    n = db.execute(PRUNE, (cutoff, PRUNE_CHUNK)).rowcount
-    db.commit()
-    return n
-
-
-def vacuum(db: sqlite3.Connection, max_pages: int, stopping: Callable[[], bool]) -> int:
-    """Give free pages beyond ``VACUUM_KEEP_PAGES`` back to the file system, in small
-    steps (one big ``incremental_vacuum`` pushes far more pages through the WAL). Returns
-    the pages released. Each step is its own transaction."""
-    free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
-    released = 0
-    keep = min(VACUUM_KEEP_PAGES, max_pages // 16)
-    while free - released > keep and not stopping():
-        step = min(VACUUM_STEP_PAGES, free - released - keep)
-        # executescript, not execute: the pragma frees one page per step of the
-        # statement, and sqlite3's execute() steps a column-less statement only once.
-        db.executescript(f"PRAGMA incremental_vacuum({step});")
-        released += step
-    return released
