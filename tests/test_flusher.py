@@ -23,7 +23,7 @@ from valmi_sidecar.events import NewEvent, parse_one
 from valmi_sidecar.fake_api import FakeValmi
 from valmi_sidecar.flusher import Flusher, FlusherError, TokenBucket, full_jitter, rate_budget
 from valmi_sidecar.store import QueuedEvent, Retry, Store
-from valmi_sidecar.upstream import Answer, Upstream
+from valmi_sidecar.upstream import Answer, Outgoing, Upstream
 
 from .conftest import ACTION, DEFAULT_KEY, SidecarProcessFactory, fast_settings, wait_until
 
@@ -134,7 +134,8 @@ class RecordingUpstream(Upstream):
         self.active = 0
         self.max_active = 0  # the most requests outstanding at once (tests may reset it)
 
-    async def send(self, event: QueuedEvent) -> Answer:
+    async def send(self, event: Outgoing) -> Answer:
+        assert isinstance(event, QueuedEvent)  # what the flusher sends
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
@@ -781,7 +782,7 @@ async def test_disabled_without_upstream_forwards_nothing(
 
 
 class CrashingUpstream(Upstream):
-    async def send(self, event: QueuedEvent) -> Answer:
+    async def send(self, event: Outgoing) -> Answer:
         raise RuntimeError("bug in a sender")
 
 

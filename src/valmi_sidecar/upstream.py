@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 import aiohttp
 import structlog
@@ -35,10 +35,9 @@ from yarl import URL
 
 from . import __version__
 from .config import ConfigError, Secret, read_secret_file
-from .events import PATHS
+from .events import PATHS, Kind
 from .logs import redact_also
 from .metrics import UpstreamStats
-from .store import QueuedEvent
 
 Verdict = Literal["delivered", "retry", "dead_letter", "pause"]
 
@@ -273,6 +272,17 @@ def _basic_credentials(login: str, password: str) -> str:
     return f"Basic {token}"
 
 
+class Outgoing(Protocol):
+    """What sending an event needs (the store's ``QueuedEvent`` is one)."""
+
+    @property
+    def idem_key(self) -> str: ...
+    @property
+    def kind(self) -> Kind: ...
+    @property
+    def body(self) -> bytes: ...
+
+
 class Upstream:
     """One pooled keep-alive client for the Valmi API.
 
@@ -404,7 +414,7 @@ class Upstream:
             )
         return self._session
 
-    async def send(self, event: QueuedEvent) -> Answer:
+    async def send(self, event: Outgoing) -> Answer:
         """POST the event's stored body to its path, with its idempotency key."""
         problem = key_problem(event.idem_key)
         if problem is not None:
