@@ -51,10 +51,10 @@ RESERVE_MIN: Final = 512 * KiB
 #: The smallest share the database may have: below it the budget is refused.
 DATABASE_MIN: Final = 1 * MiB
 #: What a queued event may take in the database beyond its body, at most: its row, its
-#: key row, their index entries. Measured at 260 to 350 bytes (benchmarks/disk_cost.py);
-#: this errs high, and the body is counted half again for pages that are not full.
+#: key row, their index entries. It errs high (docs/PERFORMANCE.md has the measured
+#: cost), and the body is counted half again for pages that are not full.
 EVENT_OVERHEAD_BYTES: Final = 640
-#: What a dead letter takes beyond its body (measured: 220 to 300 bytes).
+#: What a dead letter takes beyond its body, at most (measured in the same place).
 DEAD_LETTER_OVERHEAD_BYTES: Final = 300
 DEFAULT_PAGE_SIZE: Final = 4096
 

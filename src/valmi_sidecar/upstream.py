@@ -6,11 +6,9 @@ says what it means for the event (delivered, retry, dead letter) and for the flu
 (pause; how long to wait). ``Upstream`` is the I/O edge: one pooled keep-alive client that
 sends an event's stored body, byte for byte, with its idempotency key.
 
-The client is aiohttp's, not httpx: measured side by side against the fake API at 16
-requests in flight, httpx spent 2.3-2.8 ms of CPU per request (its pool, anyio and
-model layers) and aiohttp 0.2-0.3 ms, 8-15 times the throughput. That CPU is taken from
-the same event loop that answers the agents, so with httpx a sidecar forwarding at
-Valmi's 10,000/min budget accepted 8 times fewer events at 64 connections.
+The client is aiohttp's, not httpx: its CPU per request is a fraction of httpx's (pool,
+anyio and model layers), and that CPU is taken from the same event loop that answers the
+agents (docs/PERFORMANCE.md has the side-by-side measurement).
 """
 
 from __future__ import annotations

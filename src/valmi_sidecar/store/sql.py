@@ -32,8 +32,8 @@ def columns(record: type, **expressions: str) -> str:
 
 #: When a key's de-dup window starts: the later of its event's receipt and settling.
 REMEMBERED_SINCE: Final = "max(received_at, coalesce(settled_at, 0))"
-#: A key row remembered for a day by every event is about a fifth smaller when it does
-#: not repeat what it can derive: its ``id`` is ``''`` when it is the key itself (a key
+#: A key row is remembered for a day after every event, so it does not repeat what it can
+#: derive: its ``id`` is ``''`` when it is the key itself (a key
 #: the sidecar made), its ``created_at`` ``''`` when this formatting of ``received_at``
 #: gives it (compared as stored, so a formatting that differs is kept as it is).
 CREATED_FROM_RECEIVED: Final = "strftime('%Y-%m-%dT%H:%M:%fZ', {received_at}, 'unixepoch')"
@@ -62,9 +62,9 @@ UPSERT_LEDGER: Final = (
 #: What one group transaction writes besides its settlements (new events, their keys, the
 #: ledger and the counters) goes through ONE multi-row INSERT into this TEMP view, whose
 #: INSTEAD OF triggers do the writes row by row. Python's sqlite3 releases the GIL around
-#: every step and reset and must win it back from the busy event loop each time (under
-#: load 1-3 ms each); one statement per group, run in autocommit so that its own step also
-#: commits (and fsyncs), makes that 2 times instead of about 10. ``op`` selects the row's
+#: every step and reset and must win it back from the busy event loop each time; one
+#: statement per group, run in autocommit so that its own step also commits (and fsyncs),
+#: makes that twice per group instead of once per statement. ``op`` selects the row's
 #: kind: 0 an event (and its key), 1 a ledger delta, 2 the counters.
 #: The fields of a ``NewEvent`` in the order they are bound (all of them: a field added
 #: to ``NewEvent`` is a column of the view, and a test checks that the trigger stores it).
