@@ -341,9 +341,12 @@ def _unix_time(value: object) -> float | None:
     return float(value) if 0 <= value <= MAX_UNIX_TIME else None
 
 
+_Refused = tuple[str | None, str]
+
+
 def _salvaged(
     row: Any, by_key: dict[str, _KeyRow], by_id: dict[str, tuple[str, _KeyRow]]
-) -> NewEvent | tuple[str | None, str]:
+) -> NewEvent | _Refused:
     """The event a stored row holds, or ``(its id if known, why it cannot be queued
     again)``. Its fields must be readable and agree with their second copies: the id and
     key those of its key row (found by key, or by id when the key is damaged), the
@@ -351,7 +354,58 @@ def _salvaged(
     the body a valid event that matches the fingerprint stored at ingest (or, when that
     is gone, the columns copied from it)."""
     _seq, raw_id, raw_key, raw_kind, body, agent_key, event_type, value, received, created = row
-    eid, key, kind = _text(raw_id), _text(raw_key), _text(raw_kind)
+    who = _identity(_text(raw_id), _text(raw_key), by_key, by_id)
+    if len(who) == 2:
+        return who
+    eid, key, key_row = who
+    kind = _text(raw_kind)
+    if kind not in KINDS:
+        return eid, "its kind is neither action nor outcome"
+    if not isinstance(body, bytes):
+        return eid, "its body is not readable"
+    typed: Kind = kind
+    try:
+        obj = decode(body)
+    except ValidationError as exc:
+        return eid, f"its body is damaged: {exc}"
+    problems = check_body(typed, obj)
+    if problems:
+        return eid, f"its body is damaged: {ValidationError(problems)}"
+    times = _receipt_time(_unix_time(received), _text(created), key_row)
+    if times is None:
+        return eid, "its receipt time is damaged"
+    received_at, created_at = times
+    minted = _EVENT_ID.fullmatch(eid)
+    if minted is not None and int(minted[1], 16) != int(received_at * 1000):
+        return eid, "its id and its receipt time disagree"
+    if minted is None and key_row is None:
+        return eid, "its id is not one the sidecar makes, and no key row holds it"
+    copied = (_text(agent_key), _text(event_type), value)
+    checked = _vouched_body(typed, obj, created_at, key_row, copied)
+    if isinstance(checked, str):
+        return eid, checked
+    fingerprint, number = checked
+    return NewEvent(
+        id=eid,
+        idem_key=key,
+        kind=typed,
+        body=body,
+        fingerprint=fingerprint,
+        agent_key=obj["agent_key"],
+        event_type=obj[TYPE_FIELDS[typed]],
+        value=number,
+        received_at=received_at,
+        created_at=created_at,
+    )
+
+
+def _identity(
+    eid: str | None,
+    key: str | None,
+    by_key: dict[str, _KeyRow],
+    by_id: dict[str, tuple[str, _KeyRow]],
+) -> tuple[str, str, _KeyRow | None] | _Refused:
+    """A row's id, key and key row, each confirmed by its second copy where one exists."""
     if eid is not None and not eid.isascii():
         eid = None
     key_row = by_key.get(key) if key is not None else None
@@ -375,59 +429,39 @@ def _salvaged(
     if key_row is None and key != eid and (_EVENT_ID.fullmatch(key) or _near(key, eid)):
         # A key the sidecar made is the event's id: one of the two is damaged.
         return eid, f"its idempotency key {key!r} is not its id, and no key row says which is"
-    if kind not in KINDS:
-        return eid, "its kind is neither action nor outcome"
-    if not isinstance(body, bytes):
-        return eid, "its body is not readable"
-    typed: Kind = kind
-    try:
-        obj = decode(body)
-    except ValidationError as exc:
-        return eid, f"its body is damaged: {exc}"
-    problems = check_body(typed, obj)
-    if problems:
-        return eid, f"its body is damaged: {ValidationError(problems)}"
-    times = _receipt_time(_unix_time(received), _text(created), key_row)
-    if times is None:
-        return eid, "its receipt time is damaged"
-    received_at, created_at = times
-    minted = _EVENT_ID.fullmatch(eid)
-    if minted is not None and int(minted[1], 16) != int(received_at * 1000):
-        return eid, "its id and its receipt time disagree"
-    if minted is None and key_row is None:
-        return eid, "its id is not one the sidecar makes, and no key row holds it"
+    return eid, key, key_row
+
+
+def _vouched_body(
+    kind: Kind,
+    obj: dict[str, Any],
+    created_at: str,
+    key_row: _KeyRow | None,
+    copied: tuple[str | None, str | None, object],
+) -> tuple[bytes, float | None] | str:
+    """The fingerprint and value of a valid body that the fingerprint stored at ingest
+    vouches for (or, when that is gone, the columns copied from it: ``copied`` is the
+    agent key, event type and value as stored); else why not."""
     # A timestamp equal to the receipt time is the one ingest filled in: the fingerprint
     # is of the body without it.
-    as_sent, without = _fingerprints_of(typed, obj)
+    as_sent, without = _fingerprints_of(kind, obj)
     filled = obj.get("timestamp") == created_at
     stored = key_row.fingerprint if key_row is not None else b""
     vouched = bool(stored) and (stored == as_sent or (filled and stored == without))
     if stored and not vouched:
-        return eid, "its body does not match the fingerprint stored at ingest"
+        return "its body does not match the fingerprint stored at ingest"
     try:
-        number = float(obj["value"]) if typed == "outcome" else None
+        number = float(obj["value"]) if kind == "outcome" else None
     except OverflowError:
-        return eid, "its value is out of range"
+        return "its value is out of range"
+    agent_key, event_type, value = copied
     if not vouched and (
-        _text(agent_key) != obj["agent_key"]
-        or _text(event_type) != obj[TYPE_FIELDS[typed]]
+        agent_key != obj["agent_key"]
+        or event_type != obj[TYPE_FIELDS[kind]]
         or not _same_number(value, number)
     ):
-        return eid, "its body and the columns copied from it disagree"
-    if not stored:
-        stored = without if filled else as_sent  # derived again
-    return NewEvent(
-        id=eid,
-        idem_key=key,
-        kind=typed,
-        body=body,
-        fingerprint=stored,
-        agent_key=obj["agent_key"],
-        event_type=obj[TYPE_FIELDS[typed]],
-        value=number,
-        received_at=received_at,
-        created_at=created_at,
-    )
+        return "its body and the columns copied from it disagree"
+    return (stored or (without if filled else as_sent)), number  # derived again if gone
 
 
 def _near(a: str, b: str) -> bool:
