@@ -220,10 +220,12 @@ class Writer:
             error = exc
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-            with self._ready:
-                # Their rows stay; the deletes go in the next commit (or the rows are sent
-                # again after a restart, with their keys).
-                self._deletes[:0] = done
+            if done:
+                with self._ready:
+                    # Their rows stay; the deletes are tried again a ride window later (or
+                    # the rows are sent again after a restart, with their keys).
+                    self._deletes[:0] = done
+                    self._first_delete_at = time.monotonic()
         if group:
             self._loop.call_soon_threadsafe(self._committed, group, error)
         return True
