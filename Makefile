@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install lint test run fake-api bench soak browser-check systemd-test lock clean
+.PHONY: install lint test run fake-api bench floor soak browser-check systemd-test lock clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,11 +25,20 @@ run: $(PY)
 fake-api: $(PY)
 	$(VENV)/bin/valmi-sidecar fake-api
 
-# Ingest, peer queue, forwarding, backlog, footprint, side by side (about 30 minutes; not in CI).
-# Writes benchmarks/results/bench.{md,json,png}. Uses wrk when installed (apt-get install wrk).
+# Ingest, peer queue, forwarding, backlog, footprint, side by side, then `make floor` (about
+# 45 minutes; not in CI). Writes benchmarks/results/bench.{md,json,png} and floor.{md,json}.
+# Uses wrk when installed (apt-get install wrk).
 bench: $(PY)
 	$(VENV)/bin/pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/floor_compare.py
+
+# CPU per delivered event against a lean floor (benchmarks/floor.py) and bare aiohttp, paced
+# at 10, 100 and 1,000 events/s and in a closed loop, 3 interleaved rounds (about 15 minutes;
+# not in CI; needs wrk). Writes benchmarks/results/floor.{md,json}.
+floor: $(PY)
+	$(VENV)/bin/pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/floor_compare.py
 
 # Ten minutes of steady load with upstream faults coming and going (not in CI).
 soak: $(PY)

@@ -181,7 +181,10 @@ class Sidecar:
         durability: str = "full",
         rate_limit_per_min: int = 10_000,
         ingest_processes: int = 1,
+        upstream_concurrency: int | None = None,
+        api_key: str | None = API_KEY,
     ) -> None:
+        """``api_key=None``: no key, so the sidecar does not forward (ingest only)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("VALMI")}
         env |= {
             "VALMI_SIDECAR_DATA_DIR": str(data_dir),
@@ -191,8 +194,11 @@ class Sidecar:
             "VALMI_SIDECAR_RATE_LIMIT_PER_MIN": str(rate_limit_per_min),
             "VALMI_SIDECAR_INGEST_PROCESSES": str(ingest_processes),
             "VALMI_API_URL": api_url,
-            "VALMI_API_KEY": API_KEY,
         }
+        if upstream_concurrency is not None:
+            env["VALMI_SIDECAR_UPSTREAM_CONCURRENCY"] = str(upstream_concurrency)
+        if api_key is not None:
+            env["VALMI_API_KEY"] = api_key
         self.log_path = data_dir.parent / f"{data_dir.name}-{time.monotonic_ns()}.log"
         started = time.monotonic()
         with self.log_path.open("ab") as log:

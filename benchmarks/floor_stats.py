@@ -1,0 +1,252 @@
+"""What ``benchmarks/floor_compare.py`` reads and computes: a process's CPU time, and the
+medians, ranges, ratios and table of its runs. No load, no servers: tested in
+``tests/test_bench_floor.py``.
+
+CPU time of one process (the target only: its load generator and the fake API run in
+processes of their own). Three readings are taken before and after each window:
+
+- ``process_ns``, the figure reported: the process's CPU-time clock, what
+  ``clock_getcpuclockid(3)`` gives for another process, read with ``clock_gettime``. It is
+  the scheduler's run time (nanoseconds) of the whole thread group, threads that ended
+  included, in one read.
+- ``threads_ns``, a cross-check: the first field of ``/proc/<pid>/task/*/schedstat`` (the
+  same nanoseconds, per thread), summed. A thread that ends takes its figure with it (an
+  executor thread that exits inside the window would be missed), and
+  ``/proc/<pid>/schedstat`` is the main thread's alone; so this equals ``process_ns``
+  only while no thread ended, which the JSON lets one check.
+- ``ticks``, a second cross-check: ``utime + stime`` of ``/proc/<pid>/stat``, the whole
+  thread group, ended threads included, but in clock ticks (10 ms): too coarse at 10
+  events/s, where a window holds a few hundred milliseconds of CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+#: ``CPUCLOCK_SCHED``: the clock that counts the scheduler's run time, in nanoseconds.
+_CPUCLOCK_SCHED: Final = 2
+CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+
+
+def process_clock_id(pid: int) -> int:
+    """The CPU-time clock of process ``pid`` (Linux's encoding, as glibc's
+    ``clock_getcpuclockid`` builds it: the complemented pid shifted left by 3, then the
+    clock type)."""
+    return (~pid << 3) | _CPUCLOCK_SCHED
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """One process's CPU time at one moment, three ways (see the module's docstring)."""
+
+    process_ns: int
+    threads_ns: int
+    ticks: int
+    threads: int
+
+
+def cpu_sample(pid: int) -> CpuSample:
+    process_ns = time.clock_gettime_ns(process_clock_id(pid))
+    threads_ns = 0
+    threads = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            threads_ns += int((task / "schedstat").read_text().split()[0])
+        except OSError:
+            continue  # ended meanwhile
+        threads += 1
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return CpuSample(process_ns, threads_ns, int(fields[11]) + int(fields[12]), threads)
+
+
+def cpu_spent(before: CpuSample, after: CpuSample) -> dict[str, float]:
+    """Seconds of CPU between two samples, by each reading."""
+    return {
+        "cpu_s": (after.process_ns - before.process_ns) / 1e9,
+        "cpu_threads_s": (after.threads_ns - before.threads_ns) / 1e9,
+        "cpu_ticks_s": (after.ticks - before.ticks) / CLK_TCK,
+        "threads_before": before.threads,
+        "threads_after": after.threads,
+    }
+
+
+# -- over rounds ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median of some rounds' figures, and their range."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Spread:
+        xs = list(values)
+        if not xs:
+            raise ValueError("a spread needs at least one figure")
+        return cls(statistics.median(xs), min(xs), max(xs))
+
+    def show(self, digits: int = 0) -> str:
+        """``1,058`` for one round (or equal ones), else ``1,058 (1,002-1,100)``."""
+        one = f"{{:,.{digits}f}}"
+        text = one.format(self.median)
+        if one.format(self.low) != one.format(self.high):
+            text += f" ({one.format(self.low)}-{one.format(self.high)})"
+        return text
+
+    def as_dict(self) -> dict[str, float]:
+        return {"median": self.median, "low": self.low, "high": self.high}
+
+
+TARGETS: Final = ("floor", "sidecar", "bare")
+CLOSED: Final = "closed"
+NAMES: Final[Mapping[str, str]] = {
+    "floor": "the lean floor (`benchmarks/floor.py`)",
+    "sidecar": "the sidecar, `durability=full`, forwarding",
+    "bare": "bare aiohttp, receive only",
+}
+
+
+def _by(runs: Sequence[Mapping[str, Any]], target: str, point: str) -> list[Mapping[str, Any]]:
+    """The runs of one target at one load point, in round order."""
+    return sorted(
+        (r for r in runs if r["target"] == target and r["point"] == point),
+        key=lambda r: int(r["round"]),
+    )
+
+
+def _paired(
+    runs: Sequence[Mapping[str, Any]], point: str, num: str, den: str, key: str
+) -> Spread | None:
+    """The spread of per-round ratios ``num / den`` of ``key``: each round's figure
+    against the other target's run of the same round (the machine drifts)."""
+    a = {r["round"]: r[key] for r in _by(runs, num, point)}
+    b = {r["round"]: r[key] for r in _by(runs, den, point)}
+    ratios = [a[n] / b[n] for n in a if b.get(n)]
+    return Spread.of(ratios) if ratios else None
+
+
+def summarize(runs: Sequence[Mapping[str, Any]], points: Sequence[str]) -> dict[str, Any]:
+    """Medians and ranges per (target, point), and the ratios the issue's targets name."""
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    for target in TARGETS:
+        for point in points:
+            xs = _by(runs, target, point)
+            if not xs:
+                continue
+            cell = {
+                key: Spread.of(float(x[key]) for x in xs).as_dict()
+                for key in ("us_per_event", "events_per_s", "p50_ms", "p99_ms")
+            }
+            cells.setdefault(target, {})[point] = cell
+    paced = [p for p in points if p != CLOSED]
+    top = max(paced, key=int) if paced else None
+    ratios: dict[str, Any] = {"cpu_sidecar_over_floor": {}}
+    for point in points:
+        spread = _paired(runs, point, "sidecar", "floor", "us_per_event")
+        if spread is not None:
+            ratios["cpu_sidecar_over_floor"][point] = spread.as_dict()
+    rate = _paired(runs, CLOSED, "sidecar", "bare", "events_per_s")
+    if rate is not None:
+        ratios["events_per_s_sidecar_over_bare"] = rate.as_dict()
+    if top is not None:
+        p99 = _paired(runs, top, "sidecar", "floor", "p99_ms")
+        if p99 is not None:
+            ratios["p99_sidecar_over_floor"] = p99.as_dict()
+    return {"cells": cells, "ratios": ratios, "latency_point": top}
+
+
+def _spread(d: Mapping[str, float]) -> Spread:
+    return Spread(d["median"], d["low"], d["high"])
+
+
+def verdicts(summary: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
+    """The issue's targets, as (target, measured, holds)."""
+    out: list[tuple[str, str, bool]] = []
+    ratios = summary["ratios"]
+    for point, d in ratios["cpu_sidecar_over_floor"].items():
+        where = "closed loop, ingest only" if point == CLOSED else f"{int(point):,} ev/s"
+        spread = _spread(d)
+        out.append(
+            (f"CPU per event ≤ 1.2 x the floor's ({where})", spread.show(2), spread.median <= 1.2)
+        )
+    if "events_per_s_sidecar_over_bare" in ratios:
+        spread = _spread(ratios["events_per_s_sidecar_over_bare"])
+        out.append(
+            (
+                "durable ingest, closed loop ≥ 75% of bare aiohttp's events/s",
+                spread.show(2),
+                spread.median >= 0.75,
+            )
+        )
+    if "p99_sidecar_over_floor" in ratios:
+        spread = _spread(ratios["p99_sidecar_over_floor"])
+        point = int(summary["latency_point"])
+        out.append(
+            (f"p99 at {point:,} ev/s paced ≤ 2 x the floor's", spread.show(2), spread.median <= 2)
+        )
+    return out
+
+
+def markdown(summary: Mapping[str, Any], points: Sequence[str], header: str) -> str:
+    """The issue's table: CPU per delivered event per target and load point, medians
+    with the range over rounds; then latency, throughput and the targets."""
+    cells = summary["cells"]
+    titles = [
+        "ingest only, 64 connections closed loop" if p == CLOSED else f"{int(p):,} ev/s"
+        for p in points
+    ]
+    lines = [
+        header,
+        "",
+        "| per delivered event (target process only) | " + " | ".join(titles) + " |",
+        "| --- |" + " ---: |" * len(points),
+    ]
+
+    def row(target: str) -> str:
+        out = []
+        for point in points:
+            cell = cells.get(target, {}).get(point)
+            if cell is None:
+                out.append("")
+                continue
+            text = f"{_spread(cell['us_per_event']).show()} µs"
+            if point == CLOSED:
+                text += f", {_spread(cell['events_per_s']).show()} ev/s"
+            out.append(text)
+        return f"| {NAMES[target]} | " + " | ".join(out) + " |"
+
+    ratio_cells = []
+    for point in points:
+        d = summary["ratios"]["cpu_sidecar_over_floor"].get(point)
+        ratio_cells.append("" if d is None else _spread(d).show(2))
+    lines += [
+        row("floor"),
+        row("sidecar"),
+        "| ratio sidecar / floor | " + " | ".join(ratio_cells) + " |",
+    ]
+    lines.append(row("bare"))
+    top = summary["latency_point"]
+    if top is not None:
+        lat = []
+        for target in TARGETS:
+            cell = cells.get(target, {}).get(top)
+            if cell is not None:
+                p50, p99 = _spread(cell["p50_ms"]), _spread(cell["p99_ms"])
+                lat.append(f"{target} {p50.show(1)}/{p99.show(1)} ms")
+        lines += ["", f"p50/p99 at {int(top):,} ev/s paced: " + ", ".join(lat) + "."]
+    if "events_per_s_sidecar_over_bare" in summary["ratios"]:
+        share = _spread(summary["ratios"]["events_per_s_sidecar_over_bare"])
+        lines += ["", f"Closed loop, sidecar events/s ÷ bare aiohttp's: {share.show(2)}."]
+    lines += ["", "| target | measured | holds |", "| --- | ---: | :---: |"]
+    for name, value, ok in verdicts(summary):
+        lines.append(f"| {name} | {value} | {'yes' if ok else '**no**'} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,392 @@
+"""The floor benchmark's instrument (``benchmarks/floor.py``, ``benchmarks/floor_stats.py``):
+the floor checks bodies exactly as the sidecar does, answers only after its commit and
+forwards each event once with a stable key; the CPU reading counts threads that ended;
+the rounds' medians, ranges and ratios are what the table says."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from valmi_sidecar import events
+from valmi_sidecar.events import ValidationError, parse_one
+from valmi_sidecar.fake_api import FakeValmi
+
+from .conftest import ACTION, DEFAULT_KEY, OUTCOME, wait_until
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+NOW = 1_765_000_000.25
+
+
+def _load(name: str) -> ModuleType:
+    """A module of ``benchmarks/`` (scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+floor = _load("floor")
+stats = _load("floor_stats")
+
+
+# -- the body check: the sidecar's, exactly ----------------------------------------------
+
+
+def _same_as_sidecar(kind: events.Kind, raw: bytes) -> None:
+    created_at = events.rfc3339(NOW)
+    try:
+        expected = parse_one(kind, raw, now=NOW).body
+    except ValidationError as exc:
+        with pytest.raises(ValidationError) as info:
+            floor.upstream_body(kind, raw, created_at)
+        assert [p.as_dict() for p in exc.problems] == [p.as_dict() for p in info.value.problems]
+        return
+    assert expected == floor.upstream_body(kind, raw, created_at)
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw"),
+    [
+        ("action", json.dumps(ACTION).encode()),
+        ("outcome", json.dumps(OUTCOME).encode()),
+        ("action", json.dumps({**ACTION, "timestamp": None}).encode()),
+        ("action", json.dumps({**ACTION, "timestamp": "2026-01-15T10:30:00Z"}).encode()),
+        ("action", json.dumps({**ACTION, "agent_key": "é"}, ensure_ascii=True).encode()),
+        ("action", b'{"agent_key":"a","agent_key":"b","action_type":"llm_call"}'),
+        ("action", b'{"agent_key":"a","action_type":"llm_call","metadata":{"n":1e400}}'),
+        ("action", b'{"agent_key":"\xff","action_type":"llm_call"}'),
+        ("action", b"[1, 2]"),
+        ("action", b"{"),
+        ("outcome", b'{"agent_key":"a","outcome_type":"x","value":1.0E2}'),
+        ("action", b'{"agent_key":"a","action_type":"llm_call","extra":1}'),
+    ],
+)
+def test_floor_accepts_and_refuses_what_the_sidecar_does(kind: events.Kind, raw: bytes) -> None:
+    """Same upstream body byte for byte, or the same problems."""
+    _same_as_sidecar(kind, raw)
+
+
+_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=6)
+    | st.dictionaries(st.text(max_size=4), st.integers(), max_size=2)
+)
+
+
+def _mostly(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``good`` four times in five, else any JSON value: most bodies are accepted."""
+    return st.tuples(st.integers(0, 4), good, _values).map(lambda t: t[1] if t[0] else t[2])
+
+
+_names = _mostly(st.text(min_size=1, max_size=8))
+_optional = {
+    "metadata": _mostly(st.dictionaries(st.text(max_size=4), _values, max_size=3)),
+    "timestamp": _mostly(st.sampled_from(["2026-01-15T10:30:00Z", "2026-01-15", None])),
+}
+_bodies: dict[str, st.SearchStrategy[dict[str, Any]]] = {
+    "action": st.fixed_dictionaries(
+        {"agent_key": _names, "action_type": _names}, optional=_optional
+    ),
+    "outcome": st.fixed_dictionaries(
+        {"agent_key": _names, "outcome_type": _names, "value": _mostly(st.floats())},
+        optional=_optional,
+    ),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    kind=st.sampled_from(events.KINDS),
+    spacing=st.sampled_from([(",", ":"), (", ", ": ")]),
+    ascii_only=st.booleans(),
+    extra=st.integers(0, 9),
+    repeat=st.integers(0, 9),
+)
+def test_any_body_gets_the_sidecars_answer_from_the_floor(
+    data: st.DataObject,
+    kind: events.Kind,
+    spacing: tuple[str, str],
+    ascii_only: bool,
+    extra: int,
+    repeat: int,
+) -> None:
+    obj = data.draw(_bodies[kind])
+    if extra == 0:
+        obj["x"] = 1  # not a field of either kind
+    raw = json.dumps(obj, separators=spacing, ensure_ascii=ascii_only).encode()
+    if repeat == 0:
+        name = next(iter(obj))
+        raw = raw[:1] + json.dumps(name).encode() + b":0," + raw[1:]  # a key named twice
+    _same_as_sidecar(kind, raw)
+
+
+# -- the floor as a process ---------------------------------------------------------------
+
+
+class FloorProcess:
+    def __init__(self, data_dir: Path, api_url: str, *, api_key: str | None) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VALMI")}
+        if api_key is not None:
+            env["VALMI_API_KEY"] = api_key
+        self.data_dir = data_dir
+        self.log_path = data_dir.parent / f"floor-{time.monotonic_ns()}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, str(BENCH / "floor.py"), "--listen", "127.0.0.1:0"),
+                *("--data-dir", str(data_dir), "--api-url", api_url),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.url = ""
+
+    async def wait_ready(self) -> str:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the floor exited: {self.log_path.read_text()}")
+            for line in self.log_path.read_text().splitlines():
+                if '"floor_ready"' in line:
+                    self.url = "http://" + json.loads(line)["listen"]
+                    return True
+            return False
+
+        await wait_until(ready, 20, "floor_ready")
+        return self.url
+
+    def rows(self) -> int:
+        db = sqlite3.connect(self.data_dir / "floor.db")
+        try:
+            return int(db.execute("SELECT count(*) FROM events").fetchone()[0])
+        finally:
+            db.close()
+
+    async def no_rows(self) -> bool:
+        """Every delivery recorded: the queue's table is empty."""
+        return await asyncio.to_thread(self.rows) == 0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def floors(tmp_path: Path) -> Iterator[list[FloorProcess]]:
+    """Floor processes a test starts; any still running are killed at the end."""
+    started: list[FloorProcess] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            p.kill()
+
+
+async def _post(client: httpx.AsyncClient, url: str, body: bytes, **headers: str) -> httpx.Response:
+    return await client.post(
+        url, content=body, headers={"Content-Type": "application/json", **headers}
+    )
+
+
+async def test_floor_forwards_each_acknowledged_event_once_under_its_id(
+    tmp_path: Path, fake: FakeValmi, floors: list[FloorProcess]
+) -> None:
+    floors.append(FloorProcess(tmp_path / "data", fake.url, api_key=DEFAULT_KEY))
+    url = await floors[0].wait_ready()
+    async with httpx.AsyncClient() as client:
+        answers = [
+            await _post(client, url + "/v1/actions", json.dumps(ACTION).encode()) for _ in range(4)
+        ]
+        answers.append(await _post(client, url + "/v1/outcomes", json.dumps(OUTCOME).encode()))
+    assert [202] * 5 == [a.status_code for a in answers]
+    ids = {a.json()["id"] for a in answers}
+    await wait_until(lambda: len(fake.events()) == 5, 10, "five events upstream")
+    assert ids == {r.idem_key for r in fake.events()}
+    assert [1] * 5 == [r.attempts for r in fake.events()]
+    await wait_until(floors[0].no_rows, 10, "deliveries recorded")
+
+
+async def test_floor_refuses_what_the_sidecar_refuses_and_sends_none_of_it(
+    tmp_path: Path, fake: FakeValmi, floors: list[FloorProcess]
+) -> None:
+    floors.append(FloorProcess(tmp_path / "data", fake.url, api_key=DEFAULT_KEY))
+    url = await floors[0].wait_ready() + "/v1/actions"
+    async with httpx.AsyncClient() as client:
+        twice = await _post(client, url, b'{"agent_key":"a","agent_key":"b","action_type":"x"}')
+        bad_key = await _post(
+            client, url, json.dumps(ACTION).encode(), **{"Idempotency-Key": "k" * 256}
+        )
+        plain = await client.post(url, content=json.dumps(ACTION).encode())
+        good = await _post(client, url, json.dumps(ACTION).encode())
+    assert (400, "invalid_request") == (twice.status_code, twice.json()["error"]["code"])
+    assert (400, "invalid_idempotency_key") == (
+        bad_key.status_code,
+        bad_key.json()["error"]["code"],
+    )
+    assert 415 == plain.status_code
+    assert 202 == good.status_code
+    await wait_until(lambda: len(fake.events()) >= 1, 10, "the good event upstream")
+    assert [good.json()["id"]] == [r.idem_key for r in fake.events()]
+
+
+async def test_floor_sends_what_a_kill_left_with_the_same_keys(
+    tmp_path: Path, fake: FakeValmi, floors: list[FloorProcess]
+) -> None:
+    data = tmp_path / "data"
+    floors.append(FloorProcess(data, fake.url, api_key=None))  # no key: nothing forwarded
+    url = await floors[0].wait_ready()
+    async with httpx.AsyncClient() as client:
+        answers = [
+            await _post(
+                client,
+                url + "/v1/actions",
+                json.dumps(ACTION).encode(),
+                **{"Idempotency-Key": f"k{i}"},
+            )
+            for i in range(3)
+        ]
+    assert [202] * 3 == [a.status_code for a in answers]
+    floors[0].proc.send_signal(signal.SIGKILL)
+    await wait_until(lambda: floors[0].proc.poll() is not None, 10, "the floor killed")
+    assert 3 == await asyncio.to_thread(floors[0].rows)
+    floors.append(FloorProcess(data, fake.url, api_key=DEFAULT_KEY))
+    await floors[1].wait_ready()
+    await wait_until(lambda: len(fake.events()) == 3, 10, "the left events upstream")
+    assert {"k0", "k1", "k2"} == {r.idem_key for r in fake.events()}
+    await wait_until(floors[1].no_rows, 10, "deliveries recorded")
+
+
+# -- CPU readings ---------------------------------------------------------------------------
+
+
+def test_process_clock_counts_a_thread_that_ended_and_the_thread_sum_does_not() -> None:
+    """Why floor_compare reports the process's CPU-time clock: a thread that spun for
+    0.3 s and ended is in it, and gone from /proc/<pid>/task/*/schedstat."""
+    script = (
+        "import threading, time, sys\n"
+        "def spin():\n"
+        "    end = time.thread_time() + 0.3\n"
+        "    while time.thread_time() < end: pass\n"
+        "t = threading.Thread(target=spin); t.start(); t.join()\n"
+        "print('spun', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert "spun\n" == proc.stdout.readline()
+        sample = stats.cpu_sample(proc.pid)
+    finally:
+        proc.communicate("")
+    assert sample.process_ns >= 300_000_000
+    assert sample.process_ns - sample.threads_ns >= 300_000_000
+    assert 1 == sample.threads
+
+
+def test_cpu_spent_is_in_seconds_by_each_reading() -> None:
+    before = stats.CpuSample(process_ns=1_000_000_000, threads_ns=900_000_000, ticks=100, threads=3)
+    after = stats.CpuSample(
+        process_ns=1_500_000_000, threads_ns=1_300_000_000, ticks=150, threads=4
+    )
+    spent = stats.cpu_spent(before, after)
+    assert 0.5 == spent["cpu_s"]
+    assert pytest.approx(0.4) == spent["cpu_threads_s"]
+    assert 50 / stats.CLK_TCK == spent["cpu_ticks_s"]
+
+
+# -- over rounds ------------------------------------------------------------------------------
+
+
+def test_spread_shows_the_median_and_the_range_unless_they_agree() -> None:
+    assert "1,058 (1,000-1,200)" == stats.Spread.of([1200.0, 1000.0, 1058.0]).show()
+    assert "52" == stats.Spread.of([52.0]).show()
+    assert "1.68" == stats.Spread.of([1.68, 1.681]).show(2)
+
+
+def test_spread_of_nothing_is_an_error() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        stats.Spread.of([])
+
+
+def _run(
+    target: str, point: str, n: int, us: float, eps: float = 0.0, p99: float = 1.0
+) -> dict[str, Any]:
+    return {
+        "target": target,
+        "point": point,
+        "round": n,
+        "us_per_event": us,
+        "events_per_s": eps,
+        "p50_ms": p99 / 2,
+        "p99_ms": p99,
+    }
+
+
+def test_ratios_pair_each_round_with_the_same_round() -> None:
+    """Round 0: 2.0; round 1: 1.0. Ratios of medians (1.5 / 1.5 = 1.0) would hide both."""
+    runs = [
+        _run("floor", "10", 0, 1000.0),
+        _run("sidecar", "10", 0, 2000.0),
+        _run("floor", "10", 1, 2000.0),
+        _run("sidecar", "10", 1, 2000.0),
+    ]
+    summary = stats.summarize(runs, ["10"])
+    assert {"median": 1.5, "low": 1.0, "high": 2.0} == summary["ratios"]["cpu_sidecar_over_floor"][
+        "10"
+    ]
+    assert {"median": 1500.0, "low": 1000.0, "high": 2000.0} == summary["cells"]["floor"]["10"][
+        "us_per_event"
+    ]
+
+
+def test_verdicts_and_table_name_the_issues_targets() -> None:
+    runs = [
+        _run("floor", "1000", 0, 500.0, p99=1.0),
+        _run("sidecar", "1000", 0, 550.0, p99=3.0),
+        _run("bare", "1000", 0, 70.0, p99=0.5),
+        _run("floor", "closed", 0, 50.0, eps=20_000.0),
+        _run("sidecar", "closed", 0, 100.0, eps=16_000.0),
+        _run("bare", "closed", 0, 50.0, eps=20_000.0),
+    ]
+    summary = stats.summarize(runs, ["1000", "closed"])
+    assert [
+        ("CPU per event ≤ 1.2 x the floor's (1,000 ev/s)", "1.10", True),
+        ("CPU per event ≤ 1.2 x the floor's (closed loop, ingest only)", "2.00", False),
+        ("durable ingest, closed loop ≥ 75% of bare aiohttp's events/s", "0.80", True),
+        ("p99 at 1,000 ev/s paced ≤ 2 x the floor's", "3.00", False),
+    ] == stats.verdicts(summary)
+    table = stats.markdown(summary, ["1000", "closed"], "header")
+    assert "| ratio sidecar / floor | 1.10 | 2.00 |" in table
+    assert "| bare aiohttp, receive only | 70 µs | 50 µs, 20,000 ev/s |" in table
+    assert (
+        "p50/p99 at 1,000 ev/s paced: floor 0.5/1.0 ms, sidecar 1.5/3.0 ms, bare 0.2/0.5 ms."
+        in table
+    )
