@@ -72,7 +72,9 @@ async def test_every_operator_route_requires_the_ingest_token(
     _, url = await sidecar_factory(None, ingest_token=Secret(TOKEN))
     auth = {"Authorization": f"Bearer {TOKEN}"}
     for method, path in OPERATOR_ROUTES:
-        body = {"events": []} if path == "/v1/salvage" else ({} if method == "POST" else None)
+        body: dict[str, Any] | None = (
+            {"events": []} if path == "/v1/salvage" else ({} if method == "POST" else None)
+        )
         refused = await client.request(method, url + path, json=body)
         assert (401, "unauthorized") == (
             refused.status_code,
