@@ -13,10 +13,8 @@ from typing import Any, Final
 import msgspec
 
 from ..events import NewEvent
-from ..store import Counts, DeadLetterRecord, DiskUsage, LedgerRow
+from ..store import DEAD_LETTER_WARN_SHARE, Counts, DeadLetterRecord, DiskUsage, LedgerRow
 
-#: Dead letters taking this share of the disk budget or more are reported in the status.
-DEAD_LETTER_WARN_SHARE: Final = 0.25
 #: Why an event is a dead letter: refused by the upstream for good, or too old to send.
 DEAD_LETTER_REASONS: Final = ("rejected", "expired")
 
