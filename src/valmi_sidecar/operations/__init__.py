@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from .forms import (
     DEAD_LETTER_REASONS,
-    DEAD_LETTER_WARN_SHARE,
     counts_json,
     dead_letter_json,
     disk_json,
@@ -33,7 +32,6 @@ from .target import Target, choose, recorded_url, sidecar_holds, status_url, tar
 
 __all__ = [
     "DEAD_LETTER_REASONS",
-    "DEAD_LETTER_WARN_SHARE",
     "DeadLetterPage",
     "DeadLetterQuery",
     "EventTooBigError",
