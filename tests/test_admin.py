@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +24,11 @@ from valmi_sidecar.operations import (
     HttpOperations,
     ImportCounts,
     LocalOperations,
+    NotAnsweringError,
+    OperationError,
     Operations,
+    Target,
+    choose,
     salvage_record,
 )
 from valmi_sidecar.store import DeadLetter, DeadLetterFilter, Store
@@ -277,3 +282,70 @@ async def test_operations_change_the_data_the_same_way(operations: Operations) -
     summary = await ops.dead_letter_summary()
     assert [("rejected", 1)] == [(r["reason"], r["count"]) for r in summary["reasons"]]
     assert 2 == summary["dead_lettered"]
+
+
+# --- choosing the implementation ------------------------------------------------------
+
+
+def refused_url() -> str:
+    """A loopback address where nothing listens (the port was free a moment ago)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+async def test_choose_asks_the_api_when_it_answers_and_the_file_when_nothing_listens(
+    sidecar_factory: SidecarFactory, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "stopped"
+    await seeded(data_dir)
+    settings = Settings(data_dir=data_dir)
+    told: list[str] = []
+    local = await choose(Target(settings, refused_url(), 5.0), "/v1/ledger", announce=told.append)
+    try:
+        assert isinstance(local, LocalOperations)
+        assert [f"{data_dir / 'queue.db'} (no sidecar running)"] == told
+        assert 3 == await local.count_dead_letters(DeadLetterQuery())
+    finally:
+        await local.aclose()
+    _, url = await sidecar_factory(None)
+    api = await choose(Target(settings, url, 5.0, "--url"), "/v1/ledger", announce=told.append)
+    try:
+        assert isinstance(api, HttpOperations)
+        await api.ledger()
+        assert f"{url} (--url)" == told[-1]
+    finally:
+        await api.aclose()
+
+
+async def test_choose_refuses_a_held_data_directory_that_nothing_answers_for(
+    tmp_path: Path,
+) -> None:
+    """A sidecar holds the directory but listens elsewhere: reading its file would show
+    numbers that are already stale, so the command says to give the address."""
+    store = await Store.open(tmp_path / "data", prune_interval_s=None)
+    try:
+        base = refused_url()
+        target = Target(Settings(data_dir=tmp_path / "data"), base, 5.0)
+        with pytest.raises(OperationError, match="pass --url with its listen address"):
+            await choose(target, "/v1/ledger", announce=None)
+    finally:
+        await store.close()
+
+
+async def test_choose_with_nothing_running_and_no_database_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    target = Target(Settings(data_dir=tmp_path / "none"), refused_url(), 5.0)
+    with pytest.raises(OperationError, match="is `valmi-sidecar run` running"):
+        await choose(target, "/v1/ledger", announce=None)
+
+
+async def test_a_sidecar_that_stops_answering_mid_command_says_to_run_it_again() -> None:
+    api = http_operations(refused_url())
+    try:
+        with pytest.raises(NotAnsweringError, match="run the command again"):
+            await api.count_dead_letters(DeadLetterQuery())
+    finally:
+        await api.aclose()
