@@ -1,7 +1,9 @@
 """The operator's HTTP API on the listen address: the ledger, the dead letters, salvage.
 
-Protected like ``/v1/*`` ingest: with an ingest token set, ``Authorization: Bearer <token>``
-is required. Errors have the receiver's one shape. ``valmi-sidecar ledger``,
+Every route is under ``/v1/``, so the receiver's ``token_middleware`` guards it like
+ingest: with an ingest token set, ``Authorization: Bearer <token>`` is required. Errors
+have the receiver's one shape, store errors mapped by ``receiver.store_api_error``. The
+answers come from ``LocalOperations`` over the live store. ``valmi-sidecar ledger``,
 ``dead-letters …`` and ``salvage`` use these routes while a sidecar runs.
 
 ``GET  /v1/ledger?agent_key=&since=&until=``        ledger lines and their totals
@@ -18,9 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Final, cast
 
 import msgspec
@@ -28,8 +28,18 @@ from aiohttp import web
 
 from . import events
 from .events import Kind, NewEvent, ValidationError
-from .receiver import STORE, ApiError, _check_token
-from .store import DeadLetterFilter, LedgerRow, QueueFullError, StoreError, salvage_problem
+from .operations import (
+    DEAD_LETTER_REASONS,
+    DeadLetterQuery,
+    LocalOperations,
+    Operations,
+    ledger_totals,
+    moved_aside_json,
+    salvage_record,
+)
+from .operations.forms import SALVAGE_FIELDS
+from .receiver import STORE, ApiError, store_api_error
+from .store import StoreError, salvage_problem
 
 _encode: Final = msgspec.json.Encoder().encode
 _JSON: Final = "application/json"
@@ -37,8 +47,6 @@ _JSON: Final = "application/json"
 MAX_PAGE: Final = 1_000
 MAX_CHANGE: Final = 10_000
 _DAY: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
-#: Why an event is a dead letter: refused by the upstream for good, or too old to send.
-DEAD_LETTER_REASONS: Final = ("rejected", "expired")
 _FILTER_FIELDS: Final = frozenset({"reason", "agent_key", "older_than_s", "newer_than_s", "ids"})
 
 
@@ -50,6 +58,11 @@ def _bad(field: str, message: str) -> ApiError:
     return ApiError(
         400, "invalid_request", f"{field}: {message}", [{"field": field, "message": message}]
     )
+
+
+def _operations(request: web.Request) -> Operations:
+    """The operations on the store the service set on the application."""
+    return LocalOperations.live(request.app[STORE])
 
 
 _LEDGER_QUERY: Final = frozenset({"agent_key", "since", "until"})
@@ -120,10 +133,8 @@ def _text(raw: object, name: str) -> str | None:
     return raw
 
 
-def parse_filter(
-    fields: Mapping[str, Any], now: float, after_seq: int = 0, *, query: bool = False
-) -> DeadLetterFilter:
-    """A ``DeadLetterFilter`` from query parameters (``query``, text) or a JSON body (JSON
+def parse_query(fields: Mapping[str, Any], *, query: bool = False) -> DeadLetterQuery:
+    """A ``DeadLetterQuery`` from query parameters (``query``, text) or a JSON body (JSON
     types), ages in seconds."""
     older = _number(fields.get("older_than_s"), "older_than_s", query=query)
     newer = _number(fields.get("newer_than_s"), "newer_than_s", query=query)
@@ -133,88 +144,57 @@ def parse_filter(
     reason = _text(fields.get("reason"), "reason")
     if reason is not None and reason not in DEAD_LETTER_REASONS:
         raise _bad("reason", f"must be one of: {', '.join(DEAD_LETTER_REASONS)}")
-    return DeadLetterFilter(
+    return DeadLetterQuery(
         reason=reason,
         agent_key=_text(fields.get("agent_key"), "agent_key"),
-        dead_before=None if older is None else now - older,
-        dead_after=None if newer is None else now - newer,
+        older_than_s=older,
+        newer_than_s=newer,
         ids=None if ids is None else tuple(ids),
-        after_seq=after_seq,
     )
 
 
-def ledger_totals(rows: list[LedgerRow]) -> dict[str, Any]:
-    """The sums of the ledger lines (what reconciles with the event counts)."""
-    totals: dict[str, Any] = {"received": 0, "queued": 0, "delivered": 0, "dead_lettered": 0}
-    value = {"received": 0.0, "queued": 0.0, "delivered": 0.0, "dead_lettered": 0.0}
-    for r in rows:
-        totals["received"] += r.received
-        totals["queued"] += r.queued
-        totals["delivered"] += r.delivered
-        totals["dead_lettered"] += r.dead_lettered
-        value["received"] += r.received_value
-        value["queued"] += r.queued_value
-        value["delivered"] += r.delivered_value
-        value["dead_lettered"] += r.dead_lettered_value
-    totals["outcome_value"] = {k: round(v, 9) + 0.0 for k, v in value.items()}
-    return totals
+def _ids_listed(q: dict[str, str]) -> dict[str, Any]:
+    """Query parameters with ``ids`` (comma-separated) as a list."""
+    fields: dict[str, Any] = dict(q)
+    if "ids" in fields:
+        fields["ids"] = [i for i in fields["ids"].split(",") if i]
+    return fields
 
 
 async def get_ledger(request: web.Request) -> web.Response:
-    _check_token(request)
     q = _query(request, _LEDGER_QUERY)
-    rows = await request.app[STORE].ledger(
+    answer = await _operations(request).ledger(
         agent_key=_text(q.get("agent_key"), "agent_key"),
         since=_day(q, "since"),
         until=_day(q, "until"),
     )
-    return _json({"rows": [r.as_dict() for r in rows], "totals": ledger_totals(rows)})
+    return _json(answer)
 
 
 async def list_dead_letters(request: web.Request) -> web.Response:
-    _check_token(request)
     q = _query(request, _LIST_QUERY)
     limit = _int(q.get("limit"), "limit", 100, MAX_PAGE, query=True)
     after = _int(q.get("after_seq"), "after_seq", 0, 2**62, query=True)
-    fields: dict[str, Any] = dict(q)
-    if "ids" in fields:
-        fields["ids"] = [i for i in fields["ids"].split(",") if i]
-    flt = parse_filter(fields, time.time(), after_seq=after, query=True)
-    records = await request.app[STORE].dead_letters(limit, flt)
-    body = {
-        "dead_letters": [r.as_dict() for r in records],
-        "next_after_seq": records[-1].seq if len(records) == limit and records else None,
-    }
-    return _json(body)
+    query = parse_query(_ids_listed(q), query=True)
+    page = await _operations(request).dead_letters(query, limit=limit, after_seq=after)
+    return _json({"dead_letters": page.items, "next_after_seq": page.next_after_seq})
 
 
 async def dead_letter_summary(request: web.Request) -> web.Response:
-    _check_token(request)
-    store = request.app[STORE]
-    return _json(
-        {
-            "reasons": await store.dead_letter_summary(),
-            "dead_lettered": store.counts().dead_lettered,
-        }
-    )
+    return _json(await _operations(request).dead_letter_summary())
 
 
 async def count_dead_letters(request: web.Request) -> web.Response:
-    _check_token(request)
-    fields: dict[str, Any] = _query(request, _FILTER_FIELDS)
-    if "ids" in fields:
-        fields["ids"] = [i for i in fields["ids"].split(",") if i]
-    n = await request.app[STORE].count_dead_letters(parse_filter(fields, time.time(), query=True))
-    return _json({"count": n})
+    query = parse_query(_ids_listed(_query(request, _FILTER_FIELDS)), query=True)
+    return _json({"count": await _operations(request).count_dead_letters(query)})
 
 
 async def show_dead_letter(request: web.Request) -> web.Response:
-    _check_token(request)
     event_id = request.match_info["id"]
-    records = await request.app[STORE].dead_letters(1, DeadLetterFilter(ids=(event_id,)))
-    if not records:
+    page = await _operations(request).dead_letters(DeadLetterQuery(ids=(event_id,)), limit=1)
+    if not page.items:
         raise ApiError(404, "not_found", f"no dead letter with id {event_id}")
-    return _json(records[0].as_dict())
+    return _json(page.items[0])
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -232,16 +212,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _store_error(exc: StoreError) -> ApiError:
-    if isinstance(exc, QueueFullError):
-        return ApiError(503, "queue_full", str(exc), retry_after_s=exc.retry_after_s)
-    return ApiError(
-        503, "store_unavailable", f"the sidecar could not write: {exc}", retry_after_s=2
-    )
-
-
 async def _change(request: web.Request, action: str) -> web.Response:
-    _check_token(request)
     body = await _body(request)
     unknown = sorted(set(body) - _FILTER_FIELDS - {"limit"})
     if unknown:
@@ -249,15 +220,15 @@ async def _change(request: web.Request, action: str) -> web.Response:
             unknown[0], f"unknown field; allowed: {', '.join(sorted(_FILTER_FIELDS))}, limit"
         )
     limit = _int(body.get("limit"), "limit", MAX_CHANGE, MAX_CHANGE, query=False)
-    flt = parse_filter(body, time.time())
-    store = request.app[STORE]
+    query = parse_query(body)
+    ops = _operations(request)
     try:
         if action == "requeued":
-            n = await store.requeue_dead_letters(flt, limit)
+            n = await ops.requeue_dead_letters(query, limit)
         else:
-            n = await store.purge_dead_letters(flt, limit)
+            n = await ops.purge_dead_letters(query, limit)
     except StoreError as exc:
-        raise _store_error(exc) from exc
+        raise store_api_error(request, exc, ingest=False) from exc
     return _json({action: n})
 
 
@@ -272,44 +243,12 @@ async def purge_dead_letters(request: web.Request) -> web.Response:
 # -- salvage ---------------------------------------------------------------------------
 
 
-def salvage_record(event: NewEvent) -> dict[str, Any]:
-    """The JSON form of a salvaged event, for ``POST /v1/salvage``."""
-    return {
-        "id": event.id,
-        "idempotency_key": event.idem_key,
-        "kind": event.kind,
-        "body": event.body.decode("utf-8"),
-        "fingerprint": event.fingerprint.hex(),
-        "agent_key": event.agent_key,
-        "event_type": event.event_type,
-        "value": event.value,
-        "received_at": event.received_at,
-        "created_at": event.created_at,
-    }
-
-
-_SALVAGE_FIELDS: Final = frozenset(
-    {
-        "id",
-        "idempotency_key",
-        "kind",
-        "body",
-        "fingerprint",
-        "agent_key",
-        "event_type",
-        "value",
-        "received_at",
-        "created_at",
-    }
-)
-
-
 def parse_salvage_record(raw: object, index: int) -> NewEvent:
     """A ``salvage_record`` back into the event it was, or a 400 naming the field."""
     where = f"events[{index}]"
     if not isinstance(raw, dict):
         raise _bad(where, "must be an object")
-    unknown = sorted(set(raw) - _SALVAGE_FIELDS)
+    unknown = sorted(set(raw) - SALVAGE_FIELDS)
     if unknown:
         raise _bad(f"{where}.{unknown[0]}", "is not a field of a salvaged event")
     kind = raw.get("kind")
@@ -356,7 +295,6 @@ def _required(raw: Mapping[str, Any], name: str, where: str) -> str:
 
 
 async def post_salvage(request: web.Request) -> web.Response:
-    _check_token(request)
     body = await _body(request)
     unknown = sorted(set(body) - {"events"})
     if unknown:
@@ -366,9 +304,9 @@ async def post_salvage(request: web.Request) -> web.Response:
         raise _bad("events", "must be a list of salvaged events")
     salvaged = [parse_salvage_record(r, i) for i, r in enumerate(raw)]
     try:
-        result = await request.app[STORE].import_events(salvaged)
+        result = await _operations(request).import_events(salvaged)
     except StoreError as exc:
-        raise _store_error(exc) from exc
+        raise store_api_error(request, exc, ingest=False) from exc
     return _json(
         {
             "imported": result.imported,
@@ -378,21 +316,9 @@ async def post_salvage(request: web.Request) -> web.Response:
     )
 
 
-def moved_aside_json(paths: list[Path]) -> list[dict[str, Any]]:
-    """The moved-aside databases still present, with their size and what to run on them
-    (a couple of stat calls: they are few, and only a start-up adds one)."""
-    out = []
-    for path in paths:
-        try:
-            size = path.stat().st_size
-        except OSError:
-            continue  # deleted by the operator: no longer listed
-        out.append({"path": str(path), "bytes": size, "salvage": f"valmi-sidecar salvage {path}"})
-    return out
-
-
 def add_admin_routes(app: web.Application) -> None:
-    """Add the operator routes to the local API (the caller sets ``app[STORE]``)."""
+    """Add the operator routes to the local API (the caller sets ``app[STORE]``). They are
+    all under ``/v1/``: the application's ``token_middleware`` checks the ingest token."""
     app.router.add_get("/v1/ledger", get_ledger)
     app.router.add_get("/v1/dead-letters", list_dead_letters)
     app.router.add_get("/v1/dead-letters/summary", dead_letter_summary)
@@ -412,6 +338,7 @@ __all__ = [
     "add_admin_routes",
     "ledger_totals",
     "moved_aside_json",
-    "parse_filter",
+    "parse_query",
+    "parse_salvage_record",
     "salvage_record",
 ]

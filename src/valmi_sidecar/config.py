@@ -99,6 +99,12 @@ def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(xdg) / "valmi-sidecar"
 
 
+def _about(help_text: str, *, metavar: str | None = None) -> dict[str, str]:
+    """A setting's description (the flag's help says its default and variable besides)
+    and, when its type does not say it, the name of its value in the help."""
+    return {"help": help_text} if metavar is None else {"help": help_text, "metavar": metavar}
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the sidecar can be told. Units are in the names.
@@ -107,37 +113,141 @@ class Settings:
     not validate, so tests can make settings (port 0, a tmp data_dir) directly.
     """
 
-    listen: str = "127.0.0.1:8787"
+    listen: str = field(
+        default="127.0.0.1:8787",
+        metadata=_about(
+            "address for the local HTTP API, HOST:PORT; anything but loopback needs an ingest token",
+            metavar="HOST:PORT",
+        ),
+    )
     #: HOST:PORT of the ops listener (``/metrics``, ``/healthz``, ``/readyz`` only); empty: off.
-    ops_listen: str = ""
-    data_dir: Path = field(default_factory=default_data_dir)
-    api_url: str = "https://api.valmi.io"
+    ops_listen: str = field(
+        default="",
+        metadata=_about(
+            "address of the ops listener, HOST:PORT: GET /metrics, /healthz and /readyz only (no events, status or operator routes), for probes and scraping; any address, no ingest token needed",
+            metavar="HOST:PORT",
+        ),
+    )
+    data_dir: Path = field(
+        default_factory=default_data_dir,
+        metadata=_about("directory for the SQLite queue (created 0700)"),
+    )
+    api_url: str = field(
+        default="https://api.valmi.io",
+        metadata=_about(f"base URL of the Valmi API (also read from {ENV_API_URL})", metavar="URL"),
+    )
     api_key: Secret | None = None
     ingest_token: Secret | None = None
-    allowed_origins: tuple[str, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()
-    durability: Literal["full", "normal"] = "full"
-    max_queue_bytes: int = 1 * GiB
-    max_queue_events: int = 5_000_000
-    max_body_bytes: int = 1024 * 1024
+    allowed_origins: tuple[str, ...] = field(
+        default=(),
+        metadata=_about(
+            "web page origins (scheme://host[:port], comma-separated) allowed to call the sidecar from a browser; by default every request with an Origin header is refused (403)",
+            metavar="ORIGIN[,ORIGIN...]",
+        ),
+    )
+    allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata=_about(
+            "extra names accepted in the Host header besides localhost, 127.0.0.1, [::1] and the listen host (comma-separated; others get 403); with an ingest token the Host check is off unless this is set",
+            metavar="HOST[,HOST...]",
+        ),
+    )
+    durability: Literal["full", "normal"] = field(
+        default="full",
+        metadata=_about(
+            "SQLite synchronous mode: 'full' survives power loss, 'normal' only process crashes"
+        ),
+    )
+    max_queue_bytes: int = field(
+        default=1 * GiB,
+        metadata=_about(
+            "disk budget in bytes: every file in the data directory (events, keys, dead letters, WAL); when reached, new events get 503 with Retry-After"
+        ),
+    )
+    max_queue_events: int = field(
+        default=5_000_000,
+        metadata=_about(
+            "queue size limit in events; when reached, new events get 503 with Retry-After"
+        ),
+    )
+    max_body_bytes: int = field(
+        default=1024 * 1024, metadata=_about("largest request body accepted, in bytes (413 beyond)")
+    )
     #: ``None``: the budget of the API key's kind (``rate_limit_per_min_effective``).
-    rate_limit_per_min: int | None = None
-    max_event_age_s: float = 30 * 24 * 3600.0
-    dedup_window_s: float = 24 * 3600.0
-    backoff_base_s: float = 0.5
-    backoff_cap_s: float = 300.0
-    pause_after_refusals: int = 5
-    upstream_timeout_s: float = 10.0
-    upstream_concurrency: int = 16
-    proxy_from_env: bool = True
-    flush_batch_size: int = 256
-    final_flush_s: float = 10.0
-    shutdown_grace_s: float = 5.0
-    client_timeout_s: float = 30.0
-    ingest_processes: int = 1
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["auto", "json", "console"] = "auto"
-    access_log: bool = False
+    rate_limit_per_min: int | None = field(
+        default=None,
+        metadata=_about(
+            "upstream requests per minute; set it only when the key's budget differs from Valmi's documented one"
+        ),
+    )
+    max_event_age_s: float = field(
+        default=30 * 24 * 3600.0,
+        metadata=_about(
+            "seconds an event may wait in the queue before it is dead-lettered (once tried, never while paused)"
+        ),
+    )
+    dedup_window_s: float = field(
+        default=24 * 3600.0,
+        metadata=_about("seconds an Idempotency-Key is remembered for client retries"),
+    )
+    backoff_base_s: float = field(
+        default=0.5,
+        metadata=_about(
+            "first retry delay in seconds after an upstream failure (exponential, full jitter)"
+        ),
+    )
+    backoff_cap_s: float = field(default=300.0, metadata=_about("longest retry delay in seconds"))
+    pause_after_refusals: int = field(
+        default=5,
+        metadata=_about(
+            "different events refused in a row with the same status (400, 413, 422), nothing delivered between, that pause forwarding as a configuration problem instead of dead-lettering them"
+        ),
+    )
+    upstream_timeout_s: float = field(
+        default=10.0, metadata=_about("timeout of one upstream request, in seconds")
+    )
+    upstream_concurrency: int = field(
+        default=16, metadata=_about("upstream requests in flight at once")
+    )
+    proxy_from_env: bool = field(
+        default=True,
+        metadata=_about(
+            "reach the Valmi API through the proxy named by HTTPS_PROXY (HTTP_PROXY for an http:// API_URL), except for hosts in NO_PROXY"
+        ),
+    )
+    flush_batch_size: int = field(
+        default=256, metadata=_about("events leased from the queue per flusher round")
+    )
+    final_flush_s: float = field(
+        default=10.0, metadata=_about("seconds to keep forwarding after SIGTERM before exiting")
+    )
+    shutdown_grace_s: float = field(
+        default=5.0, metadata=_about("seconds to let in-flight ingest requests finish on shutdown")
+    )
+    client_timeout_s: float = field(
+        default=30.0,
+        metadata=_about(
+            "seconds a client has to send its headers and body (or to stay idle between requests) before its connection is closed"
+        ),
+    )
+    ingest_processes: int = field(
+        default=1,
+        metadata=_about(
+            "processes that serve the local API: 1 is the sidecar alone; N > 1 starts N worker processes for HTTP and validation, the main one keeps the queue and forwarding"
+        ),
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = field(
+        default="info", metadata=_about("lowest level logged")
+    )
+    log_format: Literal["auto", "json", "console"] = field(
+        default="auto",
+        metadata=_about(
+            "log lines: 'json' (one object per line), 'console', or 'auto' (console on a terminal)"
+        ),
+    )
+    access_log: bool = field(
+        default=False, metadata=_about("log every HTTP request to the local API")
+    )
 
     @property
     def host(self) -> str:
@@ -295,6 +405,17 @@ def field_default(name: str) -> object:
     if f.default_factory is not MISSING:
         return f.default_factory()
     raise KeyError(name)  # pragma: no cover - every field has a default
+
+
+def field_help(name: str) -> str:
+    """What a non-secret setting does (its flag's help adds the default and the variable)."""
+    return str(_FIELDS[name].metadata["help"])
+
+
+def field_metavar(name: str) -> str | None:
+    """The name of a setting's value in the help, when its type does not say it."""
+    value = _FIELDS[name].metadata.get("metavar")
+    return None if value is None else str(value)
 
 
 def field_choices(name: str) -> tuple[str, ...] | None:
@@ -821,7 +942,9 @@ __all__ = [
     "env_var",
     "field_choices",
     "field_default",
+    "field_help",
     "field_kind",
+    "field_metavar",
     "flag",
     "is_loopback",
     "key_rate_limit_per_min",

@@ -198,7 +198,8 @@ def _too_large(limit: int, _detail: str | None = None) -> ApiError:
     )
 
 
-def _check_token(request: web.Request) -> None:
+def check_token(request: web.Request) -> None:
+    """Refuse the request (401) unless it carries the ingest token, when one is set."""
     token = request.app[TOKEN].secret
     if token is None:
         return  # An agent's own Authorization header (its Valmi key) is ignored.
@@ -211,6 +212,21 @@ def _check_token(request: web.Request) -> None:
             "unauthorized",
             "this sidecar requires its ingest token: send 'Authorization: Bearer <token>'",
         )
+
+
+@web.middleware
+async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route under ``/v1/`` (ingest, status, the operator's) takes the ingest token:
+    a route added there is guarded without asking. An unknown path is a 404 either way."""
+    info = request.match_info
+    resource = info.route.resource
+    if (
+        info.http_exception is None
+        and resource is not None
+        and resource.canonical.startswith("/v1/")
+    ):
+        check_token(request)
+    return await handler(request)
 
 
 def check_accepting(request: web.Request) -> None:
@@ -267,30 +283,47 @@ def _idempotency_key(request: web.Request) -> str | None:
 async def _store(request: web.Request, new: list[NewEvent]) -> list[Any]:
     try:
         return await request.app[INGEST].submit(new)
-    except QueueFullError as exc:
-        raise ApiError(
-            503,
-            "queue_full",
-            f"the sidecar's queue is full ({exc}); retry later, nothing was stored",
-            retry_after_s=exc.retry_after_s,
-        ) from exc
-    except IdempotencyConflictError as exc:
-        raise ApiError(
+    except (StoreError, IdempotencyConflictError) as exc:
+        raise store_api_error(request, exc, ingest=True) from exc
+
+
+def store_api_error(
+    request: web.Request, exc: StoreError | IdempotencyConflictError, *, ingest: bool
+) -> ApiError:
+    """The API error for a store error: the one place they are mapped. ``ingest`` for a
+    request that submitted events (its answer says whether they may have been stored);
+    else an operator's change (re-queue, purge, salvage)."""
+    if isinstance(exc, QueueFullError):
+        message = (
+            f"the sidecar's queue is full ({exc}); retry later, nothing was stored"
+            if ingest
+            else str(exc)
+        )
+        return ApiError(503, "queue_full", message, retry_after_s=exc.retry_after_s)
+    if isinstance(exc, IdempotencyConflictError):
+        return ApiError(
             409,
             "idempotency_key_reused",
             "this Idempotency-Key was already used with a different body; "
             "use a new key for a new event",
             [{"field": "Idempotency-Key", "message": f"already used: {exc.key}"}],
-        ) from exc
-    except OutcomeUnknownError as exc:
-        raise _outcome_unknown(request, str(exc)) from exc
-    except StoreError as exc:
-        raise ApiError(
+        )
+    if isinstance(exc, OutcomeUnknownError):
+        if ingest:
+            return _outcome_unknown(request, str(exc))
+        return ApiError(
             503,
-            "store_unavailable",
-            "the sidecar could not write the event to disk; retry shortly, nothing was stored",
+            "outcome_unknown",
+            f"the sidecar cannot tell whether this change was committed ({exc}); it may "
+            "have been. Running the same command again is safe: it acts only on what is "
+            "left, and salvage recognises the events already queued by their keys",
             retry_after_s=RETRY_AFTER_STORE_ERROR_S,
-        ) from exc
+        )
+    if ingest:
+        message = "the sidecar could not write the event to disk; retry shortly, nothing was stored"
+    else:
+        message = f"the sidecar could not write: {exc}"
+    return ApiError(503, "store_unavailable", message, retry_after_s=RETRY_AFTER_STORE_ERROR_S)
 
 
 def _outcome_unknown(request: web.Request, reason: str) -> ApiError:
@@ -325,7 +358,6 @@ def _refuse(exc: ValidationError) -> ApiError:
 
 
 async def _ingest_one(request: web.Request, kind: Kind) -> web.Response:
-    _check_token(request)
     check_accepting(request)
     raw = await _read_json_body(request)
     key = _idempotency_key(request)
@@ -348,7 +380,6 @@ async def post_outcome(request: web.Request) -> web.Response:
 
 
 async def post_batch(request: web.Request) -> web.Response:
-    _check_token(request)
     check_accepting(request)
     raw = await _read_json_body(request)
     key = _idempotency_key(request)
@@ -400,7 +431,6 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    _check_token(request)
     return web.Response(body=_encode(request.app[STATUS]()), content_type=_JSON)
 
 
@@ -420,8 +450,9 @@ def ingest_app(settings: Settings, lifecycle: Lifecycle) -> web.Application:
     caller adds the routes and sets ``app[INGEST]``."""
     app = web.Application(
         # The guard outermost: it refuses before anything else runs, and its CORS headers
-        # reach every answer to an allowed origin, refusals rendered by error_middleware too.
-        middlewares=[local_only_middleware, error_middleware],
+        # reach every answer to an allowed origin, refusals rendered by error_middleware too;
+        # the token innermost, so that its refusal is rendered and counted like the others.
+        middlewares=[local_only_middleware, error_middleware, token_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
