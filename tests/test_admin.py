@@ -155,9 +155,10 @@ async def test_an_operator_change_cut_off_mid_commit_answers_outcome_unknown(
     """The store closes while the change's commit is held up (another connection holds the
     write lock): it may have been committed, so the answer is 503 outcome_unknown, not
     store_unavailable (which says nothing was written)."""
-    import valmi_sidecar.store as store_module  # noqa: PLC0415
 
-    monkeypatch.setattr(store_module, "CLOSE_DRAIN_S", 0.2)
+    from valmi_sidecar.store import core as store_core  # noqa: PLC0415
+
+    monkeypatch.setattr(store_core, "CLOSE_DRAIN_S", 0.2)
     await seeded(tmp_path / "data")  # dead letters to change: the change must write
     sidecar, url = await sidecar_factory(None, data_dir=tmp_path / "data")
     store = sidecar._store
@@ -166,7 +167,7 @@ async def test_an_operator_change_cut_off_mid_commit_answers_outcome_unknown(
     try:
         blocker.execute("BEGIN IMMEDIATE")
         changing = asyncio.create_task(client.post(url + path, json=body))
-        await wait_until(lambda: bool(store._group), 10, "the commit to start")
+        await wait_until(lambda: store.in_transaction, 10, "the commit to start")
         closing = asyncio.create_task(store.close())
         resp = await changing
         blocker.execute("COMMIT")

@@ -34,7 +34,7 @@ from aiohttp import web
 from yarl import URL
 
 from . import __version__
-from .admin import add_admin_routes, moved_aside_json
+from .admin import add_admin_routes
 from .config import (
     ADDRESS_NAME,
     PLAIN_FIELDS,
@@ -47,6 +47,7 @@ from .config import (
 from .flusher import Flusher
 from .logs import configure_logging, redact_also, set_level
 from .metrics import DrainForecast, MetricsSource, drain_forecast, render_metrics
+from .operations import counts_json, disk_json, moved_aside_json
 from .receiver import (
     INGEST,
     REFUSED,
@@ -58,7 +59,7 @@ from .receiver import (
     make_runner,
 )
 from .sdnotify import Notifier
-from .store import RATE_WINDOW_S, Counts, Store, StoreError, counts_json, moved_aside_files
+from .store import RATE_WINDOW_S, Counts, Store, StoreError, moved_aside_files
 from .upstream import Upstream
 from .workers import IngestWorkers, listen_sockets
 
@@ -320,7 +321,7 @@ class Sidecar:
             "drain": self._drain_forecast(c, now).as_json(),
             "store": {"writable": self._store.writable, "path": str(self._store.path)},
             "moved_aside": moved_aside_json(self._moved_aside),
-            "disk": self._store.disk().as_dict(),
+            "disk": disk_json(self._store.disk()),
             "upstream": {
                 "url": self.settings.api_url,
                 "state": state,

@@ -21,6 +21,7 @@ from .files import moved_aside_files
 from .mirror import RATE_WINDOW_S
 from .readonly import ReadOnlyDatabase
 from .records import (
+    DEAD_LETTER_WARN_SHARE,
     QUEUED,
     Accepted,
     CorruptDatabaseError,
@@ -52,6 +53,7 @@ from .schema import CLEAN_NAME, DB_NAME, LOCK_NAME, MIGRATIONS, SCHEMA_VERSION
 __all__ = [
     "CLEAN_NAME",
     "DB_NAME",
+    "DEAD_LETTER_WARN_SHARE",
     "LOCK_NAME",
     "MIGRATIONS",
     "QUEUED",
