@@ -8,13 +8,7 @@ import time
 import pytest
 
 from valmi_sidecar.events import parse_one
-from valmi_sidecar.store import (
-    DeadLetter,
-    DeadLetterFilter,
-    Delivered,
-    QueueFullError,
-    Store,
-)
+from valmi_sidecar.store import DeadLetter, DeadLetterFilter, Delivered, QueueFullError, Store
 
 from .conftest import DAY, Clock, OpenStore, action, dead_letter, rows
 

@@ -7,11 +7,7 @@ import asyncio
 
 import pytest
 
-from valmi_sidecar.store import (
-    DeadLetter,
-    Retry,
-    StoreError,
-)
+from valmi_sidecar.store import DeadLetter, Retry, StoreError
 
 from .conftest import Clock, OpenStore, action, outcome, rows
 

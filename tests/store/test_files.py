@@ -12,11 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from valmi_sidecar.store import (
-    DB_NAME,
-    DataDirLockedError,
-    Delivered,
-)
+from valmi_sidecar.store import DB_NAME, DataDirLockedError, Delivered
 
 from .conftest import Clock, OpenStore, action
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from valmi_sidecar.store import (
-    Retry,
-)
+from valmi_sidecar.store import Retry
 
 from .conftest import Clock, OpenStore, action
 

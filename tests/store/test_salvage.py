@@ -5,10 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from valmi_sidecar.store import (
-    ReadOnlyDatabase,
-    SalvageReport,
-)
+from valmi_sidecar.store import ReadOnlyDatabase, SalvageReport
 
 from .conftest import OpenStore, action
 

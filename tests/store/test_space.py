@@ -13,12 +13,7 @@ from structlog.testing import capture_logs
 
 from valmi_sidecar.disk import data_dir_bytes, minimum_queue_bytes
 from valmi_sidecar.events import NewEvent, parse_one
-from valmi_sidecar.store import (
-    DeadLetter,
-    DeadLetterFilter,
-    QueueFullError,
-    Store,
-)
+from valmi_sidecar.store import DeadLetter, DeadLetterFilter, QueueFullError, Store
 
 from .conftest import Clock, OpenStore, action
 

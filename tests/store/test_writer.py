@@ -12,11 +12,7 @@ import pytest
 
 from tests.conftest import wait_until
 from valmi_sidecar.events import parse_one
-from valmi_sidecar.store import (
-    Accepted,
-    OutcomeUnknownError,
-    StoreError,
-)
+from valmi_sidecar.store import Accepted, OutcomeUnknownError, StoreError
 from valmi_sidecar.store import core as store_core
 
 from .conftest import Clock, OpenStore, action, rows

@@ -7,13 +7,7 @@ import asyncio
 import pytest
 
 from valmi_sidecar.events import parse_batch
-from valmi_sidecar.store import (
-    Accepted,
-    DeadLetter,
-    Delivered,
-    IdempotencyConflictError,
-    Retry,
-)
+from valmi_sidecar.store import Accepted, DeadLetter, Delivered, IdempotencyConflictError, Retry
 
 from .conftest import DAY, Clock, OpenStore, action, rows
 
