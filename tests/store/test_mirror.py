@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from tests.conftest import wait_until
 from valmi_sidecar.events import NewEvent
 from valmi_sidecar.store import (
     Counts,
@@ -121,3 +122,17 @@ async def test_the_mirror_equals_a_fresh_count_of_the_file_after_any_mix_of_writ
     assert c.duplicates > 0
     assert store.stats.requeued > 0
     assert store.stats.purged > 0
+
+
+async def test_rates_are_none_until_two_samples_a_second_apart_then_events_a_second(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    assert dict.fromkeys(("received", "delivered", "dead_lettered")) == store.rates()
+    await store.submit([action(clock) for _ in range(10)])
+    await wait_until(lambda: store.rates()["received"] is not None, 10, "a second sample")
+    rates = store.rates()
+    received = rates["received"]
+    assert received is not None
+    assert 0 < received <= 10.0  # 10 events over at least the second between samples
+    assert (0.0, 0.0) == (rates["delivered"], rates["dead_lettered"])
