@@ -1,0 +1,90 @@
+"""Each record is defined once: its ``SELECT`` lists name columns the schema has, and every
+field of a new event is stored. On a freshly opened store's file; no mocks."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from valmi_sidecar.events import NewEvent, parse_one
+from valmi_sidecar.store import DeadLetterRecord, LedgerRow, QueuedEvent, Store, sql
+from valmi_sidecar.store.sql import record_fields
+
+from .conftest import T0, OpenStore
+
+
+def table_columns(path: Path, table: str) -> set[str]:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> Store:
+    return await open_store()
+
+
+@pytest.mark.parametrize(
+    ("record", "table", "expressions"),
+    [
+        (DeadLetterRecord, "dead_letters", set()),
+        (LedgerRow, "ledger", set()),
+        # The lease reads the age of an event from AGE_FROM, an expression.
+        (QueuedEvent, "events", {"received_at"}),
+    ],
+)
+async def test_a_records_fields_are_columns_of_its_table(
+    store: Store, record: type, table: str, expressions: set[str]
+) -> None:
+    columns = table_columns(store.path, table)
+    assert columns
+    assert set() == set(record_fields(record)) - expressions - columns
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        f"SELECT {sql.DL_COLUMNS} FROM dead_letters",
+        f"SELECT {sql.LEDGER_COLUMNS} FROM ledger",
+        f"SELECT {sql.KEY_COLUMNS} FROM keys",
+        f"SELECT {sql.SALVAGE_COLUMNS} FROM events",
+        sql.LEASE.replace("?", "0"),
+        sql.OLDEST,
+    ],
+)
+async def test_every_select_list_names_columns_that_exist(store: Store, statement: str) -> None:
+    """A list with a column the schema lacks (or an expression over one) fails to prepare."""
+    with sqlite3.connect(f"file:{store.path}?mode=ro", uri=True) as conn:
+        assert [] == conn.execute(statement).fetchall()  # a fresh file: no rows, no error
+
+
+async def test_the_select_lists_read_each_record_in_its_field_order() -> None:
+    assert ", ".join(record_fields(DeadLetterRecord)) == sql.DL_COLUMNS
+    assert ", ".join(record_fields(LedgerRow)) == sql.LEDGER_COLUMNS
+
+
+async def test_every_field_of_a_new_event_is_stored(store: Store) -> None:
+    """Read back by column name, field by field: a field added to ``NewEvent`` and not
+    stored by the group-write trigger fails here (``fingerprint`` is the key's, below)."""
+    body = b'{"agent_key": "agent-distinct", "outcome_type": "type-distinct", "value": 12.75}'
+    event = parse_one("outcome", body, idem_key="key-distinct", now=T0 + 0.25)
+    await store.submit([event])
+    with sqlite3.connect(f"file:{store.path}?mode=ro", uri=True) as conn:
+        conn.row_factory = sqlite3.Row
+        (row,) = conn.execute("SELECT * FROM events").fetchall()
+        (key,) = conn.execute("SELECT * FROM keys").fetchall()
+    names = [f.name for f in dataclasses.fields(NewEvent) if f.name != "fingerprint"]
+    stored_columns = set(row.keys())
+    assert set() == set(names) - stored_columns, "NewEvent fields with no column in events"
+    assert {n: getattr(event, n) for n in names} == {n: row[n] for n in names}
+    assert (event.idem_key, event.fingerprint) == (key["idem_key"], key["fingerprint"])
+
+
+async def test_the_group_write_view_has_exactly_the_group_write_columns(store: Store) -> None:
+    """The view (TEMP, on the writer's connection) that every group write inserts into."""
+    info = await store.writer_connection.fetchall("PRAGMA temp.table_info(group_write)")
+    assert list(sql.GROUP_WRITE_COLUMNS) == [row[1] for row in info]
+    event_fields = [f.name for f in dataclasses.fields(NewEvent)]
+    assert set() == set(event_fields) - set(sql.GROUP_WRITE_COLUMNS)

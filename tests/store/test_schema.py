@@ -1,0 +1,93 @@
+"""The schema: a fresh file in WAL mode at the current version, a newer version refused,
+and the migration of an old file's ledger."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from valmi_sidecar.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    ReadOnlyDatabase,
+    Store,
+    StoreError,
+    utc_day,
+)
+
+from .conftest import OpenStore, rows
+
+
+async def test_database_of_a_newer_version_is_refused(
+    open_store: OpenStore, tmp_path: Path
+) -> None:
+    store = await open_store()
+    await store.close()
+    with sqlite3.connect(store.path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match=rf"schema version {SCHEMA_VERSION + 1}.*newer"):
+        await open_store()
+    await open_store(tmp_path / "other")  # the lock of the refused directory was released
+    with sqlite3.connect(store.path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    await open_store()
+
+
+async def test_fresh_database_is_wal_and_current_version(open_store: OpenStore) -> None:
+    store = await open_store()
+    assert [("wal",)] == rows(store, "PRAGMA journal_mode")
+    assert [(SCHEMA_VERSION,)] == rows(store, "PRAGMA user_version")
+
+
+async def test_migration_fills_the_ledger_from_what_a_v1_database_holds(tmp_path: Path) -> None:
+    """Queued and dead-lettered events are still stored: their lines are exact; events
+    delivered before the ledger are one line with empty names."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    db = sqlite3.connect(data / "queue.db")
+    db.executescript(f"PRAGMA journal_mode = WAL; {MIGRATIONS[0]} PRAGMA user_version = 1;")
+    received = time.time()
+    body = b'{"agent_key":"a","outcome_type":"sale","value":2.5}'
+    row = ("id", "k", "outcome", body, len(body), "a", "sale", 2.5, received, "t")
+    db.execute(
+        "INSERT INTO events (seq, id, idem_key, kind, body, size, agent_key, event_type, value,"
+        " received_at, created_at) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        row,
+    )
+    db.execute(
+        "INSERT INTO dead_letters (seq, id, idem_key, kind, body, agent_key, event_type, value,"
+        " received_at, created_at, dead_at, reason, status, detail, attempts)"
+        " VALUES (2, 'id2', 'k2', 'outcome', ?, 'a', 'sale', 4.0, ?, 't', ?, 'rejected', 400, '', 1)",
+        (body, received, received),
+    )
+    db.execute(
+        "UPDATE counters SET value = CASE name WHEN 'received' THEN 7 WHEN 'delivered' THEN 5"
+        " WHEN 'dead_lettered' THEN 1 ELSE 0 END"
+    )
+    db.commit()
+    db.close()
+
+    store = await Store.open(data, prune_interval_s=None)
+    try:
+        rows = await store.ledger()
+    finally:
+        await store.close()
+    by_day = {r.day: r for r in rows}
+    today = by_day[utc_day(received)]
+    assert (2, 1, 0, 1, 6.5, 4.0) == (
+        today.received,
+        today.queued,
+        today.delivered,
+        today.dead_lettered,
+        today.received_value,
+        today.dead_lettered_value,
+    )
+    before = by_day[""]
+    assert (5, 5) == (before.received, before.delivered)
+    assert 7 == sum(r.received for r in rows)
+    with ReadOnlyDatabase(data / "queue.db") as ro:
+        assert 7 == sum(r.received for r in ro.ledger())
+        assert [] == ro.integrity_check()

@@ -1,0 +1,156 @@
+"""The group-commit writer: commits shared by concurrent submits, a submit resolved only
+after its commit, failed commits, a crashed writer, a close in the middle of a commit, and
+the writer's probe that finds the disk writable again."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+
+import pytest
+
+from tests.conftest import wait_until
+from valmi_sidecar.events import parse_one
+from valmi_sidecar.store import Accepted, OutcomeUnknownError, StoreError
+from valmi_sidecar.store import core as store_core
+
+from .conftest import Clock, OpenStore, action, rows
+
+
+async def test_concurrent_submits_share_commits(open_store: OpenStore, clock: Clock) -> None:
+    store = await open_store()
+    results = await asyncio.gather(*(store.submit([action(clock)]) for _ in range(64)))
+    assert 64 == len({r[0].id for r in results})
+    assert store.commits < 64
+    assert 64 == store.counts().received == store.counts().queued
+
+
+async def test_submit_resolves_only_after_its_commit(open_store: OpenStore, clock: Clock) -> None:
+    """When a submit's future resolves, another connection already sees the event."""
+    store = await open_store()
+    seen: list[bool] = []
+    conn = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True)
+    try:
+
+        def check(event_id: str) -> Callable[[asyncio.Future[list[Accepted]]], None]:
+            def _check(_fut: asyncio.Future[list[Accepted]]) -> None:
+                found = conn.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchall()
+                seen.append(bool(found))
+
+            return _check
+
+        tasks = []
+        for _ in range(40):
+            event = action(clock)
+            task = asyncio.ensure_future(store.submit([event]))
+            task.add_done_callback(check(event.id))
+            tasks.append(task)
+        await asyncio.gather(*tasks)  # each task's callbacks ran before gather's
+    finally:
+        conn.close()
+    assert [True] * 40 == seen
+
+
+async def test_close_commits_pending_submits(open_store: OpenStore, clock: Clock) -> None:
+    store = await open_store()
+    tasks = [asyncio.ensure_future(store.submit([action(clock)])) for _ in range(20)]
+    await asyncio.sleep(0)  # the submits are queued, not yet committed
+    await store.close()
+    assert 20 == len(await asyncio.gather(*tasks))
+    assert [(20,)] == rows(store, "SELECT count(*) FROM events")
+
+
+async def test_failed_commit_fails_every_op_and_store_recovers(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    await store.submit([action(clock)])
+    await store.writer_connection.fetchall(
+        "PRAGMA max_page_count = 1"
+    )  # no room to grow: "disk full"
+    big = b'{"agent_key": "a", "action_type": "x", "metadata": {"blob": "' + b"x" * 50_000 + b'"}}'
+    results = await asyncio.gather(
+        store.submit([parse_one("action", big, now=clock())]),
+        store.submit([action(clock), action(clock)]),
+        return_exceptions=True,
+    )
+    assert [StoreError, StoreError] == [type(r) for r in results]
+    assert all(isinstance(r, BaseException) and r.__cause__ is not None for r in results)
+    assert not store.writable
+    assert 1 == store.counts().received
+    assert [(1,)] == rows(store, "SELECT count(*) FROM events")
+    assert [(1,)] == rows(store, "SELECT count(*) FROM keys")
+
+    await store.writer_connection.fetchall("PRAGMA max_page_count = 1073741823")
+    (ok,) = await store.submit([parse_one("action", big, now=clock())])
+    c = store.counts()
+    assert (True, False, 2, 2) == (store.writable, ok.duplicate, c.received, c.queued)
+    assert [(2,)] == rows(store, "SELECT count(*) FROM events")
+
+
+async def test_writer_crash_fails_submits_and_ends_writer_task(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    await store.writer_connection.close()  # the writer's next call fails with an unexpected error
+    with pytest.raises(StoreError):
+        await store.submit([action(clock)])
+    await asyncio.wait({store.writer_task}, timeout=5)
+    assert store.writer_task.exception() is not None
+    assert not store.writable
+    with pytest.raises(StoreError, match="writer stopped"):
+        await store.submit([action(clock)])
+
+
+async def test_a_close_in_the_middle_of_a_commit_says_the_outcome_is_unknown(
+    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() gives up on a commit that takes too long and stops the writer while its
+    thread is inside the transaction, which then commits: those submits get
+    ``OutcomeUnknownError``, never the "nothing was stored" of a plain ``StoreError``. A
+    submit that never reached the writer was not stored, and says so."""
+    monkeypatch.setattr(store_core, "CLOSE_DRAIN_S", 0.2)
+    store = await open_store()
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: the commit waits for it
+        in_commit = asyncio.ensure_future(store.submit([action(clock, key="in-commit")]))
+        await wait_until(lambda: store.in_transaction, 10, "the writer inside the transaction")
+        waiting = asyncio.ensure_future(store.submit([action(clock, key="waiting")]))
+        closing = asyncio.ensure_future(store.close())
+        await asyncio.wait({in_commit, waiting}, timeout=10)
+        blocker.execute("COMMIT")  # the writer's thread gets the lock and commits
+        await closing
+    finally:
+        blocker.close()
+    with pytest.raises(OutcomeUnknownError, match="in the middle of a commit"):
+        in_commit.result()
+    with pytest.raises(StoreError) as not_stored:
+        waiting.result()
+    assert not isinstance(not_stored.value, OutcomeUnknownError)
+    # What the client was told "may be stored" was stored (the thread's commit may end
+    # after close() returned): "nothing was" would have been wrong.
+    await wait_until(lambda: bool(rows(store, "SELECT 1 FROM keys")), 10, "the commit")
+    assert [("in-commit",)] == rows(store, "SELECT idem_key FROM keys")
+
+
+async def test_writable_recovers_by_itself_when_idle(open_store: OpenStore, clock: Clock) -> None:
+    """After a failed commit and no further writes, the writer's probe finds the disk
+    writable again (so readiness does not wait for traffic that it turned away)."""
+    store = await open_store()
+    await store.writer_connection.fetchall("PRAGMA max_page_count = 1")
+    big = b'{"agent_key": "a", "action_type": "x", "metadata": {"blob": "' + b"x" * 50_000 + b'"}}'
+    with pytest.raises(StoreError):
+        await store.submit([parse_one("action", big, now=clock())])
+    for _ in range(100):  # the probe runs after PROBE_INTERVAL_S of idleness
+        if store.probes:
+            break
+        await asyncio.sleep(0.05)
+    assert (True, False) == (store.probes >= 1, store.writable)  # still full: probe failed
+    await store.writer_connection.fetchall("PRAGMA max_page_count = 1073741823")
+    for _ in range(100):
+        if store.writable:
+            break
+        await asyncio.sleep(0.05)
+    assert store.writable

@@ -1,0 +1,159 @@
+"""What one transaction writes: de-duplication by key, conflicts, batches, settlements."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from valmi_sidecar.events import parse_batch
+from valmi_sidecar.store import Accepted, DeadLetter, Delivered, IdempotencyConflictError, Retry
+
+from .conftest import DAY, Clock, OpenStore, action, rows
+
+
+async def test_duplicate_returns_original_and_stores_nothing(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    (first,) = await store.submit([action(clock, key="k1")])
+    clock.t += 60
+    (again,) = await store.submit([action(clock, key="k1")])
+    assert Accepted(first.id, first.created_at, duplicate=True) == again
+    c = store.counts()
+    assert (1, 1, 1) == (c.received, c.queued, c.duplicates)
+    assert [(1,)] == rows(store, "SELECT count(*) FROM events")
+
+
+async def test_duplicates_in_one_group_commit_store_one_event(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    results = await asyncio.gather(*(store.submit([action(clock, key="same")]) for _ in range(5)))
+    assert 1 == len({r[0].id for r in results})
+    assert [False, True, True, True, True] == [r[0].duplicate for r in results]
+    assert (1, 4) == (store.counts().queued, store.counts().duplicates)
+
+
+async def test_same_key_different_body_conflicts_and_stores_nothing(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    await store.submit([action(clock, key="k1", kind="llm_call")])
+    with pytest.raises(IdempotencyConflictError) as info:
+        await store.submit([action(clock, key="k1", kind="tool_call")])
+    assert "k1" == info.value.key
+    c = store.counts()
+    assert (1, 1, 0) == (c.received, c.queued, c.duplicates)
+
+
+async def test_sidecar_assigned_key_cannot_be_reused(open_store: OpenStore, clock: Clock) -> None:
+    """A client key equal to an earlier event's own key (its id) is that event's key."""
+    store = await open_store()
+    (first,) = await store.submit([action(clock)])
+    with pytest.raises(IdempotencyConflictError):
+        await store.submit([action(clock, key=first.id, kind="tool_call")])
+
+
+async def test_batch_is_all_or_nothing_on_conflict(open_store: OpenStore, clock: Clock) -> None:
+    store = await open_store()
+    await store.submit([action(clock, key="taken", kind="llm_call")])
+    batch = [action(clock, key="b1"), action(clock, key="taken", kind="tool_call")]
+    with pytest.raises(IdempotencyConflictError):
+        await store.submit(batch)
+    assert 1 == store.counts().received
+    assert [("taken",)] == rows(store, "SELECT idem_key FROM keys")
+
+
+async def test_same_key_twice_in_one_batch_with_different_bodies_conflicts(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    with pytest.raises(IdempotencyConflictError):
+        await store.submit([action(clock, key="k", kind="a"), action(clock, key="k", kind="b")])
+    assert 0 == store.counts().received
+
+
+async def test_conflict_does_not_fail_other_submissions_in_its_group(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    await store.submit([action(clock, key="taken", kind="llm_call")])
+    commits = store.commits
+    results = await asyncio.gather(
+        store.submit([action(clock, key="a")]),
+        store.submit([action(clock, key="taken", kind="tool_call")]),
+        store.submit([action(clock, key="b")]),
+        return_exceptions=True,
+    )
+    assert commits + 1 == store.commits  # one group
+    assert [list, IdempotencyConflictError, list] == [type(r) for r in results]
+    assert 3 == store.counts().received
+
+
+async def test_batch_keys_are_idempotent_as_a_whole(open_store: OpenStore, clock: Clock) -> None:
+    store = await open_store()
+    raw = b'{"actions": [{"agent_key": "a", "action_type": "llm_call"}], "outcomes": [{"agent_key": "a", "outcome_type": "x", "value": 1}]}'
+    first = await store.submit(parse_batch(raw, idem_key="req-1", now=clock()))
+    again = await store.submit(parse_batch(raw, idem_key="req-1", now=clock() + 5))
+    assert [a.id for a in first] == [a.id for a in again]
+    assert [True, True] == [a.duplicate for a in again]
+    assert 2 == store.counts().queued
+
+
+async def test_key_expires_after_window_once_delivered(open_store: OpenStore, clock: Clock) -> None:
+    store = await open_store()
+    (first,) = await store.submit([action(clock, key="k1", kind="llm_call")])
+    (leased,) = await store.lease(1, frozenset())
+    await store.settle([Delivered(leased.seq)])
+    clock.t += DAY - 1
+    with pytest.raises(IdempotencyConflictError):
+        await store.submit([action(clock, key="k1", kind="tool_call")])
+    clock.t += 2
+    (second,) = await store.submit([action(clock, key="k1", kind="tool_call")])
+    assert not second.duplicate
+    assert first.id != second.id
+    assert [(second.id, 0)] == rows(store, "SELECT id, state FROM keys WHERE idem_key = 'k1'")
+
+
+async def test_key_of_a_queued_event_does_not_expire(open_store: OpenStore, clock: Clock) -> None:
+    store = await open_store()
+    (first,) = await store.submit([action(clock, key="k1")])
+    clock.t += 3 * DAY
+    (again,) = await store.submit([action(clock, key="k1")])
+    assert (first.id, True) == (again.id, again.duplicate)
+
+
+async def test_settlements_reconcile_counts(open_store: OpenStore, clock: Clock) -> None:
+    store = await open_store()
+    await store.submit([action(clock) for _ in range(4)])
+    a, b, c, _d = await store.lease(4, frozenset())
+    await store.settle(
+        [Delivered(a.seq), Retry(b.seq, clock() + 1, "timeout"), DeadLetter(c.seq, "x", 400, "")]
+    )
+    counts = store.counts()
+    assert (4, 2, 1, 1) == (
+        counts.received,
+        counts.queued,
+        counts.delivered,
+        counts.dead_lettered,
+    )
+    assert counts.received == counts.queued + counts.delivered + counts.dead_lettered
+    assert [("received", 4), ("delivered", 1), ("dead_lettered", 1), ("duplicates", 0)] == rows(
+        store,
+        "SELECT name, value FROM counters ORDER BY"
+        " CASE name WHEN 'received' THEN 0 WHEN 'delivered' THEN 1"
+        " WHEN 'dead_lettered' THEN 2 ELSE 3 END",
+    )
+    assert [(2,)] == rows(store, "SELECT count(*) FROM events")
+
+
+async def test_double_settle_is_not_counted_twice(open_store: OpenStore, clock: Clock) -> None:
+    store = await open_store()
+    await store.submit([action(clock), action(clock)])
+    a, b = await store.lease(2, frozenset())
+    await store.settle([Delivered(a.seq), Delivered(a.seq), DeadLetter(b.seq, "x", 422, "")])
+    await store.settle([Delivered(a.seq), DeadLetter(a.seq, "y", 400, ""), Delivered(b.seq)])
+    c = store.counts()
+    assert (2, 0, 1, 1) == (c.received, c.queued, c.delivered, c.dead_lettered)
+    assert [(1,)] == rows(store, "SELECT count(*) FROM dead_letters")
