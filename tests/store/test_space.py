@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from valmi_sidecar.disk import data_dir_bytes, minimum_queue_bytes
 from valmi_sidecar.events import NewEvent, parse_one
+from valmi_sidecar.operations import disk_json
 from valmi_sidecar.store import DeadLetter, DeadLetterFilter, QueueFullError, Store
 
 from .conftest import Clock, OpenStore, action
@@ -102,14 +103,14 @@ async def test_a_full_queue_dead_lettered_stays_within_the_budget_and_dead_lette
     assert disk.full  # dead letters are billable: they keep their room
     assert queued == disk.dead_letters
     assert disk.dead_letter_share > 0.25
-    assert "dead letters take a large share" in disk.as_dict()["dead_letters_warning"]
+    assert "dead letters take a large share" in disk_json(disk)["dead_letters_warning"]
     with pytest.raises(QueueFullError):
         await store.submit([padded(clock, 1000)])
 
     assert queued == await store.purge_dead_letters(DeadLetterFilter(), queued)
     assert not store.disk().full
     assert (0, 0) == (store.disk().dead_letters, store.disk().dead_letter_bytes)
-    assert store.disk().as_dict()["dead_letters_warning"] is None
+    assert disk_json(store.disk())["dead_letters_warning"] is None
     assert 0 < await fill(store, clock, data_dir, budget)
 
 

@@ -139,11 +139,6 @@ async def test_a_close_from_a_cancelled_task_leaves_no_thread_running(tmp_path: 
     await wait_until(lambda: not threads_named("sqlite-cancel"), 10, "the thread to end")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a cancelled close() cancels the queued conn.close, so the connection is "
-    "never closed (fix: await asyncio.shield of the submitted close in SqliteThread.close)",
-)
 async def test_a_close_from_a_cancelled_task_still_closes_the_connection(tmp_path: Path) -> None:
     path = tmp_path / "t.db"
     conn = await SqliteThread.connect(path, name="sqlite-cancel-fd", isolation_level=None)

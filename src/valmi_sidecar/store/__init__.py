@@ -44,7 +44,6 @@ from .records import (
     StoreError,
     StoreStats,
     UnreadableRow,
-    counts_json,
     salvage_problem,
     utc_day,
 )
@@ -82,7 +81,6 @@ __all__ = [
     "StoreError",
     "StoreStats",
     "UnreadableRow",
-    "counts_json",
     "moved_aside_files",
     "salvage_problem",
     "utc_day",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 
@@ -124,48 +124,9 @@ class DiskUsage(msgspec.Struct, frozen=True):
     def dead_letter_share(self) -> float:
         return self.dead_letter_bytes / self.max_bytes if self.max_bytes else 0.0
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "bytes": self.bytes,
-            "max_bytes": self.max_bytes,
-            "full": self.full,
-            "dead_letters": self.dead_letters,
-            "dead_letter_bytes": self.dead_letter_bytes,
-            "dead_letter_share": round(self.dead_letter_share, 4),
-            "dead_letters_warning": (
-                "dead letters take a large share of max_queue_bytes: re-queue "
-                "('valmi-sidecar dead-letters retry') or export and purge them"
-                if self.dead_letter_share >= DEAD_LETTER_WARN_SHARE
-                else None
-            ),
-        }
-
 
 #: Dead letters taking this share of the disk budget or more are reported (status, log).
 DEAD_LETTER_WARN_SHARE: Final = 0.25
-
-
-def counts_json(
-    c: Counts, *, in_flight: int, max_events: int, max_bytes: int
-) -> dict[str, dict[str, int]]:
-    """The ``events`` and ``queue`` parts of ``/v1/status``, whether the sidecar runs or
-    the figures are read from a stopped sidecar's database."""
-    return {
-        "events": {
-            "received": c.received,
-            "queued": c.queued,
-            "in_flight": in_flight,
-            "delivered": c.delivered,
-            "dead_lettered": c.dead_lettered,
-            "duplicates": c.duplicates,
-        },
-        "queue": {
-            "events": c.queued,
-            "bytes": c.queued_bytes,
-            "max_events": max_events,
-            "max_bytes": max_bytes,
-        },
-    }
 
 
 class DeadLetterRecord(msgspec.Struct, frozen=True):
@@ -184,29 +145,6 @@ class DeadLetterRecord(msgspec.Struct, frozen=True):
     event_type: str = ""
     value: float | None = None
     created_at: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON form (admin API, ``dead-letters export``): the body as JSON."""
-        try:
-            body: Any = msgspec.json.decode(self.body)
-        except msgspec.DecodeError:
-            body = self.body.decode("utf-8", "replace")
-        return {
-            "id": self.id,
-            "idempotency_key": self.idem_key,
-            "kind": self.kind,
-            "agent_key": self.agent_key,
-            "event_type": self.event_type,
-            "value": self.value,
-            "created_at": self.created_at,
-            "received_at": self.received_at,
-            "dead_at": self.dead_at,
-            "reason": self.reason,
-            "status": self.status,
-            "detail": self.detail,
-            "attempts": self.attempts,
-            "body": body,
-        }
 
 
 class DeadLetterFilter(msgspec.Struct, frozen=True):
@@ -247,32 +185,6 @@ class LedgerRow(msgspec.Struct, frozen=True):
     @property
     def queued_value(self) -> float:
         return self.received_value - self.delivered_value - self.dead_lettered_value
-
-    def as_dict(self) -> dict[str, Any]:
-        outcome = self.kind == "outcome"
-        return {
-            "day": self.day,
-            "agent_key": self.agent_key,
-            "kind": self.kind,
-            "event_type": self.event_type,
-            "received": self.received,
-            "queued": self.queued,
-            "delivered": self.delivered,
-            "dead_lettered": self.dead_lettered,
-            "value": {
-                "received": _round(self.received_value),
-                "queued": _round(self.queued_value),
-                "delivered": _round(self.delivered_value),
-                "dead_lettered": _round(self.dead_lettered_value),
-            }
-            if outcome
-            else None,
-        }
-
-
-def _round(value: float) -> float:
-    """Sums of floats drift in the last bits; the ledger shows 9 significant decimals."""
-    return round(value, 9) + 0.0
 
 
 @dataclass(slots=True)

@@ -41,10 +41,6 @@ KEY_ID: Final = "coalesce(nullif(id, ''), idem_key)"
 KEY_CREATED_AT: Final = "coalesce(nullif(created_at, ''), {})".format(
     CREATED_FROM_RECEIVED.format(received_at="received_at")
 )
-SELECT_KEYS: Final = (
-    f"SELECT idem_key, {KEY_ID}, fingerprint, {KEY_CREATED_AT}, {REMEMBERED_SINCE}, state"  # noqa: S608 - constant SQL; values are bound
-    " FROM keys WHERE idem_key IN (SELECT value FROM json_each(?))"
-)
 #: A ledger row's deltas are added to the row of the same key and day.
 LEDGER_ADD: Final = (
     " ON CONFLICT (agent_key, kind, event_type, day) DO UPDATE SET"
@@ -124,18 +120,9 @@ GROUP_WRITE_DDL: Final = (
 )
 GROUP_WRITE_HEAD: Final = f"INSERT INTO group_write ({', '.join(GROUP_WRITE_COLUMNS)}) VALUES "  # noqa: S608 - constant SQL
 GROUP_WRITE_ROW: Final = "(" + ", ".join("?" * GROUP_WRITE_NCOL) + ")"
-SELECT_SETTLED: Final = (
-    "SELECT seq, idem_key, size, agent_key, kind, event_type, value,"
-    " strftime('%Y-%m-%d', received_at, 'unixepoch') FROM events"
-    " WHERE seq IN (SELECT value FROM json_each(?))"
-)
 BUMP_COUNTER: Final = "UPDATE counters SET value = value + ? WHERE name = ?"
 BUMP_OPERATOR: Final = "UPDATE operator_counters SET value = value + ? WHERE name = ?"
 DL_COLUMNS: Final = columns(DeadLetterRecord)
-DL_REQUEUE_COLUMNS: Final = (
-    "seq, id, idem_key, kind, body, agent_key, event_type, value, received_at, created_at,"
-    " strftime('%Y-%m-%d', received_at, 'unixepoch')"
-)
 INSERT_REQUEUED: Final = (
     "INSERT INTO events (seq, id, idem_key, kind, body, size, agent_key, event_type, value,"
     " received_at, created_at, requeued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"

@@ -64,10 +64,11 @@ class SqliteThread:
         if self._closed:
             return
         self._closed = True
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
-        finally:
-            self._executor.shutdown(wait=False)
+        # Submitted once and shielded: a caller cancelled while the thread is busy must not
+        # take the close with it (the connection, its file and its WAL would stay open).
+        closing = asyncio.wrap_future(self._executor.submit(self._conn.close))
+        self._executor.shutdown(wait=False)
+        await asyncio.shield(closing)
 
     def stop(self) -> None:
         """Let the thread end without waiting (a close that was cancelled): the connection
