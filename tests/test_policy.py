@@ -297,3 +297,14 @@ def test_the_token_bucket_gives_its_burst_then_one_token_per_interval() -> None:
 def test_without_an_upstream_the_policy_is_disabled() -> None:
     policy = make(Clock(), enabled=False)
     assert ("disabled", True, None) == (policy.state, policy.stopped, policy.next_attempt_in_s)
+
+
+def test_only_an_event_tried_before_expires_and_never_while_paused() -> None:
+    clock = Clock()
+    policy = make(clock)
+    age_limit = Settings().max_event_age_s
+    assert not policy.expired(0, age_limit + 1)  # never tried: it gets its chance
+    assert not policy.expired(3, age_limit)
+    assert policy.expired(3, age_limit + 1)
+    answer(clock, policy, Ev(1), Answer("pause", 401, "HTTP 401"))
+    assert not policy.expired(3, age_limit + 1)  # it is the probe

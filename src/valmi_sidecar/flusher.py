@@ -22,7 +22,6 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 import structlog
@@ -47,14 +46,46 @@ MIN_IDLE_S: Final = 0.01
 log = structlog.get_logger("valmi_sidecar.flusher")
 
 
-@dataclass(slots=True)
-class _Empty:
-    """A lease came back short when ``Flusher._changes`` was ``changes``; then the next
-    due time of the events out of flight, once read (``None``: nothing queued)."""
+class _ShortLease:
+    """What the last short lease saw: every due event out of flight was read, so until
+    something can have made another one due, the lease loop needs no query (at low rates,
+    most leases would find nothing). ``changes`` counts those things: new events, an event
+    back out of flight, a retry recorded."""
 
-    changes: int
-    due_read: bool = False
-    due: float | None = None
+    def __init__(self) -> None:
+        self.changes = 0
+        # ``changes`` when a lease last came back short (None: none since start), and the
+        # next due time of the events out of flight once read (None: nothing queued).
+        self._seen: int | None = None
+        self._due_read = False
+        self._due: float | None = None
+
+    def changed(self) -> None:
+        self.changes += 1
+
+    def came_back_short(self, seen: int) -> None:
+        self._seen, self._due_read, self._due = seen, False, None
+
+    def forget(self) -> None:
+        self._seen = None
+
+    def _current(self) -> bool:
+        return self._seen is not None and self._seen == self.changes
+
+    def known_empty(self, now: float) -> bool:
+        """Whether a lease now would come back empty, as far as is known without asking:
+        nothing changed since a short lease, and its next due time (once read) has not
+        come."""
+        return self._current() and (not self._due_read or self._due is None or now < self._due)
+
+    def known_due(self) -> tuple[bool, float | None]:
+        """Whether the next due time is known, and that time."""
+        return self._current() and self._due_read, self._due
+
+    def note_due(self, seen: int, due: float | None) -> None:
+        """The next due time read when ``changes`` was ``seen``."""
+        if self._current() and seen == self.changes:
+            self._due_read, self._due = True, due
 
 
 class FlusherError(Exception):
@@ -103,12 +134,7 @@ class Flusher:
         # received events wake it (otherwise it waits for a token, a sender or a hold, and
         # woke for nothing at every group commit).
         self._wants_events = False
-        # What the last short lease saw: every due event out of flight was read, so until
-        # something can have made another one due, the lease loop needs no query (at low
-        # rates, most leases would find nothing). ``_changes`` counts those things:
-        # new events, an event back out of flight, a retry recorded.
-        self._changes = 0
-        self._empty: _Empty | None = None
+        self._short = _ShortLease()
 
         self._summary_at = time.monotonic()
         self._summary = {"delivered": 0, "retried": 0, "dead_lettered": 0}
@@ -172,7 +198,7 @@ class Flusher:
             self._buffer.clear()
             self._in_flight.clear()
             self._policy.forget_held()  # not judged: they stay queued, sent again next time
-            self._empty = None
+            self._short.forget()
             self._running = False
             self._done.set()
 
@@ -261,21 +287,11 @@ class Flusher:
             ):
                 self._buffer.appendleft(event)  # the world changed while leasing
                 continue
-            if self._expired(event):
-                self._settler.add(
-                    DeadLetter(
-                        event.seq,
-                        reason="expired",
-                        status=None,
-                        detail=f"not delivered within max_event_age_s={self._settings.max_event_age_s:g}",
-                        size=len(event.body),
-                    )
-                )
-                self._summary["dead_lettered"] += 1
-                log.debug("event_dead_lettered", id=event.id, reason="expired")
+            if self._policy.expired(event.attempts, self._clock() - event.received_at):
+                self._expire(event)
                 continue
             taken, notes = self._policy.take()
-            self._log(notes)
+            _log(notes)
             if not taken:
                 self._buffer.appendleft(event)
                 continue
@@ -284,31 +300,27 @@ class Flusher:
             self._senders.add(task)
             task.add_done_callback(self._senders.discard)
 
-    def _expired(self, event: QueuedEvent) -> bool:
-        """Whether to dead-letter ``event`` as expired instead of sending it: past
-        ``max_event_age_s`` and it had its chance. Only an event tried before (a retryable
-        failure), and never while paused: then the event is the probe, so a wrong key or
-        URL for longer than the age limit expires nothing, one event per probe or all at once."""
-        return (
-            event.attempts > 0
-            and not self._policy.paused
-            and self._clock() - event.received_at > self._settings.max_event_age_s
-        )
+    def _expire(self, event: QueuedEvent) -> None:
+        max_age_s = self._settings.max_event_age_s
+        detail = f"not delivered within max_event_age_s={max_age_s:g}"
+        self._settler.add(DeadLetter(event.seq, "expired", None, detail, len(event.body)))
+        self._summary["dead_lettered"] += 1
+        log.debug("event_dead_lettered", id=event.id, reason="expired")
 
     def _send_limit(self) -> int:
         return self._policy.send_limit(self._concurrency)
 
     async def _next_event(self) -> QueuedEvent | None:
-        if not self._buffer and not self._known_empty():
+        if not self._buffer and not self._short.known_empty(self._clock()):
             limit = self._policy.send_limit(self._batch)
-            seen = self._changes
+            seen = self._short.changes
             events = await self._lease(limit)
             for event in events:
                 if event.seq not in self._in_flight:
                     self._in_flight.add(event.seq)
                     self._buffer.append(event)
             if len(events) < limit:
-                self._empty = _Empty(seen)
+                self._short.came_back_short(seen)
         return self._buffer.popleft() if self._buffer else None
 
     async def _lease(self, limit: int) -> list[QueuedEvent]:
@@ -320,32 +332,17 @@ class Flusher:
             self._policy.forget_probes()
         return await self._store.lease(limit, frozenset(self._in_flight))
 
-    def _known_empty(self) -> bool:
-        """Whether a lease now would come back empty, as far as the loop knows without
-        asking: nothing changed since a short lease, and its next due time (once read) has
-        not come."""
-        empty = self._empty
-        if empty is None or empty.changes != self._changes:
-            return False
-        return not empty.due_read or empty.due is None or self._clock() < empty.due
-
-    def _changed(self) -> None:
-        self._changes += 1
-
     def _unlease(self, seq: int) -> None:
         """An event back out of flight, still queued: it can be leased again."""
         self._in_flight.discard(seq)
-        self._changed()
+        self._short.changed()
 
     async def _idle_timeout(self) -> float | None:
-        empty = self._empty
-        if empty is not None and empty.changes == self._changes and empty.due_read:
-            due = empty.due
-        else:
-            seen = self._changes
+        known, due = self._short.known_due()
+        if not known:
+            seen = self._short.changes
             due = await self._store.next_due_at(frozenset(self._in_flight))
-            if empty is not None and empty.changes == seen == self._changes:
-                empty.due_read, empty.due = True, due
+            self._short.note_due(seen, due)
         if due is None:
             return None  # woken by new events, a settlement or stop
         return max(MIN_IDLE_S, due - self._clock())
@@ -358,7 +355,7 @@ class Flusher:
     async def _watch_new_events(self) -> None:
         while True:
             await self._store.wait_for_events()
-            self._changed()
+            self._short.changed()
             if self._wants_events:
                 self._wake.set()
 
@@ -409,12 +406,7 @@ class Flusher:
             self._unlease(seq)
         if d.release_buffer:
             self._release_buffer()
-        self._log(d.notes)
-
-    @staticmethod
-    def _log(notes: list[Note]) -> None:
-        for note in notes:
-            getattr(log, note.level)(note.event, **note.fields)
+        _log(d.notes)
 
     def _dead_letter(self, event: QueuedEvent, answer: Answer) -> None:
         self._settler.add(
@@ -441,7 +433,7 @@ class Flusher:
         for settlement in batch:
             self._in_flight.discard(settlement.seq)
             if isinstance(settlement, Retry):
-                self._changed()  # queued again, due at its time (delivered or dead: gone)
+                self._short.changed()  # queued again, due at its time (delivered or dead: gone)
         expired = sum(isinstance(s, DeadLetter) and s.reason == "expired" for s in batch)
         if expired:  # one line per batch, not per event: a long outage can expire many
             log.warning("events_expired", n=expired, max_event_age_s=self._settings.max_event_age_s)
@@ -500,6 +492,11 @@ class Flusher:
         if due is None:
             return False
         return due - self._clock() > deadline - time.monotonic()
+
+
+def _log(notes: list[Note]) -> None:
+    for note in notes:
+        getattr(log, note.level)(note.event, **note.fields)
 
 
 __all__ = ["Flusher", "FlusherError"]

@@ -164,6 +164,7 @@ class UpstreamPolicy(Generic[E]):
         self._base_s = settings.backoff_base_s
         self._cap_s = settings.backoff_cap_s
         self._pause_after = settings.pause_after_refusals
+        self._max_age_s = settings.max_event_age_s
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 (jitter, not secrets)
         self._clock = clock
         self._wall = wall
@@ -272,6 +273,14 @@ class UpstreamPolicy(Generic[E]):
 
     def send_limit(self, concurrency: int) -> int:
         return 1 if self.probing else concurrency
+
+    def expired(self, attempts: int, age_s: float) -> bool:
+        """Whether to dead-letter an event as expired instead of sending it: past
+        ``max_event_age_s`` and it had its chance. Only an event tried before (a retryable
+        failure), and never while paused: then the event is the probe, so a wrong key or
+        URL for longer than the age limit expires nothing, one event per probe or all at
+        once."""
+        return attempts > 0 and self._state != "paused" and age_s > self._max_age_s
 
     # -- what changes it ---------------------------------------------------------------
 
