@@ -161,7 +161,7 @@ async def test_an_operator_change_cut_off_mid_commit_answers_outcome_unknown(
     monkeypatch.setattr(store_core, "CLOSE_DRAIN_S", 0.2)
     await seeded(tmp_path / "data")  # dead letters to change: the change must write
     sidecar, url = await sidecar_factory(None, data_dir=tmp_path / "data")
-    store = sidecar._store
+    store = sidecar.store
     assert store is not None
     blocker = sqlite3.connect(store.path, isolation_level=None)
     try:

@@ -216,7 +216,7 @@ async def test_commands_work_on_the_database_when_no_sidecar_runs(
     fake.faults.error_rate = 0.0
     await post_events(url, "agent_d", 1)  # its delivery shows the refusals were the events'
     await wait_until(
-        lambda: sidecar._store is not None and sidecar._store.counts().dead_lettered == 4,
+        lambda: sidecar.store is not None and sidecar.store.counts().dead_lettered == 4,
         what="4 dead letters",
     )
     await sidecar.stop()
@@ -281,7 +281,7 @@ async def test_commands_work_on_the_database_when_no_sidecar_runs(
     assert f"a sidecar holds {data_dir}" in err
     code, out, _ = await run_cli("dead-letters", "list", "--url", url2, "--json")
     assert (0, 1) == (code, len(json.loads(out)))
-    assert sidecar2._store is not None
+    assert sidecar2.store is not None
 
 
 async def test_salvage_says_which_dead_letters_stay_behind_and_from_reads_them(

@@ -31,7 +31,7 @@ async def test_full_disk_refuses_with_503_keeps_every_acknowledged_event_and_rec
 ) -> None:
     await fake.go_down()  # nothing leaves the queue while the disk is full
     sidecar, url = await sidecar_factory(fake.url)
-    store = sidecar._store
+    store = sidecar.store
     assert store is not None
     acked: set[str] = set()
     for _ in range(3):
@@ -331,8 +331,8 @@ async def test_a_file_that_is_not_a_database_does_not_stop_start_up(
     assert 200 == (await client.get(url + "/readyz")).status_code
     assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
     assert 1 == len(moved_aside_files(data_dir))
-    assert sidecar._store is not None
-    assert 1 == sidecar._store.stats.corrupt_moved_aside
+    assert sidecar.store is not None
+    assert 1 == sidecar.store.stats.corrupt_moved_aside
 
 
 async def test_salvage_through_a_running_sidecar_keeps_each_request_within_its_body_limit(

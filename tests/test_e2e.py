@@ -338,7 +338,7 @@ async def test_a_crashed_background_task_stops_the_service_with_exit_1(
     await sidecar.start()
     assert sidecar.address is not None
     url = "http://{}:{}".format(*sidecar.address)
-    store = sidecar._store
+    store = sidecar.store
     assert store is not None
     with capture_logs() as logs:
         await store.writer_connection.close()  # the writer's next call fails unexpectedly

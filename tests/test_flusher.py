@@ -21,7 +21,8 @@ from structlog.testing import capture_logs
 from valmi_sidecar.config import Secret
 from valmi_sidecar.events import NewEvent, parse_one
 from valmi_sidecar.fake_api import FakeValmi
-from valmi_sidecar.flusher import Flusher, FlusherError, TokenBucket, full_jitter, rate_budget
+from valmi_sidecar.flusher import Flusher, FlusherError
+from valmi_sidecar.policy import TokenBucket, full_jitter, rate_budget
 from valmi_sidecar.store import QueuedEvent, Retry, Store
 from valmi_sidecar.upstream import Answer, Outgoing, Upstream
 

@@ -86,9 +86,9 @@ async def test_ledger_reconciles_after_an_outage_dead_letters_and_a_retry(
     await fake.go_up()
     await wait_until(
         lambda: (
-            sidecar._store is not None
+            sidecar.store is not None
             and (18, 4)
-            == (sidecar._store.counts().delivered, sidecar._store.counts().dead_lettered)
+            == (sidecar.store.counts().delivered, sidecar.store.counts().dead_lettered)
         ),
         timeout=20,
         what="queue drained and settled",
@@ -125,7 +125,7 @@ async def test_ledger_reconciles_after_an_outage_dead_letters_and_a_retry(
     r = await client.post(url + "/v1/dead-letters/retry", json={"reason": "rejected"})
     assert {"requeued": 4} == r.json()
     await wait_until(
-        lambda: sidecar._store is not None and sidecar._store.counts().delivered == 22,
+        lambda: sidecar.store is not None and sidecar.store.counts().delivered == 22,
         what="re-queued events delivered and settled",
     )
     assert keys <= {e.idem_key for e in fake.events()}
@@ -152,11 +152,11 @@ async def test_ledger_outlives_restarts_and_pruned_keys(
         await post(client, url, outcome(AGENTS[1], "ticket_closed", float(i)))
     await wait_until(lambda: 10 == len(fake.events()), what="10 delivered")
     await wait_until(
-        lambda: sidecar._store is not None and sidecar._store.counts().delivered == 10,
+        lambda: sidecar.store is not None and sidecar.store.counts().delivered == 10,
         what="settled",
     )
-    assert sidecar._store is not None
-    assert 10 == await sidecar._store.prune()  # every key past the (zero) window
+    assert sidecar.store is not None
+    assert 10 == await sidecar.store.prune()  # every key past the (zero) window
     before = await ledger(client, url)
     await sidecar.stop()
 
@@ -208,7 +208,7 @@ async def test_ledger_is_in_the_same_transaction_as_the_events(
     sidecar: Sidecar
     sidecar, url = await sidecar_factory(None)
     await post(client, url, action(AGENTS[0], "llm_call"))
-    store = sidecar._store
+    store = sidecar.store
     assert store is not None
     await store.writer_connection.fetchall("PRAGMA max_page_count = 1")
     big = {**action(AGENTS[0], "llm_call"), "metadata": {"blob": "x" * 200_000}}

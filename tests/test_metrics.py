@@ -74,7 +74,7 @@ async def test_metrics_move_as_events_flow(
     assert 415 == r.status_code
     assert 404 == (await client.get(url + "/v1/nothing")).status_code  # not an ingest path
     await wait_until(
-        lambda: sidecar._store is not None and sidecar._store.counts().delivered == 4,
+        lambda: sidecar.store is not None and sidecar.store.counts().delivered == 4,
         what="4 delivered",
     )
 
@@ -112,7 +112,7 @@ async def test_metrics_move_as_events_flow(
     fake.faults.error_rate = 0.0  # the next delivery shows the refusal was the event's
     assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
     await wait_until(
-        lambda: sidecar._store is not None and sidecar._store.counts().dead_lettered == 1,
+        lambda: sidecar.store is not None and sidecar.store.counts().dead_lettered == 1,
         what="1 dead letter",
     )
     last, _ = await scrape(client, url)

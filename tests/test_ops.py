@@ -85,8 +85,8 @@ async def test_ops_listener_serves_no_event_status_or_operator_route(
     r = await client.request(method, ops_url(sidecar) + path, json=body)
     assert 404 == r.status_code
     assert "not_found" == r.json()["error"]["code"]
-    assert sidecar._store is not None
-    assert 0 == sidecar._store.counts().received
+    assert sidecar.store is not None
+    assert 0 == sidecar.store.counts().received
 
 
 async def test_ops_listener_takes_any_host_the_local_api_does_not(
@@ -135,7 +135,7 @@ async def test_no_agent_key_or_secret_in_any_metric(
         )
         assert 202 == r.status_code
     await wait_until(
-        lambda: sidecar._store is not None and sidecar._store.counts().delivered == 3,
+        lambda: sidecar.store is not None and sidecar.store.counts().delivered == 3,
         what="3 delivered",
     )
     fake.faults.error_rate, fake.faults.error_status = 1.0, 400
@@ -151,7 +151,7 @@ async def test_no_agent_key_or_secret_in_any_metric(
     )
     assert 202 == r.status_code
     await wait_until(
-        lambda: sidecar._store is not None and sidecar._store.counts().dead_lettered == 1,
+        lambda: sidecar.store is not None and sidecar.store.counts().dead_lettered == 1,
         what="1 dead letter",
     )
     for base in (url, ops_url(sidecar)):

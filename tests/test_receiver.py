@@ -179,8 +179,8 @@ async def test_missing_content_type_is_refused_415_and_nothing_stored(
     resp = await client.send(req)
     assert 415 == resp.status_code
     assert "Content-Type: application/json" in error_of(resp)["message"]
-    assert sidecar._store is not None
-    assert 0 == sidecar._store.counts().received
+    assert sidecar.store is not None
+    assert 0 == sidecar.store.counts().received
 
 
 async def test_agent_authorization_header_is_ignored_without_an_ingest_token(
@@ -349,7 +349,7 @@ async def test_a_store_closed_in_the_middle_of_the_commit_answers_outcome_unknow
     the same key, not that nothing was stored."""
     monkeypatch.setattr(store_core, "CLOSE_DRAIN_S", 0.2)
     sidecar, url = await sidecar_factory(None)
-    store = sidecar._store
+    store = sidecar.store
     assert store is not None
     blocker = sqlite3.connect(store.path, isolation_level=None)
     try:

@@ -5,6 +5,7 @@ process's store. Real worker processes, a real fake Valmi API, real signals."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -18,12 +19,21 @@ from typing import Any
 import httpx
 import pytest
 
+from valmi_sidecar.channel import (
+    Failed,
+    Hello,
+    Ready,
+    Submit,
+    WorkerSettings,
+    read_frame,
+    write_frame,
+)
 from valmi_sidecar.config import ConfigError, Secret, load_settings
 from valmi_sidecar.events import parse_one
 from valmi_sidecar.fake_api import FakeValmi
 from valmi_sidecar.service import Sidecar
 from valmi_sidecar.store import OutcomeUnknownError, StoreError
-from valmi_sidecar.workers import _MainLink, listen_sockets, read_frame, write_frame
+from valmi_sidecar.workers import MainLink, listen_sockets
 
 from .conftest import (
     ACTION,
@@ -46,7 +56,7 @@ def _alive(pid: int) -> bool:
 
 
 def _worker_pids(sidecar: Sidecar) -> list[int]:
-    workers = sidecar._workers
+    workers = sidecar.workers
     assert workers is not None
     return workers.pids()
 
@@ -170,8 +180,8 @@ async def test_idempotency_and_queue_limits_hold_across_workers(
     assert full.status_code == 503
     assert full.json()["error"]["code"] == "queue_full"
     assert int(full.headers["Retry-After"]) > 0
-    assert sidecar._store is not None
-    assert sidecar._store.counts().queued == 3
+    assert sidecar.store is not None
+    assert sidecar.store.counts().queued == 3
 
 
 async def test_the_ingest_token_is_checked_in_the_workers_and_the_main_process(
@@ -230,8 +240,8 @@ async def test_a_worker_that_cannot_start_stops_the_start_up(
     sidecar = Sidecar(fast_settings(tmp_path / "data", None, ingest_processes=2))
     with pytest.raises(OSError, match=r"exited before it listened \(exit code 3"):
         await asyncio.wait_for(sidecar.start(), 20)
-    assert sidecar._workers is not None
-    assert sidecar._workers.pids() == []
+    assert sidecar.workers is not None
+    assert sidecar.workers.pids() == []
     monkeypatch.delenv("PYTHONPATH")
     # The data directory was let go: a sidecar starts on it.
     again = Sidecar(fast_settings(tmp_path / "data", None))
@@ -261,23 +271,9 @@ async def test_a_worker_whose_main_process_dies_before_answering_says_the_outcom
     theirs.close()
     try:
         reader, writer = await asyncio.open_unix_connection(sock=mine)
-        s = fast_settings(tmp_path / "data", None)
-        hello: dict[str, object] = {
-            "index": 1,
-            "ops_port": 9,
-            "ingest_token": None,
-            "listen": s.listen,
-            "allowed_origins": [],
-            "allowed_hosts": [],
-            "max_body_bytes": s.max_body_bytes,
-            "client_timeout_s": s.client_timeout_s,
-            "shutdown_grace_s": s.shutdown_grace_s,
-            "log_level": "info",
-            "log_format": "json",
-            "access_log": False,
-        }
-        write_frame(writer, ["hello", hello])
-        assert ["ready"] == await asyncio.wait_for(read_frame(reader), 30)
+        s = dataclasses.replace(fast_settings(tmp_path / "data", None), log_format="json")
+        write_frame(writer, Hello(WorkerSettings.of(s), index=1, ops_port=9))
+        assert Ready() == await asyncio.wait_for(read_frame(reader), 30)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         async with httpx.AsyncClient(timeout=10.0) as client:
             keyed, bare = (
@@ -286,9 +282,9 @@ async def test_a_worker_whose_main_process_dies_before_answering_says_the_outcom
             )
             submitted = 0
             while submitted < 2:
-                tag, items = await asyncio.wait_for(read_frame(reader), 10)
-                assert "submit" == tag
-                submitted += len(items)
+                frame = await asyncio.wait_for(read_frame(reader), 10)
+                assert isinstance(frame, Submit)
+                submitted += len(frame.items)
             writer.close()  # the main process dies with both unanswered
             answers = [await keyed, await bare]
         for resp in answers:
@@ -317,11 +313,14 @@ async def test_a_worker_tells_a_submission_it_never_sent_from_one_left_unanswere
     main_reader, main_writer = await asyncio.open_unix_connection(sock=theirs)
     event = parse_one("action", b'{"agent_key": "a", "action_type": "x"}')
     try:
-        link = _MainLink(writer)
+        link = MainLink(writer)
         answered = [asyncio.ensure_future(link.submit([event])) for _ in range(2)]
-        tag, items = await asyncio.wait_for(read_frame(main_reader), 10)
-        assert ("submit", [0, 1]) == (tag, [rid for rid, _ in items])
-        link.answered([[0, "unknown", "the store stopped", 0], [1, "internal", "KeyError", 0]])
+        frame = await asyncio.wait_for(read_frame(main_reader), 10)
+        assert isinstance(frame, Submit)
+        assert [0, 1] == [item.rid for item in frame.items]
+        link.answered(
+            [Failed(0, "unknown", "the store stopped"), Failed(1, "internal", "KeyError")]
+        )
         for future in answered:
             with pytest.raises(OutcomeUnknownError):
                 await future

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Any, ClassVar, Final, Literal
 
 import msgspec
 
@@ -70,15 +70,20 @@ class ValidationError(Exception):
         super().__init__(f"{where}{first.message}{more}")
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs 5 us per event on the hot path
-class NewEvent:
-    """A validated event, stamped at ingest and ready to be stored (treat it as read-only).
+class NewEvent(msgspec.Struct, frozen=True, array_like=True):
+    """A validated event, stamped at ingest and ready to be stored.
+
+    The worker channel sends it as an array of these fields, in this order (see
+    ``channel.py``); the store reads them by name.
 
     ``body`` is the exact JSON the flusher sends upstream: the client's fields as sent,
     with ``timestamp`` filled with the receipt time when the client left it out.
     ``fingerprint`` identifies what the client sent (before the timestamp was filled), so
     that a retry with the same ``Idempotency-Key`` and a different body is told apart.
     """
+
+    # msgspec makes the fields the slots; said here for the type checker.
+    __slots__: ClassVar[tuple[str, ...]]
 
     id: str
     idem_key: str

@@ -33,7 +33,7 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
-from . import __version__
+from . import __version__, runtime
 from .admin import add_admin_routes
 from .config import (
     ADDRESS_NAME,
@@ -58,6 +58,7 @@ from .receiver import (
     build_ops_app,
     make_runner,
 )
+from .runtime import STOP_SIGNALS, signal_handlers
 from .sdnotify import Notifier
 from .store import RATE_WINDOW_S, Counts, Store, StoreError, moved_aside_files
 from .upstream import Upstream
@@ -167,6 +168,16 @@ class Sidecar:
         self._stopper: asyncio.Task[None] | None = None
         self._grace_until: float | None = None
         self._flush_until: float | None = None
+
+    @property
+    def store(self) -> Store | None:
+        """The store, once started (``None`` before, and if it could not be opened)."""
+        return self._store
+
+    @property
+    def workers(self) -> IngestWorkers | None:
+        """The ingest workers, once their start began (``ingest_processes`` > 1)."""
+        return self._workers
 
     # --- resources, one cleanup context each -------------------------------------
 
@@ -697,35 +708,37 @@ class Sidecar:
     async def serve(self) -> int:
         """Run until SIGTERM/SIGINT or a background failure, reloading on SIGHUP; return
         the exit code."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal)
-        # Without this, SIGHUP ends the process at once, without a drain, and with a
-        # status that systemd's Restart=on-failure takes for a clean exit.
-        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
-        reloads = asyncio.create_task(self._reload_loop(), name="reload")
-        reloads.add_done_callback(self._on_background_done)
-        try:
+        # SIGHUP too: without a handler it ends the process at once, without a drain, and
+        # with a status that systemd's Restart=on-failure takes for a clean exit.
+        handlers = {
+            **dict.fromkeys(STOP_SIGNALS, self._on_signal),
+            signal.SIGHUP: self._reload_requested.set,
+        }
+        with signal_handlers(handlers):
+            reloads = asyncio.create_task(self._reload_loop(), name="reload")
+            reloads.add_done_callback(self._on_background_done)
             try:
-                await self.start()
-            except ListenError as exc:
-                log.error("startup_failed", error=str(exc), action=exc.action)
-                return 1
-            except (StoreError, OSError) as exc:
-                log.error("startup_failed", error=str(exc))
-                return 1
-            except ConfigError as exc:
-                log.error("startup_failed", error=str(exc))
-                return 2
-            await self._stop_requested.wait()
-            await self.stop()
-            return self.exit_code
-        finally:
-            self._stopping = True
-            reloads.cancel()
-            await asyncio.wait({reloads}, timeout=CLOSE_TIMEOUT_S)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+                return await self._serve()
+            finally:
+                self._stopping = True
+                reloads.cancel()
+                await asyncio.wait({reloads}, timeout=CLOSE_TIMEOUT_S)
+
+    async def _serve(self) -> int:
+        try:
+            await self.start()
+        except ListenError as exc:
+            log.error("startup_failed", error=str(exc), action=exc.action)
+            return 1
+        except (StoreError, OSError) as exc:
+            log.error("startup_failed", error=str(exc))
+            return 1
+        except ConfigError as exc:
+            log.error("startup_failed", error=str(exc))
+            return 2
+        await self._stop_requested.wait()
+        await self.stop()
+        return self.exit_code
 
 
 def _address(host: str, port: int) -> str:
@@ -734,14 +747,6 @@ def _address(host: str, port: int) -> str:
 
 def _level(name: str) -> int:
     return logging.getLevelNamesMapping()[name.upper()]
-
-
-def _loop_factory() -> Any:
-    with contextlib.suppress(ImportError):
-        import uvloop  # noqa: PLC0415 (optional: Linux only)
-
-        return uvloop.new_event_loop
-    return None
 
 
 def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
@@ -762,8 +767,7 @@ def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int
     async def serve() -> int:
         return await Sidecar(settings, reload, owns_logging=True, console=console).serve()
 
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(serve())
+    return runtime.run(serve())
 
 
 def _proxy_secrets(proxy: str | None) -> list[str]:

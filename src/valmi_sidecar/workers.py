@@ -14,16 +14,7 @@ worker to the main process over HTTP on a loopback port of its own (port 0, chos
 start), unchanged, so that each route has one implementation.
 
 The channel carries length-prefixed msgpack frames, all the submissions (or answers) of
-one event-loop pass in one frame:
-
-* worker to main: ``["ready"]`` once it listens; ``["submit", [[rid, [event...]], ...]]``
-  where an event is the fields of ``NewEvent`` in order; ``["refused", {code: n}]``, the
-  refusals counted since the last such frame (for ``/metrics``).
-* main to worker: first ``["hello", {...}]`` (the settings a worker needs, the ingest
-  token among them: a socket pair is private to the two processes); ``["answers",
-  [[rid, "ok", [[id, created_at, duplicate], ...], 0] | [rid, ERROR, message, extra], ...]]``
-  where ERROR is ``queue_full``, ``conflict``, ``store`` (nothing stored), ``unknown`` or
-  ``internal`` (either may have been committed); ``["reload", {"ingest_token", "log_level"}]`` after a SIGHUP; ``["drain"]`` at shutdown.
+one event-loop pass in one frame; ``channel.py`` defines them.
 
 Lifecycle: a worker that exits while the sidecar runs is started again (backoff 1 s,
 doubling to 30 s). At shutdown the main process tells every worker to drain (stop
@@ -44,7 +35,6 @@ import itertools
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -52,11 +42,28 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import msgspec
 import structlog
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 from yarl import URL
 
+from . import runtime
+from .channel import (
+    Answers,
+    ChannelClosedError,
+    Drain,
+    Failed,
+    Hello,
+    Ok,
+    Ready,
+    Refused,
+    Reload,
+    Stored,
+    Submission,
+    Submit,
+    WorkerSettings,
+    read_frame,
+    write_frame,
+)
 from .config import ENV_API_KEY, ENV_INGEST_TOKEN, Secret, Settings
 from .events import NewEvent
 from .receiver import (
@@ -67,6 +74,7 @@ from .receiver import (
     TOKEN,
     ApiError,
     Lifecycle,
+    Submitter,
     add_ingest_routes,
     check_accepting,
     ingest_app,
@@ -94,13 +102,6 @@ RESTART_RESET_AFTER_S: Final = 60.0
 REFUSED_REPORT_S: Final = 1.0
 #: Extra seconds after ``shutdown_grace_s`` before a worker that did not exit is killed.
 KILL_AFTER_S: Final = 5.0
-#: The bytes of one frame at most: far above what bodies under ``max_body_bytes`` make; a
-#: longer length prefix means the channel is broken.
-MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
-
-_FRAME: Final = struct.Struct("!I")
-_pack: Final = msgspec.msgpack.Encoder().encode
-_unpack: Final = msgspec.msgpack.Decoder().decode
 #: Headers that belong to one hop, not passed on by the proxy (RFC 9110, 7.6.1).
 _HOP_HEADERS: Final = frozenset(
     {
@@ -116,29 +117,6 @@ _HOP_HEADERS: Final = frozenset(
         "content-length",
     }
 )
-
-
-class ChannelClosedError(Exception):
-    """The other process closed the channel (it stopped)."""
-
-
-async def read_frame(reader: asyncio.StreamReader) -> Any:
-    """The next frame; ``ChannelClosedError`` when the other end closed."""
-    try:
-        (n,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
-        if n > MAX_FRAME_BYTES:
-            raise ChannelClosedError(f"a frame of {n} bytes is over the limit")
-        return _unpack(await reader.readexactly(n))
-    except (asyncio.IncompleteReadError, ConnectionError) as exc:
-        raise ChannelClosedError(str(exc)) from exc
-
-
-def write_frame(writer: asyncio.StreamWriter, obj: Any) -> None:
-    """Queue one frame; a closed channel drops it (its reader sees the end anyway)."""
-    if writer.is_closing():
-        return
-    data = _pack(obj)
-    writer.write(_FRAME.pack(len(data)) + data)
 
 
 def listen_sockets(host: str, port: int) -> list[socket.socket]:
@@ -174,16 +152,16 @@ def _worker_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in secret}
 
 
-def _error_answer(rid: int, exc: BaseException) -> list[Any]:
+def _error_answer(rid: int, exc: BaseException) -> Failed:
     if isinstance(exc, QueueFullError):
-        return [rid, "queue_full", str(exc), exc.retry_after_s]
+        return Failed(rid, "queue_full", str(exc), exc.retry_after_s)
     if isinstance(exc, IdempotencyConflictError):
-        return [rid, "conflict", exc.key, 0]
+        return Failed(rid, "conflict", exc.key)
     if isinstance(exc, OutcomeUnknownError):
-        return [rid, "unknown", str(exc), 0]
+        return Failed(rid, "unknown", str(exc))
     if isinstance(exc, StoreError):
-        return [rid, "store", str(exc), 0]
-    return [rid, "internal", f"{type(exc).__name__}", 0]
+        return Failed(rid, "store", str(exc))
+    return Failed(rid, "internal", f"{type(exc).__name__}")
 
 
 # --- the main process's side ------------------------------------------------------------
@@ -197,15 +175,15 @@ class _Worker:
     reader: asyncio.StreamReader
     started: float
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    out: list[list[Any]] = field(default_factory=list)
+    out: list[Ok | Failed] = field(default_factory=list)
 
-    def answer(self, item: list[Any]) -> None:
+    def answer(self, item: Ok | Failed) -> None:
         if not self.out:
             asyncio.get_running_loop().call_soon(self._flush)
         self.out.append(item)
 
     def _flush(self) -> None:
-        write_frame(self.writer, ["answers", self.out])
+        write_frame(self.writer, Answers(self.out))
         self.out = []
 
 
@@ -261,33 +239,17 @@ class IngestWorkers:
         later)."""
         self._settings = settings
         for worker in self._workers.values():
-            write_frame(worker.writer, ["reload", self._reloadable()])
+            write_frame(worker.writer, self._reloadable())
 
-    def _reloadable(self) -> dict[str, Any]:
-        s = self._settings
-        return {
-            "ingest_token": s.ingest_token.reveal() if s.ingest_token is not None else None,
-            "log_level": s.log_level,
-        }
+    def _reloadable(self) -> Reload:
+        hello = WorkerSettings.of(self._settings)
+        return Reload(hello.ingest_token, hello.log_level)
 
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers.values()]
 
-    def _hello(self, index: int) -> dict[str, Any]:
-        s = self._settings
-        return {
-            **self._reloadable(),
-            "index": index,
-            "ops_port": self._ops_port,
-            "listen": s.listen,
-            "allowed_origins": list(s.allowed_origins),
-            "allowed_hosts": list(s.allowed_hosts),
-            "max_body_bytes": s.max_body_bytes,
-            "client_timeout_s": s.client_timeout_s,
-            "shutdown_grace_s": s.shutdown_grace_s,
-            "log_format": s.log_format,
-            "access_log": s.access_log,
-        }
+    def _hello(self, index: int) -> Hello:
+        return Hello(WorkerSettings.of(self._settings), index, self._ops_port)
 
     async def _start_one(self, index: int) -> None:
         assert self._socks
@@ -318,7 +280,7 @@ class IngestWorkers:
             raise
         worker = _Worker(index, process, writer, reader, time.monotonic())
         self._workers[index] = worker
-        write_frame(writer, ["hello", self._hello(index)])
+        write_frame(writer, self._hello(index))
         serve = self._spawn(self._serve(worker), f"ingest_worker_{index}")
         ready = asyncio.ensure_future(worker.ready.wait())
         try:
@@ -350,16 +312,17 @@ class IngestWorkers:
         it again (unless draining)."""
         try:
             while True:
-                frame = await read_frame(worker.reader)
-                tag = frame[0]
-                if tag == "submit":
-                    self._submit(worker, frame[1])
-                elif tag == "refused":
-                    for code, n in frame[1].items():
-                        self._refused[code] = self._refused.get(code, 0) + n
-                elif tag == "ready":
-                    worker.ready.set()
-                    self._on_alive(self.alive)
+                match await read_frame(worker.reader):
+                    case Submit(items):
+                        self._submit(worker, items)
+                    case Refused(counts):
+                        for reason, n in counts.items():
+                            self._refused[reason] = self._refused.get(reason, 0) + n
+                    case Ready():
+                        worker.ready.set()
+                        self._on_alive(self.alive)
+                    case _:
+                        pass  # a frame for a worker: not sent this way
         except ChannelClosedError:
             pass
         finally:
@@ -401,11 +364,12 @@ class IngestWorkers:
             log.info("ingest_worker_restarted", worker=index, pid=self._workers[index].process.pid)
             return
 
-    def _submit(self, worker: _Worker, items: list[list[Any]]) -> None:
+    def _submit(self, worker: _Worker, items: list[Submission]) -> None:
         store = self._store
-        for rid, fields in items:
+        for item in items:
+            rid = item.rid
             try:
-                future = store.submit_soon([NewEvent(*f) for f in fields])
+                future = store.submit_soon(item.events)
             except StoreError as exc:
                 worker.answer(_error_answer(rid, exc))
                 continue
@@ -424,7 +388,7 @@ class IngestWorkers:
             worker.answer(_error_answer(rid, exc))
             return
         accepted = future.result()
-        worker.answer([rid, "ok", [[a.id, a.created_at, a.duplicate] for a in accepted], 0])
+        worker.answer(Ok(rid, [Stored(a.id, a.created_at, a.duplicate) for a in accepted]))
 
     async def stop(self, grace_s: float) -> None:
         """Drain every worker: stop accepting, finish requests within ``grace_s``, exit.
@@ -437,7 +401,7 @@ class IngestWorkers:
             task.cancel()
         workers = list(self._workers.values())
         for worker in workers:
-            write_frame(worker.writer, ["drain"])
+            write_frame(worker.writer, Drain())
         processes = [w.process for w in workers]
         if processes:
             waits = [asyncio.ensure_future(p.wait()) for p in processes]
@@ -458,14 +422,14 @@ class IngestWorkers:
 # --- the worker process -----------------------------------------------------------------
 
 
-class _MainLink:
+class MainLink:
     """The worker's store: each submission goes to the main process, batched per loop
     pass, and returns (or raises) what the main process's store did."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
         self._waiting: dict[int, asyncio.Future[list[Accepted]]] = {}
-        self._out: list[list[Any]] = []
+        self._out: list[Submission] = []
         self._ids = itertools.count()
         self.gone: str | None = None
 
@@ -478,57 +442,39 @@ class _MainLink:
         self._waiting[rid] = future
         if not self._out:
             loop.call_soon(self._flush)
-        self._out.append(
-            [
-                rid,
-                [
-                    (
-                        e.id,
-                        e.idem_key,
-                        e.kind,
-                        e.body,
-                        e.fingerprint,
-                        e.agent_key,
-                        e.event_type,
-                        e.value,
-                        e.received_at,
-                        e.created_at,
-                    )
-                    for e in events
-                ],
-            ]
-        )
+        self._out.append(Submission(rid, list(events)))
         try:
             return await future
         finally:
             self._waiting.pop(rid, None)
 
     def _flush(self) -> None:
-        write_frame(self._writer, ["submit", self._out])
+        write_frame(self._writer, Submit(self._out))
         self._out = []
 
-    def answered(self, items: list[list[Any]]) -> None:
-        for rid, status, payload, extra in items:
-            future = self._waiting.get(rid)
+    def answered(self, items: Sequence[Ok | Failed]) -> None:
+        for item in items:
+            future = self._waiting.get(item.rid)
             if future is None or future.done():
                 continue
-            if status == "ok":
-                future.set_result([Accepted(i, c, duplicate=d) for i, c, d in payload])
-            elif status == "queue_full":
-                future.set_exception(QueueFullError(payload, int(extra)))
-            elif status == "conflict":
-                future.set_exception(IdempotencyConflictError(payload))
-            elif status == "store":
-                future.set_exception(StoreError(payload))
-            else:  # "unknown", or an unexpected failure ("internal"): it may be committed
-                future.set_exception(OutcomeUnknownError(payload))
+            match item:
+                case Ok(_, stored):
+                    future.set_result([Accepted(s.id, s.created_at, s.duplicate) for s in stored])
+                case Failed(_, "queue_full", message, retry_after_s):
+                    future.set_exception(QueueFullError(message, retry_after_s))
+                case Failed(_, "conflict", key):
+                    future.set_exception(IdempotencyConflictError(key))
+                case Failed(_, "store", message):
+                    future.set_exception(StoreError(message))
+                case Failed(_, _, message):  # "unknown", or "internal": it may be committed
+                    future.set_exception(OutcomeUnknownError(message))
 
     def close(self, reason: str) -> None:
         """The main process is gone. A submission still in ``_out`` never left this
         process: nothing of it was stored. One that was written to the channel may have
         been committed before the main process stopped, unanswered."""
         self.gone = reason
-        unsent = {rid for rid, _ in self._out}
+        unsent = {submission.rid for submission in self._out}
         self._out = []
         for rid, future in self._waiting.items():
             if future.done():
@@ -604,61 +550,49 @@ def _send_refused(
 ) -> None:
     delta = {code: n - sent.get(code, 0) for code, n in refused.items() if n != sent.get(code, 0)}
     if delta:
-        write_frame(writer, ["refused", delta])
+        write_frame(writer, Refused(delta))
         sent.update(refused)
 
 
-def worker_settings(hello: dict[str, Any]) -> Settings:
-    token = hello["ingest_token"]
-    return Settings(
-        ingest_token=Secret(token) if token else None,
-        listen=hello["listen"],
-        allowed_origins=tuple(hello["allowed_origins"]),
-        allowed_hosts=tuple(hello["allowed_hosts"]),
-        max_body_bytes=hello["max_body_bytes"],
-        client_timeout_s=hello["client_timeout_s"],
-        shutdown_grace_s=hello["shutdown_grace_s"],
-        log_level=hello["log_level"],
-        log_format=hello["log_format"],
-        access_log=hello["access_log"],
-    )
-
-
-def _worker_app(settings: Settings, hello: dict[str, Any], link: _MainLink) -> web.Application:
+def worker_app(settings: Settings, ops_port: int, link: Submitter) -> web.Application:
+    """A worker's application: ingest served here, with ``link`` as its store; every
+    other route passed to the main process's loopback port ``ops_port``."""
     lifecycle = Lifecycle(ready=True)
     app = ingest_app(settings, lifecycle)
     add_ingest_routes(app)
     app[INGEST] = link
-    app[OPS_URL] = f"http://127.0.0.1:{hello['ops_port']}"
+    app[OPS_URL] = f"http://127.0.0.1:{ops_port}"
     app.cleanup_ctx.append(_ops_session)
     app.router.add_route("*", "/{tail:.*}", _proxy)
     return app
 
 
-def _reload(app: web.Application, changes: dict[str, Any]) -> None:
+def _reload(app: web.Application, changes: Reload) -> None:
     from .logs import redact_also, set_level  # noqa: PLC0415 - as configure_logging
 
-    token = changes["ingest_token"]
+    token = changes.ingest_token
     if token:
         redact_also(token)
     app[TOKEN].secret = Secret(token) if token else None
-    set_level(changes["log_level"])
+    set_level(changes.log_level)
 
 
 async def _follow_main(
-    reader: asyncio.StreamReader, link: _MainLink, stop: asyncio.Event, app: web.Application
+    reader: asyncio.StreamReader, link: MainLink, stop: asyncio.Event, app: web.Application
 ) -> bool:
     """Read the main process's frames until it says drain (True) or the channel ends
     (False: the main process is gone)."""
     try:
         while True:
-            frame = await read_frame(reader)
-            if frame[0] == "answers":
-                link.answered(frame[1])
-            elif frame[0] == "reload":
-                _reload(app, frame[1])
-            elif frame[0] == "drain":
-                stop.set()
+            match await read_frame(reader):
+                case Answers(items):
+                    link.answered(items)
+                case Reload() as changes:
+                    _reload(app, changes)
+                case Drain():
+                    stop.set()
+                case _:
+                    pass  # a frame for the main process: not sent this way
     except ChannelClosedError as exc:
         link.close(str(exc) or "its channel closed")
         gone = not stop.is_set()
@@ -676,35 +610,54 @@ async def run_worker(listen_fds: Sequence[int], channel_fd: int) -> int:
     channel = socket.socket(fileno=channel_fd)
     reader, writer = await asyncio.open_unix_connection(sock=channel, limit=2**20)
     try:
-        tag, hello = await read_frame(reader)
+        hello = await read_frame(reader)
     except ChannelClosedError:
         return 1
-    if tag != "hello":
+    if not isinstance(hello, Hello):
         return 1
-    settings = worker_settings(hello)
+    settings = hello.settings.settings()
     configure_logging(
         settings.log_level, settings.log_format, settings.secrets(), access_log=settings.access_log
     )
-    structlog.contextvars.bind_contextvars(ingest_worker=hello["index"])
-    link = _MainLink(writer)
-    app = _worker_app(settings, hello, link)
+    structlog.contextvars.bind_contextvars(ingest_worker=hello.index)
+    link = MainLink(writer)
+    app = worker_app(settings, hello.ops_port, link)
     runner = make_runner(app, settings)
     await runner.setup()
     for listener in listeners:
         await web.SockSite(runner, listener, backlog=1024).start()
 
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # A closed terminal or `systemctl kill -s HUP` reaches the workers too; the main
-    # process reloads and sends the result over the channel.
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    # SIGHUP: a closed terminal or `systemctl kill -s HUP` reaches the workers too; the
+    # main process reloads and sends the result over the channel.
+    handlers = {**dict.fromkeys(runtime.STOP_SIGNALS, stop.set), signal.SIGHUP: _ignore}
+    with runtime.signal_handlers(handlers):
+        return await _serve_main(
+            runner, settings, reader=reader, writer=writer, link=link, stop=stop
+        )
+
+
+def _ignore() -> None:
+    pass
+
+
+async def _serve_main(
+    runner: web.AppRunner,
+    settings: Settings,
+    *,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    link: MainLink,
+    stop: asyncio.Event,
+) -> int:
+    """Serve until ``stop``, then drain; the worker's exit code."""
+    app = runner.app
+    loop = asyncio.get_running_loop()
     refused: dict[str, int] = app[REFUSED]
     sent: dict[str, int] = {}
     follow = loop.create_task(_follow_main(reader, link, stop, app), name="channel")
     report = loop.create_task(_report_refused(writer, refused, sent), name="refused")
-    write_frame(writer, ["ready"])
+    write_frame(writer, Ready())
     exit_code = 0
     try:
         await stop.wait()
@@ -722,8 +675,6 @@ async def run_worker(listen_fds: Sequence[int], channel_fd: int) -> int:
             follow.cancel()
         await asyncio.wait({report, follow}, timeout=1.0)
         writer.close()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
     if follow.done() and not follow.cancelled() and follow.result() is False:
         exit_code = 1
     return exit_code
@@ -733,13 +684,7 @@ def main(argv: Sequence[str]) -> int:
     """``LISTEN_FD[,LISTEN_FD...] CHANNEL_FD``, as ``IngestWorkers`` passes them."""
     listen_fds = [int(fd) for fd in argv[0].split(",")]
     channel_fd = int(argv[1])
-    loop_factory: Any = None
-    with contextlib.suppress(ImportError):
-        import uvloop  # noqa: PLC0415 - optional (Linux only)
-
-        loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(run_worker(listen_fds, channel_fd))
+    return runtime.run(run_worker(listen_fds, channel_fd))
 
 
 if __name__ == "__main__":

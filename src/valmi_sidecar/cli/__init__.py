@@ -15,11 +15,11 @@ sidecar, which operations), ``output`` and ``status_view`` (what is printed).
 from __future__ import annotations
 
 from ..operations import recorded_url, status_url
+from ..runtime import run_until_signalled
 from .common import SYSTEMD_DATA_DIR, service_data_dir
 from .dispatch import build_parser, main
 from .flags import parse_duration
 from .output import CliError, format_status, format_status_details, format_table
-from .run import run_until_signalled
 from .salvage import format_salvage_damage
 from .status_view import StatusView
 

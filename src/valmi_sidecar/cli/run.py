@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
-import sys
-from collections.abc import Callable, Coroutine
-from contextlib import suppress
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from ..config import PLAIN_FIELDS, ConfigError, Settings, load_settings, split_listen
 from ..logs import configure_logging
+from ..runtime import run_until_signalled
 from ..store import StoreError
 from . import common
 from .output import PROG, CliError, error, out
@@ -59,45 +55,6 @@ def cmd_fake_api(args: argparse.Namespace) -> int:
         if problem is None:
             raise
         raise CliError(f"{problem}; {problem.action}") from e
-
-
-def run_until_signalled(make: Callable[[], Coroutine[Any, Any, object]]) -> int:
-    """Run ``make()`` on uvloop (if available) until it ends or SIGINT/SIGTERM cancels it.
-
-    A signal is a clean exit: 0. Any other exception propagates.
-    """
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if sys.platform == "linux":
-        with suppress(ImportError):
-            import uvloop  # noqa: PLC0415 - optional
-
-            loop_factory = uvloop.new_event_loop
-    try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_cancel_on_signal(make))
-    except KeyboardInterrupt:  # a platform without loop signal handlers
-        pass
-    return 0
-
-
-async def _cancel_on_signal(make: Callable[[], Coroutine[Any, Any, object]]) -> None:
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(make())
-    signals = (signal.SIGINT, signal.SIGTERM)
-    installed = []
-    for sig in signals:
-        with suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, task.cancel)
-            installed.append(sig)
-    try:
-        await task
-    except asyncio.CancelledError:
-        if not task.cancelled():
-            raise
-        # Cancelled by our signal handler: the clean way out.
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -1,0 +1,143 @@
+"""Recording the flusher's outcomes: delivered, retry, dead letter, in batches.
+
+The senders' outcomes wait here until one store transaction records a batch of them. An
+outcome the store could not record (disk full or failing) stays, ahead of newer ones,
+and is tried again: its event stays in flight meanwhile, so it is never sent again
+while its outcome is unsaved, and stays queued, so a stop re-sends it with the same key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Final
+
+import structlog
+
+from .disk import SETTLE_DEAD_BYTES
+from .store import DeadLetter, Settlement, Store, StoreError
+
+#: How long finished outcomes wait for company before one settle transaction (unless a
+#: batch is full). A settle joins the group commit of the events being received, and a
+#: group with settlements takes longer: waiting gathers many outcomes into one group.
+#: The cost: an event's delivery is recorded up to this much later, so a crash in
+#: between re-sends it (same key).
+SETTLE_LINGER_S: Final = 0.1
+#: After a failed settle (disk full or failing), wait this long before trying it again.
+SETTLE_RETRY_S: Final = 1.0
+
+log = structlog.get_logger("valmi_sidecar.flusher")
+
+
+class Settler:
+    """Records outcomes in batches of at most ``batch``; ``on_settled`` is told each
+    batch once it is committed."""
+
+    def __init__(
+        self, store: Store, batch: int, on_settled: Callable[[list[Settlement]], None]
+    ) -> None:
+        self._store = store
+        self._batch = batch
+        self._on_settled = on_settled
+        self._pending: list[Settlement] = []
+        # Outcomes in the settle transaction running now.
+        self._committing = 0
+        self._wake = asyncio.Event()
+        # Set when leasing waits for outcomes to be saved: stop lingering.
+        self._now = asyncio.Event()
+        self._closing = False
+
+    @property
+    def unsaved(self) -> int:
+        """Outcomes not yet committed (waiting or being committed)."""
+        return len(self._pending) + self._committing
+
+    @property
+    def waiting(self) -> bool:
+        """Whether outcomes wait for a transaction."""
+        return bool(self._pending)
+
+    def add(self, settlement: Settlement) -> None:
+        self._pending.append(settlement)
+        self._wake.set()
+
+    def hurry(self) -> None:
+        """Commit what waits without lingering."""
+        self._now.set()
+
+    def close(self) -> None:
+        """Commit what waits and end ``run``."""
+        self._closing = True
+        self._wake.set()
+
+    def reopen(self) -> None:
+        """``run`` ended: the next one runs until ``close()`` again."""
+        self._closing = False
+
+    async def run(self) -> None:
+        """Commit outcomes until ``close()`` and none is left (or until cancelled: then
+        once more, best effort)."""
+        try:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if len(self._pending) < self._batch and not self._closing:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SETTLE_LINGER_S):
+                            await self._now.wait()
+                self._now.clear()
+                try:
+                    await self._commit()
+                except StoreError as exc:
+                    log.warning(
+                        "settle_failed",
+                        n=len(self._pending),
+                        error=f"{type(exc).__name__}: {exc}",
+                        retry_in_s=SETTLE_RETRY_S,
+                    )
+                    await asyncio.sleep(SETTLE_RETRY_S)
+        except asyncio.CancelledError:
+            try:  # best effort; unsettled events are re-sent with the same key
+                while self._pending:
+                    await self._commit()
+            except StoreError as exc:
+                log.warning("final_settle_failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+
+    async def _commit(self) -> None:
+        n = _within_dead_bytes(self._pending)
+        batch, self._pending = self._pending[:n], self._pending[n:]
+        started = time.monotonic()
+        self._committing = len(batch)
+        try:
+            await self._store.settle(batch)
+        except BaseException:
+            self._pending[:0] = batch  # not recorded: keep them, ahead of newer outcomes
+            raise
+        finally:
+            self._committing = 0
+        log.debug(
+            "batch_settled", n=len(batch), elapsed_ms=round((time.monotonic() - started) * 1000, 1)
+        )
+        self._on_settled(batch)
+
+
+def _within_dead_bytes(pending: list[Settlement]) -> int:
+    """How many of the first outcomes one settle transaction takes: its dead letters (whose
+    bodies it copies) within ``SETTLE_DEAD_BYTES``, the disk budget's bound; one at least."""
+    total = 0
+    for i, s in enumerate(pending):
+        if isinstance(s, DeadLetter):
+            total += s.size
+            if total > SETTLE_DEAD_BYTES and i:
+                return i
+    return len(pending)
+
+
+__all__ = ["SETTLE_LINGER_S", "SETTLE_RETRY_S", "Settler"]
