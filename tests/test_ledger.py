@@ -87,8 +87,7 @@ async def test_ledger_reconciles_after_an_outage_dead_letters_and_a_retry(
     await wait_until(
         lambda: (
             sidecar.store is not None
-            and (18, 4)
-            == (sidecar.store.counts().delivered, sidecar.store.counts().dead_lettered)
+            and (18, 4) == (sidecar.store.counts().delivered, sidecar.store.counts().dead_lettered)
         ),
         timeout=20,
         what="queue drained and settled",

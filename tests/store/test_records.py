@@ -3,7 +3,6 @@ field of a new event is stored. On a freshly opened store's file; no mocks."""
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -75,7 +74,7 @@ async def test_every_field_of_a_new_event_is_stored(store: Store) -> None:
         conn.row_factory = sqlite3.Row
         (row,) = conn.execute("SELECT * FROM events").fetchall()
         (key,) = conn.execute("SELECT * FROM keys").fetchall()
-    names = [f.name for f in dataclasses.fields(NewEvent) if f.name != "fingerprint"]
+    names = [name for name in record_fields(NewEvent) if name != "fingerprint"]
     stored_columns = set(row.keys())
     assert set() == set(names) - stored_columns, "NewEvent fields with no column in events"
     assert {n: getattr(event, n) for n in names} == {n: row[n] for n in names}
@@ -86,5 +85,5 @@ async def test_the_group_write_view_has_exactly_the_group_write_columns(store: S
     """The view (TEMP, on the writer's connection) that every group write inserts into."""
     info = await store.writer_connection.fetchall("PRAGMA temp.table_info(group_write)")
     assert list(sql.GROUP_WRITE_COLUMNS) == [row[1] for row in info]
-    event_fields = [f.name for f in dataclasses.fields(NewEvent)]
+    event_fields = list(record_fields(NewEvent))
     assert set() == set(event_fields) - set(sql.GROUP_WRITE_COLUMNS)

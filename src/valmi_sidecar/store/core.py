@@ -54,10 +54,9 @@ from .writer import Writer
 
 log = structlog.get_logger("valmi_sidecar.store")
 
-#: How long ``close()`` lets the writer commit what is pending before it gives up, and
-#: how long it waits for each connection to close: all of ``close()`` stays under 10 s.
+#: How long ``close()`` lets the writer commit what is pending before it gives up (with
+#: ``opening.CONNECTION_CLOSE_S`` for each connection, all of ``close()`` stays under 10 s).
 CLOSE_DRAIN_S: Final = 5.0
-CONNECTION_CLOSE_S: Final = 1.5
 
 
 class Store:
@@ -200,7 +199,7 @@ class Store:
             disk_bytes=data_dir_bytes(self._data_dir),
             max_queue_bytes=self._space.budget.max_bytes,
         )
-        self._warn_if_budget_short()
+        self._space.warn_if_short(self._mirror.dead_letter_disk_bytes())
 
     async def close(self) -> None:
         """Refuse new writes, commit what is pending (bounded by ``CLOSE_DRAIN_S``), stop
@@ -208,44 +207,21 @@ class Store:
         if self._closing:
             return
         self._closing = True
-        asked: list[SqliteThread] = []
         writer = self._writer
-        clean = True
         try:
             if self._prune_task is not None:
                 self._prune_task.cancel()
                 await asyncio.wait({self._prune_task})
-            task = self._writer_task
-            if task is not None:
-                writer.stop()
-                await asyncio.wait({task}, timeout=CLOSE_DRAIN_S)
-                if not task.done():
-                    clean = False
-                    log.error("store_close_timeout", pending=writer.pending, bound_s=CLOSE_DRAIN_S)
-                    task.cancel()
-                    await asyncio.wait({task}, timeout=1.0)
-            writer.fail_all(StoreError("the store is closed"))
-            for conn in (self._reader, writer.conn):
-                asked.append(conn)
-                try:
-                    await asyncio.wait_for(conn.close(), CONNECTION_CLOSE_S)
-                except (sqlite3.Error, TimeoutError) as exc:
-                    clean = False
-                    log.error("store_close_failed", error=f"{type(exc).__name__}: {exc}")
+            clean = await writer.finish(self._writer_task, CLOSE_DRAIN_S)
+            clean = await opening.close_all((self._reader, writer.conn)) and clean
             if clean and writer.writable:
                 m = self._mirror
-                try:
-                    await asyncio.to_thread(
-                        files.write_clean_record, self._data_dir, m.queued, m.queued_bytes
-                    )
-                except OSError as exc:  # the next start checks the file: slower, no harm
-                    log.warning("clean_record_failed", error=str(exc))
+                await opening.record_clean_close(self._data_dir, m.queued, m.queued_bytes)
             await asyncio.to_thread(files.give_files, self._data_dir)
         finally:
             self._closed = True
             for conn in (self._reader, writer.conn):
-                if conn not in asked:  # cancelled before closing it
-                    conn.stop()
+                conn.stop()  # a close cancelled before its turn: the thread ends anyway
             if self._lock_fd is not None:
                 fd, self._lock_fd = self._lock_fd, None
                 os.close(fd)  # releases the flock
@@ -326,25 +302,6 @@ class Store:
         """Events a second over about the last minute (received, delivered, dead-lettered);
         ``None`` until two samples a second apart exist."""
         return self._mirror.rates()
-
-    def _warn_if_budget_short(self) -> None:
-        budget = self._space.budget
-        problem = budget.problem()
-        if problem is not None:
-            log.error(
-                "disk_budget_too_small",
-                problem=problem,
-                other_files_bytes=budget.other_bytes,
-                action="raise max_queue_bytes, or remove what else is in the data directory "
-                "(salvage, then delete, moved-aside databases)",
-            )
-        elif self._space.full:
-            log.warning(
-                "disk_budget_full",
-                max_queue_bytes=budget.max_bytes,
-                database_in_use=self._space.used,
-                dead_letter_bytes=self._mirror.dead_letter_disk_bytes(),
-            )
 
     # -- writes --------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -21,6 +21,8 @@ from .thread import SqliteThread
 
 log = structlog.get_logger("valmi_sidecar.store")
 
+#: How long closing waits for each connection.
+CONNECTION_CLOSE_S: Final = 1.5
 #: The writer's statement cache (sqlite3's default is 128): the group-write INSERTs plus
 #: everything else the writer runs.
 _WRITER_CACHED_STATEMENTS: Final = 256
@@ -122,3 +124,23 @@ async def move_aside(path: Path, exc: CorruptDatabaseError) -> Path:
 def _setup_reader(db: sqlite3.Connection) -> None:
     for pragma in (f"busy_timeout = {BUSY_TIMEOUT_MS}", "query_only = ON"):
         db.execute(f"PRAGMA {pragma}")
+
+
+async def close_all(conns: Iterable[SqliteThread]) -> bool:
+    """Close each connection, each within ``CONNECTION_CLOSE_S``; whether all closed."""
+    clean = True
+    for conn in conns:
+        try:
+            await asyncio.wait_for(conn.close(), CONNECTION_CLOSE_S)
+        except (sqlite3.Error, TimeoutError) as exc:
+            clean = False
+            log.error("store_close_failed", error=f"{type(exc).__name__}: {exc}")
+    return clean
+
+
+async def record_clean_close(data_dir: Path, queued: int, queued_bytes: int) -> None:
+    """Write the clean-shutdown record (after both connections closed)."""
+    try:
+        await asyncio.to_thread(files.write_clean_record, data_dir, queued, queued_bytes)
+    except OSError as exc:  # the next start checks the file: slower, no harm
+        log.warning("clean_record_failed", error=str(exc))

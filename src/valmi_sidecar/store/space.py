@@ -131,6 +131,20 @@ class Space:
             )
         return None
 
+    def warn_if_short(self, dead_letter_bytes: int) -> None:
+        """Say at start-up when the budget is too small for anything, or already full."""
+        problem = self.budget.problem()
+        if problem is not None:
+            log.error(
+                "disk_budget_too_small",
+                problem=problem,
+                other_files_bytes=self.budget.other_bytes,
+                action="raise max_queue_bytes, or remove what else is in the data directory "
+                "(salvage, then delete, moved-aside databases)",
+            )
+        elif self.full:
+            self.log_change(False, dead_letter_bytes)
+
     # -- on the event loop -----------------------------------------------------------------
 
     def apply(self, plan: Plan, dead_letter_bytes: int) -> None:

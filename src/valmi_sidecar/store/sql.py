@@ -7,7 +7,6 @@ read by position by hand.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Final
 
 import msgspec
@@ -16,15 +15,12 @@ from ..events import NewEvent
 from .records import DeadLetterFilter, DeadLetterRecord, LedgerRow, QueuedEvent
 
 
-def record_fields(record: type) -> tuple[str, ...]:
-    """The field names of a record type (a msgspec ``Struct`` or a dataclass), in order."""
-    names: tuple[str, ...] | None = getattr(record, "__struct_fields__", None)
-    if names is None:
-        names = tuple(f.name for f in dataclasses.fields(record))
-    return names
+def record_fields(record: type[msgspec.Struct]) -> tuple[str, ...]:
+    """The field names of a record type, in order."""
+    return record.__struct_fields__
 
 
-def columns(record: type, **expressions: str) -> str:
+def columns(record: type[msgspec.Struct], **expressions: str) -> str:
     """The ``SELECT`` list that reads ``record``: its fields in order, each the column of
     its name or the SQL expression given for it."""
     return ", ".join(expressions.get(name, name) for name in record_fields(record))

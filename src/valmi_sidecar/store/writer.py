@@ -105,6 +105,21 @@ class Writer:
     def stopping(self) -> bool:
         return self._stopping
 
+    async def finish(self, task: asyncio.Task[None] | None, drain_s: float) -> bool:
+        """Let ``task`` (running ``run``) commit what is pending within ``drain_s``, else
+        cancel it; then fail whatever still waits. Whether it finished in time."""
+        clean = True
+        if task is not None:
+            self.stop()
+            await asyncio.wait({task}, timeout=drain_s)
+            if not task.done():
+                clean = False
+                log.error("store_close_timeout", pending=self.pending, bound_s=drain_s)
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
+        self.fail_all(StoreError("the store is closed"))
+        return clean
+
     async def run(self) -> None:
         try:
             while True:
