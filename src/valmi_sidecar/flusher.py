@@ -311,17 +311,25 @@ class Flusher:
         return self._policy.send_limit(self._concurrency)
 
     async def _next_event(self) -> QueuedEvent | None:
-        if not self._buffer and not self._short.known_empty(self._clock()):
+        if not self._buffer:
             limit = self._policy.send_limit(self._batch)
-            seen = self._short.changes
-            events = await self._lease(limit)
-            for event in events:
-                if event.seq not in self._in_flight:
-                    self._in_flight.add(event.seq)
-                    self._buffer.append(event)
-            if len(events) < limit:
-                self._short.came_back_short(seen)
+            if self._short.known_empty(self._clock()):
+                # Nothing else is due in the database: what was committed since is handed
+                # over in memory, not read back.
+                self._buffer_events(self._store.take_fresh(limit))
+            else:
+                seen = self._short.changes
+                events = await self._lease(limit)
+                self._buffer_events(events)
+                if len(events) < limit:
+                    self._short.came_back_short(seen)
         return self._buffer.popleft() if self._buffer else None
+
+    def _buffer_events(self, events: list[QueuedEvent]) -> None:
+        for event in events:
+            if event.seq not in self._in_flight:
+                self._in_flight.add(event.seq)
+                self._buffer.append(event)
 
     async def _lease(self, limit: int) -> list[QueuedEvent]:
         probed = self._policy.probed
@@ -353,9 +361,13 @@ class Flusher:
                 await self._wake.wait()
 
     async def _watch_new_events(self) -> None:
+        missed = self._store.missed
         while True:
             await self._store.wait_for_events()
-            self._short.changed()
+            if self._store.missed != missed:
+                # Events were committed that the store could not hand over: read them.
+                missed = self._store.missed
+                self._short.changed()
             if self._wants_events:
                 self._wake.set()
 

@@ -16,6 +16,7 @@ The modules, each owning one thing (``docs/ARCHITECTURE.md`` has the whole map):
 Everything a caller needs is importable from here.
 """
 
+from . import handoff
 from .core import Store
 from .files import moved_aside_files
 from .mirror import RATE_WINDOW_S
@@ -81,6 +82,7 @@ __all__ = [
     "StoreError",
     "StoreStats",
     "UnreadableRow",
+    "handoff",
     "moved_aside_files",
     "salvage_problem",
     "utc_day",

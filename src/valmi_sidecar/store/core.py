@@ -29,6 +29,7 @@ import structlog
 from ..disk import DiskBudget, data_dir_bytes
 from ..events import NewEvent
 from . import files, opening, reads
+from .handoff import Handoff
 from .mirror import Mirror
 from .plan import PRUNE_CHUNK, Limits, Prune, Purge, Requeue, Settle, Submit
 from .records import (
@@ -80,11 +81,13 @@ class Store:
         self._durability = options.durability
         self._mirror = Mirror(budget.max_bytes)
         self._space = Space(budget, self._path)
+        self._handoff = Handoff()
         self._writer = Writer(
             conns.writer,
             path=self._path,
             mirror=self._mirror,
             space=self._space,
+            handoff=self._handoff,
             limits=Limits(options.max_queue_events, options.dedup_window_s),
             clock=options.clock,
         )
@@ -444,7 +447,20 @@ class Store:
         """
         if limit <= 0:
             return []
-        return await self._reader.call(reads.lease(self._clock(), limit, exclude))
+        events = await self._reader.call(reads.lease(self._clock(), limit, exclude))
+        self._handoff.drop({e.seq for e in events})
+        return events
+
+    def take_fresh(self, limit: int) -> list[QueuedEvent]:
+        """Up to ``limit`` events committed since the last call (or lease), oldest first,
+        without reading the database (``handoff``). Events committed and not handed are
+        counted in ``missed``: a caller that relies on this must lease when it grows."""
+        return self._handoff.take(limit)
+
+    @property
+    def missed(self) -> int:
+        """Events committed to the queue that ``take_fresh`` will not give (see there)."""
+        return self._handoff.missed
 
     async def next_due_at(self, exclude: Collection[int]) -> float | None:
         """The earliest ``next_attempt_at`` of the queued events not in ``exclude``."""

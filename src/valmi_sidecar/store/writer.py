@@ -28,6 +28,7 @@ import structlog
 
 from ..disk import SETTLE_DEAD_BYTES
 from .actions import prune_keys, purge, requeue, vacuum
+from .handoff import Handoff
 from .mirror import Mirror
 from .plan import SOLO, Fail, Limits, Op, Plan, Prune, Purge, Requeue, Settle, Submit
 from .records import OutcomeUnknownError, StoreError
@@ -56,6 +57,7 @@ class Writer:
         path: Path,
         mirror: Mirror,
         space: Space,
+        handoff: Handoff,
         limits: Limits,
         clock: Callable[[], float],
     ) -> None:
@@ -63,6 +65,7 @@ class Writer:
         self._path = path
         self._mirror = mirror
         self._space = space
+        self._handoff = handoff
         self._limits = limits
         self._clock = clock
         self._groups = GroupWriter(limits, space, clock)
@@ -270,6 +273,10 @@ class Writer:
         mirror.apply(plan)
         if not (plan.requeued or plan.purged):
             self._space.apply(plan, mirror.dead_letter_disk_bytes())
+        if plan.fresh:
+            self._handoff.put(plan.fresh)
+        if plan.requeued:
+            self._handoff.miss(plan.requeued)
         if plan.received or plan.requeued:
             self.new_events.set()
         if plan.requeued:

@@ -39,6 +39,7 @@ from .records import (
     Accepted,
     Delivered,
     IdempotencyConflictError,
+    QueuedEvent,
     QueueFullError,
     Retry,
     utc_day,
@@ -199,6 +200,9 @@ class GroupWriter:
                 day = utc_day(e.received_at)
                 bump(plan.ledger, (e.agent_key, e.kind, e.event_type, day), IN_RECEIVED, e.value)
                 event_rows.append((0, seq, len(e.body), *_event_values(e)))
+                plan.fresh.append(
+                    QueuedEvent(seq, e.id, e.idem_key, e.kind, e.body, e.received_at, 0)
+                )
                 seq += 1
             plan.results.append((op, accepted))
         plan.received = queued - start.queued
