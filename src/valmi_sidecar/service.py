@@ -11,9 +11,11 @@ resource is one aiohttp cleanup context, torn down only if its start succeeded. 
 signal stops forwarding at once: the events not yet sent stay queued, with their keys.
 On a terminal, the drain says what it is doing once a second.
 
-The parts it wires live in their own modules: ``listening.py`` (binding, the ops
-listener, the address record), ``status.py`` (the status page and the lines it prints)
-and ``reload.py`` (what a SIGHUP changes).
+What it wires lives in modules of their own: ``resources.py`` (the store, the ops
+listener, the upstream client and the flusher, one cleanup context each),
+``listening.py`` (binding, what a failed bind means, the address record), ``status.py``
+(the status page, the scrape, the lines it prints) and ``reload.py`` (what a SIGHUP
+changes).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -36,8 +38,7 @@ from yarl import URL
 
 from . import __version__, runtime
 from .admin import add_admin_routes
-from .config import ConfigError, Settings, env_proxy, url_without_credentials
-from .flusher import Flusher
+from .config import ConfigError, Settings, env_proxy
 from .listening import (
     CLOSE_TIMEOUT_S,
     LISTEN_FLAG,
@@ -45,28 +46,26 @@ from .listening import (
     address_text,
     listen,
     listen_error,
-    ops_listener,
     record_address,
     url_of,
 )
 from .logs import configure_logging
-from .metrics import DrainForecast, MetricsSource, render_metrics
-from .receiver import (
-    INGEST,
-    REFUSED,
-    STORE,
-    TOKEN,
-    Lifecycle,
-    build_app,
-    build_ops_app,
-    make_runner,
-)
+from .metrics import render_metrics
+from .receiver import REFUSED, TOKEN, Lifecycle, build_app, make_runner
 from .reload import RELOADABLE, announce, apply_reload
+from .resources import Resources
 from .runtime import STOP_SIGNALS, signal_handlers
 from .sdnotify import Notifier
-from .status import Facts, drain_line, forecast, status_json, status_line, upstream_state
-from .store import Counts, Store, StoreError, moved_aside_files
-from .upstream import Upstream
+from .status import (
+    Console,
+    Facts,
+    drain_line,
+    metrics_source,
+    status_json,
+    status_line,
+    upstream_state,
+)
+from .store import Store, StoreError, moved_aside_files
 from .workers import IngestWorkers
 
 __all__ = [
@@ -83,8 +82,6 @@ log = structlog.get_logger("valmi_sidecar.service")
 
 #: How often systemd's STATUS= line is refreshed with the queue depth.
 STATUS_INTERVAL_S: Final = 5.0
-#: How often a terminal is told how the drain is going.
-CONSOLE_INTERVAL_S: Final = 1.0
 
 
 class Sidecar:
@@ -105,7 +102,7 @@ class Sidecar:
     ) -> None:
         """``console``: a terminal to tell how the shutdown goes (a person waits there)."""
         self.settings = settings
-        self._console = console
+        self._console = Console(console)
         self._reload = reload
         self._owns_logging = owns_logging
         self._reload_requested = asyncio.Event()
@@ -113,12 +110,12 @@ class Sidecar:
         self.lifecycle = Lifecycle()
         self.exit_code = 0
         self.address: tuple[str, int] | None = None
-        #: Where the ops listener listens (``ops_listen``), once it does.
-        self.ops_address: tuple[str, int] | None = None
-        self._store: Store | None = None
-        self._upstream: Upstream | None = None
-        self._flusher: Flusher | None = None
-        self._flusher_task: asyncio.Task[None] | None = None
+        self._parts = Resources(
+            lambda: self.settings,
+            self.lifecycle,
+            on_task_done=self._on_background_done,
+            metrics=self._metrics,
+        )
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._runner: web.AppRunner | None = None
@@ -128,106 +125,22 @@ class Sidecar:
         self._address_file: Path | None = None
         self._moved_aside: list[Path] = []
         self._workers: IngestWorkers | None = None
-        self._hurried = False
-        self._stopper: asyncio.Task[None] | None = None
         self._grace_until: float | None = None
-        self._flush_until: float | None = None
 
     @property
     def store(self) -> Store | None:
         """The store, once started (``None`` before, and if it could not be opened)."""
-        return self._store
+        return self._parts.store
 
     @property
     def workers(self) -> IngestWorkers | None:
         """The ingest workers, once their start began (``ingest_processes`` > 1)."""
         return self._workers
 
-    # --- resources, one cleanup context each -------------------------------------
-
-    async def _store_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        s = self.settings
-        self._store = await Store.open(
-            s.data_dir,
-            durability=s.durability,
-            max_queue_bytes=s.max_queue_bytes,
-            max_queue_events=s.max_queue_events,
-            max_body_bytes=s.max_body_bytes,
-            dedup_window_s=s.dedup_window_s,
-            recover_corrupt=True,  # a damaged file is moved aside: never a crash loop
-        )
-        app[STORE] = self._store
-        app[INGEST] = self._store
-        self._store.writer_task.add_done_callback(self._on_background_done)
-        try:
-            yield
-        finally:
-            await asyncio.wait_for(self._store.close(), CLOSE_TIMEOUT_S)
-
-    async def _ops_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        """The ops listener, in this process only (ingest workers never serve it). It opens
-        after the store and closes after the final flush, so probes and scrapes see the
-        whole drain."""
-        s = self.settings
-        if not s.ops_listen:
-            yield
-            return
-        assert self._store is not None
-        ops = build_ops_app(s, self.lifecycle, lambda: self._metrics(app), app[REFUSED])
-        ops[STORE] = self._store
-        async with ops_listener(ops, s) as self.ops_address:
-            yield
-
-    async def _upstream_ctx(self, _app: web.Application) -> AsyncIterator[None]:
-        s = self.settings
-        if s.api_key is None:
-            log.warning(
-                "forwarding_disabled",
-                reason="no API key: set VALMI_API_KEY or VALMI_API_KEY_FILE and restart; "
-                "events are accepted and kept until then",
-            )
-            yield
-            return
-        proxy = env_proxy(s.api_url, os.environ) if s.proxy_from_env else None
-        if proxy is not None:
-            log.info("upstream_proxy", proxy=url_without_credentials(proxy))
-        self._upstream = Upstream(
-            s.api_url,
-            s.api_key,
-            timeout_s=s.upstream_timeout_s,
-            max_connections=s.upstream_concurrency,
-            proxy=proxy,
-        )
-        try:
-            yield
-        finally:
-            await asyncio.wait_for(self._upstream.aclose(), CLOSE_TIMEOUT_S)
-
-    async def _flusher_ctx(self, _app: web.Application) -> AsyncIterator[None]:
-        assert self._store is not None
-        self._flusher = Flusher(self._store, self._upstream, self.settings)
-        task = asyncio.create_task(self._flusher.run(), name="flusher")
-        task.add_done_callback(self._on_background_done)
-        self._flusher_task = task
-        try:
-            yield
-        finally:
-            await self._final_flush(self._flusher, task)
-
-    async def _final_flush(self, flusher: Flusher, task: asyncio.Task[None]) -> None:
-        bound = 0.0 if self._hurried else self.settings.final_flush_s
-        self._flush_until = time.monotonic() + bound
-        if not task.done():
-            try:
-                await asyncio.wait_for(flusher.drain(bound), bound + CLOSE_TIMEOUT_S)
-            except TimeoutError:
-                log.error("final_flush_overran", bound_s=bound)
-        if not task.done():
-            task.cancel()
-        # Wait for the task to end; its own failure was already reported by the callback.
-        await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
-        if self._stopper is not None:
-            await asyncio.wait({self._stopper}, timeout=CLOSE_TIMEOUT_S)
+    @property
+    def ops_address(self) -> tuple[str, int] | None:
+        """Where the ops listener listens (``ops_listen``), once it does."""
+        return self._parts.ops_address
 
     def _on_background_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -245,22 +158,17 @@ class Sidecar:
 
     # --- status -------------------------------------------------------------------
 
-    def _forecast(self, counts: Counts, now: float) -> DrainForecast:
-        assert self._store is not None
-        state = upstream_state(self._flusher)
-        return forecast(self.settings, counts, self._store.rates(), state, now)
-
     def status(self) -> dict[str, Any]:
         """The JSON for ``/v1/status``: counts that reconcile, queue age, upstream state,
         the drain forecast."""
-        store = self._store
+        store = self._parts.store
         assert store is not None
         now = time.time()
         facts = Facts(
             counts=store.counts(),
             rates=store.rates(),
-            flusher=self._flusher,
-            forwarding=self._upstream is not None,
+            flusher=self._parts.flusher,
+            forwarding=self._parts.upstream is not None,
             ready=self.lifecycle.ready,
             draining=self.lifecycle.draining,
             uptime_s=now - self._started_at,
@@ -274,8 +182,8 @@ class Sidecar:
 
     def _status_line(self) -> str:
         """One line for systemd's STATUS=: queue depth and upstream state."""
-        counts = self._store.counts() if self._store is not None else None
-        return status_line(counts, upstream_state(self._flusher))
+        counts = self._parts.store.counts() if self._parts.store is not None else None
+        return status_line(counts, upstream_state(self._parts.flusher))
 
     async def _status_loop(self) -> None:
         while True:
@@ -283,34 +191,20 @@ class Sidecar:
             self._notifier.status(self._status_line())
 
     def _metrics(self, app: web.Application) -> bytes:
-        assert self._store is not None
-        flusher = self._flusher
-        s = self.settings
+        store, upstream = self._parts.store, self._parts.upstream
+        assert store is not None
         refused: dict[str, int] = app[REFUSED]
-        workers = self._workers
-        counts = self._store.counts()
-        return render_metrics(
-            MetricsSource(
-                counts=counts,
-                store=self._store.stats,
-                upstream=self._upstream.stats if self._upstream is not None else None,
-                refused=refused,
-                in_flight=flusher.in_flight if flusher is not None else 0,
-                upstream_state=upstream_state(flusher),
-                writable=self._store.writable,
-                ready=self.lifecycle.ready and not self.lifecycle.draining,
-                max_queue_events=s.max_queue_events,
-                max_queue_bytes=s.max_queue_bytes,
-                max_event_age_s=s.max_event_age_s,
-                database_bytes=self._store.database_bytes(),
-                drain=self._forecast(counts, time.time()),
-                version=__version__,
-                disk=self._store.disk(),
-                ingest_workers=workers.configured if workers is not None else 0,
-                ingest_workers_running=workers.alive if workers is not None else 0,
-                ingest_worker_restarts=workers.restarts if workers is not None else 0,
-            )
+        source = metrics_source(
+            self.settings,
+            store,
+            self._parts.flusher,
+            upstream=upstream.stats if upstream is not None else None,
+            refused=refused,
+            ready=self.lifecycle.ready and not self.lifecycle.draining,
+            workers=self._workers,
+            now=time.time(),
         )
+        return render_metrics(source)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -324,26 +218,23 @@ class Sidecar:
         """SIGTERM/SIGINT: the first drains; the second stops forwarding at once."""
         if not self._stop_requested.is_set():
             self.request_stop()
-        elif not self._hurried:
+        elif not self._parts.hurried:
             self.hurry()
         else:
-            self._say("still closing the store cleanly; every queued event stays queued")
+            self._console.say("still closing the store cleanly; every queued event stays queued")
 
     def hurry(self) -> None:
         """Stop forwarding now instead of at the end of the final flush. Events not yet
         forwarded stay queued with their keys; requests in flight upstream are cancelled
         and sent again, with the same key, after the next start."""
-        self._hurried = True
-        queued = self._store.counts().queued if self._store is not None else 0
+        self._parts.hurried = True
+        queued = self._parts.store.counts().queued if self._parts.store is not None else 0
         log.warning("shutdown_hurried", queued=queued)
-        self._say(
+        self._console.say(
             f"stopping now: forwarding stops; {queued} queued events stay queued and are "
             "forwarded after the next start"
         )
-        flusher, task = self._flusher, self._flusher_task
-        if flusher is not None and task is not None and not task.done():
-            self._stopper = asyncio.create_task(flusher.drain(0.0), name="flusher-stop")
-            self._stopper.add_done_callback(self._on_stopper_done)
+        self._parts.stop_forwarding(self._on_stopper_done)
 
     def _on_stopper_done(self, task: asyncio.Task[None]) -> None:
         exc = None if task.cancelled() else task.exception()
@@ -351,25 +242,15 @@ class Sidecar:
             log.error("background_task_crashed", task=task.get_name(), exc_info=exc)
             self.exit_code = self.exit_code or 1
 
-    def _say(self, text: str) -> None:
-        if self._console is not None:
-            self._console.write(text + "\n")
-            self._console.flush()
-
     def _drain_line(self) -> str:
         return drain_line(
-            queued=self._store.counts().queued if self._store is not None else 0,
-            hurried=self._hurried,
+            queued=self._parts.store.counts().queued if self._parts.store is not None else 0,
+            hurried=self._parts.hurried,
             grace_until=self._grace_until,
-            flush_until=self._flush_until,
+            flush_until=self._parts.flush_until,
             final_flush_s=self.settings.final_flush_s,
             now=time.monotonic(),
         )
-
-    async def _tell_console(self) -> None:
-        while True:
-            self._say(self._drain_line())
-            await asyncio.sleep(CONSOLE_INTERVAL_S)
 
     async def start(self) -> None:
         """Open every resource in order, then listen. Raises if any step fails (after
@@ -378,9 +259,7 @@ class Sidecar:
         app = build_app(s, self.lifecycle, self.status, lambda: self._metrics(app))
         self._app = app
         add_admin_routes(app)
-        app.cleanup_ctx.extend(
-            [self._store_ctx, self._ops_ctx, self._upstream_ctx, self._flusher_ctx]
-        )
+        app.cleanup_ctx.extend(self._parts.contexts())
         runner = make_runner(app, s)
         self._runner = runner
         try:
@@ -409,23 +288,28 @@ class Sidecar:
             ops_listen=None if self.ops_address is None else address_text(*self.ops_address),
             data_dir=str(s.data_dir),
             durability=s.durability,
-            forwarding=self._upstream is not None,
+            forwarding=self._parts.upstream is not None,
             rate_limit_per_min=s.rate_limit_per_min_effective,
             rate_limit_source=s.rate_limit_source,
-            queued=self._store.counts().queued if self._store else 0,
+            queued=self._parts.store.counts().queued if self._parts.store else 0,
             version=__version__,
         )
 
     def _make_workers(
         self, app: web.Application, socks: list[socket.socket], ops_port: int
     ) -> IngestWorkers:
-        assert self._store is not None
+        assert self._parts.store is not None
 
         def on_alive(n: int) -> None:
             self.lifecycle.no_ingest_worker = n == 0
 
         self._workers = IngestWorkers(
-            self.settings, self._store, app[REFUSED], socks, ops_port=ops_port, on_alive=on_alive
+            self.settings,
+            self._parts.store,
+            app[REFUSED],
+            socks,
+            ops_port=ops_port,
+            on_alive=on_alive,
         )
         return self._workers
 
@@ -439,8 +323,10 @@ class Sidecar:
         log.info("shutdown_started")
         self._grace_until = time.monotonic() + self.settings.shutdown_grace_s
         console = (
-            asyncio.create_task(self._tell_console(), name="shutdown-console")
-            if self._console is not None
+            asyncio.create_task(
+                self._console.keep_telling(self._drain_line), name="shutdown-console"
+            )
+            if self._console.attached
             else None
         )
         try:
@@ -449,9 +335,9 @@ class Sidecar:
             if console is not None:
                 console.cancel()
                 await asyncio.wait({console}, timeout=1.0)
-        counts = self._store.counts() if self._store is not None else None
+        counts = self._parts.store.counts() if self._parts.store is not None else None
         if counts is not None:
-            self._say(
+            self._console.say(
                 f"stopped: {counts.queued} events stay queued"
                 if counts.queued
                 else "stopped: the queue is empty"
@@ -477,7 +363,7 @@ class Sidecar:
             task.cancel()
         if self._notify_tasks:
             await asyncio.wait(self._notify_tasks, timeout=1.0)
-        counts = self._store.counts() if self._store is not None else None
+        counts = self._parts.store.counts() if self._parts.store is not None else None
         if self._address_file is not None:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self._address_file.unlink)
@@ -514,7 +400,7 @@ class Sidecar:
         done = apply_reload(
             old,
             new,
-            upstream=self._upstream,
+            upstream=self._parts.upstream,
             token=self._app[TOKEN] if self._app is not None else None,
             on_new_key=self._probe_now,
         )
@@ -524,8 +410,8 @@ class Sidecar:
         announce(done, old.log_level, owns_logging=self._owns_logging)
 
     def _probe_now(self) -> None:
-        if self._flusher is not None:
-            self._flusher.probe_now()
+        if self._parts.flusher is not None:
+            self._parts.flusher.probe_now()
 
     async def _reload_loop(self) -> None:
         while True:

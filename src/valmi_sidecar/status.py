@@ -1,5 +1,6 @@
-"""What a running sidecar says about itself: the ``/v1/status`` JSON, the drain forecast,
-systemd's one-line STATUS=, and the line a terminal sees while it stops.
+"""What a running sidecar says about itself: the ``/v1/status`` JSON, what a metrics scrape
+reads, the drain forecast, systemd's one-line STATUS=, and what a terminal is told while
+it stops.
 
 Each is built from plain values read at one moment (``Facts``), so that the words and
 the arithmetic are tested without a running sidecar; ``service.py`` reads the values.
@@ -7,20 +8,23 @@ the arithmetic are tested without a running sidecar; ``service.py`` reads the va
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol, TextIO
 
 from . import __version__
 from .config import Settings
-from .metrics import DrainForecast, drain_forecast
+from .metrics import DrainForecast, MetricsSource, UpstreamStats, drain_forecast
 from .operations import counts_json, disk_json, moved_aside_json
-from .store import RATE_WINDOW_S, Counts, DiskUsage
+from .store import RATE_WINDOW_S, Counts, DiskUsage, Store
 
 #: The upstream state shown when forwarding is off (no API key, so no flusher).
-DISABLED = "disabled"
+DISABLED: Final = "disabled"
+#: How often a terminal is told how the drain is going.
+CONSOLE_INTERVAL_S: Final = 1.0
 
 
 class FlusherView(Protocol):
@@ -40,6 +44,17 @@ class FlusherView(Protocol):
     def next_attempt_in_s(self) -> float | None: ...
     @property
     def max_unsaved(self) -> int: ...
+
+
+class WorkersView(Protocol):
+    """What a scrape reads of the ingest workers."""
+
+    @property
+    def configured(self) -> int: ...
+    @property
+    def alive(self) -> int: ...
+    @property
+    def restarts(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -171,3 +186,60 @@ def drain_line(
         f"forwarding the queue ({queued} events) for up to "
         f"{final_flush_s:g} s (Ctrl-C again to stop now: they stay queued)"
     )
+
+
+def metrics_source(
+    settings: Settings,
+    store: Store,
+    flusher: FlusherView | None,
+    *,
+    upstream: UpstreamStats | None,
+    refused: Mapping[str, int],
+    ready: bool,
+    workers: WorkersView | None,
+    now: float,
+) -> MetricsSource:
+    """What one ``/metrics`` scrape shows, read now."""
+    counts = store.counts()
+    return MetricsSource(
+        counts=counts,
+        store=store.stats,
+        upstream=upstream,
+        refused=refused,
+        in_flight=flusher.in_flight if flusher is not None else 0,
+        upstream_state=upstream_state(flusher),
+        writable=store.writable,
+        ready=ready,
+        max_queue_events=settings.max_queue_events,
+        max_queue_bytes=settings.max_queue_bytes,
+        max_event_age_s=settings.max_event_age_s,
+        database_bytes=store.database_bytes(),
+        drain=forecast(settings, counts, store.rates(), upstream_state(flusher), now),
+        version=__version__,
+        disk=store.disk(),
+        ingest_workers=workers.configured if workers is not None else 0,
+        ingest_workers_running=workers.alive if workers is not None else 0,
+        ingest_worker_restarts=workers.restarts if workers is not None else 0,
+    )
+
+
+class Console:
+    """The terminal a person waits at while the sidecar stops, or none (then silent)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream
+
+    @property
+    def attached(self) -> bool:
+        return self._stream is not None
+
+    def say(self, text: str) -> None:
+        if self._stream is not None:
+            self._stream.write(text + "\n")
+            self._stream.flush()
+
+    async def keep_telling(self, line: Callable[[], str]) -> None:
+        """Say ``line()`` once a second until cancelled."""
+        while True:
+            self.say(line())
+            await asyncio.sleep(CONSOLE_INTERVAL_S)
