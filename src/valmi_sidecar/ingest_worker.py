@@ -59,7 +59,7 @@ from .store import (
     StoreError,
 )
 
-# The same logger as the main process's side: operators filter on one name for workers.
+# One logger name for both sides of the ingest workers (see ``workers.py``).
 log = structlog.get_logger("valmi_sidecar.workers")
 
 #: How often a worker reports its refusal counts, at most.
