@@ -10,22 +10,25 @@ requests in flight finish (``shutdown_grace_s``), the flusher gets a final flush
 resource is one aiohttp cleanup context, torn down only if its start succeeded. A second
 signal stops forwarding at once: the events not yet sent stay queued, with their keys.
 On a terminal, the drain says what it is doing once a second.
+
+What it wires lives in modules of their own: ``resources.py`` (the store, the ops
+listener, the upstream client and the flusher, one cleanup context each),
+``listening.py`` (binding, what a failed bind means, the address record), ``status.py``
+(the status page, the scrape, the lines it prints) and ``reload.py`` (what a SIGHUP
+changes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import errno
-import json
-import logging
+import functools
 import os
 import signal
+import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -35,92 +38,50 @@ from yarl import URL
 
 from . import __version__, runtime
 from .admin import add_admin_routes
-from .config import (
-    ADDRESS_NAME,
-    PLAIN_FIELDS,
-    ConfigError,
-    Settings,
-    env_proxy,
-    split_listen,
-    url_without_credentials,
+from .config import ConfigError, Settings, env_proxy
+from .listening import (
+    CLOSE_TIMEOUT_S,
+    LISTEN_FLAG,
+    ListenError,
+    address_text,
+    listen,
+    listen_error,
+    record_address,
+    url_of,
 )
-from .flusher import Flusher
-from .logs import configure_logging, redact_also, set_level
-from .metrics import DrainForecast, MetricsSource, drain_forecast, render_metrics
-from .operations import counts_json, disk_json, moved_aside_json
-from .receiver import (
-    INGEST,
-    REFUSED,
-    STORE,
-    TOKEN,
-    Lifecycle,
-    build_app,
-    build_ops_app,
-    make_runner,
-)
+from .logs import configure_logging
+from .metrics import render_metrics
+from .receiver import REFUSED, TOKEN, Lifecycle, build_app, make_runner
+from .reload import RELOADABLE, announce, apply_reload
+from .resources import Resources
 from .runtime import STOP_SIGNALS, signal_handlers
 from .sdnotify import Notifier
-from .store import RATE_WINDOW_S, Counts, Store, StoreError, moved_aside_files
-from .upstream import Upstream
-from .workers import IngestWorkers, listen_sockets
+from .status import (
+    Console,
+    Facts,
+    drain_line,
+    metrics_source,
+    status_json,
+    status_line,
+    upstream_state,
+)
+from .store import Store, StoreError, moved_aside_files
+from .workers import IngestWorkers
+
+__all__ = [
+    "CLOSE_TIMEOUT_S",
+    "LISTEN_FLAG",
+    "RELOADABLE",
+    "ListenError",
+    "Sidecar",
+    "listen_error",
+    "run",
+]
 
 log = structlog.get_logger("valmi_sidecar.service")
 
-#: Extra seconds allowed for closing the HTTP client and the database.
-CLOSE_TIMEOUT_S: Final = 10.0
-#: Seconds the ops listener lets a request in flight finish when it closes.
-OPS_SHUTDOWN_S: Final = 1.0
 #: How often systemd's STATUS= line is refreshed with the queue depth.
 STATUS_INTERVAL_S: Final = 5.0
-#: How often a terminal is told how the drain is going.
-CONSOLE_INTERVAL_S: Final = 1.0
-
-
-class ListenError(Exception):
-    """The listen address cannot be bound; the message says which and what to do."""
-
-    def __init__(self, message: str, action: str) -> None:
-        super().__init__(message)
-        self.action = action
-
-
-#: How a person gives the sidecar another listen address.
-LISTEN_FLAG: Final = "--listen HOST:PORT or VALMI_SIDECAR_LISTEN"
-
-
-def listen_error(exc: OSError, listen: str, flag: str = LISTEN_FLAG) -> ListenError | None:
-    """What a failed bind means for the person running the server (``None`` when ``exc``
-    is not about the address); ``flag`` is how they give it another address."""
-    port = split_listen(listen)[1]
-    if exc.errno == errno.EADDRINUSE:
-        return ListenError(
-            f"cannot listen on {listen}: the address is already in use",
-            f"another program listens there, perhaps another valmi-sidecar (`ss -ltnp "
-            f"'sport = :{port}'` names it); stop it, or choose another address with {flag}",
-        )
-    if exc.errno == errno.EACCES:
-        return ListenError(
-            f"cannot listen on {listen}: permission denied",
-            f"ports below 1024 need privileges; choose a port from 1024 up with {flag}",
-        )
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return ListenError(
-            f"cannot listen on {listen}: no network interface of this host has that address",
-            f"listen on 127.0.0.1 or on an address of this host ({flag})",
-        )
-    return None
-
-
-#: What a reload applies without a restart; every other change waits for one.
-RELOADABLE: Final = ("api_key", "ingest_token", "log_level")
-
-
-def _rfc3339(unix: float | None) -> str | None:
-    if unix is None:
-        return None
-    return (
-        datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
 
 
 class Sidecar:
@@ -141,7 +102,7 @@ class Sidecar:
     ) -> None:
         """``console``: a terminal to tell how the shutdown goes (a person waits there)."""
         self.settings = settings
-        self._console = console
+        self._console = Console(console)
         self._reload = reload
         self._owns_logging = owns_logging
         self._reload_requested = asyncio.Event()
@@ -149,12 +110,12 @@ class Sidecar:
         self.lifecycle = Lifecycle()
         self.exit_code = 0
         self.address: tuple[str, int] | None = None
-        #: Where the ops listener listens (``ops_listen``), once it does.
-        self.ops_address: tuple[str, int] | None = None
-        self._store: Store | None = None
-        self._upstream: Upstream | None = None
-        self._flusher: Flusher | None = None
-        self._flusher_task: asyncio.Task[None] | None = None
+        self._parts = Resources(
+            lambda: self.settings,
+            self.lifecycle,
+            on_task_done=self._on_background_done,
+            metrics=self._metrics,
+        )
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._runner: web.AppRunner | None = None
@@ -164,119 +125,22 @@ class Sidecar:
         self._address_file: Path | None = None
         self._moved_aside: list[Path] = []
         self._workers: IngestWorkers | None = None
-        self._hurried = False
-        self._stopper: asyncio.Task[None] | None = None
         self._grace_until: float | None = None
-        self._flush_until: float | None = None
 
     @property
     def store(self) -> Store | None:
         """The store, once started (``None`` before, and if it could not be opened)."""
-        return self._store
+        return self._parts.store
 
     @property
     def workers(self) -> IngestWorkers | None:
         """The ingest workers, once their start began (``ingest_processes`` > 1)."""
         return self._workers
 
-    # --- resources, one cleanup context each -------------------------------------
-
-    async def _store_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        s = self.settings
-        self._store = await Store.open(
-            s.data_dir,
-            durability=s.durability,
-            max_queue_bytes=s.max_queue_bytes,
-            max_queue_events=s.max_queue_events,
-            max_body_bytes=s.max_body_bytes,
-            dedup_window_s=s.dedup_window_s,
-            recover_corrupt=True,  # a damaged file is moved aside: never a crash loop
-        )
-        app[STORE] = self._store
-        app[INGEST] = self._store
-        self._store.writer_task.add_done_callback(self._on_background_done)
-        try:
-            yield
-        finally:
-            await asyncio.wait_for(self._store.close(), CLOSE_TIMEOUT_S)
-
-    async def _ops_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        """The ops listener, in this process only (ingest workers never serve it). It opens
-        after the store and closes after the final flush, so probes and scrapes see the
-        whole drain."""
-        s = self.settings
-        if not s.ops_listen:
-            yield
-            return
-        assert self._store is not None
-        ops = build_ops_app(s, self.lifecycle, lambda: self._metrics(app), app[REFUSED])
-        ops[STORE] = self._store
-        # Its handlers read memory only: nothing in flight there is worth waiting for.
-        runner = make_runner(ops, s, shutdown_timeout_s=OPS_SHUTDOWN_S)
-        await runner.setup()
-        try:
-            host, port = split_listen(s.ops_listen)
-            try:
-                await web.TCPSite(runner, host, port).start()
-            except OSError as exc:
-                raise OSError(
-                    exc.errno, f"ops_listen {s.ops_listen!r}: {exc.strerror or exc}"
-                ) from exc
-            self.ops_address = runner.addresses[0][:2]
-            yield
-        finally:
-            await asyncio.wait_for(runner.cleanup(), CLOSE_TIMEOUT_S)
-
-    async def _upstream_ctx(self, _app: web.Application) -> AsyncIterator[None]:
-        s = self.settings
-        if s.api_key is None:
-            log.warning(
-                "forwarding_disabled",
-                reason="no API key: set VALMI_API_KEY or VALMI_API_KEY_FILE and restart; "
-                "events are accepted and kept until then",
-            )
-            yield
-            return
-        proxy = env_proxy(s.api_url, os.environ) if s.proxy_from_env else None
-        if proxy is not None:
-            log.info("upstream_proxy", proxy=url_without_credentials(proxy))
-        self._upstream = Upstream(
-            s.api_url,
-            s.api_key,
-            timeout_s=s.upstream_timeout_s,
-            max_connections=s.upstream_concurrency,
-            proxy=proxy,
-        )
-        try:
-            yield
-        finally:
-            await asyncio.wait_for(self._upstream.aclose(), CLOSE_TIMEOUT_S)
-
-    async def _flusher_ctx(self, _app: web.Application) -> AsyncIterator[None]:
-        assert self._store is not None
-        self._flusher = Flusher(self._store, self._upstream, self.settings)
-        task = asyncio.create_task(self._flusher.run(), name="flusher")
-        task.add_done_callback(self._on_background_done)
-        self._flusher_task = task
-        try:
-            yield
-        finally:
-            await self._final_flush(self._flusher, task)
-
-    async def _final_flush(self, flusher: Flusher, task: asyncio.Task[None]) -> None:
-        bound = 0.0 if self._hurried else self.settings.final_flush_s
-        self._flush_until = time.monotonic() + bound
-        if not task.done():
-            try:
-                await asyncio.wait_for(flusher.drain(bound), bound + CLOSE_TIMEOUT_S)
-            except TimeoutError:
-                log.error("final_flush_overran", bound_s=bound)
-        if not task.done():
-            task.cancel()
-        # Wait for the task to end; its own failure was already reported by the callback.
-        await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
-        if self._stopper is not None:
-            await asyncio.wait({self._stopper}, timeout=CLOSE_TIMEOUT_S)
+    @property
+    def ops_address(self) -> tuple[str, int] | None:
+        """Where the ops listener listens (``ops_listen``), once it does."""
+        return self._parts.ops_address
 
     def _on_background_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -294,71 +158,32 @@ class Sidecar:
 
     # --- status -------------------------------------------------------------------
 
-    def _drain_forecast(self, c: Counts, now: float) -> DrainForecast:
-        assert self._store is not None
-        state = self._flusher.state if self._flusher is not None else "disabled"
-        return drain_forecast(
-            queued=c.queued,
-            oldest_age_s=None if c.oldest_queued_at is None else now - c.oldest_queued_at,
-            delivered_per_s=self._store.rates()["delivered"],
-            rate_limit_per_min=self.settings.rate_limit_per_min_effective,
-            stalled=state in ("paused", "disabled"),
-            window_s=RATE_WINDOW_S,
-        )
-
     def status(self) -> dict[str, Any]:
         """The JSON for ``/v1/status``: counts that reconcile, queue age, upstream state,
         the drain forecast."""
-        assert self._store is not None
-        c = self._store.counts()
+        store = self._parts.store
+        assert store is not None
         now = time.time()
-        flusher = self._flusher
-        state = flusher.state if flusher is not None else "disabled"
-        return {
-            "version": __version__,
-            "ready": self.lifecycle.ready and not self.lifecycle.draining,
-            "draining": self.lifecycle.draining,
-            "uptime_s": round(now - self._started_at, 3),
-            **counts_json(
-                c,
-                in_flight=flusher.in_flight if flusher is not None else 0,
-                max_events=self.settings.max_queue_events,
-                max_bytes=self.settings.max_queue_bytes,
-            ),
-            "oldest_queued_age_s": (
-                None if c.oldest_queued_at is None else round(now - c.oldest_queued_at, 3)
-            ),
-            "rates_per_s": self._store.rates(),
-            "drain": self._drain_forecast(c, now).as_json(),
-            "store": {"writable": self._store.writable, "path": str(self._store.path)},
-            "moved_aside": moved_aside_json(self._moved_aside),
-            "disk": disk_json(self._store.disk()),
-            "upstream": {
-                "url": self.settings.api_url,
-                "state": state,
-                "forwarding": self._upstream is not None,
-                "last_error": flusher.last_error if flusher is not None else None,
-                "last_error_at": _rfc3339(flusher.last_error_at if flusher is not None else None),
-                "answered_since_start": flusher.answered if flusher is not None else False,
-                "next_attempt_in_s": (
-                    None
-                    if flusher is None or flusher.next_attempt_in_s is None
-                    else round(flusher.next_attempt_in_s, 3)
-                ),
-                "rate_limit_per_min": self.settings.rate_limit_per_min_effective,
-                "rate_limit_source": self.settings.rate_limit_source,
-                # Sent but not yet recorded, at most: what a crash can make it send twice.
-                "max_unsaved": flusher.max_unsaved if flusher is not None else 0,
-            },
-        }
+        facts = Facts(
+            counts=store.counts(),
+            rates=store.rates(),
+            flusher=self._parts.flusher,
+            forwarding=self._parts.upstream is not None,
+            ready=self.lifecycle.ready,
+            draining=self.lifecycle.draining,
+            uptime_s=now - self._started_at,
+            writable=store.writable,
+            path=store.path,
+            disk=store.disk(),
+            moved_aside=self._moved_aside,
+            now=now,
+        )
+        return status_json(self.settings, facts)
 
     def _status_line(self) -> str:
         """One line for systemd's STATUS=: queue depth and upstream state."""
-        if self._store is None:
-            return "starting"
-        c = self._store.counts()
-        state = self._flusher.state if self._flusher is not None else "disabled"
-        return f"queued={c.queued} delivered={c.delivered} dead_lettered={c.dead_lettered} upstream={state}"
+        counts = self._parts.store.counts() if self._parts.store is not None else None
+        return status_line(counts, upstream_state(self._parts.flusher))
 
     async def _status_loop(self) -> None:
         while True:
@@ -366,34 +191,20 @@ class Sidecar:
             self._notifier.status(self._status_line())
 
     def _metrics(self, app: web.Application) -> bytes:
-        assert self._store is not None
-        flusher = self._flusher
-        s = self.settings
+        store, upstream = self._parts.store, self._parts.upstream
+        assert store is not None
         refused: dict[str, int] = app[REFUSED]
-        workers = self._workers
-        counts = self._store.counts()
-        return render_metrics(
-            MetricsSource(
-                counts=counts,
-                store=self._store.stats,
-                upstream=self._upstream.stats if self._upstream is not None else None,
-                refused=refused,
-                in_flight=flusher.in_flight if flusher is not None else 0,
-                upstream_state=flusher.state if flusher is not None else "disabled",
-                writable=self._store.writable,
-                ready=self.lifecycle.ready and not self.lifecycle.draining,
-                max_queue_events=s.max_queue_events,
-                max_queue_bytes=s.max_queue_bytes,
-                max_event_age_s=s.max_event_age_s,
-                database_bytes=self._store.database_bytes(),
-                drain=self._drain_forecast(counts, time.time()),
-                version=__version__,
-                disk=self._store.disk(),
-                ingest_workers=workers.configured if workers is not None else 0,
-                ingest_workers_running=workers.alive if workers is not None else 0,
-                ingest_worker_restarts=workers.restarts if workers is not None else 0,
-            )
+        source = metrics_source(
+            self.settings,
+            store,
+            self._parts.flusher,
+            upstream=upstream.stats if upstream is not None else None,
+            refused=refused,
+            ready=self.lifecycle.ready and not self.lifecycle.draining,
+            workers=self._workers,
+            now=time.time(),
         )
+        return render_metrics(source)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -407,26 +218,23 @@ class Sidecar:
         """SIGTERM/SIGINT: the first drains; the second stops forwarding at once."""
         if not self._stop_requested.is_set():
             self.request_stop()
-        elif not self._hurried:
+        elif not self._parts.hurried:
             self.hurry()
         else:
-            self._say("still closing the store cleanly; every queued event stays queued")
+            self._console.say("still closing the store cleanly; every queued event stays queued")
 
     def hurry(self) -> None:
         """Stop forwarding now instead of at the end of the final flush. Events not yet
         forwarded stay queued with their keys; requests in flight upstream are cancelled
         and sent again, with the same key, after the next start."""
-        self._hurried = True
-        queued = self._store.counts().queued if self._store is not None else 0
+        self._parts.hurried = True
+        queued = self._parts.store.counts().queued if self._parts.store is not None else 0
         log.warning("shutdown_hurried", queued=queued)
-        self._say(
+        self._console.say(
             f"stopping now: forwarding stops; {queued} queued events stay queued and are "
             "forwarded after the next start"
         )
-        flusher, task = self._flusher, self._flusher_task
-        if flusher is not None and task is not None and not task.done():
-            self._stopper = asyncio.create_task(flusher.drain(0.0), name="flusher-stop")
-            self._stopper.add_done_callback(self._on_stopper_done)
+        self._parts.stop_forwarding(self._on_stopper_done)
 
     def _on_stopper_done(self, task: asyncio.Task[None]) -> None:
         exc = None if task.cancelled() else task.exception()
@@ -434,33 +242,15 @@ class Sidecar:
             log.error("background_task_crashed", task=task.get_name(), exc_info=exc)
             self.exit_code = self.exit_code or 1
 
-    def _say(self, text: str) -> None:
-        if self._console is not None:
-            self._console.write(text + "\n")
-            self._console.flush()
-
     def _drain_line(self) -> str:
-        queued = self._store.counts().queued if self._store is not None else 0
-        now = time.monotonic()
-        if self._hurried:
-            return f"stopping now: closing the store; {queued} events stay queued"
-        if self._flush_until is not None:
-            left = max(0.0, self._flush_until - now)
-            return (
-                f"stopping: forwarding the queue, {queued} events left, {left:.0f} s left "
-                "(Ctrl-C again to stop now: they stay queued)"
-            )
-        left = max(0.0, (self._grace_until or now) - now)
-        return (
-            f"stopping: finishing requests in flight, {left:.0f} s left at most, then "
-            f"forwarding the queue ({queued} events) for up to "
-            f"{self.settings.final_flush_s:g} s (Ctrl-C again to stop now: they stay queued)"
+        return drain_line(
+            queued=self._parts.store.counts().queued if self._parts.store is not None else 0,
+            hurried=self._parts.hurried,
+            grace_until=self._grace_until,
+            flush_until=self._parts.flush_until,
+            final_flush_s=self.settings.final_flush_s,
+            now=time.monotonic(),
         )
-
-    async def _tell_console(self) -> None:
-        while True:
-            self._say(self._drain_line())
-            await asyncio.sleep(CONSOLE_INTERVAL_S)
 
     async def start(self) -> None:
         """Open every resource in order, then listen. Raises if any step fails (after
@@ -469,32 +259,18 @@ class Sidecar:
         app = build_app(s, self.lifecycle, self.status, lambda: self._metrics(app))
         self._app = app
         add_admin_routes(app)
-        app.cleanup_ctx.extend(
-            [self._store_ctx, self._ops_ctx, self._upstream_ctx, self._flusher_ctx]
-        )
+        app.cleanup_ctx.extend(self._parts.contexts())
         runner = make_runner(app, s)
         self._runner = runner
         try:
             await runner.setup()
-            try:
-                if s.ingest_processes > 1:
-                    host, port = await self._start_workers(runner, app)
-                else:
-                    site = web.TCPSite(runner, s.host, s.port, backlog=1024)
-                    await site.start()
-                    host, port = runner.addresses[0][:2]
-            except OSError as exc:
-                problem = listen_error(exc, s.listen)
-                if problem is None:
-                    raise
-                raise problem from exc
+            host, port = await listen(runner, s, functools.partial(self._make_workers, app))
         except BaseException:
             self._stopping = True
             await runner.cleanup()
             raise
         self.address = (host, port)
-        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-        await asyncio.to_thread(self._record_address, url)
+        self._address_file = await asyncio.to_thread(record_address, s.data_dir, url_of(host, port))
         self._moved_aside = await asyncio.to_thread(moved_aside_files, s.data_dir)
         self.lifecycle.ready = True
         if self._notifier.enabled:
@@ -508,60 +284,34 @@ class Sidecar:
                 self._notify_tasks.append(task)
         log.info(
             "sidecar_ready",
-            listen=_address(host, port),
-            ops_listen=None if self.ops_address is None else _address(*self.ops_address),
+            listen=address_text(host, port),
+            ops_listen=None if self.ops_address is None else address_text(*self.ops_address),
             data_dir=str(s.data_dir),
             durability=s.durability,
-            forwarding=self._upstream is not None,
+            forwarding=self._parts.upstream is not None,
             rate_limit_per_min=s.rate_limit_per_min_effective,
             rate_limit_source=s.rate_limit_source,
-            queued=self._store.counts().queued if self._store else 0,
+            queued=self._parts.store.counts().queued if self._parts.store else 0,
             version=__version__,
         )
 
-    def _record_address(self, url: str) -> None:
-        """Write where this sidecar listens into its data directory (``ADDRESS_NAME``);
-        operator commands trust it only while this process holds the directory's lock."""
-        path = self.settings.data_dir / ADDRESS_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        record = json.dumps({"url": url, "pid": os.getpid(), "version": __version__})
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(record + "\n")
-            os.replace(tmp, path)
-        except OSError as exc:
-            # Not fatal: commands then need --url, as they did before this file existed.
-            log.warning("address_not_recorded", path=str(path), error=exc.strerror)
-            self._address_file = None
-        else:
-            self._address_file = path
+    def _make_workers(
+        self, app: web.Application, socks: list[socket.socket], ops_port: int
+    ) -> IngestWorkers:
+        assert self._parts.store is not None
 
-    async def _start_workers(self, runner: web.AppRunner, app: web.Application) -> tuple[str, int]:
-        """Serve the whole API on a loopback port of its own for the workers to pass on
-        what they do not serve, and start the workers on the shared listening socket."""
-        assert self._store is not None
-        s = self.settings
-        ops = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-        await ops.start()
-        socks = listen_sockets(s.host, s.port)
-        try:
-            address = socks[0].getsockname()
-            ops_port = runner.addresses[-1][1]
+        def on_alive(n: int) -> None:
+            self.lifecycle.no_ingest_worker = n == 0
 
-            def on_alive(n: int) -> None:
-                self.lifecycle.no_ingest_worker = n == 0
-
-            self._workers = IngestWorkers(
-                s, self._store, app[REFUSED], socks, ops_port=ops_port, on_alive=on_alive
-            )
-            await self._workers.start()
-        except BaseException:
-            for sock in socks:
-                sock.close()
-            raise
-        log.info("ingest_workers_listening", internal=f"127.0.0.1:{ops_port}")
-        return address[0], address[1]
+        self._workers = IngestWorkers(
+            self.settings,
+            self._parts.store,
+            app[REFUSED],
+            socks,
+            ops_port=ops_port,
+            on_alive=on_alive,
+        )
+        return self._workers
 
     async def stop(self) -> None:
         """The bounded drain: stop intake, finish requests, final flush, close in reverse."""
@@ -573,8 +323,10 @@ class Sidecar:
         log.info("shutdown_started")
         self._grace_until = time.monotonic() + self.settings.shutdown_grace_s
         console = (
-            asyncio.create_task(self._tell_console(), name="shutdown-console")
-            if self._console is not None
+            asyncio.create_task(
+                self._console.keep_telling(self._drain_line), name="shutdown-console"
+            )
+            if self._console.attached
             else None
         )
         try:
@@ -583,9 +335,9 @@ class Sidecar:
             if console is not None:
                 console.cancel()
                 await asyncio.wait({console}, timeout=1.0)
-        counts = self._store.counts() if self._store is not None else None
+        counts = self._parts.store.counts() if self._parts.store is not None else None
         if counts is not None:
-            self._say(
+            self._console.say(
                 f"stopped: {counts.queued} events stay queued"
                 if counts.queued
                 else "stopped: the queue is empty"
@@ -611,7 +363,7 @@ class Sidecar:
             task.cancel()
         if self._notify_tasks:
             await asyncio.wait(self._notify_tasks, timeout=1.0)
-        counts = self._store.counts() if self._store is not None else None
+        counts = self._parts.store.counts() if self._parts.store is not None else None
         if self._address_file is not None:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self._address_file.unlink)
@@ -645,54 +397,21 @@ class Sidecar:
             )
             return
         old = self.settings
-        applied: list[str] = []
-        restart = [
-            n for n in PLAIN_FIELDS if n not in RELOADABLE and getattr(new, n) != getattr(old, n)
-        ]
-        api_key = old.api_key
-        if (new.api_key is None) != (old.api_key is None) or (
-            new.api_key is not None and self._upstream is None
-        ):
-            restart.append("api_key")
-        elif new.api_key is not None and self._upstream is not None:
-            try:
-                if self._upstream.set_key(new.api_key):
-                    applied.append("api_key")
-                    if self._flusher is not None:
-                        self._flusher.probe_now()
-                api_key = new.api_key
-            except ValueError as exc:
-                log.error("reload_failed", error=str(exc), action="fix the API key file")
-        token = old.ingest_token
-        holder = self._app[TOKEN] if self._app is not None else None
-        if (new.ingest_token is None) != (old.ingest_token is None):
-            restart.append("ingest_token")
-        elif holder is not None and new.ingest_token is not None:
-            token = new.ingest_token
-            current = holder.secret
-            if current is None or current.reveal() != token.reveal():
-                redact_also(token.reveal())
-                holder.secret = token
-                applied.append("ingest_token")
-        if new.log_level != old.log_level:
-            applied.append("log_level")
-        self.settings = dataclasses.replace(
-            old, api_key=api_key, ingest_token=token, log_level=new.log_level
+        done = apply_reload(
+            old,
+            new,
+            upstream=self._parts.upstream,
+            token=self._app[TOKEN] if self._app is not None else None,
+            on_new_key=self._probe_now,
         )
-        if self._workers is not None and ("ingest_token" in applied or "log_level" in applied):
+        self.settings = done.settings
+        if self._workers is not None and done.for_workers:
             self._workers.reload(self.settings)
-        more_verbose = _level(new.log_level) < _level(old.log_level)
-        if self._owns_logging and more_verbose:
-            set_level(new.log_level)
-        log.info("settings_reloaded", changed=applied, log_level=new.log_level)
-        if restart:
-            log.warning(
-                "reload_needs_restart",
-                settings=restart,
-                action="restart the sidecar to apply them; the values in force are kept",
-            )
-        if self._owns_logging and not more_verbose:
-            set_level(new.log_level)
+        announce(done, old.log_level, owns_logging=self._owns_logging)
+
+    def _probe_now(self) -> None:
+        if self._parts.flusher is not None:
+            self._parts.flusher.probe_now()
 
     async def _reload_loop(self) -> None:
         while True:
@@ -739,14 +458,6 @@ class Sidecar:
         await self._stop_requested.wait()
         await self.stop()
         return self.exit_code
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _level(name: str) -> int:
-    return logging.getLevelNamesMapping()[name.upper()]
 
 
 def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
