@@ -25,6 +25,11 @@ from .store import DeadLetter, Settlement, Store, StoreError
 #: The cost: an event's delivery is recorded up to this much later, so a crash in
 #: between re-sends it (same key).
 SETTLE_LINGER_S: Final = 0.1
+#: Fewer outcomes than this ride: they wait (up to ``SETTLE_LINGER_S``) in the writer for
+#: the next transaction of received events instead of lingering here, since a settle
+#: transaction of its own costs the writer several times what riding costs. More ride
+#: not: at high rates they would make every ingest transaction a larger one.
+RIDE_BELOW: Final = 8
 #: After a failed settle (disk full or failing), wait this long before trying it again.
 SETTLE_RETRY_S: Final = 1.0
 
@@ -87,13 +92,16 @@ class Settler:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                if len(self._pending) < self._batch and not self._closing:
+                ride = len(self._pending) < RIDE_BELOW and not self._closing
+                if ride and self._now.is_set():
+                    ride = False  # leasing waits for these outcomes to be saved
+                elif not ride and len(self._pending) < self._batch and not self._closing:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(SETTLE_LINGER_S):
                             await self._now.wait()
                 self._now.clear()
                 try:
-                    await self._commit()
+                    await self._commit(SETTLE_LINGER_S if ride else 0.0)
                 except StoreError as exc:
                     log.warning(
                         "settle_failed",
@@ -110,13 +118,13 @@ class Settler:
                 log.warning("final_settle_failed", error=f"{type(exc).__name__}: {exc}")
             raise
 
-    async def _commit(self) -> None:
+    async def _commit(self, ride_s: float = 0.0) -> None:
         n = _within_dead_bytes(self._pending)
         batch, self._pending = self._pending[:n], self._pending[n:]
         started = time.monotonic()
         self._committing = len(batch)
         try:
-            await self._store.settle(batch)
+            await self._store.settle(batch, ride_s=ride_s)
         except BaseException:
             self._pending[:0] = batch  # not recorded: keep them, ahead of newer outcomes
             raise

@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 
 import pytest
 
 from tests.conftest import wait_until
 from valmi_sidecar.events import parse_one
-from valmi_sidecar.store import Accepted, OutcomeUnknownError, StoreError
+from valmi_sidecar.store import (
+    Accepted,
+    Delivered,
+    OutcomeUnknownError,
+    ReadOnlyDatabase,
+    StoreError,
+)
 from valmi_sidecar.store import core as store_core
 
 from .conftest import Clock, OpenStore, action, rows
@@ -154,3 +161,49 @@ async def test_writable_recovers_by_itself_when_idle(open_store: OpenStore, cloc
             break
         await asyncio.sleep(0.05)
     assert store.writable
+
+
+async def test_a_riding_settlement_joins_the_next_submission(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """Settlements given ``ride_s`` wait for the next transaction of submissions and are
+    recorded in it: one transaction for both, where they used to make two."""
+    store = await open_store()
+    await store.submit([action(clock, key="first")])
+    (leased,) = await store.lease(1, frozenset())
+    before = store.commits
+    settling = asyncio.ensure_future(store.settle([Delivered(leased.seq)], ride_s=30.0))
+    await asyncio.sleep(0)  # the writer sees only the rider: it waits
+    assert not settling.done()
+    await store.submit([action(clock, key="second")])
+    await asyncio.wait_for(settling, 5)
+    assert before + 1 == store.commits
+    assert (1, 1) == (store.counts().delivered, store.counts().queued)
+
+
+async def test_a_rider_with_nothing_to_join_is_recorded_alone_after_its_wait(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    await store.submit([action(clock)])
+    (leased,) = await store.lease(1, frozenset())
+    started = time.monotonic()
+    await asyncio.wait_for(store.settle([Delivered(leased.seq)], ride_s=0.3), 5)
+    assert time.monotonic() - started >= 0.25
+    assert 1 == store.counts().delivered
+
+
+async def test_a_rider_is_recorded_at_once_when_the_store_closes(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    await store.submit([action(clock)])
+    (leased,) = await store.lease(1, frozenset())
+    settling = asyncio.ensure_future(store.settle([Delivered(leased.seq)], ride_s=60.0))
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await store.close()
+    await asyncio.wait_for(settling, 1)
+    assert time.monotonic() - started < 5
+    with ReadOnlyDatabase(store.path) as db:
+        assert 1 == db.counts().delivered

@@ -35,6 +35,9 @@ class Submit:
 class Settle:
     settlements: Sequence[Settlement]
     future: asyncio.Future[None]
+    #: A rider waits, until this ``time.monotonic()``, for a transaction of submissions to
+    #: join rather than making one of its own (0: no wait).
+    ride_until: float = 0.0
 
 
 @dataclass(slots=True, eq=False)

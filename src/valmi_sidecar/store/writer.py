@@ -131,6 +131,10 @@ class Writer:
                         return
                     await self._idle()
                     continue
+                riding_s = self._riders_wait_s()
+                if riding_s is not None:
+                    await self._idle(riding_s)
+                    continue
                 group = self._group = self._take_group()
                 if group:
                     await self._commit(group)
@@ -143,10 +147,25 @@ class Writer:
         finally:
             self.fail_all(StoreError("the store's writer stopped"))
 
-    async def _idle(self) -> None:
+    def _riders_wait_s(self) -> float | None:
+        """How long to wait before the next transaction, when only riders are pending
+        (settlements waiting to join submissions); ``None``: no wait."""
+        if self._stopping or not self._writable:
+            return None
+        first = 0.0
+        for op in self._pending:
+            if not isinstance(op, Settle) or not op.ride_until:
+                return None
+            first = op.ride_until if not first else min(first, op.ride_until)
+        wait_s = first - time.monotonic()
+        return wait_s if wait_s > 0 else None
+
+    async def _idle(self, timeout_s: float | None = None) -> None:
         self._wakeup.clear()
         if self._writable:
-            await self._wakeup.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._wakeup.wait()
             return
         try:
             await asyncio.wait_for(self._wakeup.wait(), PROBE_INTERVAL_S)
