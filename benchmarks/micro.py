@@ -1,13 +1,15 @@
 """Microbenchmarks of the ingest glue and of a delivery's classification: this tree against
 a base revision, side by side in one process (issue 19, items 3 and 6).
 
-    .venv/bin/python benchmarks/micro.py --base main          # about two minutes
-    .venv/bin/python benchmarks/micro.py --base main --rounds 1 --requests 2000   # a quick look
+    .venv/bin/python benchmarks/micro.py --base main          # about three minutes
+    .venv/bin/python benchmarks/micro.py --base main --rounds 3   # a quick look
 
 ``events.py``, ``guard.py``, ``upstream.py`` and ``receiver.py`` of ``--base`` are read
 from git and loaded as a second copy of those modules (``valmi_sidecar._base_*``, wired to
 each other), so the two versions run the same code paths in the same process. Every
-measurement runs base then new, ``--rounds`` times alternated; medians, with the range.
+sample of one version is taken right beside the same sample of the other, in alternating
+order, ``--rounds`` times; medians with the range, and the median of the paired
+differences (what the change saves).
 
 - ``parse_one``: ``timeit`` of ``events.parse_one`` on the 275-byte action of
   ``tools.py``, without and with an ``Idempotency-Key``.
@@ -36,7 +38,7 @@ import subprocess
 import sys
 import time
 import timeit
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -199,6 +201,7 @@ async def send_round(mod: ModuleType, url: str, total: int) -> float:
 
 
 Row = tuple[str, list[float], list[float]]
+Measure = Callable[[str], Awaitable[float]]
 
 
 async def measure(base: dict[str, ModuleType], args: argparse.Namespace) -> list[Row]:
@@ -230,34 +233,41 @@ async def measure(base: dict[str, ModuleType], args: argparse.Namespace) -> list
             )
         )
         names = list(versions)
-        # Round 0 warms both versions up and is not recorded; then the order alternates
-        # (base first, then new first), so that drift and warm-up fall on both alike.
+
+        def timed(fn: Callable[[dict[str, ModuleType]], object]) -> Measure:
+            async def measure_one(version: str) -> float:
+                mods = versions[version]
+                return per_call_us(lambda: fn(mods), args.number)
+
+            return measure_one
+
+        measures: dict[str, Measure] = {
+            "parse_one, no key": timed(lambda m: m["events"].parse_one("action", BODY)),
+            "parse_one, with a key": timed(
+                lambda m: m["events"].parse_one("action", BODY, idem_key="client-1")
+            ),
+            "classify 2xx, no rate-limit headers": timed(
+                lambda m: m["upstream"].classify(200, plain, "")
+            ),
+            "classify 2xx, rate-limit headers": timed(
+                lambda m: m["upstream"].classify(200, limited, "")
+            ),
+            "ingest request (CPU per request)": lambda version: ingest_round(
+                ports[version], args.requests, args.connections
+            ),
+            "send 2xx (CPU per send)": lambda version: send_round(
+                versions[version]["upstream"], api_url, args.sends
+            ),
+        }
+        # Each sample of one version is taken right beside the same sample of the other,
+        # in alternating order, so that the machine's drift falls on both alike. Round 0
+        # warms both up and is not recorded.
         for i in range(args.rounds + 1):
             order = names if i % 2 else names[::-1]
-            for version in order:
-                mods = versions[version]
-                ev, up = mods["events"], mods["upstream"]
-                measured = {
-                    "parse_one, no key": per_call_us(
-                        lambda ev=ev: ev.parse_one("action", BODY), args.number
-                    ),
-                    "parse_one, with a key": per_call_us(
-                        lambda ev=ev: ev.parse_one("action", BODY, idem_key="client-1"),
-                        args.number,
-                    ),
-                    "classify 2xx, no rate-limit headers": per_call_us(
-                        lambda up=up: up.classify(200, plain, ""), args.number
-                    ),
-                    "classify 2xx, rate-limit headers": per_call_us(
-                        lambda up=up: up.classify(200, limited, ""), args.number
-                    ),
-                    "ingest request (CPU per request)": await ingest_round(
-                        ports[version], args.requests, args.connections
-                    ),
-                    "send 2xx (CPU per send)": await send_round(up, api_url, args.sends),
-                }
-                if i > 0:
-                    for name, value in measured.items():
+            for name, measure_one in measures.items():
+                for version in order:
+                    value = await measure_one(version)
+                    if i > 0:
                         record(name, version, value)
             print(f"round {i}/{args.rounds} done", file=sys.stderr)
     finally:
@@ -268,14 +278,15 @@ async def measure(base: dict[str, ModuleType], args: argparse.Namespace) -> list
 
 def table(rows: list[Row], rounds: int) -> str:
     out = [
-        f"| µs, median of {rounds} (range) | base | new | saved |",
+        f"| µs, median of {rounds} samples (range) | base | new | saved: median of pairs |",
         "| --- | ---: | ---: | ---: |",
     ]
     for name, base, new in rows:
         b, n = statistics.median(base), statistics.median(new)
+        saved = statistics.median(x - y for x, y in zip(base, new, strict=True))
         out.append(
             f"| {name} | {b:.2f} ({min(base):.2f}-{max(base):.2f}) "
-            f"| {n:.2f} ({min(new):.2f}-{max(new):.2f}) | {b - n:.2f} |"
+            f"| {n:.2f} ({min(new):.2f}-{max(new):.2f}) | {saved:.2f} |"
         )
     return "\n".join(out)
 
@@ -283,16 +294,16 @@ def table(rows: list[Row], rounds: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="main", help="the git revision to compare against")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--number", type=int, default=20_000, help="timeit calls per repeat")
-    parser.add_argument("--requests", type=int, default=20_000, help="ingest requests per round")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--number", type=int, default=10_000, help="timeit calls per repeat")
+    parser.add_argument("--requests", type=int, default=4_000, help="ingest requests per sample")
     parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--sends", type=int, default=4_000, help="upstream sends per round")
+    parser.add_argument("--sends", type=int, default=1_000, help="upstream sends per sample")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     base = load_base(args.base)
     rows = asyncio.run(measure(base, args))
-    print(f"base {args.base}, {args.rounds} rounds alternated (base then new)")
+    print(f"base {args.base}, {args.rounds} rounds, each sample of base beside one of new")
     print(table(rows, args.rounds))
 
 
