@@ -247,7 +247,7 @@ def check_accepting(request: web.Request) -> None:
 
 
 async def _read_json_body(request: web.Request) -> bytes:
-    # The declared type was checked by local_only_middleware, before any route.
+    # The declared type was checked by api_middleware, before any route.
     settings = request.app[SETTINGS]
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
