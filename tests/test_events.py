@@ -7,6 +7,7 @@ import math
 from datetime import datetime
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -236,6 +237,62 @@ def test_fingerprint_ignores_key_order_but_not_content() -> None:
     c = parse_one("action", b'{"action_type":"y","agent_key":"a"}', now=NOW)
     assert a.fingerprint == b.fingerprint
     assert a.fingerprint != c.fingerprint
+
+
+def test_an_event_without_a_client_key_is_fingerprinted_like_one_with_a_key() -> None:
+    """The sidecar's own key can never be reused, but salvage checks the stored body
+    against this fingerprint: without it, a body damaged outside the columns copied from it
+    (metadata, timestamp) would be queued again as if intact."""
+    raw = b'{"agent_key":"a","action_type":"x","metadata":{"n":1}}'
+    mine = parse_one("action", raw, now=NOW)
+    theirs = parse_one("action", raw, idem_key="client-1", now=NOW)
+    assert events.body_fingerprint("action", json.loads(raw)) == mine.fingerprint
+    assert theirs.fingerprint == mine.fingerprint
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"agent_key":"a","action_type":"x","timestamp":"2026-01-15T10:30:00Z"}',
+        b'{"agent_key":"a","action_type":"x","metadata":{"n":1,"s":"\xc3\xa9"}}',
+        b'{"agent_key": "a",  "action_type": "x"}',
+        b'{"agent_key":"a","action_type":"x","metadata":{"e":"\\u00e9","f":1.50}}',
+    ],
+)
+def test_the_body_stored_is_the_body_sent_minified_or_re_encoded(raw: bytes) -> None:
+    """Compact or spaced, the stored body is the decoded object encoded once, with the
+    receipt time appended when the client gave none."""
+    ev = parse_one("action", raw, now=NOW)
+    obj = json.loads(raw)
+    obj.setdefault("timestamp", events.rfc3339(NOW))
+    assert msgspec.json.encode(obj) == ev.body
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    obj=st.dictionaries(st.text(max_size=6), st.integers() | st.text(max_size=6), min_size=1),
+    nested=st.booleans(),
+    spaced=st.booleans(),
+    data=st.data(),
+)
+def test_any_repeated_key_is_refused_naming_it(
+    obj: dict[str, Any], nested: bool, spaced: bool, data: st.DataObject
+) -> None:
+    """Compact or spaced, at the top or nested, a key named twice in one object is refused
+    with the same message."""
+    key = data.draw(st.sampled_from(sorted(obj)))
+    separators = (", ", ": ") if spaced else (",", ":")
+    members = json.dumps(obj, separators=separators)[:-1]
+    repeated = members + separators[0] + json.dumps(key) + separators[1] + "0}"
+    if nested:
+        raw = b'{"agent_key":"a","action_type":"x","metadata":' + repeated.encode() + b"}"
+    else:
+        raw = repeated.encode()
+    with pytest.raises(ValidationError) as info:
+        parse_one("action", raw, now=NOW)
+    assert [("", f"the body names the key {key!r} twice in one object")] == [
+        (p.field, p.message) for p in info.value.problems
+    ]
 
 
 @pytest.mark.parametrize(

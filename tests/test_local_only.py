@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from valmi_sidecar.events import parse_one
-from valmi_sidecar.guard import Policy, host_name, is_json_media_type
+from valmi_sidecar.guard import Policy, check_origin, host_name, is_json_media_type
 from valmi_sidecar.store import DeadLetter, Store
 
 from .conftest import ACTION, OUTCOME, SidecarProcessFactory
@@ -410,6 +410,24 @@ def test_host_name_of_a_host_header(header: str, name: str | None) -> None:
 )
 def test_json_media_types(content_type: str | None, ok: bool) -> None:
     assert ok is is_json_media_type(content_type)
+
+
+@pytest.mark.parametrize(
+    ("origin", "fetch_site", "ok"),
+    [
+        (None, None, True),
+        (None, "none", True),
+        (None, "same-origin", True),
+        (None, " Same-Site ", False),
+        (None, "cross-site", False),
+        ("http://localhost:3000", None, True),
+        ("http://localhost:3000", "cross-site", True),
+        ("http://evil.test", None, False),
+        ("null", None, False),
+    ],
+)
+def test_where_a_request_comes_from(origin: str | None, fetch_site: str | None, ok: bool) -> None:
+    assert ok is check_origin(origin, fetch_site, frozenset({"http://localhost:3000"}))
 
 
 def test_policy_of_a_sidecar_listening_beyond_loopback_with_a_token() -> None:

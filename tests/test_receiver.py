@@ -158,6 +158,97 @@ async def test_body_over_the_limit_without_content_length_is_refused_413(
     assert "payload_too_large" == error_of(resp)["code"]
 
 
+async def raw_exchange(url: str, request: bytes) -> tuple[int, dict[str, Any]]:
+    """Write ``request`` in one piece on a new connection; the status and JSON body of the
+    answer (the request asks the server to close after it)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 10.0)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def chunked_post(path: str, body: bytes, pieces: int = 3) -> bytes:
+    """A chunked POST of ``body`` in ``pieces`` chunks, with no Content-Length."""
+    size = -(-len(body) // pieces)
+    chunks = [body[i : i + size] for i in range(0, len(body), size)]
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + framed
+
+
+async def test_a_chunked_body_arriving_with_its_headers_is_stored_whole(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    """A body without Content-Length, all in the first packet, is taken whole."""
+    sidecar, url = await sidecar_factory()
+    raw = json.dumps({**ACTION, "timestamp": "2026-01-15T10:30:00Z"}).encode()
+    status, body = await raw_exchange(url, chunked_post("/v1/actions", raw))
+    assert 202 == status, body
+    assert 1 == (await client.get(f"{url}/v1/status")).json()["events"]["received"]
+    assert sidecar.store is not None
+    with sqlite3.connect(sidecar.store.path) as db:
+        (stored,) = db.execute("SELECT body FROM events WHERE id = ?", (body["id"],)).fetchone()
+    assert json.loads(raw) == json.loads(stored)
+
+
+async def test_a_chunked_body_over_the_limit_arriving_at_once_is_refused_413(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    """Without Content-Length the limit is checked on the body itself, even when the whole
+    body is already there: 413, counted, nothing stored."""
+    _, url = await sidecar_factory(max_body_bytes=2048)
+    raw = json.dumps({**ACTION, "metadata": {"blob": "x" * 4096}}).encode()
+    status, body = await raw_exchange(url, chunked_post("/v1/actions", raw))
+    assert 413 == status
+    assert "payload_too_large" == body["error"]["code"]
+    assert "larger than 2048 bytes" in body["error"]["message"]
+    status_page = (await client.get(f"{url}/v1/status")).json()
+    assert 0 == status_page["events"]["received"]
+    metrics = (await client.get(f"{url}/metrics")).text
+    assert 'valmi_sidecar_refused_requests_total{reason="payload_too_large"} 1.0' in metrics
+
+
+async def test_an_allowed_origin_gets_cors_headers_on_token_refusals_and_404s_too(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    """The guard, the token and the error shape in one middleware: the preflight is
+    answered without the token, and every other answer to an allowed origin, a refusal
+    of the token or of the route included, carries the CORS headers."""
+    page = "http://localhost:3000"
+    _, url = await sidecar_factory(allowed_origins=(page,), ingest_token=Secret("tok-cors-1"))
+    pre = await client.options(
+        f"{url}/v1/actions", headers={"Origin": page, "Access-Control-Request-Method": "POST"}
+    )
+    assert (204, page) == (pre.status_code, pre.headers["Access-Control-Allow-Origin"])
+    assert "GET, POST" == pre.headers["Access-Control-Allow-Methods"]
+    refused = await client.post(f"{url}/v1/actions", json=ACTION, headers={"Origin": page})
+    assert (401, "unauthorized") == (refused.status_code, error_of(refused)["code"])
+    assert (page, "Origin") == (
+        refused.headers["Access-Control-Allow-Origin"],
+        refused.headers["Vary"],
+    )
+    missing = await client.get(f"{url}/v2/nothing", headers={"Origin": page})
+    assert (404, "not_found") == (missing.status_code, error_of(missing)["code"])
+    assert page == missing.headers["Access-Control-Allow-Origin"]
+    auth = {"Origin": page, "Authorization": "Bearer tok-cors-1"}
+    accepted = await client.post(f"{url}/v1/actions", json=ACTION, headers=auth)
+    assert (202, page) == (accepted.status_code, accepted.headers["Access-Control-Allow-Origin"])
+    plain = await client.post(
+        f"{url}/v1/actions", json=ACTION, headers={"Authorization": "Bearer tok-cors-1"}
+    )
+    assert 202 == plain.status_code
+    assert "Access-Control-Allow-Origin" not in plain.headers
+
+
 async def test_non_json_content_type_is_refused_415(
     sidecar_factory: SidecarFactory, client: httpx.AsyncClient
 ) -> None:

@@ -425,3 +425,31 @@ async def test_salvage_checks_keys_and_ids_against_their_second_copies(tmp_path:
     assert "(seq 19): its id and its receipt time disagree" in out
     assert "unchecked: 1 of the events queued again had no key row left" in out
     untouched_beside(moved)
+
+
+async def test_a_body_with_a_key_the_sidecar_made_is_checked_against_its_fingerprint(
+    tmp_path: Path,
+) -> None:
+    """Why ingest fingerprints every body, not only those sent with a client's key: a body
+    damaged where no column copies it (its metadata) still decodes as a valid event with
+    the same agent key and type, and only the fingerprint in its key row tells it apart."""
+    moved, written = await write_queue(tmp_path, n=40)
+    by_seq = written.ids_by_seq
+    assert by_seq[21] == written.events[by_seq[21]].idem_key  # the sidecar's own key
+    with closing(sqlite3.connect(moved)) as db, db:
+        db.execute(
+            'UPDATE events SET body = CAST(replace(CAST(body AS TEXT), \'"pad":"ppp\','
+            ' \'"pad":"qpp\') AS BLOB) WHERE seq = 21'
+        )
+        (damaged,) = db.execute("SELECT body FROM events WHERE seq = 21").fetchone()
+    assert written.events[by_seq[21]].body != damaged
+
+    code, out, err = await salvage(moved, tmp_path / "data")
+    assert 0 == code, out + err
+    got = queued(tmp_path / "data")
+    assert set(by_seq.values()) - {by_seq[21]} == set(got)
+    assert {i: as_written(written.events[i]) for i in got} == got
+    assert (
+        f"unreadable: {by_seq[21]} (seq 21): its body does not match the fingerprint stored" in out
+    )
+    untouched_beside(moved)

@@ -22,6 +22,7 @@ from valmi_sidecar.upstream import (
     Upstream,
     classify,
     classify_exception,
+    delivered,
     excerpt,
     key_problem,
     parse_rate_limit,
@@ -53,6 +54,27 @@ def queued(kind: str = "action", idem_key: str = "evt_key_1", body: bytes = BODY
 def test_2xx_is_delivered(status: int) -> None:
     answer = classify(status, {}, "")
     assert ("delivered", status, "") == (answer.verdict, answer.status, answer.error)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"X-RateLimit-Remaining": "3"},
+        {"x-ratelimit-reset": "12"},
+        {"X-RateLimit-Remaining": "3", "X-RateLimit-Reset": str(int(NOW + 40))},
+        {"X-RateLimit-Remaining": "many", "X-RateLimit-Reset": "later", "Retry-After": "9"},
+    ],
+)
+@pytest.mark.parametrize("status", [200, 202, 299])
+def test_a_2xx_is_delivered_with_exactly_the_rate_limit_headers_it_carries(
+    status: int, headers: dict[str, str]
+) -> None:
+    """The 2xx fast path reads only the rate-limit headers, and reads each one present."""
+    remaining, reset_s = parse_rate_limit(headers, now=NOW)
+    expected = Answer("delivered", status, "", None, remaining, reset_s)
+    assert expected == classify(status, headers, "ignored body", now=NOW)
+    assert expected == delivered(status, CIMultiDictProxy(CIMultiDict(headers)), now=NOW)
 
 
 def test_409_counts_as_delivered() -> None:
@@ -422,6 +444,20 @@ async def test_error_bodies_echoing_the_key_are_scrubbed(stub: Stub) -> None:
     assert "pause" == answer.verdict
     assert KEY not in answer.error
     assert "[redacted]" in answer.error
+
+
+async def test_a_2xx_echoing_the_key_is_delivered_with_its_rate_limit_and_no_error(
+    stub: Stub,
+) -> None:
+    """Nothing of a delivery's body reaches its answer; its rate-limit headers do."""
+
+    async def handler(request: web.Request) -> web.Response:
+        headers = {"X-RateLimit-Remaining": "41", "X-RateLimit-Reset": "30"}
+        text = f"processed for {request.headers['Authorization']}"
+        return web.Response(status=201, text=text, headers=headers)
+
+    answer = await sent_with(await stub(handler), queued())
+    assert Answer("delivered", 201, "", None, 41, 30.0) == answer
 
 
 async def test_dead_letter_answer_carries_the_body_excerpt(stub: Stub) -> None:

@@ -1,6 +1,6 @@
 """The operator's HTTP API on the listen address: the ledger, the dead letters, salvage.
 
-Every route is under ``/v1/``, so the receiver's ``token_middleware`` guards it like
+Every route is under ``/v1/``, so the receiver's ``api_middleware`` guards it like
 ingest: with an ingest token set, ``Authorization: Bearer <token>`` is required. Errors
 have the receiver's one shape, store errors mapped by ``receiver.store_api_error``. The
 answers come from ``LocalOperations`` over the live store. ``valmi-sidecar ledger``,
@@ -318,7 +318,7 @@ async def post_salvage(request: web.Request) -> web.Response:
 
 def add_admin_routes(app: web.Application) -> None:
     """Add the operator routes to the local API (the caller sets ``app[STORE]``). They are
-    all under ``/v1/``: the application's ``token_middleware`` checks the ingest token."""
+    all under ``/v1/``: the application's ``api_middleware`` checks the ingest token."""
     app.router.add_get("/v1/ledger", get_ledger)
     app.router.add_get("/v1/dead-letters", list_dead_letters)
     app.router.add_get("/v1/dead-letters/summary", dead_letter_summary)

@@ -153,10 +153,11 @@ def _decode(raw: bytes) -> tuple[Any, bytes | None]:
     except RecursionError as exc:
         raise ValidationError([Problem("", "the body is nested too deeply")]) from exc
     # Fast path: when the body minified as written equals the decoded object re-encoded,
-    # no member was dropped, so no key repeats. Otherwise (escapes, number spellings or a
-    # repeat) the stdlib parser looks at every object's pairs.
+    # no member was dropped, so no key repeats (a body sent compact is compared as it is,
+    # without minifying it). Otherwise (escapes, number spellings or a repeat) the stdlib
+    # parser looks at every object's pairs. The encoding is the event's body either way.
     encoded = _encoder.encode(obj)
-    if msgspec.json.format(raw, indent=-1) == encoded:
+    if raw == encoded or msgspec.json.format(raw, indent=-1) == encoded:
         return obj, encoded
     key = _duplicate_key(raw)
     if key is not None:

@@ -112,6 +112,8 @@ def host_name(header: str) -> str | None:
 
 def is_json_media_type(content_type: str | None) -> bool:
     """``application/json`` or ``application/*+json``, any parameters (a charset)."""
+    if content_type == "application/json":
+        return True  # what nearly every client sends: nothing to take apart
     if content_type is None:
         return False
     media = content_type.split(";", 1)[0].strip().lower()
@@ -128,7 +130,9 @@ def check_origin(origin: str | None, fetch_site: str | None, allowed: frozenset[
             return normalize_origin(origin) in allowed
         except ValueError:
             return False  # "null" (a sandboxed page, a file://) and anything malformed
-    return (fetch_site or "").strip().lower() not in _REFUSED_FETCH_SITES
+    if fetch_site is None:
+        return True  # a program, not a browser: the usual caller
+    return fetch_site.strip().lower() not in _REFUSED_FETCH_SITES
 
 
 @dataclass(frozen=True, slots=True)

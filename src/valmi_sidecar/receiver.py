@@ -16,6 +16,7 @@ from typing import Any, Final, Protocol
 import msgspec
 import structlog
 from aiohttp import ClientPayloadError, web
+from aiohttp.typedefs import Middleware
 
 from . import events, openapi
 from .config import Secret, Settings
@@ -130,58 +131,79 @@ _HTTP_CODES: Final = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every refusal, aiohttp's own included, in the one error shape."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
+def api_middleware(*, token: bool) -> Middleware:
+    """The one middleware of an application: the local-only guard, the error shape, and
+    with ``token`` the ingest token on every route under ``/v1/``.
+
+    In order: refuse what a web page can send (see ``guard.py``) before any route sees it;
+    then, for a route under ``/v1/`` (ingest, status, the operator's: a route added there
+    is guarded without asking), the ingest token when one is set; then the route. Every
+    refusal, aiohttp's own included, is rendered in the one error shape, and an origin
+    listed in ``allowed_origins`` gets the CORS answers a browser needs on every answer,
+    refusals of the route and of the token included. An unknown path is a 404 either way.
+    One middleware rather than three: each one is a coroutine and a call per request.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        app = request.app
+        policy = app[POLICY]
+        info = request.match_info
+        routed = info.http_exception is None
+        headers = request.headers
+        refusal = policy.refusal(request.method, headers, routed=routed)
+        if refusal is not None:
+            _count_refusal(request, refusal.code)
+            return ApiError(refusal.status, refusal.code, refusal.message).response()
+        origin = headers.get("Origin")
+        cors = origin is not None and policy.origin_allowed(origin)
+        response: web.StreamResponse
+        if cors and request.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
+            response = web.Response(status=204)
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST"
+            response.headers["Access-Control-Allow-Headers"] = _CORS_HEADERS
+            response.headers["Access-Control-Max-Age"] = str(_CORS_MAX_AGE_S)
+        else:
+            try:
+                if token and routed and app[TOKEN].secret is not None:
+                    resource = info.route.resource
+                    if resource is not None and resource.canonical.startswith("/v1/"):
+                        check_token(request)
+                response = await handler(request)
+            except Exception as exc:  # noqa: BLE001 - every failure is rendered, see _error_response
+                response = _error_response(request, exc)
+        if cors:
+            assert origin is not None
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
+
+    return middleware
+
+
+def _error_response(request: web.Request, exc: Exception) -> web.Response:
+    """Render a refusal, aiohttp's own included, in the one error shape; an HTTP exception
+    that is not an error (a redirect) is raised again, for aiohttp to answer."""
+    if isinstance(exc, ApiError):
         _count_refusal(request, exc.code)
         return exc.response()
-    except web.HTTPRequestEntityTooLarge as exc:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         _count_refusal(request, "payload_too_large")
         return _too_large(request.app[SETTINGS].max_body_bytes, exc.text).response()
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
         _count_refusal(request, code)
         response = ApiError(exc.status, code, message).response()
         if "Allow" in exc.headers:  # a 405 must say which methods are allowed (RFC 9110)
             response.headers["Allow"] = exc.headers["Allow"]
         return response
-    except Exception:
-        # A bug, not a refusal: say so without detail (the log has it), and store nothing.
-        log.exception("request_failed", path=request.path)
-        return ApiError(
-            500, "internal_error", "the sidecar failed to handle this request; see its log"
-        ).response()
-
-
-@web.middleware
-async def local_only_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse what a web page can send (see ``guard.py``) before any route sees it; give an
-    origin listed in ``allowed_origins`` the CORS answers a browser needs to use the API."""
-    policy = request.app[POLICY]
-    routed = request.match_info.http_exception is None
-    refusal = policy.refusal(request.method, request.headers, routed=routed)
-    if refusal is not None:
-        _count_refusal(request, refusal.code)
-        return ApiError(refusal.status, refusal.code, refusal.message).response()
-    origin = request.headers.get("Origin")
-    if not policy.origin_allowed(origin):
-        return await handler(request)
-    assert origin is not None
-    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-        response: web.StreamResponse = web.Response(status=204)
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST"
-        response.headers["Access-Control-Allow-Headers"] = _CORS_HEADERS
-        response.headers["Access-Control-Max-Age"] = str(_CORS_MAX_AGE_S)
-    else:
-        response = await handler(request)
-    response.headers["Access-Control-Allow-Origin"] = origin
-    response.headers["Vary"] = "Origin"
-    return response
+    # A bug, not a refusal: say so without detail (the log has it), and store nothing.
+    log.exception("request_failed", path=request.path)
+    return ApiError(
+        500, "internal_error", "the sidecar failed to handle this request; see its log"
+    ).response()
 
 
 def _count_refusal(request: web.Request, code: str) -> None:
@@ -214,21 +236,6 @@ def check_token(request: web.Request) -> None:
         )
 
 
-@web.middleware
-async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every route under ``/v1/`` (ingest, status, the operator's) takes the ingest token:
-    a route added there is guarded without asking. An unknown path is a 404 either way."""
-    info = request.match_info
-    resource = info.route.resource
-    if (
-        info.http_exception is None
-        and resource is not None
-        and resource.canonical.startswith("/v1/")
-    ):
-        check_token(request)
-    return await handler(request)
-
-
 def check_accepting(request: web.Request) -> None:
     if request.app[LIFECYCLE].draining:
         raise ApiError(
@@ -240,15 +247,19 @@ def check_accepting(request: web.Request) -> None:
 
 
 async def _read_json_body(request: web.Request) -> bytes:
-    # The declared type was checked by local_only_middleware, before any route.
+    # The declared type was checked by api_middleware, before any route.
     settings = request.app[SETTINGS]
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     try:
         if request.content.is_eof():
-            # The whole body came with the headers (the usual case): nothing to wait for.
-            return await request.read()
+            # The whole body came with the headers (the usual case): take it as it lies in
+            # the buffer. Without a Content-Length (chunked) nothing was checked yet.
+            raw = request.content.read_nowait()
+            if len(raw) > limit:
+                raise _too_large(limit)
+            return raw
         async with asyncio.timeout(settings.client_timeout_s):
             return await request.read()
     except TimeoutError:
@@ -449,10 +460,7 @@ def ingest_app(settings: Settings, lifecycle: Lifecycle) -> web.Application:
     """An application with the ingest routes' limits, error shape and refusal counts; the
     caller adds the routes and sets ``app[INGEST]``."""
     app = web.Application(
-        # The guard outermost: it refuses before anything else runs, and its CORS headers
-        # reach every answer to an allowed origin, refusals rendered by error_middleware too;
-        # the token innermost, so that its refusal is rendered and counted like the others.
-        middlewares=[local_only_middleware, error_middleware, token_middleware],
+        middlewares=[api_middleware(token=True)],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -503,7 +511,7 @@ def build_ops_app(
     refusals count in ``refused``, the local API's own counts. The caller sets
     ``app[STORE]`` before it serves."""
     app = web.Application(
-        middlewares=[local_only_middleware, error_middleware],
+        middlewares=[api_middleware(token=False)],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -135,6 +135,26 @@ def parse_rate_limit(
     return remaining, reset_s
 
 
+#: The answer to a 2xx that says nothing of the rate limit, one per status: ``Answer`` is
+#: immutable, so every delivery of that status can share it.
+_PLAIN_DELIVERED: Final = {s: Answer("delivered", s, "") for s in range(200, 300)}
+
+
+def delivered(status: int, headers: Mapping[str, str], *, now: float | None = None) -> Answer:
+    """What a 2xx means (``classify`` for ``200 <= status < 300``): delivered, with the
+    rate-limit headers when upstream sent them. Pure.
+
+    A delivery never carries an error, so the body is not read, and the only headers that
+    matter are ``X-RateLimit-Remaining`` and ``X-RateLimit-Reset``: when neither is there
+    (a plain 2xx), nothing else is parsed.
+    """
+    lowered = _lowered(headers)
+    if "x-ratelimit-remaining" not in lowered and "x-ratelimit-reset" not in lowered:
+        return _PLAIN_DELIVERED[status]
+    remaining, reset_s = parse_rate_limit(lowered, now=now)
+    return Answer("delivered", status, "", None, remaining, reset_s)
+
+
 def classify(
     status: int, headers: Mapping[str, str], body_excerpt: str, *, now: float | None = None
 ) -> Answer:
@@ -144,6 +164,8 @@ def classify(
     dead-letter the event; 401, 403, 404, 407 (the proxy) and anything else (redirects, other 4xx) pause
     forwarding, because a wrong key or URL must never dead-letter the queue.
     """
+    if 200 <= status < 300:
+        return delivered(status, headers, now=now)
     lowered = _lowered(headers)
     remaining, reset_s = parse_rate_limit(lowered, now=now)
     detail = excerpt(body_excerpt) or "(empty body)"
@@ -158,8 +180,6 @@ def classify(
             rate_limit_reset_s=reset_s,
         )
 
-    if 200 <= status < 300:
-        return answer("delivered", "")
     if status == 409:
         return answer(
             "delivered", "HTTP 409: upstream already has this idempotency key; counted as delivered"
@@ -437,11 +457,12 @@ class Upstream:
             return self._scrubbed(classify_exception(exc))
         self.stats.observe(status, time.monotonic() - started)
         if 200 <= status < 300:
-            raw = b""
+            # Nothing of a delivery's body reaches the answer: no excerpt, nothing to scrub.
+            return delivered(status, headers)
         # Scrub the whole body before any cut: an excerpt that ends inside an echoed key
         # would otherwise carry a piece of it past the scrubbing of the answer.
         for secret in self._secrets:
-            if raw and secret.encode() in raw:
+            if secret.encode() in raw:
                 raw = raw.replace(secret.encode(), _REDACTED.encode())
         body = raw[: EXCERPT_CHARS * 4].decode("utf-8", "replace")
         return self._scrubbed(classify(status, headers, body))
