@@ -116,7 +116,8 @@ async def test_imports_nothing_of_the_service(tmp_path: Path) -> None:
     heavy = ("aiohttp", "httpx", "structlog", "prometheus_client", "msgspec")
     loaded = {m.split(".")[0] for m in modules}
     assert set() == loaded & set(heavy)
-    ours = {m for m in modules if m.startswith("valmi_sidecar.")}
+    # A package counts as one module: valmi_sidecar.config.settings is valmi_sidecar.config.
+    ours = {".".join(m.split(".")[:2]) for m in modules if m.startswith("valmi_sidecar.")}
     assert {"valmi_sidecar.entry", "valmi_sidecar.health", "valmi_sidecar.config"} <= ours
     assert set() == ours - {
         "valmi_sidecar.entry",

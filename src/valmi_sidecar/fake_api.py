@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 import secrets
 import socket
 import struct
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 import structlog
@@ -43,78 +42,15 @@ from valmi_sidecar.events import (
     decode,
     rfc3339,
 )
+from valmi_sidecar.fake_faults import Faults, FaultsError, RateWindow, check_faults
 
 __all__ = ["DEFAULT_KEY", "FakeValmi", "Faults", "FaultsError", "Received", "serve"]
 
 DEFAULT_KEY: Final = "sk_test_fake"
-RATE_WINDOW_S: Final = 60.0
 #: How long ``stop()`` / ``go_down()`` wait for handlers still running (per phase).
 SHUTDOWN_TIMEOUT_S: Final = 2.0
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass
-class Faults:
-    """What the fake does wrong; every field off by default. Changed live by tests.
-
-    Setting a field wakes requests that wait on it (a request held by ``hang`` is answered
-    as soon as ``hang`` is switched off).
-    """
-
-    error_rate: float = 0.0  # share of requests answered with error_status
-    error_status: int = 503
-    latency_s: float = 0.0  # added before answering
-    hang: bool = False  # never answer (until switched off)
-    unauthorized: bool = False  # every request gets 401
-    rate_limited: bool = False  # every request gets 429 with Retry-After
-    retry_after_s: float = 1.0
-    reset_after_store: bool = False  # store the event, then drop the connection unanswered
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if not name.startswith("_"):
-            listener: Callable[[], None] | None = getattr(self, "_listener", None)
-            if listener is not None:
-                listener()
-
-
-class FaultsError(ValueError):
-    """A change to ``Faults`` that names an unknown field or gives a field a bad value."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
-
-
-_FAULT_TYPES: Final[Mapping[str, type]] = {
-    f.name: type(getattr(Faults(), f.name)) for f in fields(Faults)
-}
-
-
-def check_faults(changes: Mapping[str, Any]) -> list[Problem]:
-    """Every problem with a change to ``Faults`` (an empty list when it can be applied)."""
-    out: list[Problem] = []
-    for name, value in changes.items():
-        expected = _FAULT_TYPES.get(name)
-        if expected is None:
-            allowed = ", ".join(_FAULT_TYPES)
-            out.append(Problem(name, f"is not a field of Faults; allowed: {allowed}"))
-        elif expected is bool:
-            if not isinstance(value, bool):
-                out.append(Problem(name, "must be a boolean"))
-        elif expected is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                out.append(Problem(name, "must be an integer"))
-            elif name == "error_status" and not 100 <= value <= 599:
-                out.append(Problem(name, "must be an HTTP status from 100 to 599"))
-        elif isinstance(value, bool) or not isinstance(value, int | float):
-            out.append(Problem(name, "must be a number"))
-        elif not math.isfinite(value) or value < 0:
-            out.append(Problem(name, "must be a finite number >= 0"))
-        elif name == "error_rate" and value > 1:
-            out.append(Problem(name, "must be between 0 and 1"))
-    return out
 
 
 @dataclass
@@ -141,35 +77,6 @@ class Received:
             "attempts": self.attempts,
             "created_at": self.created_at,
         }
-
-
-class _RateWindow:
-    """Fixed windows of ``length_s``; the first starts at the first request."""
-
-    def __init__(self, limit: int, length_s: float = RATE_WINDOW_S) -> None:
-        self.limit = limit
-        self.length_s = length_s
-        self.start: float | None = None
-        self.used = 0
-
-    def roll(self, now: float) -> None:
-        if self.start is None:
-            self.start = now
-        elif now >= self.start + self.length_s:
-            self.start += self.length_s * ((now - self.start) // self.length_s)
-            self.used = 0
-
-    def take(self, now: float) -> bool:
-        """Count one request; ``False`` when the window's budget is spent (not counted)."""
-        self.roll(now)
-        if self.used >= self.limit:
-            return False
-        self.used += 1
-        return True
-
-    def ends_in(self, now: float) -> float:
-        start = now if self.start is None else self.start
-        return max(0.0, start + self.length_s - now)
 
 
 def _error(code: str, message: str, details: list[dict[str, str]] | None = None) -> dict[str, Any]:
@@ -224,7 +131,7 @@ class FakeValmi:
         self.status_counts: dict[int, int] = {}
         #: ``clock()`` (``time.monotonic`` by default) at each request's arrival.
         self.arrival_times: list[float] = []
-        self._window = None if rate_limit_per_min is None else _RateWindow(rate_limit_per_min)
+        self._window = None if rate_limit_per_min is None else RateWindow(rate_limit_per_min)
 
         self.host = "127.0.0.1"
         self.port = 0
@@ -272,7 +179,7 @@ class FakeValmi:
         self.status_counts.clear()
         self.arrival_times.clear()
         if self._window is not None:
-            self._window = _RateWindow(self._window.limit)
+            self._window = RateWindow(self._window.limit)
         self._notify()
 
     def snapshot(self, kind: Kind | None = None) -> dict[str, Any]:
@@ -390,7 +297,27 @@ class FakeValmi:
         self.arrival_times.append(self._clock())
         self._notify()
         raw = await request.read()
+        dropped = await self._delay(request)
+        if dropped is not None:
+            return dropped
+        headers: dict[str, str] = {}
+        refused = self._refuse(request, headers)
+        if refused is not None:
+            return refused
+        idem_key = request.headers.get("Idempotency-Key")
+        try:
+            body = self._validate(kind, raw, idem_key)
+        except ValidationError as exc:
+            details = [p.as_dict() for p in exc.problems]
+            return self._answer(400, _error("invalid_request", str(exc), details), headers=headers)
+        stored = self.received.get(idem_key) if idem_key is not None else None
+        if stored is not None:
+            return self._repeat(request, stored, headers)
+        return self._store(request, kind, body, idem_key, headers)
 
+    async def _delay(self, request: web.Request) -> web.Response | None:
+        """Wait out the injected latency and hang; the dropped answer if the fake closes
+        meanwhile (or, for a hang, the client leaves), else ``None``."""
         faults = self._faults
         if faults.latency_s > 0:
             # A slow upstream still processes the request even if the client gave up.
@@ -403,9 +330,12 @@ class FakeValmi:
             await self._hold_while_hanging()
             if self._closing.is_set() or _client_gone(request):
                 return self._drop(request)
+        return None
 
+    def _refuse(self, request: web.Request, headers: dict[str, str]) -> web.Response | None:
+        """The answer refusing the request before its body is looked at (a bad key, the
+        rate limit, an injected 429 or error), else ``None``; adds the rate headers."""
         faults = self._faults
-        headers: dict[str, str] = {}
         if faults.unauthorized or not self._authorized(request):
             self._rate_headers(headers, take=False)
             return self._answer(401, _error("unauthorized", "Invalid API key"), headers=headers)
@@ -427,26 +357,31 @@ class FakeValmi:
                 _error("injected_error", f"Injected fault: HTTP {status}"),
                 headers=headers,
             )
+        return None
 
-        idem_key = request.headers.get("Idempotency-Key")
-        try:
-            body = self._validate(kind, raw, idem_key)
-        except ValidationError as exc:
-            details = [p.as_dict() for p in exc.problems]
-            return self._answer(400, _error("invalid_request", str(exc), details), headers=headers)
+    def _repeat(
+        self, request: web.Request, stored: Received, headers: Mapping[str, str]
+    ) -> web.Response:
+        """Answer a repeat of an idempotency key already stored."""
+        stored.attempts += 1
+        self.duplicates += 1
+        self._notify()
+        if self._faults.reset_after_store:
+            return self._drop(request)
+        if self.conflict_on_duplicate:
+            message = f"An event with this Idempotency-Key was already processed as {stored.id}"
+            return self._answer(409, _error("conflict", message), headers=headers)
+        return self._answer(200, _processed(stored), headers=headers)
 
-        stored = self.received.get(idem_key) if idem_key is not None else None
-        if stored is not None:
-            stored.attempts += 1
-            self.duplicates += 1
-            self._notify()
-            if faults.reset_after_store:
-                return self._drop(request)
-            if self.conflict_on_duplicate:
-                message = f"An event with this Idempotency-Key was already processed as {stored.id}"
-                return self._answer(409, _error("conflict", message), headers=headers)
-            return self._answer(200, _processed(stored), headers=headers)
-
+    def _store(
+        self,
+        request: web.Request,
+        kind: Kind,
+        body: dict[str, Any],
+        idem_key: str | None,
+        headers: Mapping[str, str],
+    ) -> web.Response:
+        """Store a new event and answer it as processed."""
         now = time.time()
         event = Received(
             idem_key=idem_key,
@@ -457,7 +392,7 @@ class FakeValmi:
         )
         self.received[idem_key if idem_key is not None else f"_gen_{secrets.token_hex(12)}"] = event
         self._notify()
-        if faults.reset_after_store:
+        if self._faults.reset_after_store:
             return self._drop(request)
         return self._answer(200, _processed(event), headers=headers)
 
@@ -473,19 +408,7 @@ class FakeValmi:
         window = self._window
         if window is None:
             return True
-        now = self._clock()
-        if take:
-            allowed = window.take(now)
-        else:
-            window.roll(now)
-            allowed = True
-        ends_in = window.ends_in(now)
-        headers["X-RateLimit-Limit"] = str(window.limit)
-        headers["X-RateLimit-Remaining"] = str(window.limit - window.used)
-        headers["X-RateLimit-Reset"] = str(math.ceil(time.time() + ends_in))
-        if not allowed:
-            headers["Retry-After"] = str(max(1, math.ceil(ends_in)))
-        return allowed
+        return window.stamp(headers, self._clock(), time.time, take=take)
 
     @staticmethod
     def _validate(kind: Kind, raw: bytes, idem_key: str | None) -> dict[str, Any]:

@@ -211,14 +211,23 @@ def configure_logging(
     redactor = _Redactor(secrets)
     _active[:] = [redactor]
     as_json = _use_json(fmt)
+    shared = _shared_processors(redactor, as_json=as_json)
+    final = _final_renderer(redactor, as_json=as_json)
+    structlog.configure(
+        processors=[*shared, final],
+        wrapper_class=structlog.make_filtering_bound_logger(number),
+        context_class=dict,
+        logger_factory=_stderr_logger_factory,
+        # Not cached, so that a later configure_logging() call reaches every logger.
+        cache_logger_on_first_use=False,
+    )
+    _route_stdlib(shared, final, number)
+    logging.getLogger("aiohttp.access").setLevel(logging.INFO if access_log else logging.WARNING)
 
-    renderer: Processor
-    if as_json:
-        renderer = structlog.processors.JSONRenderer()
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=_colors())
-    final = _RedactingRenderer(renderer, redactor, journal=stderr_is_journal())
 
+def _shared_processors(redactor: _Redactor, *, as_json: bool) -> list[Processor]:
+    """What structlog's and the standard library's records both go through: context,
+    level, time, exceptions (for JSON) and, last, the redactor."""
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -228,16 +237,22 @@ def configure_logging(
         # The console renderer formats exceptions itself (and warns if this is present).
         shared += [structlog.processors.format_exc_info]
     shared += [redactor]
+    return shared
 
-    structlog.configure(
-        processors=[*shared, final],
-        wrapper_class=structlog.make_filtering_bound_logger(number),
-        context_class=dict,
-        logger_factory=_stderr_logger_factory,
-        # Not cached, so that a later configure_logging() call reaches every logger.
-        cache_logger_on_first_use=False,
-    )
 
+def _final_renderer(redactor: _Redactor, *, as_json: bool) -> _RedactingRenderer:
+    """JSON or console lines, redacted once more after rendering."""
+    renderer: Processor
+    if as_json:
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=_colors())
+    return _RedactingRenderer(renderer, redactor, journal=stderr_is_journal())
+
+
+def _route_stdlib(shared: list[Processor], final: _RedactingRenderer, number: int) -> None:
+    """Send the standard library's records through the same processors, replacing the
+    handler a previous call installed."""
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(old)
@@ -250,4 +265,3 @@ def configure_logging(
     )
     root.addHandler(handler)
     root.setLevel(number)
-    logging.getLogger("aiohttp.access").setLevel(logging.INFO if access_log else logging.WARNING)

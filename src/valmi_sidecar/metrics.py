@@ -192,7 +192,10 @@ class _Snapshot(Collector):
         yield from self._flows()
         yield from self._queue()
         yield from self._upstream()
-        yield from self._store()
+        yield from self._commits()
+        yield from self._workers()
+        yield from self._disk()
+        yield from self._corruption()
 
     def _durable(self) -> Iterator[Metric]:
         c = self._s.counts
@@ -334,7 +337,8 @@ class _Snapshot(Collector):
             up.duration, PREFIX + "upstream_request_duration_seconds", "Upstream request duration."
         )
 
-    def _store(self) -> Iterator[Metric]:
+    def _commits(self) -> Iterator[Metric]:
+        """The group commits, and whether the database takes writes."""
         s = self._s
         st = s.store
         yield histogram_family(
@@ -354,6 +358,10 @@ class _Snapshot(Collector):
         )
         yield _gauge("store_writable", "1 when the database accepts writes.", float(s.writable))
         yield _gauge("ready", "1 when /readyz answers 200.", float(s.ready))
+
+    def _workers(self) -> Iterator[Metric]:
+        """The ingest worker processes."""
+        s = self._s
         yield _gauge(
             "ingest_workers",
             "Ingest worker processes configured (ingest_processes; 0 when the main process serves alone).",
@@ -369,6 +377,10 @@ class _Snapshot(Collector):
             "Ingest worker processes started again after an exit, since start.",
             value=s.ingest_worker_restarts,
         )
+
+    def _disk(self) -> Iterator[Metric]:
+        """The database's size and the disk budget."""
+        s = self._s
         yield _gauge(
             "database_size_bytes", "Size of the database file and its WAL.", s.database_bytes
         )
@@ -393,6 +405,10 @@ class _Snapshot(Collector):
             "Bytes the stored dead letters take on disk (bodies plus rows, estimated).",
             disk.dead_letter_bytes,
         )
+
+    def _corruption(self) -> Iterator[Metric]:
+        """Corrupt databases moved aside."""
+        st = self._s.store
         yield CounterMetricFamily(
             PREFIX + "database_corruptions",
             "Corrupt databases moved aside at start-up by this process.",
