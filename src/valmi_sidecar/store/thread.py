@@ -5,19 +5,26 @@ load every trip back waits behind the requests the event loop is serving, so a c
 made of several awaited statements takes many times longer than the same statements run
 together. aiosqlite offers only one trip per statement through its public API, so the
 store owns its threads (what aiosqlite does inside: the standard library's ``sqlite3`` on
-a dedicated thread) and hands each thread a whole function to run.
+a dedicated thread, fed by a queue) and hands each thread a whole function to run. A
+``concurrent.futures`` executor would do the same with more on every trip (its locks, a
+semaphore, a second future chained to the loop's), and every event makes such trips.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
+
+#: A job: what to run on the thread, and the loop's future for its outcome (if any).
+_Job = tuple[Callable[[], Any], "asyncio.Future[Any] | None"]
 
 
 class ConnectionClosedError(RuntimeError):
@@ -31,29 +38,49 @@ class SqliteThread:
     whatever ``fn`` does. Calls run one at a time in the order made.
     """
 
-    def __init__(self, executor: ThreadPoolExecutor, conn: sqlite3.Connection) -> None:
-        self._executor = executor
-        self._conn = conn
+    def __init__(self, name: str) -> None:
+        self._jobs: SimpleQueue[_Job | None] = SimpleQueue()
+        self._loop = asyncio.get_running_loop()
+        self._conn: sqlite3.Connection | None = None
         self._closed = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
 
     @classmethod
     async def connect(cls, path: Path | str, *, name: str, **options: Any) -> SqliteThread:
         """Open ``path`` with ``sqlite3.connect(path, **options)`` on a new thread."""
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        loop = asyncio.get_running_loop()
+        self = cls(name)
         try:
-            conn = await loop.run_in_executor(executor, lambda: sqlite3.connect(path, **options))
+            self._conn = await self._run(lambda: sqlite3.connect(path, **options))
         except BaseException:
-            executor.shutdown(wait=False)
+            self._jobs.put(None)
             raise
-        return cls(executor, conn)
+        return self
+
+    def _serve(self) -> None:
+        loop = self._loop
+        while (job := self._jobs.get()) is not None:
+            fn, future = job
+            try:
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
+                if future is not None:
+                    _hand_back(loop, _fail, future, exc)
+            else:
+                if future is not None:
+                    _hand_back(loop, _succeed, future, result)
+
+    def _run(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
+        future: asyncio.Future[_T] = self._loop.create_future()
+        self._jobs.put((fn, future))
+        return future
 
     async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """``fn(connection)`` on the connection's thread."""
-        if self._closed:
-            raise ConnectionClosedError("the database connection is closed")
         conn = self._conn
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+        if self._closed or conn is None:
+            raise ConnectionClosedError("the database connection is closed")
+        return await self._run(lambda: fn(conn))
 
     async def fetchall(self, sql: str, params: Any = ()) -> list[Any]:
         """The rows of one statement."""
@@ -64,10 +91,14 @@ class SqliteThread:
         if self._closed:
             return
         self._closed = True
-        # Submitted once and shielded: a caller cancelled while the thread is busy must not
+        conn = self._conn
+        if conn is None:
+            self._jobs.put(None)
+            return
+        # Queued once and shielded: a caller cancelled while the thread is busy must not
         # take the close with it (the connection, its file and its WAL would stay open).
-        closing = asyncio.wrap_future(self._executor.submit(self._conn.close))
-        self._executor.shutdown(wait=False)
+        closing = self._run(conn.close)
+        self._jobs.put(None)
         await asyncio.shield(closing)
 
     def stop(self) -> None:
@@ -75,5 +106,21 @@ class SqliteThread:
         is closed when the thread's last call returns."""
         if not self._closed:
             self._closed = True
-            self._executor.submit(self._conn.close)
-        self._executor.shutdown(wait=False)
+            if self._conn is not None:
+                self._jobs.put((self._conn.close, None))
+            self._jobs.put(None)
+
+
+def _hand_back(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(fn, *args)
+
+
+def _succeed(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
