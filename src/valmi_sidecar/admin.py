@@ -27,6 +27,7 @@ import msgspec
 from aiohttp import web
 
 from . import events
+from .api_errors import ApiError, store_api_error
 from .events import Kind, NewEvent, ValidationError
 from .operations import (
     DEAD_LETTER_REASONS,
@@ -38,7 +39,7 @@ from .operations import (
     salvage_record,
 )
 from .operations.forms import SALVAGE_FIELDS
-from .receiver import STORE, ApiError, store_api_error
+from .receiver import STORE
 from .store import StoreError, salvage_problem
 
 _encode: Final = msgspec.json.Encoder().encode

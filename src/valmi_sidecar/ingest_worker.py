@@ -20,6 +20,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 from yarl import URL
 
 from . import runtime
+from .api_errors import RETRY_AFTER_STORE_ERROR_S, ApiError
 from .channel import (
     Answers,
     ChannelClosedError,
@@ -41,9 +42,7 @@ from .receiver import (
     INGEST,
     LIFECYCLE,
     REFUSED,
-    RETRY_AFTER_STORE_ERROR_S,
     TOKEN,
-    ApiError,
     Lifecycle,
     Submitter,
     add_ingest_routes,

@@ -19,13 +19,17 @@ from aiohttp import ClientPayloadError, web
 from aiohttp.typedefs import Middleware
 
 from . import events, openapi
+from .api_errors import (
+    RETRY_AFTER_DRAINING_S,
+    ApiError,
+    store_api_error,
+    too_large,
+)
 from .config import Secret, Settings
 from .events import Kind, NewEvent, ValidationError
 from .guard import Policy
 from .store import (
     IdempotencyConflictError,
-    OutcomeUnknownError,
-    QueueFullError,
     Store,
     StoreError,
 )
@@ -34,10 +38,6 @@ log = structlog.get_logger("valmi_sidecar.receiver")
 
 _encode: Final = msgspec.json.Encoder().encode
 _JSON: Final = "application/json"
-#: Seconds a client should wait before retrying when the sidecar is shutting down.
-RETRY_AFTER_DRAINING_S: Final = 5
-#: Seconds a client should wait before retrying after a failed disk write.
-RETRY_AFTER_STORE_ERROR_S: Final = 2
 #: The longest request line or header field, and the most header fields, a client may send.
 MAX_HEADER_LINE_BYTES: Final = 8190
 MAX_HEADERS: Final = 128
@@ -92,35 +92,6 @@ _GUARD_CODES: Final = frozenset(
 #: What a browser page on an allowed origin may send (CORS preflight answer).
 _CORS_HEADERS: Final = "Authorization, Content-Type, Idempotency-Key"
 _CORS_MAX_AGE_S: Final = 600
-
-
-class ApiError(Exception):
-    """A refusal: HTTP status, a stable code, a message saying what to do, details."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        details: Sequence[dict[str, str]] = (),
-        *,
-        retry_after_s: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = list(details)
-        self.retry_after_s = retry_after_s
-
-    def response(self) -> web.Response:
-        body = {"error": {"code": self.code, "message": self.message, "details": self.details}}
-        headers = {}
-        if self.retry_after_s is not None:
-            headers["Retry-After"] = str(self.retry_after_s)
-        return web.Response(
-            status=self.status, body=_encode(body), content_type=_JSON, headers=headers
-        )
 
 
 _HTTP_CODES: Final = {
@@ -189,7 +160,7 @@ def _error_response(request: web.Request, exc: Exception) -> web.Response:
         return exc.response()
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         _count_refusal(request, "payload_too_large")
-        return _too_large(request.app[SETTINGS].max_body_bytes, exc.text).response()
+        return too_large(request.app[SETTINGS].max_body_bytes, exc.text).response()
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc
@@ -210,14 +181,6 @@ def _count_refusal(request: web.Request, code: str) -> None:
     if request.path in _INGEST_PATHS or code in _GUARD_CODES:
         refused = request.app[REFUSED]
         refused[code] = refused.get(code, 0) + 1
-
-
-def _too_large(limit: int, _detail: str | None = None) -> ApiError:
-    return ApiError(
-        413,
-        "payload_too_large",
-        f"the body is larger than {limit} bytes; send fewer events per request",
-    )
 
 
 def check_token(request: web.Request) -> None:
@@ -251,14 +214,14 @@ async def _read_json_body(request: web.Request) -> bytes:
     settings = request.app[SETTINGS]
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
+        raise too_large(limit)
     try:
         if request.content.is_eof():
             # The whole body came with the headers (the usual case): take it as it lies in
             # the buffer. Without a Content-Length (chunked) nothing was checked yet.
             raw = request.content.read_nowait()
             if len(raw) > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
             return raw
         async with asyncio.timeout(settings.client_timeout_s):
             return await request.read()
@@ -296,67 +259,6 @@ async def _store(request: web.Request, new: list[NewEvent]) -> list[Any]:
         return await request.app[INGEST].submit(new)
     except (StoreError, IdempotencyConflictError) as exc:
         raise store_api_error(request, exc, ingest=True) from exc
-
-
-def store_api_error(
-    request: web.Request, exc: StoreError | IdempotencyConflictError, *, ingest: bool
-) -> ApiError:
-    """The API error for a store error: the one place they are mapped. ``ingest`` for a
-    request that submitted events (its answer says whether they may have been stored);
-    else an operator's change (re-queue, purge, salvage)."""
-    if isinstance(exc, QueueFullError):
-        message = (
-            f"the sidecar's queue is full ({exc}); retry later, nothing was stored"
-            if ingest
-            else str(exc)
-        )
-        return ApiError(503, "queue_full", message, retry_after_s=exc.retry_after_s)
-    if isinstance(exc, IdempotencyConflictError):
-        return ApiError(
-            409,
-            "idempotency_key_reused",
-            "this Idempotency-Key was already used with a different body; "
-            "use a new key for a new event",
-            [{"field": "Idempotency-Key", "message": f"already used: {exc.key}"}],
-        )
-    if isinstance(exc, OutcomeUnknownError):
-        if ingest:
-            return _outcome_unknown(request, str(exc))
-        return ApiError(
-            503,
-            "outcome_unknown",
-            f"the sidecar cannot tell whether this change was committed ({exc}); it may "
-            "have been. Running the same command again is safe: it acts only on what is "
-            "left, and salvage recognises the events already queued by their keys",
-            retry_after_s=RETRY_AFTER_STORE_ERROR_S,
-        )
-    if ingest:
-        message = "the sidecar could not write the event to disk; retry shortly, nothing was stored"
-    else:
-        message = f"the sidecar could not write: {exc}"
-    return ApiError(503, "store_unavailable", message, retry_after_s=RETRY_AFTER_STORE_ERROR_S)
-
-
-def _outcome_unknown(request: web.Request, reason: str) -> ApiError:
-    """The answer when the events may or may not have been committed: never "nothing was
-    stored", which would make a client send them again under a new key."""
-    if request.headers.get("Idempotency-Key") is not None:
-        retry = (
-            "Retry with the same Idempotency-Key: if they were stored, the retry gets the "
-            "original answer and stores nothing"
-        )
-    else:
-        retry = (
-            "This request had no Idempotency-Key, so a retry may store them twice; send an "
-            "Idempotency-Key with every request so that retrying with the same key is safe"
-        )
-    return ApiError(
-        503,
-        "outcome_unknown",
-        f"the sidecar cannot tell whether this request's events were stored ({reason}); "
-        f"they may be. {retry}",
-        retry_after_s=RETRY_AFTER_STORE_ERROR_S,
-    )
 
 
 def _refuse(exc: ValidationError) -> ApiError:
