@@ -226,9 +226,8 @@ class Writer:
         try:
             plan = await self.conn.call(self._transaction(first, group))
         except sqlite3.Error as exc:
-            self._mirror.stats.commit_failures += isinstance(
-                first, Submit | Settle | Requeue | Purge
-            )
+            if not isinstance(first, Prune):  # maintenance failing is not a commit failing
+                self._mirror.stats.commit_failures += 1
             await self._rollback(exc, len(group))
             error = StoreError(f"could not {_WHAT[type(first)]} {self._path}: {exc}")
             error.__cause__ = exc
