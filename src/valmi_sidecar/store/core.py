@@ -451,13 +451,14 @@ class Store:
         if limit <= 0:
             return []
         events = await self._reader.call(reads.lease(self._clock(), limit, exclude))
-        self._handoff.drop({e.seq for e in events})
+        self._handoff.drop(events)
         return events
 
     def take_fresh(self, limit: int) -> list[QueuedEvent]:
         """Up to ``limit`` events committed since the last call (or lease), oldest first,
-        without reading the database (``handoff``). Events committed and not handed are
-        counted in ``missed``: a caller that relies on this must lease when it grows."""
+        without reading the database (``handoff``). Nothing is held for it until its first
+        call. Events committed and not handed are counted in ``missed``: a caller that
+        relies on this must lease when it grows."""
         return self._handoff.take(limit)
 
     @property

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..events import NewEvent
-from .records import Accepted, DeadLetterFilter, QueuedEvent, Settlement
+from .records import Accepted, DeadLetterFilter, Settlement
 
 #: ``keys`` rows deleted per prune transaction (the writer interleaves other work; each
 #: transaction stays within the disk budget's bound on one transaction's WAL).
@@ -136,8 +136,8 @@ class Plan:
     purged: int = 0
     #: Body bytes of the dead letters that left (re-queued or purged).
     dead_removed_bytes: int = 0
-    #: The events this transaction added to the queue, as the flusher sends them.
-    fresh: list[QueuedEvent] = field(default_factory=list)
+    #: The events this transaction added to the queue, with their seqs.
+    fresh: list[tuple[int, NewEvent]] = field(default_factory=list)
     #: What the accepted events may add to the database (``disk.event_disk_bytes``).
     disk_added: int = 0
     #: Bytes of the database in use, when measured during this group (before its writes).

@@ -39,7 +39,6 @@ from .records import (
     Accepted,
     Delivered,
     IdempotencyConflictError,
-    QueuedEvent,
     QueueFullError,
     Retry,
     utc_day,
@@ -200,9 +199,7 @@ class GroupWriter:
                 day = utc_day(e.received_at)
                 bump(plan.ledger, (e.agent_key, e.kind, e.event_type, day), IN_RECEIVED, e.value)
                 event_rows.append((0, seq, len(e.body), *_event_values(e)))
-                plan.fresh.append(
-                    QueuedEvent(seq, e.id, e.idem_key, e.kind, e.body, e.received_at, 0)
-                )
+                plan.fresh.append((seq, e))
                 seq += 1
             plan.results.append((op, accepted))
         plan.received = queued - start.queued
