@@ -23,7 +23,6 @@ from .mirror import RATE_WINDOW_S
 from .readonly import ReadOnlyDatabase
 from .records import (
     DEAD_LETTER_WARN_SHARE,
-    QUEUED,
     Accepted,
     CorruptDatabaseError,
     Counts,
@@ -56,7 +55,6 @@ __all__ = [
     "DEAD_LETTER_WARN_SHARE",
     "LOCK_NAME",
     "MIGRATIONS",
-    "QUEUED",
     "RATE_WINDOW_S",
     "SCHEMA_VERSION",
     "Accepted",

@@ -34,9 +34,6 @@ class Handoff:
         #: Events committed to the queue that were not handed (the flusher must read them).
         self.missed = 0
 
-    def __len__(self) -> int:
-        return len(self._events)
-
     def put(self, events: Sequence[tuple[int, NewEvent]]) -> None:
         if not self._wanted:
             self.missed += len(events)

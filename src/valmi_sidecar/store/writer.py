@@ -104,10 +104,6 @@ class Writer:
         self._stopping = True
         self._wakeup.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
     async def finish(self, task: asyncio.Task[None] | None, drain_s: float) -> bool:
         """Let ``task`` (running ``run``) commit what is pending within ``drain_s``, else
         cancel it; then fail whatever still waits. Whether it finished in time."""
