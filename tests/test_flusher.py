@@ -18,6 +18,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from valmi_sidecar import settler
 from valmi_sidecar.config import Secret
 from valmi_sidecar.events import NewEvent, parse_one
 from valmi_sidecar.fake_api import FakeValmi
@@ -309,6 +310,29 @@ async def test_events_the_store_could_not_hand_over_are_read_and_each_sent_once(
     assert 41 == fake.requests
     assert {e.idem_key for e in events} <= set(fake.received)
     assert 3 <= store.missed
+
+
+async def test_a_lone_delivery_is_recorded_in_the_next_received_events_transaction(
+    store: Store,
+    fake: FakeValmi,
+    start_flusher: StartFlusher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One event at a time (a quiet agent): each delivery waits for the next event's
+    transaction instead of making one of its own, and is recorded by it."""
+    monkeypatch.setattr(settler, "SETTLE_LINGER_S", 30.0)  # it waits for the next event
+    flusher, _ = await start_flusher(fake)
+    await store.submit([action(0)])
+    answered = lambda n: n == fake.requests and 0 == flusher.in_flight  # noqa: E731
+    await wait_until(lambda: answered(1), 5, "the first sent and answered")
+    assert 0 == store.counts().delivered  # not recorded alone
+    commits = store.commits
+    await store.submit([action(1)])
+    assert commits + 1 == store.commits  # one transaction for the event and the delivery
+    assert (1, 1) == (store.counts().delivered, store.counts().queued)
+    await wait_until(lambda: answered(2), 5, "the second sent and answered")
+    await store.submit([action(2)])
+    assert (2, 1) == (store.counts().delivered, store.counts().queued)
 
 
 async def test_outage_then_recovery_delivers_each_key_exactly_once(

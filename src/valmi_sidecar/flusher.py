@@ -93,6 +93,10 @@ class Flusher:
         # received events wake it (otherwise it waits for a token, a sender or a hold, and
         # woke for nothing at every group commit).
         self._wants_events = False
+        # Whether the lease loop waits for a sender to finish or for outcomes to be
+        # saved: only then does the end of every send, or every settle commit, wake it.
+        self._wants_room = False
+        self._missed = 0
         self._short = ShortLease()
 
         self._summary_at = time.monotonic()
@@ -194,14 +198,15 @@ class Flusher:
     async def _run(self, upstream: Upstream) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
-                watcher = tg.create_task(self._watch_new_events(), name="flusher-watch")
                 tg.create_task(self._settler.run(), name="flusher-settle")
+                self._missed = self._store.missed
+                unlisten = self._store.on_new_events(self._on_new_events)
                 try:
                     await self._lease_loop(tg, upstream)
                 finally:
+                    unlisten()
                     for task in list(self._senders):
                         task.cancel()
-                    watcher.cancel()
                     self._release_buffer()
                     self._settler.close()
         except ExceptionGroup as group:
@@ -214,18 +219,20 @@ class Flusher:
     async def _lease_loop(self, tg: asyncio.TaskGroup, upstream: Upstream) -> None:
         while not self._stop.is_set():
             self._wake.clear()
-            self._wants_events = False
+            self._wants_events = self._wants_room = False
             hold_s = self._policy.wait_s()
             if hold_s > 0:
                 await self._wait_wake(hold_s)
                 continue
             if self._sending >= self._send_limit():
+                self._wants_room = True
                 await self._wait_wake(None)
                 continue
             if not self._store.writable or self._unsaved() >= self._max_unsaved:
                 # Nothing is sent that cannot be recorded: a crash now re-sends only
                 # what is unsaved, and the disk being full must not make that grow.
                 self._settler.hurry()
+                self._wants_room = True
                 await self._wait_wake(SETTLE_RETRY_S)
                 continue
             delay = self._policy.token_wait_s()
@@ -315,20 +322,23 @@ class Flusher:
         return max(MIN_IDLE_S, due - self._clock())
 
     async def _wait_wake(self, wait_s: float | None) -> None:
+        if self._wake.is_set():
+            return
+        if wait_s is None:  # no timer to make and cancel
+            await self._wake.wait()
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
                 await self._wake.wait()
 
-    async def _watch_new_events(self) -> None:
-        missed = self._store.missed
-        while True:
-            await self._store.wait_for_events()
-            if self._store.missed != missed:
-                # Events were committed that the store could not hand over: read them.
-                missed = self._store.missed
-                self._short.changed()
-            if self._wants_events:
-                self._wake.set()
+    def _on_new_events(self) -> None:
+        """The store committed events to the queue (called from its writer)."""
+        if self._store.missed != self._missed:
+            # Events were committed that the store could not hand over: read them.
+            self._missed = self._store.missed
+            self._short.changed()
+        if self._wants_events:
+            self._wake.set()
 
     # -- senders -------------------------------------------------------------------------
 
@@ -348,18 +358,28 @@ class Flusher:
             answer = await upstream.send(event)
         except asyncio.CancelledError:
             self._unlease(event.seq)  # stays queued; same key next time
+            self._wake.set()
+            raise
+        except BaseException:
+            self._wake.set()
             raise
         finally:
             self._sending -= 1
-            self._wake.set()
         self._on_answer(event, answer, generation, sent_at)
 
     def _on_answer(
         self, event: QueuedEvent, answer: Answer, generation: int, sent_at: float
     ) -> None:
-        d = self._policy.on_answer(event, answer, generation, sent_at, sending=self._sending)
+        policy = self._policy
+        before = (policy.state, policy.hold_until)
+        d = policy.on_answer(event, answer, generation, sent_at, sending=self._sending)
         self._apply(event, answer, d)
         self._progress.set()
+        plain = d.action == "delivered" and not (d.release or d.release_buffer or d.dead_letters)
+        if self._wants_room or not plain or (policy.state, policy.hold_until) != before:
+            # A delivery that changed nothing wakes the lease loop only when it waits for a
+            # sender; waking it after every send cost a loop iteration per event.
+            self._wake.set()
 
     def _apply(self, event: QueuedEvent, answer: Answer, d: Decision[QueuedEvent]) -> None:
         """Do what the policy decided after ``answer`` to ``event``."""
@@ -401,14 +421,17 @@ class Flusher:
 
     def _settled(self, batch: list[Settlement]) -> None:
         """``batch`` is committed: its events leave the in-flight set."""
+        retried = False
         for settlement in batch:
             self._in_flight.discard(settlement.seq)
             if isinstance(settlement, Retry):
+                retried = True
                 self._short.changed()  # queued again, due at its time (delivered or dead: gone)
         expired = sum(isinstance(s, DeadLetter) and s.reason == "expired" for s in batch)
         if expired:  # one line per batch, not per event: a long outage can expire many
             log.warning("events_expired", n=expired, max_event_age_s=self._settings.max_event_age_s)
-        self._wake.set()
+        if retried or self._wants_room:
+            self._wake.set()
         self._progress.set()
         self._log_summary()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from typing import Final
@@ -65,8 +66,30 @@ class Settler:
         return bool(self._pending)
 
     def add(self, settlement: Settlement) -> None:
+        if not (self._pending or self._committing or self._closing or self._now.is_set()):
+            # Alone and in no hurry: it rides at once, without waking the task below and
+            # waiting for it to wake again after the commit (two loop iterations an event).
+            try:
+                future = self._store.settle_soon([settlement], ride_s=SETTLE_LINGER_S)
+            except StoreError:
+                pass  # closing or stopped: the task meets the same error and retries
+            else:
+                self._committing = 1
+                future.add_done_callback(functools.partial(self._rode, [settlement]))
+                return
         self._pending.append(settlement)
         self._wake.set()
+
+    def _rode(self, batch: list[Settlement], future: asyncio.Future[None]) -> None:
+        """A riding batch's transaction ended (``add``'s fast path)."""
+        self._committing = 0
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or error is not None:
+            self._pending[:0] = batch  # not recorded: kept, ahead of newer outcomes
+            log.warning("settle_failed", n=len(batch), error=f"{type(error).__name__}: {error}")
+        else:
+            self._on_settled(batch)
+        self._wake.set()  # the task takes what waits (and retries a failed batch)
 
     def hurry(self) -> None:
         """Commit what waits without lingering."""
@@ -86,8 +109,8 @@ class Settler:
         once more, best effort)."""
         try:
             while True:
-                if not self._pending:
-                    if self._closing:
+                if not self._pending or self._committing:
+                    if self._closing and not self._committing and not self._pending:
                         return
                     self._wake.clear()
                     await self._wake.wait()

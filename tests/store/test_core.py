@@ -3,11 +3,9 @@ for events."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from valmi_sidecar.store import DeadLetter, Retry, StoreError
+from valmi_sidecar.store import DeadLetter, Delivered, Retry, StoreError
 
 from .conftest import Clock, OpenStore, action, outcome, rows
 
@@ -59,17 +57,18 @@ async def test_dead_letter_keeps_the_full_event(open_store: OpenStore, clock: Cl
     assert [] == await store.lease(1, frozenset())
 
 
-async def test_wait_for_events_returns_after_a_commit_adds_events(
+async def test_new_events_listeners_are_told_of_commits_that_add_events(
     open_store: OpenStore, clock: Clock
 ) -> None:
     store = await open_store()
-    waiter = asyncio.ensure_future(store.wait_for_events())
-    await asyncio.sleep(0.01)
-    assert not waiter.done()
+    told: list[int] = []
+    remove = store.on_new_events(lambda: told.append(store.counts().queued))
     await store.submit([action(clock)])
-    async with asyncio.timeout(5):
-        await waiter
-    again = asyncio.ensure_future(store.wait_for_events())
-    await asyncio.sleep(0.01)
-    assert not again.done()  # cleared when the previous wait returned
-    again.cancel()
+    assert told == [1]  # called after the commit, with the counts already applied
+    leased = await store.lease(1, frozenset())
+    await store.settle([Delivered(leased[0].seq)])
+    assert told == [1]  # a commit that adds nothing tells nobody
+    remove()
+    remove()  # twice is harmless
+    await store.submit([action(clock)])
+    assert told == [1]

@@ -341,10 +341,21 @@ class Store:
         of their own (which costs the writer several times more)."""
         if not settlements:
             return
+        await self.settle_soon(settlements, ride_s=ride_s)
+
+    def settle_soon(
+        self, settlements: Sequence[Settlement], *, ride_s: float = 0.0
+    ) -> asyncio.Future[None]:
+        """What ``settle`` does, without a task: the future resolves after the commit (or
+        fails with the same errors); raises ``StoreError`` at once if the store is closing
+        or stopped. For the flusher, which records most outcomes this way."""
         future: asyncio.Future[None] = self._loop_future()
+        if not settlements:
+            future.set_result(None)
+            return future
         ride_until = time.monotonic() + ride_s if ride_s > 0 else 0.0
         self._writer.enqueue(Settle(settlements, future, ride_until))
-        await future
+        return future
 
     async def prune(self) -> int:
         """Forget the idempotency keys older than the de-dup window whose events left the
@@ -470,10 +481,11 @@ class Store:
         """The earliest ``next_attempt_at`` of the queued events not in ``exclude``."""
         return await self._reader.call(reads.next_due_at(exclude))
 
-    async def wait_for_events(self) -> None:
-        """Return once a commit added events since the previous call returned."""
-        await self._writer.new_events.wait()
-        self._writer.new_events.clear()
+    def on_new_events(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` on the loop after every commit that added events to the
+        queue (received or re-queued), from inside the writer: it must be quick and must
+        not raise. Returns the function that removes it."""
+        return self._writer.listen(listener)
 
     async def dead_letters(
         self, limit: int = 100, flt: DeadLetterFilter | None = None

@@ -71,13 +71,17 @@ class Writer:
         self._groups = GroupWriter(limits, space, clock)
         self._pending: deque[Op] = deque()
         self._wakeup = asyncio.Event()
-        #: Set by a commit that added events to the queue.
-        self.new_events = asyncio.Event()
+        #: Told of every commit that added events to the queue.
+        self._listeners: list[Callable[[], None]] = []
         self._stopping = False
         self._writable = True
         self.failure: BaseException | None = None
         #: The operations of the transaction in progress.
         self._group: list[Op] = []
+        # While the task waits with nothing pending, a rider does not wake it: a timer
+        # does at the rider's deadline, unless a submission comes first.
+        self._idle_forever = False
+        self._ride_timer: asyncio.TimerHandle | None = None
         #: Transactions committed (probes not counted), and probes run while not writable.
         self.commits = 0
         self.probes = 0
@@ -97,7 +101,23 @@ class Writer:
 
     def enqueue(self, op: Op) -> None:
         self._pending.append(op)
+        if self._idle_forever and isinstance(op, Settle) and op.ride_until:
+            if self._ride_timer is None:
+                wait_s = max(0.0, op.ride_until - time.monotonic())
+                loop = asyncio.get_running_loop()
+                self._ride_timer = loop.call_later(wait_s, self._wakeup.set)
+            return
         self._wakeup.set()
+
+    def listen(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` after each commit that adds events; returns its removal."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return remove
 
     def stop(self) -> None:
         """End the task once what is pending is committed."""
@@ -131,6 +151,9 @@ class Writer:
                 if riding_s is not None:
                     await self._idle(riding_s)
                     continue
+                if self._ride_timer is not None:
+                    self._ride_timer.cancel()
+                    self._ride_timer = None
                 group = self._group = self._take_group()
                 if group:
                     await self._commit(group)
@@ -154,11 +177,19 @@ class Writer:
                 return None
             first = op.ride_until if not first else min(first, op.ride_until)
         wait_s = first - time.monotonic()
-        return wait_s if wait_s > 0 else None
+        # Within a millisecond: a timer set for the deadline may fire that much early.
+        return wait_s if wait_s > 0.001 else None
 
     async def _idle(self, timeout_s: float | None = None) -> None:
         self._wakeup.clear()
         if self._writable:
+            if timeout_s is None:  # the usual wait: no timer to make and cancel
+                self._idle_forever = True
+                try:
+                    await self._wakeup.wait()
+                finally:
+                    self._idle_forever = False
+                return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
                     await self._wakeup.wait()
@@ -292,7 +323,10 @@ class Writer:
         if plan.requeued:
             self._handoff.miss(plan.requeued)
         if plan.received or plan.requeued:
-            self.new_events.set()
+            # Called, not an Event set: waking a task to wake the flusher cost a loop
+            # iteration per commit.
+            for listener in self._listeners:
+                listener()
         if plan.requeued:
             log.info("dead_letters_requeued", n=plan.requeued)
         if plan.purged:
