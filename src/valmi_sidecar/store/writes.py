@@ -12,6 +12,7 @@ import functools
 import operator
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
@@ -105,6 +106,11 @@ _SELECT_SETTLED: Final = (
     f"SELECT {columns(_Settled, day=_DAY_OF_RECEIPT)} FROM events"  # noqa: S608 - constant SQL; values are bound
     " WHERE seq IN (SELECT value FROM json_each(?))"
 )
+#: Deliveries alone (the usual batch): their rows deleted and read back in one statement.
+_DELETE_SETTLED: Final = (
+    "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))"  # noqa: S608 - constant SQL; values are bound
+    f" RETURNING {columns(_Settled, day=_DAY_OF_RECEIPT)}"
+)
 
 
 def _records(
@@ -147,7 +153,7 @@ class GroupWriter:
         for op in settles:
             plan.results.append((op, None))
         if settles:
-            _write_settles(db, settles, plan, self._clock())
+            _write_settles(db, settles, plan, self._clock(), queued=start.queued)
         # After the settlements, which may have removed every older event: the new events
         # are written last, so they are the oldest only when nothing older is left.
         if event_rows and plan.oldest is None:
@@ -328,60 +334,80 @@ def _write_and_commit(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> No
     db.commit()
 
 
-def _write_settles(db: sqlite3.Connection, settles: list[Settle], plan: Plan, now: float) -> None:
+def _write_settles(
+    db: sqlite3.Connection, settles: list[Settle], plan: Plan, now: float, *, queued: int
+) -> None:
+    """Record ``settles`` in the open transaction; ``queued``: events queued before it."""
     seqs = [s.seq for op in settles for s in op.settlements]
-    rows = _records(db, _Settled, _SELECT_SETTLED, (JSON.encode(seqs).decode(),))
-    present = {r.seq: r for r in rows}
+    only_delivered = all(isinstance(s, Delivered) for op in settles for s in op.settlements)
+    select = _DELETE_SETTLED if only_delivered else _SELECT_SETTLED
+    rows = _records(db, _Settled, select, (JSON.encode(seqs).decode(),))
     plan.events += len(seqs)
-    dead_rows: list[tuple[Any, ...]] = []
-    retry_rows: list[tuple[Any, ...]] = []
-    deleted: list[int] = []
-    delivered: list[int] = []
-    settled_keys: dict[int, list[str]] = {DELIVERED: [], DEAD: []}
+    s = _plan_settles(settles, {r.seq: r for r in rows}, plan, now)
+    if s.retry_rows:
+        db.executemany(RETRY, s.retry_rows)
+    if s.delivered and not only_delivered:
+        # One statement (not one per row): the writer thread takes the GIL back after
+        # every SQLite step, and each time it may have to wait for the loop.
+        db.execute(DELETE_EVENTS, (JSON.encode(s.delivered).decode(),))
+    for row in s.dead_rows:
+        # One at a time, after the deliveries: each dead letter reuses the pages the
+        # ones before it freed, so the database grows by one event at most, within the
+        # disk budget's reserve, even when it is full.
+        db.execute(INSERT_DEAD, row)
+        db.execute(DELETE_EVENT, (row[-1],))
+    if s.deleted:
+        for state, keys in s.keys.items():
+            if keys:
+                db.execute(SETTLE_KEYS, (state, now, JSON.encode(keys).decode()))
+        plan.removed = len(s.deleted)
+        if plan.oldest is not None and plan.oldest[0] in s.deleted:
+            plan.oldest = None
+            if queued > len(s.deleted):  # else none is left to read (a quiet queue's usual)
+                for seq, age_from in db.execute(OLDEST):
+                    plan.oldest = (int(seq), float(age_from))
+            plan.oldest_changed = True
+
+
+@dataclass(slots=True)
+class _Settling:
+    """What one group's settlements write besides the plan's counts."""
+
+    retry_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    dead_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    deleted: list[int] = field(default_factory=list)
+    delivered: list[int] = field(default_factory=list)
+    keys: dict[int, list[str]] = field(default_factory=lambda: {DELIVERED: [], DEAD: []})
+
+
+def _plan_settles(
+    settles: list[Settle], present: dict[int, _Settled], plan: Plan, now: float
+) -> _Settling:
+    """Count ``settles`` of the events ``present`` (still queued) into ``plan``."""
+    out = _Settling()
     for op in settles:
         for s in op.settlements:
             found = present.get(s.seq)
             if found is None:
                 continue  # no longer queued (settled before, or settled twice here)
             if isinstance(s, Retry):
-                retry_rows.append((s.next_attempt_at, s.error, s.seq))
+                out.retry_rows.append((s.next_attempt_at, s.error, s.seq))
                 continue
             del present[s.seq]
             ledger_key = (found.agent_key, found.kind, found.event_type, found.day)
             if isinstance(s, Delivered):
-                delivered.append(s.seq)
+                out.delivered.append(s.seq)
                 plan.delivered += 1
-                settled_keys[DELIVERED].append(found.idem_key)
+                out.keys[DELIVERED].append(found.idem_key)
                 bump(plan.ledger, ledger_key, IN_DELIVERED, found.value)
                 count(plan.delivered_kinds, found.kind)
             else:
                 plan.dead_lettered += 1
-                settled_keys[DEAD].append(found.idem_key)
-                dead_rows.append((now, s.reason, s.status, s.detail, s.seq))
+                out.keys[DEAD].append(found.idem_key)
+                out.dead_rows.append((now, s.reason, s.status, s.detail, s.seq))
                 plan.dead_bytes += found.size
                 bump(plan.ledger, ledger_key, IN_DEAD, found.value)
                 count(plan.dead_by, (found.kind, s.reason))
-            deleted.append(s.seq)
+            out.deleted.append(s.seq)
             plan.removed_bytes += found.size
-    if retry_rows:
-        db.executemany(RETRY, retry_rows)
-    if delivered:
-        # One statement (not one per row): the writer thread takes the GIL back after
-        # every SQLite step, and each time it may have to wait for the loop.
-        db.execute(DELETE_EVENTS, (JSON.encode(delivered).decode(),))
-    for row in dead_rows:
-        # One at a time, after the deliveries: each dead letter reuses the pages the
-        # ones before it freed, so the database grows by one event at most, within the
-        # disk budget's reserve, even when it is full.
-        db.execute(INSERT_DEAD, row)
-        db.execute(DELETE_EVENT, (row[-1],))
-    if deleted:
-        for state, keys in settled_keys.items():
-            if keys:
-                db.execute(SETTLE_KEYS, (state, now, JSON.encode(keys).decode()))
-        plan.removed = len(deleted)
-        if plan.oldest is not None and plan.oldest[0] in deleted:
-            plan.oldest = None
-            for seq, age_from in db.execute(OLDEST):
-                plan.oldest = (int(seq), float(age_from))
-            plan.oldest_changed = True
+    return out
