@@ -75,12 +75,13 @@ class Settler:
                 pass  # closing or stopped: the task meets the same error and retries
             else:
                 self._committing = 1
-                future.add_done_callback(functools.partial(self._rode, [settlement]))
+                started = time.monotonic()
+                future.add_done_callback(functools.partial(self._rode, [settlement], started))
                 return
         self._pending.append(settlement)
         self._wake.set()
 
-    def _rode(self, batch: list[Settlement], future: asyncio.Future[None]) -> None:
+    def _rode(self, batch: list[Settlement], started: float, future: asyncio.Future[None]) -> None:
         """A riding batch's transaction ended (``add``'s fast path)."""
         self._committing = 0
         error = None if future.cancelled() else future.exception()
@@ -88,6 +89,11 @@ class Settler:
             self._pending[:0] = batch  # not recorded: kept, ahead of newer outcomes
             log.warning("settle_failed", n=len(batch), error=f"{type(error).__name__}: {error}")
         else:
+            log.debug(
+                "batch_settled",
+                n=len(batch),
+                elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+            )
             self._on_settled(batch)
         self._wake.set()  # the task takes what waits (and retries a failed batch)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -23,8 +24,10 @@ from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
-#: A job: what to run on the thread, and the loop's future for its outcome (if any).
-_Job = tuple[Callable[[], Any], "asyncio.Future[Any] | None"]
+#: What the loop is told of a job's outcome: ``(result, None)`` or ``(None, exception)``.
+Reply = Callable[[Any, "BaseException | None"], None]
+#: A job: what to run on the thread, and what to call on the loop with its outcome.
+_Job = tuple[Callable[[], Any], "Reply | None"]
 
 
 class ConnectionClosedError(RuntimeError):
@@ -60,20 +63,29 @@ class SqliteThread:
     def _serve(self) -> None:
         loop = self._loop
         while (job := self._jobs.get()) is not None:
-            fn, future = job
+            fn, reply = job
             try:
                 result = fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
-                if future is not None:
-                    _hand_back(loop, _fail, future, exc)
+                if reply is not None:
+                    _hand_back(loop, reply, None, exc)
             else:
-                if future is not None:
-                    _hand_back(loop, _succeed, future, result)
+                if reply is not None:
+                    _hand_back(loop, reply, result, None)
 
     def _run(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
         future: asyncio.Future[_T] = self._loop.create_future()
-        self._jobs.put((fn, future))
+        self._jobs.put((fn, functools.partial(_settle, future)))
         return future
+
+    def submit(self, fn: Callable[[sqlite3.Connection], _T], reply: Reply) -> None:
+        """Run ``fn(connection)`` on the thread and call ``reply(result, None)``, or
+        ``reply(None, exception)``, on the loop: ``call`` without a future and the task
+        step that awaiting one takes. Raises ``ConnectionClosedError`` after ``close()``."""
+        conn = self._conn
+        if self._closed or conn is None:
+            raise ConnectionClosedError("the database connection is closed")
+        self._jobs.put((lambda: fn(conn), reply))
 
     async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """``fn(connection)`` on the connection's thread."""
@@ -116,11 +128,10 @@ def _hand_back(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: 
         loop.call_soon_threadsafe(fn, *args)
 
 
-def _succeed(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
         future.set_result(result)
-
-
-def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
+    else:
         future.set_exception(exc)

@@ -1,15 +1,19 @@
-"""The group-commit writer: one task, one connection, one transaction at a time.
+"""The group-commit writer: one connection, one transaction at a time.
 
 ``submit()``, ``settle()`` and the operator actions put an operation with a future on the
-writer's queue; the writer takes everything pending (up to ``MAX_GROUP_EVENTS``), runs
-one transaction on its thread (``writes``) and resolves the futures only after ``COMMIT``
-returned. If the transaction fails (disk full, I/O error) it is rolled back and every
-operation in it fails with ``StoreError``; the writer keeps running, ``writable`` is
-``False`` until a commit succeeds again (it probes every ``PROBE_INTERVAL_S`` while idle).
+writer's queue. When no transaction is running, the writer at once takes everything
+pending (up to ``MAX_GROUP_EVENTS``) and hands one transaction to its thread (``writes``);
+what arrives meanwhile waits and goes in the next, started from the callback that reports
+the commit. Futures resolve only after ``COMMIT`` returned. If the transaction fails (disk
+full, I/O error) it is rolled back on the thread and every operation in it fails with
+``StoreError``; the writer keeps going, ``writable`` is ``False`` until a commit succeeds
+again (it probes every ``PROBE_INTERVAL_S`` while idle).
 
-If the writer task itself dies of an unexpected exception, every pending operation fails
-with ``StoreError`` and the task ends with that exception: the service watches the task
-and stops, as for any background task.
+The writer runs from callbacks, not a task of its own that would wake for every commit
+(two loop iterations more for each). ``run()`` is the task that owns it: it ends when the
+writer stopped, or with the exception of an unexpected failure, after failing every
+pending operation with ``StoreError``; the service watches that task and stops, as for
+any background task.
 """
 
 from __future__ import annotations
@@ -70,7 +74,6 @@ class Writer:
         self._clock = clock
         self._groups = GroupWriter(limits, space, clock)
         self._pending: deque[Op] = deque()
-        self._wakeup = asyncio.Event()
         #: Told of every commit that added events to the queue.
         self._listeners: list[Callable[[], None]] = []
         self._stopping = False
@@ -78,10 +81,16 @@ class Writer:
         self.failure: BaseException | None = None
         #: The operations of the transaction in progress.
         self._group: list[Op] = []
-        # While the task waits with nothing pending, a rider does not wake it: a timer
-        # does at the rider's deadline, unless a submission comes first.
-        self._idle_forever = False
-        self._ride_timer: asyncio.TimerHandle | None = None
+        #: Whether the thread runs something of the writer's (a transaction, a probe, the
+        #: checkpoint after a transaction of its own): then nothing else is handed to it.
+        self._busy = False
+        self._kick_soon = False
+        #: The wake-up for riders waiting for company, or for the next probe.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        #: Resolved when the writer stopped (``run`` returns), failed with a crash.
+        self._stopped: asyncio.Future[None] | None = None
+        self._ended = False
         #: Transactions committed (probes not counted), and probes run while not writable.
         self.commits = 0
         self.probes = 0
@@ -101,13 +110,15 @@ class Writer:
 
     def enqueue(self, op: Op) -> None:
         self._pending.append(op)
-        if self._idle_forever and isinstance(op, Settle) and op.ride_until:
-            if self._ride_timer is None:
-                wait_s = max(0.0, op.ride_until - time.monotonic())
-                loop = asyncio.get_running_loop()
-                self._ride_timer = loop.call_later(wait_s, self._wakeup.set)
-            return
-        self._wakeup.set()
+        if not self._kick_soon and not self._busy:
+            # After the callbacks of this loop iteration: what the other requests served
+            # in it enqueue goes in the same transaction.
+            self._kick_soon = True
+            asyncio.get_running_loop().call_soon(self._kick_now)
+
+    def _kick_now(self) -> None:
+        self._kick_soon = False
+        self._kick()
 
     def listen(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call ``listener()`` after each commit that adds events; returns its removal."""
@@ -120,9 +131,9 @@ class Writer:
         return remove
 
     def stop(self) -> None:
-        """End the task once what is pending is committed."""
+        """End ``run`` once what is pending is committed."""
         self._stopping = True
-        self._wakeup.set()
+        self._kick()
 
     async def finish(self, task: asyncio.Task[None] | None, drain_s: float) -> bool:
         """Let ``task`` (running ``run``) commit what is pending within ``drain_s``, else
@@ -140,31 +151,74 @@ class Writer:
         return clean
 
     async def run(self) -> None:
+        """Own the writer until it stops (or fails, or this task is cancelled)."""
+        self._stopped = asyncio.get_running_loop().create_future()
         try:
-            while True:
-                if not self._pending:
-                    if self._stopping:
-                        return
-                    await self._idle()
-                    continue
-                riding_s = self._riders_wait_s()
-                if riding_s is not None:
-                    await self._idle(riding_s)
-                    continue
-                if self._ride_timer is not None:
-                    self._ride_timer.cancel()
-                    self._ride_timer = None
-                group = self._group = self._take_group()
-                if group:
-                    await self._commit(group)
-                self._group = []
+            self._kick()
+            await self._stopped
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
-                self.failure = exc
                 log.error("store_writer_crashed", error=f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            self._ended = True
+            self._cancel_timer()
             self.fail_all(StoreError("the store's writer stopped"))
+
+    # -- what to do next ---------------------------------------------------------------
+
+    def _kick(self) -> None:
+        """Hand the thread the next transaction, when it is free and one is due; or set
+        the timer for when one will be (riders, probes); or end ``run`` when stopping."""
+        if self._busy or self._ended or self._stopped is None or self.failure is not None:
+            return
+        try:
+            while self._pending:
+                riding_s = self._riders_wait_s()
+                if riding_s is not None:
+                    self._wake_in(riding_s)
+                    return
+                self._cancel_timer()
+                group = self._take_group()
+                if group:
+                    self._dispatch(group)
+                    return
+            if self._stopping:
+                if not self._stopped.done():
+                    self._stopped.set_result(None)
+            elif not self._writable:
+                self._wake_in(PROBE_INTERVAL_S, probe=True)
+            else:
+                self._cancel_timer()
+        except Exception as exc:  # noqa: BLE001 - a bug or a closed connection: stop
+            self._crash(exc)
+
+    def _crash(self, exc: BaseException) -> None:
+        self.failure = exc
+        self._cancel_timer()
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_exception(exc)
+
+    def _wake_in(self, wait_s: float, *, probe: bool = False) -> None:
+        at = time.monotonic() + wait_s
+        if self._timer is not None and self._timer_at <= at:
+            return  # an earlier wake-up is set
+        self._cancel_timer()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(wait_s, self._on_timer, probe)
+        self._timer_at = at
+
+    def _on_timer(self, probe: bool) -> None:
+        self._timer = None
+        if probe:
+            self._probe()
+        else:
+            self._kick()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _riders_wait_s(self) -> float | None:
         """How long to wait before the next transaction, when only riders are pending
@@ -179,25 +233,6 @@ class Writer:
         wait_s = first - time.monotonic()
         # Within a millisecond: a timer set for the deadline may fire that much early.
         return wait_s if wait_s > 0.001 else None
-
-    async def _idle(self, timeout_s: float | None = None) -> None:
-        self._wakeup.clear()
-        if self._writable:
-            if timeout_s is None:  # the usual wait: no timer to make and cancel
-                self._idle_forever = True
-                try:
-                    await self._wakeup.wait()
-                finally:
-                    self._idle_forever = False
-                return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await self._wakeup.wait()
-            return
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), PROBE_INTERVAL_S)
-        except TimeoutError:
-            await self._probe()
 
     def _take_group(self) -> list[Op]:
         """Pending operations for one transaction: one of ``SOLO`` alone, else submits and
@@ -247,39 +282,79 @@ class Writer:
         self._group = []
         self._pending.clear()
 
-    async def _commit(self, group: list[Op]) -> None:
-        first = group[0]
+    # -- one transaction -----------------------------------------------------------------
+
+    def _dispatch(self, group: list[Op]) -> None:
         started = time.monotonic()
         try:
-            plan = await self.conn.call(self._transaction(first, group))
-        except sqlite3.Error as exc:
-            if not isinstance(first, Prune):  # maintenance failing is not a commit failing
-                self._mirror.stats.commit_failures += 1
-            await self._rollback(exc, len(group))
-            error = StoreError(f"could not {_WHAT[type(first)]} {self._path}: {exc}")
-            error.__cause__ = exc
-            for op in group:
-                if not op.future.done():
-                    op.future.set_exception(error)
+            fn = _rolled_back_on_error(self._transaction(group[0], group))
+            self.conn.submit(fn, functools.partial(self._done, group, started))
+        except BaseException:
+            self._pending.extendleft(reversed(group))  # never written: failed as pending
+            raise
+        self._group = group
+        self._busy = True
+
+    def _done(
+        self, group: list[Op], started: float, plan: Plan | None, exc: BaseException | None
+    ) -> None:
+        """On the loop, once the thread ran ``group``'s transaction (or failed it)."""
+        if self._ended:
+            return  # run() ended meanwhile and failed the group's operations
+        if exc is not None and not isinstance(exc, sqlite3.Error):
+            self._busy = False  # a bug, or the connection closed under the writer: stop
+            self._crash(exc)
             return
-        solo = isinstance(first, SOLO)
+        try:
+            if isinstance(exc, sqlite3.Error):
+                self._failed_group(group, exc)
+            elif plan is None:
+                raise RuntimeError("a transaction gave no plan")  # noqa: TRY301 - a bug: stop
+            else:
+                self._committed_group(group, started, plan)
+        except Exception as error:  # noqa: BLE001 - a bug or a closed connection: stop
+            self._busy = False
+            self._crash(error)
+            return
+        if exc is not None or not isinstance(group[0], SOLO):
+            self._release()  # else released once its after-work is done
+
+    def _release(self) -> None:
+        self._group = []
+        self._busy = False
+        self._kick()
+
+    def _failed_group(self, group: list[Op], exc: sqlite3.Error) -> None:
+        first = group[0]
+        if not isinstance(first, Prune):  # maintenance failing is not a commit failing
+            self._mirror.stats.commit_failures += 1
+        self._writable = False
+        log.error("commit_failed", error=str(exc), ops=len(group), path=str(self._path))
+        error = StoreError(f"could not {_WHAT[type(first)]} {self._path}: {exc}")
+        error.__cause__ = exc
+        for op in group:
+            if not op.future.done():
+                op.future.set_exception(error)
+
+    def _committed_group(self, group: list[Op], started: float, plan: Plan) -> None:
+        first = group[0]
         if isinstance(first, Requeue | Purge):
             result = plan.results[0][1]
             if isinstance(result, Fail) or result == 0:  # no transaction was made
                 if not first.future.done():
                     _resolve(first, result)
+                self._release()
                 return
         self._committed()
-        if not solo:
+        if not isinstance(first, SOLO):
             stats = self._mirror.stats
             stats.commit_seconds.observe(time.monotonic() - started)
             stats.commit_events.observe(plan.events)
         self._apply(plan)
-        if solo:
-            await self._after_solo()
-        for op, result in plan.results:
-            if not op.future.done():
-                _resolve(op, result)
+        if isinstance(first, SOLO):
+            self._after_solo(plan)  # resolves the operation once the WAL is bounded
+            return
+        _resolve_all(plan)
 
     def _transaction(self, first: Op, group: list[Op]) -> Callable[[sqlite3.Connection], Plan]:
         """The function that runs ``group`` on the writer's thread."""
@@ -332,30 +407,32 @@ class Writer:
         if plan.purged:
             log.info("dead_letters_purged", n=plan.purged)
 
-    async def _after_solo(self) -> None:
+    def _after_solo(self, plan: Plan) -> None:
         """After a transaction of its own (maintenance, an operator's), committed: bound
-        the WAL and measure the database again (nothing of it may fail the operation)."""
+        the WAL and measure the database again (nothing of it may fail the operation),
+        then resolve it."""
         space = self._space
+        was_full = space.full
 
         def run(db: sqlite3.Connection) -> None:
             space.checkpoint_if_big(db)
             space.measure_now(db)
 
-        was_full = space.full
-        try:
-            await self.conn.call(run)
-        except sqlite3.Error as exc:
-            log.warning("checkpoint_failed", error=str(exc))
-            return
-        space.log_change(was_full, self._mirror.dead_letter_disk_bytes())
+        def done(_: None, exc: BaseException | None) -> None:
+            if self._ended:
+                return
+            if isinstance(exc, sqlite3.Error):
+                log.warning("checkpoint_failed", error=str(exc))
+            elif exc is not None:
+                self._busy = False
+                self._crash(exc)
+                return
+            else:
+                space.log_change(was_full, self._mirror.dead_letter_disk_bytes())
+            _resolve_all(plan)
+            self._release()
 
-    async def _rollback(self, exc: sqlite3.Error, ops: int) -> None:
-        self._writable = False
-        log.error("commit_failed", error=str(exc), ops=ops, path=str(self._path))
-        try:
-            await self.conn.call(lambda db: db.rollback())
-        except sqlite3.Error as rb_exc:
-            log.error("rollback_failed", error=str(rb_exc))
+        self.conn.submit(run, done)
 
     def _committed(self) -> None:
         self.commits += 1
@@ -364,7 +441,13 @@ class Writer:
             self._writable = True
             log.info("store_writable_again", path=str(self._path))
 
-    async def _probe(self) -> None:
+    def _probe(self) -> None:
+        """While not writable and idle: a tiny transaction, to learn whether the disk
+        takes writes again."""
+        if self._busy or self._ended or self._pending or self._writable:
+            self._kick()
+            return
+
         def run(db: sqlite3.Connection) -> None:
             try:
                 db.executescript(PROBE)
@@ -373,15 +456,51 @@ class Writer:
                     db.rollback()
                 raise
 
-        try:
-            await self.conn.call(run)
-        except sqlite3.Error as exc:
+        def done(_: None, exc: BaseException | None) -> None:
             self.probes += 1
-            log.debug("store_probe_failed", error=str(exc))
-            return
-        self.probes += 1
-        self._writable = True
-        log.info("store_writable_again", path=str(self._path))
+            if isinstance(exc, sqlite3.Error):
+                log.debug("store_probe_failed", error=str(exc))
+            elif exc is not None:
+                self._busy = False
+                self._crash(exc)
+                return
+            else:
+                self._writable = True
+                log.info("store_writable_again", path=str(self._path))
+            self._busy = False
+            self._kick()
+
+        self._busy = True
+        try:
+            self.conn.submit(run, done)
+        except Exception as exc:  # noqa: BLE001 - a closed connection: stop
+            self._busy = False
+            self._crash(exc)
+
+
+def _rolled_back_on_error(
+    fn: Callable[[sqlite3.Connection], Plan],
+) -> Callable[[sqlite3.Connection], Plan]:
+    """``fn``, rolling its transaction back on the thread when it fails (before the loop
+    hears of it, so that the next transaction never starts inside a failed one)."""
+
+    def run(db: sqlite3.Connection) -> Plan:
+        try:
+            return fn(db)
+        except sqlite3.Error:
+            try:
+                db.rollback()
+            except sqlite3.Error as rb_exc:
+                log.error("rollback_failed", error=str(rb_exc))
+            raise
+
+    return run
+
+
+def _resolve_all(plan: Plan) -> None:
+    for op, result in plan.results:
+        if not op.future.done():
+            _resolve(op, result)
 
 
 def _resolve(op: Op, result: Any) -> None:
