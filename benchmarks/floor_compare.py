@@ -71,6 +71,7 @@ from run import (  # noqa: E402 - beside this script
     fake_api,
     ingest_target,
     machine,
+    shown,
     stop,
     wrk,
 )
@@ -298,7 +299,7 @@ def main() -> int:
         "started": started,
         "command": command,
         "machine": m,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "targets": dict(NAMES),
         "runs": runs,
         "summary": summary,

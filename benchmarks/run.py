@@ -890,6 +890,15 @@ def chart(r: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def shown(path: Path) -> str:
+    """A path as the results show it: relative to the repository when inside it (the
+    machine's own directories stay out of committed results)."""
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return path.name
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs and a 100k backlog")
@@ -936,7 +945,7 @@ def main() -> int:
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join(["benchmarks/run.py", *sys.argv[1:]]),
         "machine": machine(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     with tempfile.TemporaryDirectory(prefix="bench-", dir=args.dir) as tmp:
         work = Path(tmp)

@@ -323,7 +323,10 @@ async def test_a_lone_delivery_is_recorded_in_the_next_received_events_transacti
     monkeypatch.setattr(settler, "SETTLE_LINGER_S", 30.0)  # it waits for the next event
     flusher, _ = await start_flusher(fake)
     await store.submit([action(0)])
-    answered = lambda n: n == fake.requests and 0 == flusher.in_flight  # noqa: E731
+
+    def answered(n: int) -> bool:
+        return n == fake.requests and 0 == flusher.in_flight
+
     await wait_until(lambda: answered(1), 5, "the first sent and answered")
     assert 0 == store.counts().delivered  # not recorded alone
     commits = store.commits
