@@ -53,6 +53,7 @@ sys.path.insert(0, str(HERE))
 
 from floor_stats import (  # noqa: E402 - beside this script
     CLOSED,
+    LOOP,
     NAMES,
     TARGETS,
     cpu_sample,
@@ -220,6 +221,7 @@ def measure(
         "wall_s": wall,
         **spent,
         "us_per_event": spent["cpu_s"] * 1e6 / max(n, 1),
+        LOOP: spent["cpu_main_s"] * 1e6 / max(n, 1),
         "cpu_pct_of_core": 100 * spent["cpu_s"] / wall,
         "events_per_s": float(result["events_per_s"]),
         "p50_ms": float(result["p50_ms"]),

@@ -17,6 +17,10 @@ processes of their own). Three readings are taken before and after each window:
 - ``ticks``, a second cross-check: ``utime + stime`` of ``/proc/<pid>/stat``, the whole
   thread group, ended threads included, but in clock ticks (10 ms): too coarse at 10
   events/s, where a window holds a few hundred milliseconds of CPU.
+
+And one split: ``main_ns``, the main thread's own ``schedstat`` figure. The floor and the
+sidecar run their event loop there and their SQLite work on other threads, so it tells
+which side of the process the CPU went to.
 """
 
 from __future__ import annotations
@@ -49,20 +53,26 @@ class CpuSample:
     threads_ns: int
     ticks: int
     threads: int
+    #: The main thread's alone (the event loop's, in every target here).
+    main_ns: int = 0
 
 
 def cpu_sample(pid: int) -> CpuSample:
     process_ns = time.clock_gettime_ns(process_clock_id(pid))
-    threads_ns = 0
+    threads_ns = main_ns = 0
     threads = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            threads_ns += int((task / "schedstat").read_text().split()[0])
+            ns = int((task / "schedstat").read_text().split()[0])
         except OSError:
             continue  # ended meanwhile
+        threads_ns += ns
+        if task.name == str(pid):
+            main_ns = ns
         threads += 1
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return CpuSample(process_ns, threads_ns, int(fields[11]) + int(fields[12]), threads)
+    ticks = int(fields[11]) + int(fields[12])
+    return CpuSample(process_ns, threads_ns, ticks, threads, main_ns)
 
 
 def cpu_spent(before: CpuSample, after: CpuSample) -> dict[str, float]:
@@ -71,6 +81,7 @@ def cpu_spent(before: CpuSample, after: CpuSample) -> dict[str, float]:
         "cpu_s": (after.process_ns - before.process_ns) / 1e9,
         "cpu_threads_s": (after.threads_ns - before.threads_ns) / 1e9,
         "cpu_ticks_s": (after.ticks - before.ticks) / CLK_TCK,
+        "cpu_main_s": (after.main_ns - before.main_ns) / 1e9,
         "threads_before": before.threads,
         "threads_after": after.threads,
     }
@@ -106,6 +117,8 @@ class Spread:
         return {"median": self.median, "low": self.low, "high": self.high}
 
 
+#: A run's CPU per event of its main thread alone (the event loop's).
+LOOP: Final = "loop_us_per_event"
 TARGETS: Final = ("floor", "sidecar", "bare")
 CLOSED: Final = "closed"
 NAMES: Final[Mapping[str, str]] = {
@@ -144,7 +157,8 @@ def summarize(runs: Sequence[Mapping[str, Any]], points: Sequence[str]) -> dict[
                 continue
             cell = {
                 key: Spread.of(float(x[key]) for x in xs).as_dict()
-                for key in ("us_per_event", "events_per_s", "p50_ms", "p99_ms")
+                for key in ("us_per_event", "events_per_s", "p50_ms", "p99_ms", LOOP)
+                if all(key in x for x in xs)  # LOOP: not in runs saved before it was read
             }
             cells.setdefault(target, {})[point] = cell
     paced = [p for p in points if p != CLOSED]
@@ -233,6 +247,9 @@ def markdown(summary: Mapping[str, Any], points: Sequence[str], header: str) -> 
         row("sidecar"),
         "| ratio sidecar / floor | " + " | ".join(ratio_cells) + " |",
     ]
+    loop_row = _loop_row(cells, points)
+    if loop_row is not None:
+        lines.append(loop_row)
     lines.append(row("bare"))
     top = summary["latency_point"]
     if top is not None:
@@ -250,3 +267,14 @@ def markdown(summary: Mapping[str, Any], points: Sequence[str], header: str) -> 
     for name, value, ok in verdicts(summary):
         lines.append(f"| {name} | {value} | {'yes' if ok else '**no**'} |")
     return "\n".join(lines) + "\n"
+
+
+def _loop_row(cells: Mapping[str, Any], points: Sequence[str]) -> str | None:
+    """Of each figure above, the event loop's thread alone: floor / sidecar."""
+    out = []
+    for point in points:
+        pair = [cells.get(t, {}).get(point, {}).get(LOOP) for t in ("floor", "sidecar")]
+        out.append("" if None in pair else " / ".join(f"{_spread(d).show()} µs" for d in pair if d))
+    if not any(out):
+        return None
+    return "| of which the event loop's thread, floor / sidecar | " + " | ".join(out) + " |"

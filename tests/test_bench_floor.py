@@ -311,12 +311,42 @@ def test_process_clock_counts_a_thread_that_ended_and_the_thread_sum_does_not() 
     assert 1 == sample.threads
 
 
+def test_cpu_sample_tells_the_main_threads_time_from_the_others() -> None:
+    """The main thread spins 0.2 s and a live second thread spins 0.2 s: each side holds
+    its own 0.2 s."""
+    script = (
+        "import threading, time, sys\n"
+        "def spin():\n"
+        "    end = time.thread_time() + 0.2\n"
+        "    while time.thread_time() < end: pass\n"
+        "done = threading.Event()\n"
+        "def side(): spin(); done.set(); sys.stdin.read()\n"
+        "threading.Thread(target=side, daemon=True).start()\n"
+        "done.wait(); spin()\n"
+        "print('spun', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert "spun\n" == proc.stdout.readline()
+        sample = stats.cpu_sample(proc.pid)
+    finally:
+        proc.communicate("")
+    assert sample.main_ns >= 200_000_000
+    assert sample.threads_ns - sample.main_ns >= 200_000_000
+    assert sample.main_ns < sample.threads_ns <= sample.process_ns
+
+
 def test_cpu_spent_is_in_seconds_by_each_reading() -> None:
     before = stats.CpuSample(process_ns=1_000_000_000, threads_ns=900_000_000, ticks=100, threads=3)
     after = stats.CpuSample(
         process_ns=1_500_000_000, threads_ns=1_300_000_000, ticks=150, threads=4
     )
     spent = stats.cpu_spent(before, after)
+    assert 0.0 == spent["cpu_main_s"]  # not read in these samples
     assert 0.5 == spent["cpu_s"]
     assert pytest.approx(0.4) == spent["cpu_threads_s"]
     assert 50 / stats.CLK_TCK == spent["cpu_ticks_s"]
@@ -390,3 +420,16 @@ def test_verdicts_and_table_name_the_issues_targets() -> None:
         "p50/p99 at 1,000 ev/s paced: floor 0.5/1.0 ms, sidecar 1.5/3.0 ms, bare 0.2/0.5 ms."
         in table
     )
+
+
+def test_the_table_splits_off_the_event_loops_thread_when_the_runs_carry_it() -> None:
+    runs = [
+        {**_run("floor", "100", 0, 1000.0), stats.LOOP: 800.0},
+        {**_run("sidecar", "100", 0, 1500.0), stats.LOOP: 1100.0},
+        _run("bare", "100", 0, 400.0),
+    ]
+    summary = stats.summarize(runs, ["100"])
+    table = stats.markdown(summary, ["100"], "header")
+    assert "| of which the event loop's thread, floor / sidecar | 800 µs / 1,100 µs |" in table
+    older = stats.markdown(stats.summarize([_run("floor", "100", 0, 1.0)], ["100"]), ["100"], "")
+    assert "event loop's thread" not in older  # runs saved before the split was read
