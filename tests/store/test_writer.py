@@ -101,8 +101,10 @@ async def test_writer_crash_fails_submits_and_ends_writer_task(
 ) -> None:
     store = await open_store()
     await store.writer_connection.close()  # the writer's next call fails with an unexpected error
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError) as raised:
         await store.submit([action(clock)])
+    # Never handed to the thread: nothing was stored, and the error must not say "maybe".
+    assert not isinstance(raised.value, OutcomeUnknownError)
     await asyncio.wait({store.writer_task}, timeout=5)
     assert store.writer_task.exception() is not None
     assert not store.writable
