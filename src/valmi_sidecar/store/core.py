@@ -239,8 +239,9 @@ class Store:
 
     @property
     def writer_task(self) -> asyncio.Task[None]:
-        """The writer task. It ends only in ``close()``; if it ends otherwise (an unexpected
-        exception, which it carries), the store can no longer write: stop the service."""
+        """The task that owns the writer (which itself runs from callbacks). It ends only
+        in ``close()``; if it ends otherwise (an unexpected exception, which it carries),
+        the store can no longer write: stop the service."""
         assert self._writer_task is not None
         return self._writer_task
 
