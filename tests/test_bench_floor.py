@@ -285,6 +285,21 @@ async def test_floor_sends_what_a_kill_left_with_the_same_keys(
 # -- CPU readings ---------------------------------------------------------------------------
 
 
+def _sample_after_spinning(script: str) -> Any:
+    """Run ``script`` in a child Python, sample its CPU once the script is done, then end
+    it (the child stays alive until then, so its threads can still be read)."""
+    script += "print('spun', flush=True)\nsys.stdin.read()\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert "spun\n" == proc.stdout.readline()
+        return stats.cpu_sample(proc.pid)
+    finally:
+        proc.communicate("")
+
+
 def test_process_clock_counts_a_thread_that_ended_and_the_thread_sum_does_not() -> None:
     """Why floor_compare reports the process's CPU-time clock: a thread that spun for
     0.3 s and ended is in it, and gone from /proc/<pid>/task/*/schedstat."""
@@ -294,18 +309,8 @@ def test_process_clock_counts_a_thread_that_ended_and_the_thread_sum_does_not() 
         "    end = time.thread_time() + 0.3\n"
         "    while time.thread_time() < end: pass\n"
         "t = threading.Thread(target=spin); t.start(); t.join()\n"
-        "print('spun', flush=True)\n"
-        "sys.stdin.read()\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        assert "spun\n" == proc.stdout.readline()
-        sample = stats.cpu_sample(proc.pid)
-    finally:
-        proc.communicate("")
+    sample = _sample_after_spinning(script)
     assert sample.process_ns >= 300_000_000
     assert sample.process_ns - sample.threads_ns >= 300_000_000
     assert 1 == sample.threads
@@ -323,18 +328,8 @@ def test_cpu_sample_tells_the_main_threads_time_from_the_others() -> None:
         "def side(): spin(); done.set(); sys.stdin.read()\n"
         "threading.Thread(target=side, daemon=True).start()\n"
         "done.wait(); spin()\n"
-        "print('spun', flush=True)\n"
-        "sys.stdin.read()\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        assert "spun\n" == proc.stdout.readline()
-        sample = stats.cpu_sample(proc.pid)
-    finally:
-        proc.communicate("")
+    sample = _sample_after_spinning(script)
     assert sample.main_ns >= 200_000_000
     assert sample.threads_ns - sample.main_ns >= 200_000_000
     assert sample.main_ns < sample.threads_ns <= sample.process_ns

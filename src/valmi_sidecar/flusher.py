@@ -356,11 +356,9 @@ class Flusher:
                 # without a restart, which for an emptyDir queue would lose it.
                 await upstream.refresh_key()
             answer = await upstream.send(event)
-        except asyncio.CancelledError:
-            self._unlease(event.seq)  # stays queued; same key next time
-            self._wake.set()
-            raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                self._unlease(event.seq)  # stays queued; same key next time
             self._wake.set()
             raise
         finally:

@@ -84,18 +84,18 @@ class Settler:
     def _rode(self, batch: list[Settlement], started: float, future: asyncio.Future[None]) -> None:
         """A riding batch's transaction ended (``add``'s fast path)."""
         self._committing = 0
-        error = None if future.cancelled() else future.exception()
-        if future.cancelled() or error is not None:
+        error = asyncio.CancelledError() if future.cancelled() else future.exception()
+        if error is not None:
             self._pending[:0] = batch  # not recorded: kept, ahead of newer outcomes
             log.warning("settle_failed", n=len(batch), error=f"{type(error).__name__}: {error}")
         else:
-            log.debug(
-                "batch_settled",
-                n=len(batch),
-                elapsed_ms=round((time.monotonic() - started) * 1000, 1),
-            )
-            self._on_settled(batch)
+            self._recorded(batch, started)
         self._wake.set()  # the task takes what waits (and retries a failed batch)
+
+    def _recorded(self, batch: list[Settlement], started: float) -> None:
+        elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+        log.debug("batch_settled", n=len(batch), elapsed_ms=elapsed_ms)
+        self._on_settled(batch)
 
     def hurry(self) -> None:
         """Commit what waits without lingering."""
@@ -159,10 +159,7 @@ class Settler:
             raise
         finally:
             self._committing = 0
-        log.debug(
-            "batch_settled", n=len(batch), elapsed_ms=round((time.monotonic() - started) * 1000, 1)
-        )
-        self._on_settled(batch)
+        self._recorded(batch, started)
 
 
 def _within_dead_bytes(pending: list[Settlement]) -> int:
