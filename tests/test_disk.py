@@ -29,8 +29,8 @@ BIG = {**ACTION, "metadata": {"blob": "x" * 60_000}}
 async def test_full_disk_refuses_with_503_keeps_every_acknowledged_event_and_recovers(
     fake: FakeValmi, sidecar_factory: SidecarFactory, client: httpx.AsyncClient
 ) -> None:
-    await fake.go_down()  # nothing leaves the queue while the disk is full
     sidecar, url = await sidecar_factory(fake.url)
+    await fake.go_down()  # nothing leaves the queue while the disk is full
     store = sidecar.store
     assert store is not None
     acked: set[str] = set()

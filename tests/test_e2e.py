@@ -54,8 +54,8 @@ async def post_many(
 async def test_outage_while_2000_events_are_posted_then_every_event_delivered_once(
     sidecar_factory: SidecarFactory, client: httpx.AsyncClient, fake: FakeValmi
 ) -> None:
-    await fake.go_down()
     _, url = await sidecar_factory(fake.url)
+    await fake.go_down()
     ids = await post_many(client, url, 2000)
     assert 2000 == len(set(ids))
     await fake.go_up()

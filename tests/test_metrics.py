@@ -205,8 +205,8 @@ async def test_drain_forecast_in_status_and_metrics(
     fake: FakeValmi, sidecar_factory: SidecarFactory, client: httpx.AsyncClient
 ) -> None:
     """Upstream down, 5 events queued at 600 a minute: 0.5 s at the rate limit."""
-    await fake.go_down()
     _, url = await sidecar_factory(fake.url, rate_limit_per_min=600)
+    await fake.go_down()
     for _ in range(5):
         assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
     drain = (await client.get(url + "/v1/status")).json()["drain"]
@@ -233,8 +233,8 @@ async def test_metrics_show_transport_errors_and_the_queue_age(
     fake: FakeValmi, sidecar_factory: SidecarFactory, client: httpx.AsyncClient
 ) -> None:
     """Upstream down: requests count as errors, events queue and age."""
-    await fake.go_down()
     _, url = await sidecar_factory(fake.url)
+    await fake.go_down()
     assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
 
     async def failed() -> bool:

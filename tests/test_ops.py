@@ -167,8 +167,8 @@ async def test_ops_listener_answers_through_the_drain(
     """Upstream down, so the final flush takes final_flush_s: meanwhile the local API is
     closed but the ops listener says alive, not ready (shutting down), and serves metrics;
     it closes once the drain is over."""
-    await fake.go_down()
     sidecar, url = await sidecar_factory(fake.url, ops_listen="127.0.0.1:0", final_flush_s=3.0)
+    await fake.go_down()
     assert 202 == (await client.post(url + "/v1/actions", json=ACTION)).status_code
     ops = ops_url(sidecar)
     stopping = asyncio.create_task(sidecar.stop())

@@ -241,7 +241,10 @@ class FakeValmi:
         await self._close()
 
     async def go_down(self) -> None:
-        """Stop listening (connections refused) but keep state and the port for go_up()."""
+        """Stop listening (connections refused) but keep state and the port for go_up().
+
+        The port is free meanwhile: a server that binds port 0 then (a sidecar under test)
+        may be given it and forward to itself, so start such a server first."""
         await self._close()
 
     async def go_up(self) -> None:
