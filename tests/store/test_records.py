@@ -79,11 +79,3 @@ async def test_every_field_of_a_new_event_is_stored(store: Store) -> None:
     assert set() == set(names) - stored_columns, "NewEvent fields with no column in events"
     assert {n: getattr(event, n) for n in names} == {n: row[n] for n in names}
     assert (event.idem_key, event.fingerprint) == (key["idem_key"], key["fingerprint"])
-
-
-async def test_the_group_write_view_has_exactly_the_group_write_columns(store: Store) -> None:
-    """The view (TEMP, on the writer's connection) that every group write inserts into."""
-    info = await store.writer_connection.fetchall("PRAGMA temp.table_info(group_write)")
-    assert list(sql.GROUP_WRITE_COLUMNS) == [row[1] for row in info]
-    event_fields = list(record_fields(NewEvent))
-    assert set() == set(event_fields) - set(sql.GROUP_WRITE_COLUMNS)

@@ -12,7 +12,6 @@ import structlog
 
 from ..disk import DiskBudget
 from .records import CorruptDatabaseError, StoreError
-from .sql import GROUP_WRITE_DDL
 
 log = structlog.get_logger("valmi_sidecar.store")
 
@@ -217,4 +216,3 @@ def setup_writer(
                 db.execute("ROLLBACK")
             raise
         log.info("store_migrated", path=str(path), version=target)
-    db.executescript(GROUP_WRITE_DDL)  # TEMP: this connection only, not in the file

@@ -51,71 +51,30 @@ UPSERT_LEDGER: Final = (
     " received_value, delivered_value, dead_lettered_value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     + LEDGER_ADD
 )
-#: What one group transaction writes besides its settlements (new events, their keys, the
-#: ledger and the counters) goes through ONE multi-row INSERT into this TEMP view, whose
-#: INSTEAD OF triggers do the writes row by row. Python's sqlite3 releases the GIL around
-#: every step and reset and must win it back from the busy event loop each time; one
-#: statement per group, run in autocommit so that its own step also commits (and fsyncs),
-#: makes that twice per group instead of once per statement. ``op`` selects the row's
-#: kind: 0 an event (and its key), 1 a ledger delta, 2 the counters.
-#: The fields of a ``NewEvent`` in the order they are bound (all of them: a field added
-#: to ``NewEvent`` is a column of the view, and a test checks that the trigger stores it).
-NEW_EVENT_FIELDS: Final = record_fields(NewEvent)
-GROUP_WRITE_COLUMNS: Final = (
-    "op",
-    "seq",
-    "size",
-    *NEW_EVENT_FIELDS,
-    "day",
-    "received",
-    "delivered",
-    "dead_lettered",
-    "received_value",
-    "delivered_value",
-    "dead_lettered_value",
-    "duplicates",
+#: What one group transaction writes besides its settlements: the new events, their keys,
+#: the ledger and the counters, one statement each (``executemany`` for the rows).
+#: A key row leaves out the id and ``created_at`` it can derive (``KEY_ID``,
+#: ``KEY_CREATED_AT``): ``?1`` key, ``?2`` id, ``?3`` fingerprint, ``?4`` created_at,
+#: ``?5`` received_at.
+INSERT_KEY: Final = (
+    "INSERT OR REPLACE INTO keys (idem_key, id, fingerprint, created_at, received_at, state)"  # noqa: S608 - constant SQL; values are bound
+    " VALUES (?1, CASE WHEN ?2 = ?1 THEN '' ELSE ?2 END, ?3,"
+    " CASE WHEN ?4 = " + CREATED_FROM_RECEIVED.format(received_at="?5") + " THEN '' ELSE ?4 END,"
+    " ?5, 0)"
 )
-GROUP_WRITE_NCOL: Final = len(GROUP_WRITE_COLUMNS)
-GROUP_WRITE_DDL: Final = (
-    "CREATE TEMP VIEW IF NOT EXISTS group_write AS SELECT "  # noqa: S608 - constant SQL
-    + ", ".join(f"NULL AS {c}" for c in GROUP_WRITE_COLUMNS)
-    + """;
-    CREATE TEMP TRIGGER IF NOT EXISTS group_write_event INSTEAD OF INSERT ON group_write
-    WHEN NEW.op = 0 BEGIN
-        INSERT OR REPLACE INTO keys (idem_key, id, fingerprint, created_at, received_at, state)
-            VALUES (NEW.idem_key, CASE WHEN NEW.id = NEW.idem_key THEN '' ELSE NEW.id END,
-                    NEW.fingerprint,
-                    CASE WHEN NEW.created_at = """
-    + CREATED_FROM_RECEIVED.format(received_at="NEW.received_at")
-    + """ THEN ''
-                         ELSE NEW.created_at END,
-                    NEW.received_at, 0);
-        INSERT INTO events (seq, id, idem_key, kind, body, size, agent_key, event_type, value,
-                            received_at, created_at)
-            VALUES (NEW.seq, NEW.id, NEW.idem_key, NEW.kind, NEW.body, NEW.size, NEW.agent_key,
-                    NEW.event_type, NEW.value, NEW.received_at, NEW.created_at);
-    END;
-    CREATE TEMP TRIGGER IF NOT EXISTS group_write_ledger INSTEAD OF INSERT ON group_write
-    WHEN NEW.op = 1 BEGIN
-        INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered,
-                            dead_lettered, received_value, delivered_value, dead_lettered_value)
-            VALUES (NEW.agent_key, NEW.kind, NEW.event_type, NEW.day, NEW.received,
-                    NEW.delivered, NEW.dead_lettered, NEW.received_value, NEW.delivered_value,
-                    NEW.dead_lettered_value)
-            """
-    + LEDGER_ADD
-    + """;
-    END;
-    CREATE TEMP TRIGGER IF NOT EXISTS group_write_counters INSTEAD OF INSERT ON group_write
-    WHEN NEW.op = 2 BEGIN
-        UPDATE counters SET value = value + CASE name WHEN 'received' THEN NEW.received
-            WHEN 'delivered' THEN NEW.delivered WHEN 'dead_lettered' THEN NEW.dead_lettered
-            WHEN 'duplicates' THEN NEW.duplicates ELSE 0 END;
-    END;
-    """
+#: The fields of a ``NewEvent`` that the events table stores (the fingerprint is the key
+#: row's), in the order ``INSERT_EVENT`` binds them after ``seq`` and ``size``.
+EVENT_FIELDS: Final = tuple(f for f in record_fields(NewEvent) if f != "fingerprint")
+INSERT_EVENT: Final = (
+    f"INSERT INTO events (seq, size, {', '.join(EVENT_FIELDS)})"  # noqa: S608 - constant SQL; values are bound
+    f" VALUES ({', '.join('?' * (len(EVENT_FIELDS) + 2))})"
 )
-GROUP_WRITE_HEAD: Final = f"INSERT INTO group_write ({', '.join(GROUP_WRITE_COLUMNS)}) VALUES "  # noqa: S608 - constant SQL
-GROUP_WRITE_ROW: Final = "(" + ", ".join("?" * GROUP_WRITE_NCOL) + ")"
+#: ``?1`` received, ``?2`` delivered, ``?3`` dead-lettered, ``?4`` duplicates.
+BUMP_COUNTERS: Final = (
+    "UPDATE counters SET value = value + CASE name WHEN 'received' THEN ?1"
+    " WHEN 'delivered' THEN ?2 WHEN 'dead_lettered' THEN ?3 WHEN 'duplicates' THEN ?4"
+    " ELSE 0 END"
+)
 BUMP_COUNTER: Final = "UPDATE counters SET value = value + ? WHERE name = ?"
 BUMP_OPERATOR: Final = "UPDATE operator_counters SET value = value + ? WHERE name = ?"
 DL_COLUMNS: Final = columns(DeadLetterRecord)

@@ -8,7 +8,6 @@ to the mirror of the committed state (``mirror.Mirror``) and the disk (``space.S
 
 from __future__ import annotations
 
-import functools
 import operator
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -46,29 +45,23 @@ from .records import (
 )
 from .space import QUEUE_FULL_RETRY_AFTER_S, Space
 from .sql import (
+    BUMP_COUNTERS,
     DELETE_EVENT,
     DELETE_EVENTS,
-    GROUP_WRITE_COLUMNS,
-    GROUP_WRITE_HEAD,
-    GROUP_WRITE_NCOL,
-    GROUP_WRITE_ROW,
+    EVENT_FIELDS,
     INSERT_DEAD,
+    INSERT_EVENT,
+    INSERT_KEY,
     JSON,
     KEY_CREATED_AT,
     KEY_ID,
-    NEW_EVENT_FIELDS,
     OLDEST,
     REMEMBERED_SINCE,
     RETRY,
     SETTLE_KEYS,
+    UPSERT_LEDGER,
     columns,
 )
-
-#: Rows per group-write INSERT at most (fewer when SQLite binds fewer values): one statement
-#: per size up to it in the statement cache (padding to a few sizes costs more writer CPU
-#: than the cache saves).
-MAX_INSERT_ROWS: Final = 64
-
 
 # -- the rows a transaction reads ----------------------------------------------------------
 
@@ -135,7 +128,6 @@ class GroupWriter:
         plan = Plan(next_seq=start.next_seq, oldest=start.oldest)
         submits = [op for op in group if isinstance(op, Submit)]
         settles = [op for op in group if isinstance(op, Settle)]
-        event_rows: list[tuple[Any, ...]] = []
         if submits:
             # Only a client's own key can be stored already: a key the sidecar made is the
             # event's new id (time plus 64 random bits), so looking it up finds nothing;
@@ -149,17 +141,18 @@ class GroupWriter:
                 known = {r.idem_key: r for r in rows}
             if self._space.wal_over:  # the last checkpoint could not finish: try again first
                 self._space.checkpoint_if_big(db)
-            self._plan_submits(db, submits, start, plan, event_rows=event_rows, known=known)
+            self._plan_submits(db, submits, start, plan, known=known)
         for op in settles:
             plan.results.append((op, None))
         if settles:
             _write_settles(db, settles, plan, self._clock(), queued=start.queued)
         # After the settlements, which may have removed every older event: the new events
         # are written last, so they are the oldest only when nothing older is left.
-        if event_rows and plan.oldest is None:
-            plan.oldest = (event_rows[0][1], event_rows[0][_RECEIVED_AT])
+        if plan.fresh and plan.oldest is None:
+            seq, first = plan.fresh[0]
+            plan.oldest = (seq, first.received_at)
             plan.oldest_changed = True
-        _write_and_commit(db, _group_write_rows(event_rows, plan))
+        _write_and_commit(db, plan)
         # Committed: from here on nothing may fail the group's operations.
         try:
             self._space.checkpoint_if_big(db)
@@ -176,7 +169,6 @@ class GroupWriter:
         start: Snapshot,
         plan: Plan,
         *,
-        event_rows: list[tuple[Any, ...]],
         known: dict[str, _KnownKey],
     ) -> None:
         cutoff = self._clock() - self._limits.dedup_window_s
@@ -204,7 +196,6 @@ class GroupWriter:
                 count(plan.received_kinds, e.kind)
                 day = utc_day(e.received_at)
                 bump(plan.ledger, (e.agent_key, e.kind, e.event_type, day), IN_RECEIVED, e.value)
-                event_rows.append((0, seq, len(e.body), *_event_values(e)))
                 plan.fresh.append((seq, e))
                 seq += 1
             plan.results.append((op, accepted))
@@ -258,79 +249,25 @@ def _dedupe(
     return accepted, mine, new, dups
 
 
-#: A new event's values in ``GROUP_WRITE_COLUMNS`` order, after ``op``, ``seq`` and ``size``.
-_event_values: Final = operator.attrgetter(*NEW_EVENT_FIELDS)
-_RECEIVED_AT: Final = GROUP_WRITE_COLUMNS.index("received_at")
-_GROUP_WRITE_INDEX: Final = {name: i for i, name in enumerate(GROUP_WRITE_COLUMNS)}
-_EVENT_ROW_TAIL: Final = (None,) * (GROUP_WRITE_NCOL - 3 - len(NEW_EVENT_FIELDS))
+#: A new event's values in ``INSERT_EVENT`` order, after ``seq`` and ``size``.
+_event_values: Final = operator.attrgetter(*EVENT_FIELDS)
 
 
-def _group_write_row(op: int, **values: Any) -> tuple[Any, ...]:
-    """One row of the group-write INSERT: ``op`` and the named columns, NULL elsewhere."""
-    row: list[Any] = [None] * GROUP_WRITE_NCOL
-    row[0] = op
-    for name, value in values.items():
-        row[_GROUP_WRITE_INDEX[name]] = value
-    return tuple(row)
-
-
-def _group_write_rows(event_rows: list[tuple[Any, ...]], plan: Plan) -> list[tuple[Any, ...]]:
-    """The rows of the group-write INSERT: events (op 0), ledger deltas (1), counters (2)."""
-    rows: list[tuple[Any, ...]] = [(*r, *_EVENT_ROW_TAIL) for r in event_rows]
-    for (agent_key, kind, event_type, day), d in plan.ledger.items():
-        rows.append(
-            _group_write_row(
-                1,
-                agent_key=agent_key,
-                kind=kind,
-                event_type=event_type,
-                day=day,
-                received=int(d[0]),
-                delivered=int(d[1]),
-                dead_lettered=int(d[2]),
-                received_value=d[3],
-                delivered_value=d[4],
-                dead_lettered_value=d[5],
-            )
+def _write_and_commit(db: sqlite3.Connection, plan: Plan) -> None:
+    """Write the group's new events and keys, its ledger and counters, and commit."""
+    if plan.fresh:
+        db.executemany(
+            INSERT_KEY,
+            [(e.idem_key, e.id, e.fingerprint, e.created_at, e.received_at) for _, e in plan.fresh],
         )
+        db.executemany(
+            INSERT_EVENT, [(seq, len(e.body), *_event_values(e)) for seq, e in plan.fresh]
+        )
+    if plan.ledger:
+        db.executemany(UPSERT_LEDGER, [(*k, *d) for k, d in plan.ledger.items()])
     if plan.received or plan.delivered or plan.dead_lettered or plan.duplicates:
-        rows.append(
-            _group_write_row(
-                2,
-                received=plan.received,
-                delivered=plan.delivered,
-                dead_lettered=plan.dead_lettered,
-                duplicates=plan.duplicates,
-            )
-        )
-    return rows
-
-
-@functools.cache
-def _values_sql(n: int) -> str:
-    return GROUP_WRITE_HEAD + ", ".join([GROUP_WRITE_ROW] * n)
-
-
-def _write_and_commit(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Write ``rows`` through the group-write view and commit the transaction.
-
-    With no transaction open (no settlements in the group) and rows for one statement,
-    that statement runs in autocommit: its own step writes, commits and fsyncs (same
-    durability: ``synchronous`` applies to every commit), with one GIL round trip.
-    """
-    limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // GROUP_WRITE_NCOL
-    per = max(1, min(MAX_INSERT_ROWS, limit))
-    if rows and len(rows) <= per and not db.in_transaction:
-        isolation = db.isolation_level
-        db.isolation_level = None  # no implicit BEGIN: the one INSERT is the transaction
-        try:
-            db.execute(_values_sql(len(rows)), [v for r in rows for v in r])
-        finally:
-            db.isolation_level = isolation
-        return
-    for i in range(0, len(rows), per):
-        chunk = rows[i : i + per]
-        db.execute(_values_sql(len(chunk)), [v for r in chunk for v in r])
+        counts = (plan.received, plan.delivered, plan.dead_lettered, plan.duplicates)
+        db.execute(BUMP_COUNTERS, counts)
     db.commit()
 
 
