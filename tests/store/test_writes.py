@@ -7,7 +7,14 @@ import asyncio
 import pytest
 
 from valmi_sidecar.events import parse_batch
-from valmi_sidecar.store import Accepted, DeadLetter, Delivered, IdempotencyConflictError, Retry
+from valmi_sidecar.store import (
+    Accepted,
+    DeadLetter,
+    Delivered,
+    IdempotencyConflictError,
+    Retry,
+    sql,
+)
 
 from .conftest import DAY, Clock, OpenStore, action, rows
 
@@ -157,3 +164,35 @@ async def test_double_settle_is_not_counted_twice(open_store: OpenStore, clock: 
     c = store.counts()
     assert (2, 0, 1, 1) == (c.received, c.queued, c.delivered, c.dead_lettered)
     assert [(1,)] == rows(store, "SELECT count(*) FROM dead_letters")
+
+
+@pytest.mark.parametrize("n", [1, sql.SHORT_LIST, sql.SHORT_LIST + 1, 40])
+async def test_lists_of_any_length_settle_and_deduplicate(
+    open_store: OpenStore, clock: Clock, n: int
+) -> None:
+    """Short lists are bound one value each, longer ones as JSON: both settle every event
+    named, and find every stored key."""
+    store = await open_store()
+    keys = [f"key-{i}" for i in range(n)]
+    first = await store.submit([action(clock, key=k) for k in keys])
+    again = await store.submit([action(clock, key=k) for k in keys])
+    assert [(a.id, True) for a in first] == [(a.id, a.duplicate) for a in again]
+    leased = await store.lease(n, frozenset())
+    half = n // 2
+    await store.settle([Delivered(e.seq) for e in leased[half:]])  # deliveries alone
+    await store.settle(
+        [Delivered(e.seq) for e in leased[: half // 2]]  # mixed with dead letters
+        + [DeadLetter(e.seq, "x", 400, "") for e in leased[half // 2 : half]]
+    )
+    c = store.counts()
+    assert (n, 0, n - half + half // 2, half - half // 2, n) == (
+        c.received,
+        c.queued,
+        c.delivered,
+        c.dead_lettered,
+        c.duplicates,
+    )
+    assert [] == rows(store, "SELECT seq FROM events")
+    settled = rows(store, "SELECT state, count(*) FROM keys GROUP BY state ORDER BY state")
+    expected = [(1, c.delivered), (2, c.dead_lettered)]
+    assert [r for r in expected if r[1]] == settled

@@ -52,7 +52,6 @@ from .sql import (
     INSERT_DEAD,
     INSERT_EVENT,
     INSERT_KEY,
-    JSON,
     KEY_CREATED_AT,
     KEY_ID,
     OLDEST,
@@ -60,6 +59,7 @@ from .sql import (
     RETRY,
     SETTLE_KEYS,
     UPSERT_LEDGER,
+    bind_list,
     columns,
 )
 
@@ -92,16 +92,16 @@ class _Settled(msgspec.Struct, frozen=True):
 
 _SELECT_KEYS: Final = (
     f"SELECT {columns(_KnownKey, id=KEY_ID, created_at=KEY_CREATED_AT, since=REMEMBERED_SINCE)}"  # noqa: S608 - constant SQL; values are bound
-    " FROM keys WHERE idem_key IN (SELECT value FROM json_each(?))"
+    " FROM keys WHERE idem_key IN {list}"
 )
 _DAY_OF_RECEIPT: Final = "strftime('%Y-%m-%d', received_at, 'unixepoch')"
 _SELECT_SETTLED: Final = (
     f"SELECT {columns(_Settled, day=_DAY_OF_RECEIPT)} FROM events"  # noqa: S608 - constant SQL; values are bound
-    " WHERE seq IN (SELECT value FROM json_each(?))"
+    " WHERE seq IN {list}"
 )
 #: Deliveries alone (the usual batch): their rows deleted and read back in one statement.
 _DELETE_SETTLED: Final = (
-    "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))"  # noqa: S608 - constant SQL; values are bound
+    "DELETE FROM events WHERE seq IN {list}"  # noqa: S608 - constant SQL; values are bound
     f" RETURNING {columns(_Settled, day=_DAY_OF_RECEIPT)}"
 )
 
@@ -137,7 +137,7 @@ class GroupWriter:
             ]
             known: dict[str, _KnownKey] = {}
             if keys:
-                rows = _records(db, _KnownKey, _SELECT_KEYS, (JSON.encode(keys).decode(),))
+                rows = _records(db, _KnownKey, *bind_list(_SELECT_KEYS, keys))
                 known = {r.idem_key: r for r in rows}
             if self._space.wal_over:  # the last checkpoint could not finish: try again first
                 self._space.checkpoint_if_big(db)
@@ -278,7 +278,7 @@ def _write_settles(
     seqs = [s.seq for op in settles for s in op.settlements]
     only_delivered = all(isinstance(s, Delivered) for op in settles for s in op.settlements)
     select = _DELETE_SETTLED if only_delivered else _SELECT_SETTLED
-    rows = _records(db, _Settled, select, (JSON.encode(seqs).decode(),))
+    rows = _records(db, _Settled, *bind_list(select, seqs))
     plan.events += len(seqs)
     s = _plan_settles(settles, {r.seq: r for r in rows}, plan, now)
     if s.retry_rows:
@@ -286,7 +286,7 @@ def _write_settles(
     if s.delivered and not only_delivered:
         # One statement (not one per row): the writer thread takes the GIL back after
         # every SQLite step, and each time it may have to wait for the loop.
-        db.execute(DELETE_EVENTS, (JSON.encode(s.delivered).decode(),))
+        db.execute(*bind_list(DELETE_EVENTS, s.delivered))
     for row in s.dead_rows:
         # One at a time, after the deliveries: each dead letter reuses the pages the
         # ones before it freed, so the database grows by one event at most, within the
@@ -296,7 +296,8 @@ def _write_settles(
     if s.deleted:
         for state, keys in s.keys.items():
             if keys:
-                db.execute(SETTLE_KEYS, (state, now, JSON.encode(keys).decode()))
+                statement, listed = bind_list(SETTLE_KEYS, keys)
+                db.execute(statement, (state, now, *listed))
         plan.removed = len(s.deleted)
         if plan.oldest is not None and plan.oldest[0] in s.deleted:
             plan.oldest = None
