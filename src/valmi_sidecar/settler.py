@@ -90,7 +90,8 @@ class Settler:
             log.warning("settle_failed", n=len(batch), error=f"{type(error).__name__}: {error}")
         else:
             self._recorded(batch, started)
-        self._wake.set()  # the task takes what waits (and retries a failed batch)
+        if self._pending or self._closing:
+            self._wake.set()  # the task takes what waits (and retries a failed batch)
 
     def _recorded(self, batch: list[Settlement], started: float) -> None:
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
