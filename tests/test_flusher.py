@@ -338,6 +338,28 @@ async def test_a_lone_delivery_is_recorded_in_the_next_received_events_transacti
     assert (2, 1) == (store.counts().delivered, store.counts().queued)
 
 
+async def test_deliveries_answered_together_all_ride_on_the_next_transaction(
+    store: Store,
+    fake: FakeValmi,
+    start_flusher: StartFlusher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A few deliveries answered before the next event (a burst, then quiet) each ride
+    from the sender, and the next event's transaction records them all."""
+    monkeypatch.setattr(settler, "SETTLE_LINGER_S", 30.0)  # they wait for the next event
+    n = settler.RIDE_BELOW - 1
+    flusher, _ = await start_flusher(fake, upstream_concurrency=n)
+    await store.submit([action(i) for i in range(n)])
+    await wait_until(
+        lambda: n == fake.requests and 0 == flusher.in_flight, 5, "all sent and answered"
+    )
+    assert 0 == store.counts().delivered  # none recorded alone
+    commits = store.commits
+    await store.submit([action(n)])
+    assert commits + 1 == store.commits  # one transaction for the event and the deliveries
+    assert (n, 1) == (store.counts().delivered, store.counts().queued)
+
+
 async def test_outage_then_recovery_delivers_each_key_exactly_once(
     store: Store, fake: FakeValmi, start_flusher: StartFlusher
 ) -> None:

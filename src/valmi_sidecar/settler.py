@@ -48,8 +48,10 @@ class Settler:
         self._batch = batch
         self._on_settled = on_settled
         self._pending: list[Settlement] = []
-        # Outcomes in the settle transaction running now.
+        # Outcomes in the settle transaction that ``run`` makes now.
         self._committing = 0
+        # Outcomes riding from ``add``, each waiting in the writer for a transaction.
+        self._riding = 0
         self._wake = asyncio.Event()
         # Set when leasing waits for outcomes to be saved: stop lingering.
         self._now = asyncio.Event()
@@ -58,7 +60,7 @@ class Settler:
     @property
     def unsaved(self) -> int:
         """Outcomes not yet committed (waiting or being committed)."""
-        return len(self._pending) + self._committing
+        return len(self._pending) + self._committing + self._riding
 
     @property
     def waiting(self) -> bool:
@@ -66,15 +68,18 @@ class Settler:
         return bool(self._pending)
 
     def add(self, settlement: Settlement) -> None:
-        if not (self._pending or self._committing or self._closing or self._now.is_set()):
-            # Alone and in no hurry: it rides at once, without waking the task below and
+        if self._riding < RIDE_BELOW and not (
+            self._pending or self._committing or self._closing or self._now.is_set()
+        ):
+            # Few and in no hurry: it rides at once, without waking the task below and
             # waiting for it to wake again after the commit (two loop iterations an event).
+            # Riders join the same next transaction, as a batch made here would.
             try:
                 future = self._store.settle_soon([settlement], ride_s=SETTLE_LINGER_S)
             except StoreError:
                 pass  # closing or stopped: the task meets the same error and retries
             else:
-                self._committing = 1
+                self._riding += 1
                 started = time.monotonic()
                 future.add_done_callback(functools.partial(self._rode, [settlement], started))
                 return
@@ -83,7 +88,7 @@ class Settler:
 
     def _rode(self, batch: list[Settlement], started: float, future: asyncio.Future[None]) -> None:
         """A riding batch's transaction ended (``add``'s fast path)."""
-        self._committing = 0
+        self._riding -= len(batch)
         error = asyncio.CancelledError() if future.cancelled() else future.exception()
         if error is not None:
             self._pending[:0] = batch  # not recorded: kept, ahead of newer outcomes
@@ -116,8 +121,8 @@ class Settler:
         once more, best effort)."""
         try:
             while True:
-                if not self._pending or self._committing:
-                    if self._closing and not self._committing and not self._pending:
+                if not self._pending or self._committing or self._riding:
+                    if self._closing and not (self._committing or self._riding or self._pending):
                         return
                     self._wake.clear()
                     await self._wake.wait()
