@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from valmi_sidecar.logs import configure_logging, redact_also, set_level
+from valmi_sidecar.logs import configure_logging, debug_enabled, redact_also, set_level
 
 from .conftest import wait_until
 
@@ -75,7 +75,9 @@ def test_set_level_changes_what_is_logged_and_keeps_the_format(
     configure_logging("warning", "json")
     log = structlog.get_logger("t")
     log.info("before_change")
+    assert not debug_enabled()  # what a hot path asks before a debug line
     set_level("debug")
+    assert debug_enabled()
     log.debug("after_change")
     err = capsys.readouterr().err
     assert "before_change" not in err

@@ -152,6 +152,13 @@ def redact_also(*secrets: str) -> None:
         redactor.add(secrets)
 
 
+def debug_enabled() -> bool:
+    """Whether debug lines are logged now (both ``configure_logging`` and ``set_level``
+    set the root logger's level). A line on the hot path asks first: a call through
+    structlog's lazy logger costs about 4 us even when its level filters it out."""
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def set_level(level: str) -> None:
     """Change the level of structlog and stdlib logging, keeping everything else."""
     level = level.lower()

@@ -18,6 +18,7 @@ from typing import Final
 import structlog
 
 from .disk import SETTLE_DEAD_BYTES
+from .logs import debug_enabled
 from .store import DeadLetter, Settlement, Store, StoreError
 
 #: How long finished outcomes wait for company before one settle transaction (unless a
@@ -99,8 +100,9 @@ class Settler:
             self._wake.set()  # the task takes what waits (and retries a failed batch)
 
     def _recorded(self, batch: list[Settlement], started: float) -> None:
-        elapsed_ms = round((time.monotonic() - started) * 1000, 1)
-        log.debug("batch_settled", n=len(batch), elapsed_ms=elapsed_ms)
+        if debug_enabled():
+            elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+            log.debug("batch_settled", n=len(batch), elapsed_ms=elapsed_ms)
         self._on_settled(batch)
 
     def hurry(self) -> None:
