@@ -428,3 +428,26 @@ def test_the_table_splits_off_the_event_loops_thread_when_the_runs_carry_it() ->
     assert "| of which the event loop's thread, floor / sidecar | 800 µs / 1,100 µs |" in table
     older = stats.markdown(stats.summarize([_run("floor", "100", 0, 1.0)], ["100"]), ["100"], "")
     assert "event loop's thread" not in older  # runs saved before the split was read
+
+
+def test_writer_cost_measures_the_store_writers_thread_and_the_floors_sql(
+    tmp_path: Path,
+) -> None:
+    """``benchmarks/writer_cost.py`` finds the store's writer thread by its name and
+    gets one commit per group (else it stops with an error): a few groups each way."""
+    args = ["--groups", "30", "--rounds", "1", "--dir", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "writer_cost.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert 0 == proc.returncode, proc.stderr
+    figures = {}
+    for line in proc.stdout.splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        figures[name.strip()] = float(rest.split()[0])
+    assert {"store, writer thread", "store, event loop", "floor SQL"} == set(figures)
+    assert all(v > 0 for v in figures.values())
+    assert [] == list(tmp_path.iterdir())  # its files are gone
