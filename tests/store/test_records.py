@@ -66,7 +66,7 @@ async def test_the_select_lists_read_each_record_in_its_field_order() -> None:
 
 async def test_every_field_of_a_new_event_is_stored(store: Store) -> None:
     """Read back by column name, field by field: a field added to ``NewEvent`` and not
-    stored by the group-write trigger fails here (``fingerprint`` is the key's, below)."""
+    stored by the group write fails here (``fingerprint`` is the key's, below)."""
     body = b'{"agent_key": "agent-distinct", "outcome_type": "type-distinct", "value": 12.75}'
     event = parse_one("outcome", body, idem_key="key-distinct", now=T0 + 0.25)
     await store.submit([event])
@@ -79,3 +79,25 @@ async def test_every_field_of_a_new_event_is_stored(store: Store) -> None:
     assert set() == set(names) - stored_columns, "NewEvent fields with no column in events"
     assert {n: getattr(event, n) for n in names} == {n: row[n] for n in names}
     assert (event.idem_key, event.fingerprint) == (key["idem_key"], key["fingerprint"])
+
+
+async def test_a_key_row_leaves_out_what_it_can_derive_and_reads_back_whole(
+    store: Store,
+) -> None:
+    """A key the sidecar made is the event's id, and ``created_at`` is the receipt time's
+    formatting: the row stores neither (a day of keys is kept), and reads back both."""
+    # A receipt time whose milliseconds SQLite's strftime and ours format alike (where
+    # they differ, created_at is kept as it is).
+    event = parse_one("action", b'{"agent_key": "a", "action_type": "llm_call"}', now=T0 + 0.25)
+    assert event.id == event.idem_key
+    await store.submit([event])
+    with sqlite3.connect(f"file:{store.path}?mode=ro", uri=True) as conn:
+        assert [("", "")] == conn.execute("SELECT id, created_at FROM keys").fetchall()
+        ((key, id_, _, _, created_at),) = conn.execute(
+            f"SELECT {sql.KEY_COLUMNS} FROM keys"
+        ).fetchall()
+    assert (event.idem_key, event.id, event.created_at) == (
+        key.decode(),
+        id_.decode(),
+        created_at.decode(),
+    )

@@ -23,8 +23,8 @@ log = structlog.get_logger("valmi_sidecar.store")
 
 #: How long closing waits for each connection.
 CONNECTION_CLOSE_S: Final = 1.5
-#: The writer's statement cache (sqlite3's default is 128): the group-write INSERTs plus
-#: everything else the writer runs.
+#: The writer's statement cache (sqlite3's default is 128): a statement per list length
+#: for those that name short lists (``sql.bind_list``) plus everything else it runs.
 _WRITER_CACHED_STATEMENTS: Final = 256
 
 
