@@ -370,6 +370,45 @@ def test_api_url_rejected(url: str, expected: str) -> None:
     assert expected in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "listen"),
+    [
+        ("http://127.0.0.1:8787", None),  # the default listen address
+        ("http://localhost:8787", None),
+        ("http://[::1]:8787", None),
+        ("http://127.0.0.1:9000", "127.0.0.1:9000"),
+        ("http://127.0.0.1:80", "127.0.0.1:80"),  # the scheme's port
+    ],
+)
+def test_api_url_that_is_the_sidecars_own_address_is_refused(url: str, listen: str | None) -> None:
+    """A mistyped URL that names the sidecar itself would have every event 'delivered' to
+    the sidecar: a 202, counted delivered, never sent to Valmi."""
+    env = {**HOME, "VALMI_API_URL": url}
+    if listen is not None:
+        env["VALMI_SIDECAR_LISTEN"] = listen
+    with pytest.raises(ConfigError) as e:
+        load_settings(env=env)
+    assert str(e.value).startswith("api_url (VALMI_API_URL): ")
+    assert "this sidecar's own listen address" in str(e.value)
+    assert "https://api.valmi.io" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "listen"),
+    [
+        ("http://127.0.0.1:8788", None),  # the fake API beside it
+        ("https://127.0.0.1:443", "127.0.0.1:8787"),
+        ("http://10.0.0.5:8787", None),  # another host on the same port
+        ("http://127.0.0.1:8787", "127.0.0.1:0"),  # a port the OS picks
+    ],
+)
+def test_api_url_on_another_address_is_accepted(url: str, listen: str | None) -> None:
+    env = {**HOME, "VALMI_API_URL": url}
+    if listen is not None:
+        env["VALMI_SIDECAR_LISTEN"] = listen
+    assert url.rstrip("/") == load_settings(env=env).api_url.rstrip("/")
+
+
 # --- secrets --------------------------------------------------------------------------
 
 

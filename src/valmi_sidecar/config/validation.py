@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..disk import minimum_queue_bytes
 from ..guard import normalize_host, normalize_origin
@@ -227,6 +228,7 @@ def check_together(settings: Settings, where: Mapping[str, str]) -> None:
                 f"as listen ({settings.listen!r}); give the ops listener a port of its own, "
                 "for example 0.0.0.0:9787"
             )
+    _check_not_self(settings, src("api_url"))
     # The ops listener needs no ingest token on any address: it serves no billing data.
     host = settings.host
     if not is_loopback(host) and settings.ingest_token is None:
@@ -234,4 +236,24 @@ def check_together(settings: Settings, where: Mapping[str, str]) -> None:
             f"listen ({src('listen')}): {settings.listen!r} is not a loopback address and no "
             f"ingest token is set; set {ENV_INGEST_TOKEN} or {ENV_INGEST_TOKEN_FILE}, "
             "or listen on 127.0.0.1"
+        )
+
+
+def _check_not_self(settings: Settings, source: str) -> None:
+    """An ``api_url`` that is this sidecar's own listen address: it would forward every
+    event to itself, where the answer is a ``202``, and count it delivered."""
+    api = urlsplit(settings.api_url)
+    api_host = (api.hostname or "").lower()
+    api_port = api.port or (443 if api.scheme == "https" else 80)
+    host = settings.host.lower()
+    wildcards = {"0.0.0.0", "::"}  # noqa: S104 - they take every local address
+    same_host = api_host == host or (
+        is_loopback(api_host) and (is_loopback(host) or host in wildcards)
+    )
+    if settings.port != 0 and api_port == settings.port and same_host:
+        raise ConfigError(
+            f"api_url ({source}): {settings.api_url!r} is this sidecar's own listen address "
+            f"({settings.listen!r}): every event would be forwarded to the sidecar itself, "
+            "counted as delivered and never reach Valmi; use Valmi's URL, for example "
+            "https://api.valmi.io"
         )
