@@ -300,16 +300,19 @@ def _sample_after_spinning(script: str) -> Any:
         proc.communicate("")
 
 
+#: The start of a child's script: ``spin(s)`` burns ``s`` seconds of its thread's CPU.
+_SPIN = (
+    "import threading, time, sys\n"
+    "def spin(seconds):\n"
+    "    end = time.thread_time() + seconds\n"
+    "    while time.thread_time() < end: pass\n"
+)
+
+
 def test_process_clock_counts_a_thread_that_ended_and_the_thread_sum_does_not() -> None:
     """Why floor_compare reports the process's CPU-time clock: a thread that spun for
     0.3 s and ended is in it, and gone from /proc/<pid>/task/*/schedstat."""
-    script = (
-        "import threading, time, sys\n"
-        "def spin():\n"
-        "    end = time.thread_time() + 0.3\n"
-        "    while time.thread_time() < end: pass\n"
-        "t = threading.Thread(target=spin); t.start(); t.join()\n"
-    )
+    script = _SPIN + "t = threading.Thread(target=spin, args=(0.3,)); t.start(); t.join()\n"
     sample = _sample_after_spinning(script)
     assert sample.process_ns >= 300_000_000
     assert sample.process_ns - sample.threads_ns >= 300_000_000
@@ -319,15 +322,11 @@ def test_process_clock_counts_a_thread_that_ended_and_the_thread_sum_does_not() 
 def test_cpu_sample_tells_the_main_threads_time_from_the_others() -> None:
     """The main thread spins 0.2 s and a live second thread spins 0.2 s: each side holds
     its own 0.2 s."""
-    script = (
-        "import threading, time, sys\n"
-        "def spin():\n"
-        "    end = time.thread_time() + 0.2\n"
-        "    while time.thread_time() < end: pass\n"
+    script = _SPIN + (
         "done = threading.Event()\n"
-        "def side(): spin(); done.set(); sys.stdin.read()\n"
+        "def side(): spin(0.2); done.set(); sys.stdin.read()\n"
         "threading.Thread(target=side, daemon=True).start()\n"
-        "done.wait(); spin()\n"
+        "done.wait(); spin(0.2)\n"
     )
     sample = _sample_after_spinning(script)
     assert sample.main_ns >= 200_000_000

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Final
 from urllib.parse import urlsplit
 
 from ..disk import minimum_queue_bytes
@@ -185,6 +186,10 @@ def _expected(name: str) -> str:
     return "is not text"
 
 
+#: Listen hosts that take every local address (and so overlap any other).
+_WILDCARDS: Final = frozenset({"0.0.0.0", "::"})  # noqa: S104 - they take every local address
+
+
 def check_together(settings: Settings, where: Mapping[str, str]) -> None:
     """Rules that involve more than one setting; ``where`` names the source of each value
     that did not come from the defaults."""
@@ -220,8 +225,7 @@ def check_together(settings: Settings, where: Mapping[str, str]) -> None:
         )
     if settings.ops_listen:
         ops_host, ops_port = split_listen(settings.ops_listen)
-        wildcards = {"0.0.0.0", "::"}  # noqa: S104 - they overlap every address
-        overlap = ops_host == settings.host or bool({ops_host, settings.host} & wildcards)
+        overlap = ops_host == settings.host or bool({ops_host, settings.host} & _WILDCARDS)
         if ops_port != 0 and ops_port == settings.port and overlap:
             raise ConfigError(
                 f"ops_listen ({src('ops_listen')}): {settings.ops_listen!r} is the same port "
@@ -246,9 +250,8 @@ def _check_not_self(settings: Settings, source: str) -> None:
     api_host = (api.hostname or "").lower()
     api_port = api.port or (443 if api.scheme == "https" else 80)
     host = settings.host.lower()
-    wildcards = {"0.0.0.0", "::"}  # noqa: S104 - they take every local address
     same_host = api_host == host or (
-        is_loopback(api_host) and (is_loopback(host) or host in wildcards)
+        is_loopback(api_host) and (is_loopback(host) or host in _WILDCARDS)
     )
     if settings.port != 0 and api_port == settings.port and same_host:
         raise ConfigError(
