@@ -2,9 +2,9 @@
 
 One lease loop takes the oldest due events from the store (never one already in flight),
 passes each through the global gates (a hold set by backoff, ``429``/``Retry-After``,
-``X-RateLimit-*`` or a pause; then the token bucket) and hands it to a sender task, at
-most ``upstream_concurrency`` at a time (one at a time while backing off or paused: a
-probe). Sender outcomes are collected and settled in batches, one store transaction
+``X-RateLimit-*`` or a pause; then the token bucket) and hands it to one of
+``upstream_concurrency`` sender tasks, each sending one event at a time (one in all while
+backing off or paused: a probe). Sender outcomes are collected and settled in batches, one store transaction
 each; an event leaves the in-flight set only once its settlement is committed, or at
 once when nothing is to be recorded for it (a pause, a ``429``, a cancelled request),
 so it is never leased twice concurrently and never lost.
@@ -81,7 +81,11 @@ class Flusher:
         self._in_flight: set[int] = set()
         self._buffer: deque[QueuedEvent] = deque()
         self._sending = 0
+        #: The sender tasks: a fixed pool, made by ``_run`` (a task per send cost more).
         self._senders: set[asyncio.Task[None]] = set()
+        #: Senders waiting for an event, and events handed over before a sender waited.
+        self._idle: deque[asyncio.Future[tuple[QueuedEvent, int]]] = deque()
+        self._to_send: deque[tuple[QueuedEvent, int]] = deque()
         self._settler = Settler(store, self._batch, self._settled)
 
         self._wake = asyncio.Event()
@@ -199,13 +203,15 @@ class Flusher:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._settler.run(), name="flusher-settle")
+                for i in range(self._concurrency):
+                    self._senders.add(tg.create_task(self._sender(upstream), name=f"send-{i}"))
                 self._missed = self._store.missed
                 unlisten = self._store.on_new_events(self._on_new_events)
                 try:
-                    await self._lease_loop(tg, upstream)
+                    await self._lease_loop()
                 finally:
                     unlisten()
-                    for task in list(self._senders):
+                    for task in self._senders:
                         task.cancel()
                     self._release_buffer()
                     self._settler.close()
@@ -214,9 +220,14 @@ class Flusher:
             log.error("flusher_failed", error=f"{type(first).__name__}: {first}")
             raise FlusherError(f"the flusher stopped: {type(first).__name__}: {first}") from first
         finally:
+            # Every sender has ended: what was handed over and not sent stays queued.
+            self._senders.clear()
+            self._idle.clear()
+            self._to_send.clear()
+            self._sending = 0
             self._settler.reopen()
 
-    async def _lease_loop(self, tg: asyncio.TaskGroup, upstream: Upstream) -> None:
+    async def _lease_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
             self._wants_events = self._wants_room = False
@@ -262,9 +273,7 @@ class Flusher:
                 self._buffer.appendleft(event)
                 continue
             self._sending += 1
-            task = tg.create_task(self._send(upstream, event, self._policy.generation))
-            self._senders.add(task)
-            task.add_done_callback(self._senders.discard)
+            self._hand_over(event, self._policy.generation)
 
     def _expire(self, event: QueuedEvent) -> None:
         max_age_s = self._settings.max_event_age_s
@@ -347,6 +356,26 @@ class Flusher:
         (the key was just replaced)."""
         if self._policy.probe_now():
             self._wake.set()
+
+    def _hand_over(self, event: QueuedEvent, generation: int) -> None:
+        while self._idle:
+            waiting = self._idle.popleft()
+            if not waiting.done():  # else its sender was cancelled
+                waiting.set_result((event, generation))
+                return
+        self._to_send.append((event, generation))
+
+    async def _sender(self, upstream: Upstream) -> None:
+        """One of the pool: send what the lease loop hands over, one event at a time."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._to_send:
+                event, generation = self._to_send.popleft()
+            else:
+                waiting: asyncio.Future[tuple[QueuedEvent, int]] = loop.create_future()
+                self._idle.append(waiting)
+                event, generation = await waiting
+            await self._send(upstream, event, generation)
 
     async def _send(self, upstream: Upstream, event: QueuedEvent, generation: int) -> None:
         sent_at = time.monotonic()

@@ -87,22 +87,21 @@ class _Settled(msgspec.Struct, frozen=True):
     kind: str
     event_type: str
     value: float | None
-    day: str
+    received_at: float
 
 
 _SELECT_KEYS: Final = (
     f"SELECT {columns(_KnownKey, id=KEY_ID, created_at=KEY_CREATED_AT, since=REMEMBERED_SINCE)}"  # noqa: S608 - constant SQL; values are bound
     " FROM keys WHERE idem_key IN {list}"
 )
-_DAY_OF_RECEIPT: Final = "strftime('%Y-%m-%d', received_at, 'unixepoch')"
 _SELECT_SETTLED: Final = (
-    f"SELECT {columns(_Settled, day=_DAY_OF_RECEIPT)} FROM events"  # noqa: S608 - constant SQL; values are bound
+    f"SELECT {columns(_Settled)} FROM events"  # noqa: S608 - constant SQL; values are bound
     " WHERE seq IN {list}"
 )
 #: Deliveries alone (the usual batch): their rows deleted and read back in one statement.
 _DELETE_SETTLED: Final = (
     "DELETE FROM events WHERE seq IN {list}"  # noqa: S608 - constant SQL; values are bound
-    f" RETURNING {columns(_Settled, day=_DAY_OF_RECEIPT)}"
+    f" RETURNING {columns(_Settled)}"
 )
 
 
@@ -332,7 +331,9 @@ def _plan_settles(
                 out.retry_rows.append((s.next_attempt_at, s.error, s.seq))
                 continue
             del present[s.seq]
-            ledger_key = (found.agent_key, found.kind, found.event_type, found.day)
+            # In Python, cached per day: cheaper than SQLite's strftime on every row.
+            day = utc_day(found.received_at)
+            ledger_key = (found.agent_key, found.kind, found.event_type, day)
             if isinstance(s, Delivered):
                 out.delivered.append(s.seq)
                 plan.delivered += 1
