@@ -196,3 +196,33 @@ async def test_lists_of_any_length_settle_and_deduplicate(
     settled = rows(store, "SELECT state, count(*) FROM keys GROUP BY state ORDER BY state")
     expected = [(1, c.delivered), (2, c.dead_lettered)]
     assert [r for r in expected if r[1]] == settled
+
+
+def test_row_chunks_are_powers_of_two_within_the_bound() -> None:
+    for n in [1, 2, 3, 255, 256, 257, 300, 2_001]:
+        sizes = sql.row_chunks(n)
+        assert n == sum(sizes)
+        assert sizes == sorted(sizes, reverse=True)
+        assert all(s & (s - 1) == 0 and s <= sql.MAX_CHUNK_ROWS for s in sizes)
+
+
+@pytest.mark.parametrize("n", [1, 3, sql.MAX_CHUNK_ROWS, 300])
+async def test_a_group_of_any_size_stores_every_event_and_key(
+    open_store: OpenStore, clock: Clock, n: int
+) -> None:
+    """A group's rows go in multi-row statements, several when it passes a chunk: every
+    event is stored once, in order, with its key (a client's key or the sidecar's)."""
+    store = await open_store()
+    events = [action(clock, key=f"key-{i}" if i % 2 else None) for i in range(n)]
+    commits = store.commits
+    accepted = await asyncio.gather(*(store.submit([e]) for e in events))
+    assert commits + 1 == store.commits  # all n in one group, so in len(row_chunks(n)) rows
+    assert [[e.id] for e in events] == [[a.id for a in acc] for acc in accepted]
+    stored = rows(store, "SELECT seq, id, idem_key, body FROM events ORDER BY seq")
+    assert [(e.id, e.idem_key, e.body) for e in events] == [r[1:] for r in stored]
+    assert list(range(stored[0][0], stored[0][0] + n)) == [r[0] for r in stored]
+    keys = rows(store, f"SELECT idem_key, {sql.KEY_ID}, fingerprint FROM keys ORDER BY idem_key")
+    assert sorted((e.idem_key, e.id, e.fingerprint) for e in events) == keys
+    again = await asyncio.gather(*(store.submit([e]) for e in events if e.idem_key != e.id))
+    assert all(acc[0].duplicate for acc in again)
+    assert n == store.counts().queued

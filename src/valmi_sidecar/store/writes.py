@@ -49,11 +49,13 @@ from .sql import (
     DELETE_EVENT,
     DELETE_EVENTS,
     EVENT_FIELDS,
+    EVENT_ROW_VALUES,
     INSERT_DEAD,
     INSERT_EVENT,
     INSERT_KEY,
     KEY_CREATED_AT,
     KEY_ID,
+    KEY_ROW_VALUES,
     OLDEST,
     REMEMBERED_SINCE,
     RETRY,
@@ -61,6 +63,8 @@ from .sql import (
     UPSERT_LEDGER,
     bind_list,
     columns,
+    row_chunks,
+    with_rows,
 )
 
 # -- the rows a transaction reads ----------------------------------------------------------
@@ -255,19 +259,29 @@ _event_values: Final = operator.attrgetter(*EVENT_FIELDS)
 def _write_and_commit(db: sqlite3.Connection, plan: Plan) -> None:
     """Write the group's new events and keys, its ledger and counters, and commit."""
     if plan.fresh:
-        db.executemany(
-            INSERT_KEY,
-            [(e.idem_key, e.id, e.fingerprint, e.created_at, e.received_at) for _, e in plan.fresh],
-        )
-        db.executemany(
-            INSERT_EVENT, [(seq, len(e.body), *_event_values(e)) for seq, e in plan.fresh]
-        )
+        keys = [
+            (e.idem_key, e.id, e.fingerprint, e.created_at, e.received_at) for _, e in plan.fresh
+        ]
+        _insert_rows(db, INSERT_KEY, KEY_ROW_VALUES, keys)
+        rows = [(seq, len(e.body), *_event_values(e)) for seq, e in plan.fresh]
+        _insert_rows(db, INSERT_EVENT, EVENT_ROW_VALUES, rows)
     if plan.ledger:
         db.executemany(UPSERT_LEDGER, [(*k, *d) for k, d in plan.ledger.items()])
     if plan.received or plan.delivered or plan.dead_lettered or plan.duplicates:
         counts = (plan.received, plan.delivered, plan.dead_lettered, plan.duplicates)
         db.execute(BUMP_COUNTERS, counts)
     db.commit()
+
+
+def _insert_rows(
+    db: sqlite3.Connection, statement: str, width: int, rows: list[tuple[Any, ...]]
+) -> None:
+    """``rows`` through the multi-row ``statement``, in chunks (``sql.row_chunks``)."""
+    start = 0
+    for n in row_chunks(len(rows)):
+        chunk = rows[start : start + n] if n < len(rows) else rows
+        db.execute(with_rows(statement, width, n), [v for row in chunk for v in row])
+        start += n
 
 
 def _write_settles(
