@@ -810,6 +810,21 @@ async def test_drain_stops_within_its_bound_when_upstream_hangs(
     assert (5, 0) == (counts.queued, counts.delivered)
 
 
+async def test_a_hung_upstream_holds_exactly_upstream_concurrency_requests(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    """The pool of senders: as many requests open as ``upstream_concurrency``, no more;
+    when upstream answers again, the same senders send the rest, each event once."""
+    fake.set_faults(hang=True)
+    await store.submit([action(i) for i in range(10)])
+    flusher, task = await start_flusher(fake, upstream_concurrency=3)
+    await wait_until(lambda: 3 == flusher.in_flight == fake.requests, 5, "3 requests held")
+    fake.set_faults(hang=False)
+    await wait_until(lambda: 10 == store.counts().delivered, 10, "10 delivered")
+    assert (10, list(range(10))) == (fake.requests, sorted(order(fake)))
+    await stop(flusher, task)
+
+
 async def test_drain_returns_as_soon_as_the_queue_is_empty(
     store: Store, fake: FakeValmi, start_flusher: StartFlusher
 ) -> None:
