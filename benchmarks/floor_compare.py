@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +84,19 @@ READY_TIMEOUT_S = 60.0
 
 @contextlib.contextmanager
 def floor_process(
-    run_dir: Path, api_url: str, *, forwarding: bool, concurrency: int
+    run_dir: Path,
+    api_url: str,
+    *,
+    forwarding: bool,
+    concurrency: int,
+    python: Sequence[str] = (PY,),
 ) -> Iterator[tuple[str, int]]:
     """``benchmarks/floor.py`` with the sidecar's flags: ``(ingest URL, pid)``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VALMI")}
     if forwarding:
         env["VALMI_API_KEY"] = API_KEY
     log_path = run_dir.with_suffix(".log")
-    cmd = [PY, str(HERE / "floor.py"), "--listen", "127.0.0.1:0", "--data-dir", str(run_dir)]
+    cmd = [*python, str(HERE / "floor.py"), "--listen", "127.0.0.1:0", "--data-dir", str(run_dir)]
     cmd += ["--api-url", api_url, "--upstream-concurrency", str(concurrency)]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -112,11 +117,20 @@ def floor_process(
 
 @contextlib.contextmanager
 def target_process(
-    target: str, run_dir: Path, fake: str, *, forwarding: bool, concurrency: int
+    target: str,
+    run_dir: Path,
+    fake: str,
+    *,
+    forwarding: bool,
+    concurrency: int,
+    python: Sequence[str] = (PY,),
 ) -> Iterator[tuple[str, int]]:
-    """A fresh process and data directory for one measurement: ``(ingest URL, pid)``."""
+    """A fresh process and data directory for one measurement: ``(ingest URL, pid)``;
+    ``python``, the interpreter's command for the floor and the sidecar."""
     if target == "floor":
-        with floor_process(run_dir, fake, forwarding=forwarding, concurrency=concurrency) as x:
+        with floor_process(
+            run_dir, fake, forwarding=forwarding, concurrency=concurrency, python=python
+        ) as x:
             yield x
     elif target == "sidecar":
         side = Sidecar(
@@ -126,6 +140,7 @@ def target_process(
             rate_limit_per_min=UNLIMITED_PER_MIN,
             upstream_concurrency=concurrency,
             api_key=API_KEY if forwarding else None,
+            python=python,
         )
         try:
             yield side.url + "/v1/actions", side.proc.pid

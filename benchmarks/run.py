@@ -51,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +183,10 @@ class Sidecar:
         ingest_processes: int = 1,
         upstream_concurrency: int | None = None,
         api_key: str | None = API_KEY,
+        python: Sequence[str] = (PY,),
     ) -> None:
-        """``api_key=None``: no key, so the sidecar does not forward (ingest only)."""
+        """``api_key=None``: no key, so the sidecar does not forward (ingest only);
+        ``python``: the interpreter's command (``calls.py`` runs it under a profiler)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("VALMI")}
         env |= {
             "VALMI_SIDECAR_DATA_DIR": str(data_dir),
@@ -203,7 +205,10 @@ class Sidecar:
         started = time.monotonic()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [PY, "-m", "valmi_sidecar", "run"], stdout=log, stderr=subprocess.STDOUT, env=env
+                [*python, "-m", "valmi_sidecar", "run"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         self.url = self._wait_ready()
         self.ready_s = time.monotonic() - started

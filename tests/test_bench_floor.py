@@ -450,3 +450,31 @@ def test_writer_cost_measures_the_store_writers_thread_and_the_floors_sql(
     assert {"store, writer thread", "store, event loop", "floor SQL"} == set(figures)
     assert all(v > 0 for v in figures.values())
     assert [] == list(tmp_path.iterdir())  # its files are gone
+
+
+def test_calls_counts_each_targets_calls_per_event_by_origin() -> None:
+    """``benchmarks/calls.py`` profiles a window of the floor and of the sidecar, each
+    forwarding to the fake API, and counts the calls per delivered event by where the
+    function lives."""
+    args = ["--rate", "20", "--seconds", "1", "--top", "3"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "calls.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert 0 == proc.returncode, proc.stderr
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in ("floor", "sidecar"):
+            rows[cells[0]] = [float(c) for c in cells[1:]]
+    assert {"floor", "sidecar"} == set(rows)
+    for total, own, aiohttp, *rest in rows.values():
+        assert own > 0
+        assert aiohttp > 0
+        assert abs(total - (own + aiohttp + sum(rest))) < 0.5  # the columns add up
+    listed = [line for line in proc.stdout.splitlines() if line.startswith("- ")]
+    assert 3 == len(listed)
+    assert all(".py:" in line for line in listed)
