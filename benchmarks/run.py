@@ -56,10 +56,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -871,6 +867,13 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def chart(r: dict[str, Any], path: Path) -> None:
+    # Imported here: the scripts that borrow this one's helpers (floor_compare.py,
+    # calls.py, their tests in CI) do not need the bench extra's matplotlib.
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for target, label in (
         ("bare", "bare aiohttp"),
