@@ -429,22 +429,29 @@ def test_the_table_splits_off_the_event_loops_thread_when_the_runs_carry_it() ->
     assert "event loop's thread" not in older  # runs saved before the split was read
 
 
+def _run_script(name: str, *args: str) -> str:
+    """Run a script of ``benchmarks/`` to its end (it must succeed); its standard output."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert 0 == proc.returncode, proc.stderr
+    return proc.stdout
+
+
 def test_writer_cost_measures_the_store_writers_thread_and_the_floors_sql(
     tmp_path: Path,
 ) -> None:
     """``benchmarks/writer_cost.py`` finds the store's writer thread by its name and
     gets one commit per group (else it stops with an error): a few groups each way."""
-    args = ["--groups", "30", "--rounds", "1", "--dir", str(tmp_path)]
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "writer_cost.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    stdout = _run_script(
+        "writer_cost.py", "--groups", "30", "--rounds", "1", "--dir", str(tmp_path)
     )
-    assert 0 == proc.returncode, proc.stderr
     figures = {}
-    for line in proc.stdout.splitlines()[1:]:
+    for line in stdout.splitlines()[1:]:
         name, _, rest = line.partition(":")
         figures[name.strip()] = float(rest.split()[0])
     assert {"store, writer thread", "store, event loop", "floor SQL"} == set(figures)
@@ -456,17 +463,9 @@ def test_calls_counts_each_targets_calls_per_event_by_origin() -> None:
     """``benchmarks/calls.py`` profiles a window of the floor and of the sidecar, each
     forwarding to the fake API, and counts the calls per delivered event by where the
     function lives."""
-    args = ["--rate", "20", "--seconds", "1", "--top", "3"]
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "calls.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert 0 == proc.returncode, proc.stderr
+    stdout = _run_script("calls.py", "--rate", "20", "--seconds", "1", "--top", "3")
     rows = {}
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[0] in ("floor", "sidecar"):
             rows[cells[0]] = [float(c) for c in cells[1:]]
@@ -475,6 +474,6 @@ def test_calls_counts_each_targets_calls_per_event_by_origin() -> None:
         assert own > 0
         assert aiohttp > 0
         assert abs(total - (own + aiohttp + sum(rest))) < 0.5  # the columns add up
-    listed = [line for line in proc.stdout.splitlines() if line.startswith("- ")]
+    listed = [line for line in stdout.splitlines() if line.startswith("- ")]
     assert 3 == len(listed)
     assert all(".py:" in line for line in listed)
