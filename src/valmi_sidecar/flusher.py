@@ -4,10 +4,10 @@ One lease loop takes the oldest due events from the store (never one already in 
 passes each through the global gates (a hold set by backoff, ``429``/``Retry-After``,
 ``X-RateLimit-*`` or a pause; then the token bucket) and hands it to one of
 ``upstream_concurrency`` sender tasks, each sending one event at a time (one in all while
-backing off or paused: a probe). Sender outcomes are collected and settled in batches, one store transaction
-each; an event leaves the in-flight set only once its settlement is committed, or at
-once when nothing is to be recorded for it (a pause, a ``429``, a cancelled request),
-so it is never leased twice concurrently and never lost.
+backing off or paused: a probe). Sender outcomes are collected and settled in batches,
+one store transaction each; an event leaves the in-flight set only once its settlement
+is committed, or at once when nothing is to be recorded for it (a pause, a ``429``, a
+cancelled request), so it is never leased twice concurrently and never lost.
 
 What upstream's answers mean (the state, the holds, the rate budget, the refusals held
 until a delivery judges them) is decided by ``UpstreamPolicy`` (``policy.py``, no I/O);
