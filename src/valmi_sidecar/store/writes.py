@@ -279,8 +279,8 @@ def _insert_rows(
     """``rows`` through the multi-row ``statement``, in chunks (``sql.row_chunks``)."""
     start = 0
     for n in row_chunks(len(rows)):
-        chunk = rows[start : start + n] if n < len(rows) else rows
-        db.execute(with_rows(statement, width, n), [v for row in chunk for v in row])
+        values = [v for row in rows[start : start + n] for v in row]
+        db.execute(with_rows(statement, width, n), values)
         start += n
 
 
