@@ -205,6 +205,7 @@ class Flusher:
                 tg.create_task(self._settler.run(), name="flusher-settle")
                 for i in range(self._concurrency):
                     self._senders.add(tg.create_task(self._sender(upstream), name=f"send-{i}"))
+                self._store.take_fresh(0)  # from now on committed events are held for us
                 self._missed = self._store.missed
                 unlisten = self._store.on_new_events(self._on_new_events)
                 try:
@@ -274,6 +275,16 @@ class Flusher:
                 continue
             self._sending += 1
             self._hand_over(event, self._policy.generation)
+            if (
+                not self._buffer
+                and not self._store.fresh
+                and self._short.known_empty(self._clock())
+            ):
+                # Nothing else to send: wait for new events (or the next due time) now.
+                # Another pass would ask the policy, the tokens and the store again only
+                # to come here; at a low rate that was every other pass.
+                self._wants_events = True
+                await self._wait_wake(await self._idle_timeout())
 
     def _expire(self, event: QueuedEvent) -> None:
         max_age_s = self._settings.max_event_age_s

@@ -474,6 +474,11 @@ class Store:
         return self._handoff.take(limit)
 
     @property
+    def fresh(self) -> int:
+        """Events committed that ``take_fresh`` would give now."""
+        return len(self._handoff)
+
+    @property
     def missed(self) -> int:
         """Events committed to the queue that ``take_fresh`` will not give (see there)."""
         return self._handoff.missed

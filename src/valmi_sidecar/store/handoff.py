@@ -45,6 +45,9 @@ class Handoff:
             self._events.append((seq, event))
             self._bytes += len(event.body)
 
+    def __len__(self) -> int:
+        return len(self._events)
+
     def miss(self, n: int) -> None:
         self.missed += n
 
