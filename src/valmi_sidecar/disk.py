@@ -151,10 +151,10 @@ def minimum_queue_bytes(max_body_bytes: int) -> int:
     return need + DATABASE_MIN + budget.page_size
 
 
-def file_bytes(path: Path) -> int:
+def file_bytes(path: str | os.PathLike[str]) -> int:
     """What one file takes: its size, or its allocated blocks when more; 0 when absent."""
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return 0
     return max(st.st_size, st.st_blocks * 512)

@@ -43,7 +43,8 @@ class Space:
     def __init__(self, budget: DiskBudget, path: Path) -> None:
         self.budget = budget
         self._path = path
-        self._wal_path = path.with_name(DB_NAME + "-wal")
+        # A string: ``os.stat`` after every commit, without ``pathlib`` around it.
+        self._wal_path = str(path.with_name(DB_NAME + "-wal"))
         #: Bytes of the database in use as last measured plus what was added since.
         self.used = 0
         #: Whether new events are refused for want of room.
