@@ -226,3 +226,24 @@ async def test_a_group_of_any_size_stores_every_event_and_key(
     again = await asyncio.gather(*(store.submit([e]) for e in events if e.idem_key != e.id))
     assert all(acc[0].duplicate for acc in again)
     assert n == store.counts().queued
+
+
+async def test_a_group_adds_to_every_ledger_row_it_touches(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """A group's ledger rows go in multi-row statements: events of eleven agents, received
+    and delivered in one group (8 + 2 + 1 rows), each add to their own agent's row."""
+    store = await open_store()
+    agents = [f"agent-{i:02}" for i in range(11)]
+    await store.submit([action(clock, agent=a) for a in agents])
+    leased = await store.lease(len(agents), frozenset())
+    commits = store.commits
+    await asyncio.gather(
+        store.settle([Delivered(e.seq) for e in leased]),
+        *(store.submit([action(clock, agent=a)]) for a in agents),
+    )
+    assert commits + 1 == store.commits  # the deliveries and the new events: one group
+    ledger = rows(store, "SELECT agent_key, received, delivered FROM ledger ORDER BY agent_key")
+    assert [(a, 2, 1) for a in agents] == ledger
+    c = store.counts()
+    assert (22, 11, 11) == (c.received, c.queued, c.delivered)

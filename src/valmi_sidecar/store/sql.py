@@ -48,11 +48,13 @@ LEDGER_ADD: Final = (
     " delivered_value = delivered_value + excluded.delivered_value,"
     " dead_lettered_value = dead_lettered_value + excluded.dead_lettered_value"
 )
-UPSERT_LEDGER: Final = (
+#: Ledger rows (``LEDGER_ROW_VALUES`` values each) in one statement; ``{rows}`` stands
+#: for the rows' placeholders (``with_rows``).
+UPSERT_LEDGER_ROWS: Final = (
     "INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered, dead_lettered,"  # noqa: S608 - constant SQL; values are bound
-    " received_value, delivered_value, dead_lettered_value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    + LEDGER_ADD
+    " received_value, delivered_value, dead_lettered_value) VALUES {rows}" + LEDGER_ADD
 )
+LEDGER_ROW_VALUES: Final = 10
 #: What one group transaction writes besides its settlements: the new events, their keys,
 #: the ledger and the counters. The events and the keys are written by multi-row
 #: statements (``rows``): ``{rows}`` stands for the rows' placeholders.
@@ -179,6 +181,10 @@ def with_rows(statement: str, width: int, n: int) -> str:
     """``statement`` with its ``{rows}`` made ``n`` rows of ``width`` placeholders."""
     row = "(" + ", ".join("?" * width) + ")"
     return statement.replace("{rows}", ", ".join([row] * n))
+
+
+#: One ledger row.
+UPSERT_LEDGER: Final = with_rows(UPSERT_LEDGER_ROWS, LEDGER_ROW_VALUES, 1)
 
 
 #: A key row's id and ``created_at`` as written, filled in where the row leaves out what

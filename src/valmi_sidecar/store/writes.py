@@ -56,11 +56,12 @@ from .sql import (
     KEY_CREATED_AT,
     KEY_ID,
     KEY_ROW_VALUES,
+    LEDGER_ROW_VALUES,
     OLDEST,
     REMEMBERED_SINCE,
     RETRY,
     SETTLE_KEYS,
-    UPSERT_LEDGER,
+    UPSERT_LEDGER_ROWS,
     bind_list,
     columns,
     row_chunks,
@@ -266,7 +267,8 @@ def _write_and_commit(db: sqlite3.Connection, plan: Plan) -> None:
         rows = [(seq, len(e.body), *_event_values(e)) for seq, e in plan.fresh]
         _insert_rows(db, INSERT_EVENT, EVENT_ROW_VALUES, rows)
     if plan.ledger:
-        db.executemany(UPSERT_LEDGER, [(*k, *d) for k, d in plan.ledger.items()])
+        rows = [(*k, *d) for k, d in plan.ledger.items()]
+        _insert_rows(db, UPSERT_LEDGER_ROWS, LEDGER_ROW_VALUES, rows)
     if plan.received or plan.delivered or plan.dead_lettered or plan.duplicates:
         counts = (plan.received, plan.delivered, plan.dead_lettered, plan.duplicates)
         db.execute(BUMP_COUNTERS, counts)
