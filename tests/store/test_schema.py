@@ -1,5 +1,5 @@
 """The schema: a fresh file in WAL mode at the current version, a newer version refused,
-and the migration of an old file's ledger."""
+and the migrations of an old file (its ledger, its counts)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import pytest
 from valmi_sidecar.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    Counts,
+    Delivered,
     ReadOnlyDatabase,
     Store,
     StoreError,
     utc_day,
 )
 
-from .conftest import OpenStore, rows
+from .conftest import OpenStore, action, rows
 
 
 async def test_database_of_a_newer_version_is_refused(
@@ -91,3 +93,52 @@ async def test_migration_fills_the_ledger_from_what_a_v1_database_holds(tmp_path
     with ReadOnlyDatabase(data / "queue.db") as ro:
         assert 7 == sum(r.received for r in ro.ledger())
         assert [] == ro.integrity_check()
+
+
+async def test_counts_become_the_ledgers_totals_and_keep_what_came_before_it(
+    tmp_path: Path,
+) -> None:
+    """From version 4 a commit writes no counter row: received, delivered and dead-lettered
+    are the ledger's totals. A file counted events before its ledger existed (version 1):
+    the migration keeps that difference, so the counts read the same before and after."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    db = sqlite3.connect(data / "queue.db")
+    scripts = " ".join(MIGRATIONS[:3])
+    db.executescript(f"PRAGMA journal_mode = WAL; {scripts} PRAGMA user_version = 3;")
+    # Two deliveries before the ledger existed: the counters hold them, the ledger not.
+    db.execute(
+        "INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered,"
+        " dead_lettered) VALUES ('a', 'action', 'llm_call', '2026-11-30', 5, 4, 1)"
+    )
+    db.execute(
+        "UPDATE counters SET value = CASE name WHEN 'received' THEN 7 WHEN 'delivered' THEN 6"
+        " WHEN 'dead_lettered' THEN 1 ELSE 2 END"
+    )
+    db.commit()
+    db.close()
+
+    def counts(c: Counts) -> tuple[int, int, int, int]:
+        return (c.received, c.delivered, c.dead_lettered, c.duplicates)
+
+    with ReadOnlyDatabase(data / "queue.db") as ro:
+        assert (7, 6, 1, 2) == counts(ro.counts())  # version 3: the counters as they are
+    store = await Store.open(data, prune_interval_s=None)
+    try:
+        assert (7, 6, 1, 2) == counts(store.counts())
+        await store.submit([action(key="k")])
+        await store.submit([action(key="k")])  # a duplicate: counted apart
+        (leased,) = await store.lease(1, frozenset())
+        await store.settle([Delivered(leased.seq)])
+        assert (8, 7, 1, 3) == counts(store.counts())
+    finally:
+        await store.close()
+    with ReadOnlyDatabase(data / "queue.db") as ro:
+        assert SCHEMA_VERSION == ro.version
+        assert (8, 7, 1, 3) == counts(ro.counts())
+        assert 8 == sum(r.received for r in ro.ledger()) + 2  # the two from before it
+    store = await Store.open(data, prune_interval_s=None)
+    try:
+        assert (8, 7, 1, 3) == counts(store.counts())
+    finally:
+        await store.close()

@@ -11,7 +11,6 @@ from ..disk import DEAD_LETTER_OVERHEAD_BYTES
 from .plan import IN_DEAD, PRUNE_CHUNK, Fail, LedgerDelta, Plan, Purge, Requeue, Snapshot, bump
 from .records import DeadLetterFilter, DeadLetterRecord, QueueFullError, utc_day
 from .sql import (
-    BUMP_COUNTER,
     BUMP_OPERATOR,
     DL_COLUMNS,
     INSERT_REQUEUED,
@@ -71,8 +70,8 @@ def requeue(
 
     A re-queued dead letter keeps its id, idempotency key and receipt time, gets a new
     place at the end of the queue, and its age restarts (``requeued_at``). It moves from
-    dead-lettered to queued in the counters and in the ledger; received is unchanged, so
-    the counts still reconcile. ``refusal(db, n)`` says whether ``n`` fit."""
+    dead-lettered to queued in the ledger (the counts are its totals); received is
+    unchanged, so the counts still reconcile. ``refusal(db, n)`` says whether ``n`` fit."""
     plan = Plan(next_seq=start.next_seq, oldest=start.oldest)
     rows = _within_bytes(_select_dead_letters(db, op.filter, op.limit), max_bytes)
     failure = refusal(db, len(rows)) if rows else None
@@ -97,7 +96,6 @@ def requeue(
     )  # fmt: skip
     db.executemany(REQUEUE_KEY, [(r.idem_key, r.id, r.created_at, r.received_at) for r in rows])
     db.executemany(UPSERT_LEDGER, [(*key, *map(int, d[:3]), *d[3:]) for key, d in delta.items()])
-    db.execute(BUMP_COUNTER, (-len(rows), "dead_lettered"))
     db.execute(BUMP_OPERATOR, (len(rows), "requeued"))
     db.commit()
     n = len(rows)

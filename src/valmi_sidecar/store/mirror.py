@@ -18,7 +18,7 @@ import structlog
 from ..disk import DEAD_LETTER_OVERHEAD_BYTES
 from .plan import Plan, Snapshot
 from .records import DEAD_LETTER_WARN_SHARE, Counts, StoreStats
-from .sql import OLDEST
+from .sql import COUNTS, OLDEST
 
 log = structlog.get_logger("valmi_sidecar.store")
 
@@ -51,7 +51,7 @@ class Mirror:
     def load(self, db: sqlite3.Connection, clean: tuple[int, int] | None) -> None:
         """Read the committed state (any thread). ``clean``: the queue's size from the
         clean-shutdown record, when it matched (then the events are not counted)."""
-        values = {str(name): int(value) for name, value in db.execute("SELECT * FROM counters")}
+        values = {str(name): int(value) for name, value in db.execute(COUNTS)}
         self.received = values["received"]
         self.delivered = values["delivered"]
         self.dead_lettered = values["dead_lettered"]

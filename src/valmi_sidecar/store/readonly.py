@@ -21,10 +21,18 @@ from .records import (
     StoreError,
 )
 from .salvage import Salvage
-from .schema import BUSY_TIMEOUT_MS, DB_NAME, integrity_check, is_corruption
+from .schema import (
+    BUSY_TIMEOUT_MS,
+    COUNTS_FROM_LEDGER,
+    DB_NAME,
+    integrity_check,
+    is_corruption,
+)
 from .sql import (
     AGE_FROM,
     COUNT_DEAD,
+    COUNTS,
+    COUNTS_V1,
     SUMMARY,
     dead_letter_where,
     dead_letters_query,
@@ -107,7 +115,8 @@ class ReadOnlyDatabase:
             )
 
     def counts(self) -> Counts:
-        values = {str(r[0]): int(r[1]) for r in self._rows("SELECT name, value FROM counters")}
+        counts = COUNTS if self.version >= COUNTS_FROM_LEDGER else COUNTS_V1
+        values = {str(r[0]): int(r[1]) for r in self._rows(counts)}
         queued, size = self._rows("SELECT count(*), coalesce(sum(size), 0) FROM events")[0]
         age_from = AGE_FROM if self.version >= 2 else "received_at"
         oldest = self._rows(f"SELECT {age_from} FROM events ORDER BY seq LIMIT 1")  # noqa: S608 - constant SQL; values are bound

@@ -73,12 +73,17 @@ KEY_ROW_VALUES: Final = 5
 EVENT_FIELDS: Final = tuple(f for f in record_fields(NewEvent) if f != "fingerprint")
 INSERT_EVENT: Final = f"INSERT INTO events (seq, size, {', '.join(EVENT_FIELDS)}) VALUES {{rows}}"  # noqa: S608 - constant SQL; values are bound
 EVENT_ROW_VALUES: Final = len(EVENT_FIELDS) + 2
-#: ``?1`` received, ``?2`` delivered, ``?3`` dead-lettered, ``?4`` duplicates.
-BUMP_COUNTERS: Final = (
-    "UPDATE counters SET value = value + CASE name WHEN 'received' THEN ?1"
-    " WHEN 'delivered' THEN ?2 WHEN 'dead_lettered' THEN ?3 WHEN 'duplicates' THEN ?4"
-    " ELSE 0 END"
+#: The committed counts by name (schema version 4 on): received, delivered and
+#: dead-lettered are the ledger's totals plus the counters' offsets; duplicates are
+#: counted apart (the ledger holds events, not repeats).
+COUNTS: Final = (
+    "SELECT name, value + CASE name WHEN 'received' THEN r WHEN 'delivered' THEN d"
+    " WHEN 'dead_lettered' THEN x ELSE 0 END FROM counters,"
+    " (SELECT coalesce(sum(received), 0) AS r, coalesce(sum(delivered), 0) AS d,"
+    " coalesce(sum(dead_lettered), 0) AS x FROM ledger)"
 )
+#: Before version 4, the counters themselves.
+COUNTS_V1: Final = "SELECT name, value FROM counters"
 BUMP_COUNTER: Final = "UPDATE counters SET value = value + ? WHERE name = ?"
 BUMP_OPERATOR: Final = "UPDATE operator_counters SET value = value + ? WHERE name = ?"
 DL_COLUMNS: Final = columns(DeadLetterRecord)

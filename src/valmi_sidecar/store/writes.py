@@ -45,7 +45,7 @@ from .records import (
 )
 from .space import QUEUE_FULL_RETRY_AFTER_S, Space
 from .sql import (
-    BUMP_COUNTERS,
+    BUMP_COUNTER,
     DELETE_EVENT,
     DELETE_EVENTS,
     EVENT_FIELDS,
@@ -258,7 +258,7 @@ _event_values: Final = operator.attrgetter(*EVENT_FIELDS)
 
 
 def _write_and_commit(db: sqlite3.Connection, plan: Plan) -> None:
-    """Write the group's new events and keys, its ledger and counters, and commit."""
+    """Write the group's new events and keys, its ledger and duplicates, and commit."""
     if plan.fresh:
         keys = [
             (e.idem_key, e.id, e.fingerprint, e.created_at, e.received_at) for _, e in plan.fresh
@@ -269,9 +269,8 @@ def _write_and_commit(db: sqlite3.Connection, plan: Plan) -> None:
     if plan.ledger:
         rows = [(*k, *d) for k, d in plan.ledger.items()]
         _insert_rows(db, UPSERT_LEDGER_ROWS, LEDGER_ROW_VALUES, rows)
-    if plan.received or plan.delivered or plan.dead_lettered or plan.duplicates:
-        counts = (plan.received, plan.delivered, plan.dead_lettered, plan.duplicates)
-        db.execute(BUMP_COUNTERS, counts)
+    if plan.duplicates:  # the rest of the counts are the ledger's totals (``sql.COUNTS``)
+        db.execute(BUMP_COUNTER, (plan.duplicates, "duplicates"))
     db.commit()
 
 
