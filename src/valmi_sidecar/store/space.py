@@ -42,6 +42,8 @@ class Space:
 
     def __init__(self, budget: DiskBudget, path: Path) -> None:
         self.budget = budget
+        # Read for every group and every commit: the budget's properties derive it anew.
+        self._intake_bytes = budget.intake_bytes
         self._path = path
         # A string: ``os.stat`` after every commit, without ``pathlib`` around it.
         self._wal_path = str(path.with_name(DB_NAME + "-wal"))
@@ -93,7 +95,8 @@ class Space:
         database is measured only when the mirror, which errs high, says they do not fit."""
         budget = self.budget
         used = self.used if plan.disk_measured is None else plan.disk_measured
-        if used + plan.disk_added + need > budget.intake_bytes and plan.disk_measured is None:
+        intake = self._intake_bytes
+        if used + plan.disk_added + need > intake and plan.disk_measured is None:
             used = plan.disk_measured = self.measure(db)
         if self.wal_over:
             plan.disk_full = True
@@ -102,11 +105,11 @@ class Space:
                 f"and max_queue_bytes={budget.max_bytes} leaves it no more room; retry later",
                 QUEUE_FULL_RETRY_AFTER_S,
             )
-        if used + plan.disk_added + need > budget.intake_bytes:
+        if used + plan.disk_added + need > intake:
             plan.disk_full = True
             return QueueFullError(
                 f"the data directory is at its disk budget, max_queue_bytes={budget.max_bytes}: "
-                f"{used + plan.disk_added} of the {budget.intake_bytes} bytes the database "
+                f"{used + plan.disk_added} of the {intake} bytes the database "
                 "keeps for events, keys and dead letters are in use; retry later (forwarding "
                 "frees room; dead letters keep theirs until re-queued or purged)",
                 QUEUE_FULL_RETRY_AFTER_S,
@@ -176,5 +179,5 @@ class Space:
         """Whether the store is full now (``/readyz``): a submission was just refused for
         room, or too little is left; once full, until a fair amount is free again, so that
         it does not flap while small events still fit between refused large ones."""
-        room = self.budget.intake_bytes - self.used
+        room = self._intake_bytes - self.used
         return refused or room < (ROOM_AGAIN_BYTES if was_full else FULL_ROOM_BYTES)
