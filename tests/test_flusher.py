@@ -25,6 +25,7 @@ from valmi_sidecar.fake_api import FakeValmi
 from valmi_sidecar.flusher import Flusher, FlusherError
 from valmi_sidecar.policy import TokenBucket, full_jitter, rate_budget
 from valmi_sidecar.store import QueuedEvent, Retry, Store, handoff
+from valmi_sidecar.store import core as store_core
 from valmi_sidecar.upstream import Answer, Outgoing, Upstream
 
 from .conftest import ACTION, DEFAULT_KEY, SidecarProcessFactory, fast_settings, wait_until
@@ -321,6 +322,7 @@ async def test_a_lone_delivery_is_recorded_in_the_next_received_events_transacti
     """One event at a time (a quiet agent): each delivery waits for the next event's
     transaction instead of making one of its own, and is recorded by it."""
     monkeypatch.setattr(settler, "SETTLE_LINGER_S", 30.0)  # it waits for the next event
+    monkeypatch.setattr(store_core, "RIDERS_GATHER_S", 0.0)  # and boards it (store tests)
     flusher, _ = await start_flusher(fake)
     await store.submit([action(0)])
 
@@ -347,6 +349,7 @@ async def test_deliveries_answered_together_all_ride_on_the_next_transaction(
     """A few deliveries answered before the next event (a burst, then quiet) each ride
     from the sender, and the next event's transaction records them all."""
     monkeypatch.setattr(settler, "SETTLE_LINGER_S", 30.0)  # they wait for the next event
+    monkeypatch.setattr(store_core, "RIDERS_GATHER_S", 0.0)  # and board it (store tests)
     n = settler.RIDE_BELOW - 1
     flusher, _ = await start_flusher(fake, upstream_concurrency=n)
     await store.submit([action(i) for i in range(n)])

@@ -106,8 +106,9 @@ class Settler:
         self._on_settled(batch)
 
     def hurry(self) -> None:
-        """Commit what waits without lingering."""
+        """Commit what waits without lingering, the riders in the writer too."""
         self._now.set()
+        self._store.board_riders()
 
     def close(self) -> None:
         """Commit what waits and end ``run``."""

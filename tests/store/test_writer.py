@@ -21,6 +21,7 @@ from valmi_sidecar.store import (
     StoreError,
 )
 from valmi_sidecar.store import core as store_core
+from valmi_sidecar.store import writer as store_writer
 
 from .conftest import Clock, OpenStore, action, rows
 
@@ -165,22 +166,79 @@ async def test_writable_recovers_by_itself_when_idle(open_store: OpenStore, cloc
     assert store.writable
 
 
-async def test_a_riding_settlement_joins_the_next_submission(
+async def test_a_rider_gathers_company_then_joins_a_submission(
     open_store: OpenStore, clock: Clock
 ) -> None:
-    """Settlements given ``ride_s`` wait for the next transaction of submissions and are
-    recorded in it: one transaction for both, where they used to make two."""
+    """Settlements given ``ride_s`` wait for a transaction of submissions and are recorded
+    in it: one transaction for both, where they used to make two. They sit out the ones
+    that come sooner than ``RIDERS_GATHER_S`` after them, so that riders board together
+    (five at 100 events/s) rather than one with every event."""
     store = await open_store()
     await store.submit([action(clock, key="first")])
     (leased,) = await store.lease(1, frozenset())
     before = store.commits
+    riding_since = time.monotonic()
     settling = asyncio.ensure_future(store.settle([Delivered(leased.seq)], ride_s=30.0))
     await asyncio.sleep(0)  # the writer sees only the rider: it waits
     assert not settling.done()
     await store.submit([action(clock, key="second")])
+    if time.monotonic() - riding_since < store_core.RIDERS_GATHER_S:
+        assert not settling.done()  # too soon: it sat that one out
+        assert (0, 2) == (store.counts().delivered, store.counts().queued)
+    # The rider's time to board passes: the next submission takes it along.
+    await wait_until(
+        lambda: time.monotonic() - riding_since > store_core.RIDERS_GATHER_S,
+        5,
+        "the rider's time to board",
+    )
+    commits = store.commits
+    await store.submit([action(clock, key="third")])
     await asyncio.wait_for(settling, 5)
-    assert before + 1 == store.commits
-    assert (1, 1) == (store.counts().delivered, store.counts().queued)
+    assert commits + 1 == store.commits
+    assert before + 2 == store.commits  # never a transaction of its own
+    assert (1, 2) == (store.counts().delivered, store.counts().queued)
+
+
+async def test_riders_board_at_once_when_many_or_with_a_settlement_that_does_not_ride(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    store = await open_store()
+    n = store_writer.RIDERS_FULL
+    await store.submit([action(clock) for _ in range(n + 1)])
+    leased = await store.lease(n + 1, frozenset())
+    riding = [
+        asyncio.ensure_future(store.settle([Delivered(e.seq)], ride_s=30.0)) for e in leased[:n]
+    ]
+    await asyncio.sleep(0)
+    commits = store.commits
+    await store.submit([action(clock)])  # at once: RIDERS_FULL ride
+    await asyncio.wait_for(asyncio.gather(*riding), 5)
+    assert (commits + 1, n) == (store.commits, store.counts().delivered)
+    rider = asyncio.ensure_future(store.settle([Delivered(leased[n].seq)], ride_s=30.0))
+    await asyncio.sleep(0)
+    await store.submit([action(clock)])
+    assert not rider.done()  # one alone, too soon: it waits
+    (fresh,) = await store.lease(1, frozenset(e.seq for e in leased))
+    await store.settle([Delivered(fresh.seq)])  # one that does not ride takes it along
+    await asyncio.wait_for(rider, 5)
+    assert n + 2 == store.counts().delivered
+
+
+async def test_riders_board_at_once_when_their_outcomes_are_awaited(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """The flusher waits for outcomes to be saved (its bound on unsaved ones): the riders
+    are recorded at once, alone, rather than after their wait for company."""
+    store = await open_store()
+    await store.submit([action(clock)])
+    (leased,) = await store.lease(1, frozenset())
+    commits = store.commits
+    rider = asyncio.ensure_future(store.settle([Delivered(leased.seq)], ride_s=30.0))
+    await asyncio.sleep(0)
+    assert not rider.done()
+    store.board_riders()
+    await asyncio.wait_for(rider, 5)
+    assert (commits + 1, 1) == (store.commits, store.counts().delivered)
 
 
 async def test_a_rider_with_nothing_to_join_is_recorded_alone_after_its_wait(

@@ -58,6 +58,15 @@ log = structlog.get_logger("valmi_sidecar.store")
 #: How long ``close()`` lets the writer commit what is pending before it gives up (with
 #: ``opening.CONNECTION_CLOSE_S`` for each connection, all of ``close()`` stays under 10 s).
 CLOSE_DRAIN_S: Final = 5.0
+#: A rider (``settle_soon`` with ``ride_s``) sits out the transactions of submissions that
+#: come sooner than this (or half its ``ride_s``) after it, to gather company; then the
+#: riders board one together (the writer lets them on sooner when ``writer.RIDERS_FULL``
+#: ride, or with a settlement that does not ride). At 100 events/s a transaction then
+#: records five deliveries with every fifth event instead of one with every event: the
+#: settlement's statements, and the start of the writing that its first statement pays,
+#: once for five. A crash in between re-sends what was delivered and not yet recorded,
+#: with the same key, as it did before.
+RIDERS_GATHER_S: Final = 0.05
 
 
 class Store:
@@ -354,9 +363,18 @@ class Store:
         if not settlements:
             future.set_result(None)
             return future
-        ride_until = time.monotonic() + ride_s if ride_s > 0 else 0.0
-        self._writer.enqueue(Settle(settlements, future, ride_until))
+        if ride_s > 0:
+            now = time.monotonic()
+            boards_at = now + min(RIDERS_GATHER_S, ride_s / 2)
+            self._writer.enqueue(Settle(settlements, future, now + ride_s, boards_at))
+        else:
+            self._writer.enqueue(Settle(settlements, future))
         return future
+
+    def board_riders(self) -> None:
+        """Record the riding settlements now, alone if no submission comes, instead of
+        letting them wait for company: for a caller that waits for them to be saved."""
+        self._writer.board_riders()
 
     async def prune(self) -> int:
         """Forget the idempotency keys older than the de-dup window whose events left the

@@ -38,6 +38,9 @@ class Settle:
     #: A rider waits, until this ``time.monotonic()``, for a transaction of submissions to
     #: join rather than making one of its own (0: no wait).
     ride_until: float = 0.0
+    #: Before this ``time.monotonic()`` a rider sits out transactions of submissions, to
+    #: gather company (``core.RIDERS_GATHER_S``).
+    boards_at: float = 0.0
 
 
 @dataclass(slots=True, eq=False)

@@ -46,6 +46,10 @@ log = structlog.get_logger("valmi_sidecar.store")
 #: Events (submitted or settled) in one group-commit transaction, at most (a single
 #: submission is never split, so a group may exceed it by one submission).
 MAX_GROUP_EVENTS: Final = 2_000
+#: Riders sit out transactions of submissions until they board (``Settle.boards_at``,
+#: ``core.RIDERS_GATHER_S``), or this many settlements ride, or one that does not ride is
+#: pending: then all board together.
+RIDERS_FULL: Final = 8
 #: While a commit has failed and nothing else is written, how often the writer tries a
 #: tiny transaction to find out whether the disk is writable again.
 PROBE_INTERVAL_S: Final = 1.0
@@ -77,6 +81,8 @@ class Writer:
         #: Told of every commit that added events to the queue.
         self._listeners: list[Callable[[], None]] = []
         self._stopping = False
+        # The flusher waits for outcomes to be saved: riders go in the next transaction.
+        self._boarding = False
         self._writable = True
         self.failure: BaseException | None = None
         #: The operations of the transaction in progress.
@@ -129,6 +135,13 @@ class Writer:
                 self._listeners.remove(listener)
 
         return remove
+
+    def board_riders(self) -> None:
+        """Let the riders pending go in the next transaction, alone if need be, instead
+        of waiting for company (the flusher waits for their outcomes to be saved)."""
+        if any(isinstance(op, Settle) and op.ride_until for op in self._pending):
+            self._boarding = True
+            self._kick()
 
     def stop(self) -> None:
         """End ``run`` once what is pending is committed."""
@@ -223,7 +236,7 @@ class Writer:
     def _riders_wait_s(self) -> float | None:
         """How long to wait before the next transaction, when only riders are pending
         (settlements waiting to join submissions); ``None``: no wait."""
-        if self._stopping or not self._writable:
+        if self._stopping or not self._writable or self._boarding:
             return None
         first = 0.0
         for op in self._pending:
@@ -244,8 +257,13 @@ class Writer:
         # disk budget's bound (a single submission is never split).
         body_bytes = 0
         pending = self._pending
+        sitting_out = self._riders_gather()
+        riders: list[Op] = []
         while pending and n < MAX_GROUP_EVENTS:
             op = pending[0]
+            if sitting_out and isinstance(op, Settle) and op.ride_until:
+                riders.append(pending.popleft())
+                continue
             if isinstance(op, SOLO):
                 if group:
                     break
@@ -266,7 +284,26 @@ class Writer:
             group.append(op)
             body_bytes += size
             n += len(op.events) if isinstance(op, Submit) else len(op.settlements)
+        pending.extendleft(reversed(riders))  # still first in line, in their order
         return group
+
+    def _riders_gather(self) -> bool:
+        """Whether the riders pending sit out the transaction of submissions taken now
+        (``core.RIDERS_GATHER_S``)."""
+        if self._stopping or not self._writable or self._boarding:
+            self._boarding = False  # they board now
+            return False
+        now = time.monotonic()
+        riding = 0
+        submits = False
+        for op in self._pending:
+            if isinstance(op, Submit):
+                submits = True
+            elif isinstance(op, Settle):
+                if not op.ride_until or op.boards_at <= now:
+                    return False  # they board: with one that does not ride, or one due
+                riding += len(op.settlements)
+        return submits and riding < RIDERS_FULL
 
     def fail_all(self, error: StoreError) -> None:
         """Fail every operation still waiting: with ``error`` those never written, with
