@@ -267,3 +267,22 @@ async def test_a_rider_is_recorded_at_once_when_the_store_closes(
     assert time.monotonic() - started < 5
     with ReadOnlyDatabase(store.path) as db:
         assert 1 == db.counts().delivered
+
+
+async def test_riders_that_sit_out_stay_pending_when_maintenance_goes_first(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """A rider sitting out a transaction keeps its place when the writer takes an
+    operation that runs alone (here the pruning of keys) before the submission."""
+    store = await open_store()
+    await store.submit([action(clock)])
+    (leased,) = await store.lease(1, frozenset())
+    rider = asyncio.ensure_future(store.settle([Delivered(leased.seq)], ride_s=30.0))
+    await asyncio.sleep(0)
+    # In one loop iteration: the maintenance, then a submission, behind the rider.
+    pruning = asyncio.ensure_future(store.prune())
+    submitting = asyncio.ensure_future(store.submit([action(clock)]))
+    await asyncio.wait_for(asyncio.gather(pruning, submitting), 5)
+    store.board_riders()
+    await asyncio.wait_for(rider, 5)
+    assert (1, 1) == (store.counts().delivered, store.counts().queued)

@@ -259,33 +259,36 @@ class Writer:
         pending = self._pending
         sitting_out = self._riders_gather()
         riders: list[Op] = []
-        while pending and n < MAX_GROUP_EVENTS:
-            op = pending[0]
-            if sitting_out and isinstance(op, Settle) and op.ride_until:
-                riders.append(pending.popleft())
-                continue
-            if isinstance(op, SOLO):
-                if group:
-                    break
+        try:
+            while pending and n < MAX_GROUP_EVENTS:
+                op = pending[0]
+                if sitting_out and isinstance(op, Settle) and op.ride_until:
+                    riders.append(pending.popleft())
+                    continue
+                if isinstance(op, SOLO):
+                    if group:
+                        break
+                    pending.popleft()
+                    if not op.future.done():
+                        return [op]
+                    continue
+                if isinstance(op, Submit):
+                    size = sum(len(e.body) for e in op.events)
+                    if group and body_bytes + size > self._space.budget.group_body_bytes:
+                        break
+                else:
+                    size = 0
                 pending.popleft()
-                if not op.future.done():
-                    return [op]
-                continue
-            if isinstance(op, Submit):
-                size = sum(len(e.body) for e in op.events)
-                if group and body_bytes + size > self._space.budget.group_body_bytes:
-                    break
-            else:
-                size = 0
-            pending.popleft()
-            if op.future.done():
-                continue  # cancelled by its caller: not stored, nobody waits for it
-            assert isinstance(op, Submit | Settle)
-            group.append(op)
-            body_bytes += size
-            n += len(op.events) if isinstance(op, Submit) else len(op.settlements)
-        pending.extendleft(reversed(riders))  # still first in line, in their order
-        return group
+                if op.future.done():
+                    continue  # cancelled by its caller: not stored, nobody waits for it
+                assert isinstance(op, Submit | Settle)
+                group.append(op)
+                body_bytes += size
+                n += len(op.events) if isinstance(op, Submit) else len(op.settlements)
+            return group
+        finally:
+            # Riders that sat out stay first in line, in their order, whatever was taken.
+            pending.extendleft(reversed(riders))
 
     def _riders_gather(self) -> bool:
         """Whether the riders pending sit out the transaction of submissions taken now
