@@ -167,12 +167,14 @@ async def test_writable_recovers_by_itself_when_idle(open_store: OpenStore, cloc
 
 
 async def test_a_rider_gathers_company_then_joins_a_submission(
-    open_store: OpenStore, clock: Clock
+    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Settlements given ``ride_s`` wait for a transaction of submissions and are recorded
     in it: one transaction for both, where they used to make two. They sit out the ones
     that come sooner than ``RIDERS_GATHER_S`` after them, so that riders board together
     (five at 100 events/s) rather than one with every event."""
+    gather_s = 0.3  # long enough that the first submission surely comes sooner
+    monkeypatch.setattr(store_core, "RIDERS_GATHER_S", gather_s)
     store = await open_store()
     await store.submit([action(clock, key="first")])
     (leased,) = await store.lease(1, frozenset())
@@ -182,14 +184,12 @@ async def test_a_rider_gathers_company_then_joins_a_submission(
     await asyncio.sleep(0)  # the writer sees only the rider: it waits
     assert not settling.done()
     await store.submit([action(clock, key="second")])
-    if time.monotonic() - riding_since < store_core.RIDERS_GATHER_S:
-        assert not settling.done()  # too soon: it sat that one out
-        assert (0, 2) == (store.counts().delivered, store.counts().queued)
+    assert time.monotonic() - riding_since < gather_s
+    assert not settling.done()  # too soon: it sat that one out
+    assert (0, 2) == (store.counts().delivered, store.counts().queued)
     # The rider's time to board passes: the next submission takes it along.
     await wait_until(
-        lambda: time.monotonic() - riding_since > store_core.RIDERS_GATHER_S,
-        5,
-        "the rider's time to board",
+        lambda: time.monotonic() - riding_since > gather_s, 5, "the rider's time to board"
     )
     commits = store.commits
     await store.submit([action(clock, key="third")])

@@ -56,8 +56,8 @@ UPSERT_LEDGER_ROWS: Final = (
 )
 LEDGER_ROW_VALUES: Final = 10
 #: What one group transaction writes besides its settlements: the new events, their keys,
-#: the ledger and the counters. The events and the keys are written by multi-row
-#: statements (``rows``): ``{rows}`` stands for the rows' placeholders.
+#: the ledger (and the duplicates' count). The events and the keys are written by
+#: multi-row statements (``rows``): ``{rows}`` stands for the rows' placeholders.
 #: A key row leaves out the id and ``created_at`` it can derive (``KEY_ID``,
 #: ``KEY_CREATED_AT``); each row binds key, id, fingerprint, created_at, received_at.
 INSERT_KEY: Final = (

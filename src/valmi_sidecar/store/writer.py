@@ -285,6 +285,7 @@ class Writer:
                 group.append(op)
                 body_bytes += size
                 n += len(op.events) if isinstance(op, Submit) else len(op.settlements)
+            self._boarding = False  # the riders boarded (unless they sat out)
             return group
         finally:
             # Riders that sat out stay first in line, in their order, whatever was taken.
@@ -294,7 +295,6 @@ class Writer:
         """Whether the riders pending sit out the transaction of submissions taken now
         (``core.RIDERS_GATHER_S``)."""
         if self._stopping or not self._writable or self._boarding:
-            self._boarding = False  # they board now
             return False
         now = time.monotonic()
         riding = 0
