@@ -460,12 +460,16 @@ class Flusher:
     def _settled(self, batch: list[Settlement]) -> None:
         """``batch`` is committed: its events leave the in-flight set."""
         retried = False
+        expired = 0
         for settlement in batch:
             self._in_flight.discard(settlement.seq)
+            if isinstance(settlement, Delivered):
+                continue
             if isinstance(settlement, Retry):
                 retried = True
                 self._short.changed()  # queued again, due at its time (delivered or dead: gone)
-        expired = sum(isinstance(s, DeadLetter) and s.reason == "expired" for s in batch)
+            elif isinstance(settlement, DeadLetter) and settlement.reason == "expired":
+                expired += 1
         if expired:  # one line per batch, not per event: a long outage can expire many
             log.warning("events_expired", n=expired, max_event_age_s=self._settings.max_event_age_s)
         if retried or self._wants_room:

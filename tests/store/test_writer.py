@@ -286,3 +286,23 @@ async def test_riders_that_sit_out_stay_pending_when_maintenance_goes_first(
     store.board_riders()
     await asyncio.wait_for(rider, 5)
     assert (1, 1) == (store.counts().delivered, store.counts().queued)
+
+
+async def test_maintenance_goes_alone_and_a_young_rider_waits_on_for_company(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """An operation that runs alone does not make the riders board before their time: a
+    transaction of their own costs several times what riding costs."""
+    store = await open_store()
+    await store.submit([action(clock)])
+    (leased,) = await store.lease(1, frozenset())
+    rider = asyncio.ensure_future(store.settle([Delivered(leased.seq)], ride_s=30.0))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(store.prune(), 5)
+    assert not rider.done()
+    assert 0 == store.counts().delivered
+    await store.submit([action(clock)])  # too soon for it to board: it sits this one out
+    assert not rider.done()
+    store.board_riders()
+    await asyncio.wait_for(rider, 5)
+    assert (1, 1) == (store.counts().delivered, store.counts().queued)

@@ -78,6 +78,10 @@ class Writer:
         self._clock = clock
         self._groups = GroupWriter(limits, space, clock)
         self._pending: deque[Op] = deque()
+        #: Settlements that ride (``Settle.ride_until``), apart from ``_pending``: the
+        #: scheduler asks about them after every enqueue, and a scan for them among the
+        #: submissions cost a type check per operation pending each time.
+        self._riders: deque[Settle] = deque()
         #: Told of every commit that added events to the queue.
         self._listeners: list[Callable[[], None]] = []
         self._stopping = False
@@ -112,10 +116,13 @@ class Writer:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._riders)
 
     def enqueue(self, op: Op) -> None:
-        self._pending.append(op)
+        if isinstance(op, Settle) and op.ride_until:
+            self._riders.append(op)
+        else:
+            self._pending.append(op)
         if not self._kick_soon and not self._busy:
             # After the callbacks of this loop iteration: what the other requests served
             # in it enqueue goes in the same transaction.
@@ -139,7 +146,7 @@ class Writer:
     def board_riders(self) -> None:
         """Let the riders pending go in the next transaction, alone if need be, instead
         of waiting for company (the flusher waits for their outcomes to be saved)."""
-        if any(isinstance(op, Settle) and op.ride_until for op in self._pending):
+        if self._riders:
             self._boarding = True
             self._kick()
 
@@ -186,7 +193,7 @@ class Writer:
         if self._busy or self._ended or self._stopped is None or self.failure is not None:
             return
         try:
-            while self._pending:
+            while self._pending or self._riders:
                 riding_s = self._riders_wait_s()
                 if riding_s is not None:
                     self._wake_in(riding_s)
@@ -236,13 +243,11 @@ class Writer:
     def _riders_wait_s(self) -> float | None:
         """How long to wait before the next transaction, when only riders are pending
         (settlements waiting to join submissions); ``None``: no wait."""
-        if self._stopping or not self._writable or self._boarding:
+        if self._pending or self._stopping or not self._writable or self._boarding:
             return None
-        first = 0.0
-        for op in self._pending:
-            if not isinstance(op, Settle) or not op.ride_until:
-                return None
-            first = op.ride_until if not first else min(first, op.ride_until)
+        first = self._riders[0].ride_until
+        for op in self._riders:  # no generator: called after every enqueue
+            first = min(first, op.ride_until)
         wait_s = first - time.monotonic()
         # Within a millisecond: a timer set for the deadline may fire that much early.
         return wait_s if wait_s > 0.001 else None
@@ -257,39 +262,43 @@ class Writer:
         # disk budget's bound (a single submission is never split).
         body_bytes = 0
         pending = self._pending
-        sitting_out = self._riders_gather()
-        riders: list[Op] = []
-        try:
-            while pending and n < MAX_GROUP_EVENTS:
-                op = pending[0]
-                if sitting_out and isinstance(op, Settle) and op.ride_until:
-                    riders.append(pending.popleft())
-                    continue
-                if isinstance(op, SOLO):
-                    if group:
-                        break
-                    pending.popleft()
-                    if not op.future.done():
-                        return [op]
-                    continue
-                if isinstance(op, Submit):
-                    size = sum(len(e.body) for e in op.events)
-                    if group and body_bytes + size > self._space.budget.group_body_bytes:
-                        break
-                else:
-                    size = 0
+        riders = self._riders
+        if not riders:
+            self._boarding = False
+        elif not (pending and isinstance(pending[0], SOLO)) and not self._riders_gather():
+            # They board first: they waited longest, and a submission may not fit after.
+            # (An operation that runs alone, first in line, goes first; they wait on.)
+            while riders and n < MAX_GROUP_EVENTS:
+                rider = riders.popleft()
+                if not rider.future.done():
+                    group.append(rider)
+                    n += len(rider.settlements)
+            self._boarding = False
+        while pending and n < MAX_GROUP_EVENTS:
+            op = pending[0]
+            if isinstance(op, SOLO):
+                if group:
+                    break
                 pending.popleft()
-                if op.future.done():
-                    continue  # cancelled by its caller: not stored, nobody waits for it
-                assert isinstance(op, Submit | Settle)
-                group.append(op)
-                body_bytes += size
-                n += len(op.events) if isinstance(op, Submit) else len(op.settlements)
-            self._boarding = False  # the riders boarded (unless they sat out)
-            return group
-        finally:
-            # Riders that sat out stay first in line, in their order, whatever was taken.
-            pending.extendleft(reversed(riders))
+                if not op.future.done():
+                    return [op]
+                continue
+            if isinstance(op, Submit):
+                size = 0
+                for e in op.events:
+                    size += len(e.body)
+                if group and body_bytes + size > self._space.budget.group_body_bytes:
+                    break
+            else:
+                size = 0
+            pending.popleft()
+            if op.future.done():
+                continue  # cancelled by its caller: not stored, nobody waits for it
+            assert isinstance(op, Submit | Settle)
+            group.append(op)
+            body_bytes += size
+            n += len(op.events) if isinstance(op, Submit) else len(op.settlements)
+        return group
 
     def _riders_gather(self) -> bool:
         """Whether the riders pending sit out the transaction of submissions taken now
@@ -298,15 +307,18 @@ class Writer:
             return False
         now = time.monotonic()
         riding = 0
+        for rider in self._riders:
+            if rider.boards_at <= now:
+                return False  # one is due: they all board
+            riding += len(rider.settlements)
+        if riding >= RIDERS_FULL:
+            return False
         submits = False
         for op in self._pending:
-            if isinstance(op, Submit):
-                submits = True
-            elif isinstance(op, Settle):
-                if not op.ride_until or op.boards_at <= now:
-                    return False  # they board: with one that does not ride, or one due
-                riding += len(op.settlements)
-        return submits and riding < RIDERS_FULL
+            if isinstance(op, Settle):
+                return False  # they board with a settlement that does not ride
+            submits = submits or isinstance(op, Submit)
+        return submits
 
     def fail_all(self, error: StoreError) -> None:
         """Fail every operation still waiting: with ``error`` those never written, with
@@ -316,10 +328,11 @@ class Writer:
         for op in self._group:
             if not op.future.done():
                 op.future.set_exception(unknown)
-        for op in self._pending:
+        for op in (*self._riders, *self._pending):
             if not op.future.done():
                 op.future.set_exception(error)
         self._group = []
+        self._riders.clear()
         self._pending.clear()
 
     # -- one transaction -----------------------------------------------------------------
@@ -330,7 +343,10 @@ class Writer:
             fn = _rolled_back_on_error(self._transaction(group[0], group))
             self.conn.submit(fn, functools.partial(self._done, group, started))
         except BaseException:
-            self._pending.extendleft(reversed(group))  # never written: failed as pending
+            # Never written: back in line, to be failed as pending.
+            riders = [op for op in group if isinstance(op, Settle) and op.ride_until]
+            self._riders.extendleft(reversed(riders))
+            self._pending.extendleft(reversed([op for op in group if op not in riders]))
             raise
         self._group = group
         self._busy = True
@@ -484,7 +500,7 @@ class Writer:
     def _probe(self) -> None:
         """While not writable and idle: a tiny transaction, to learn whether the disk
         takes writes again."""
-        if self._busy or self._ended or self._pending or self._writable:
+        if self._busy or self._ended or self._pending or self._riders or self._writable:
             self._kick()
             return
 
