@@ -198,7 +198,9 @@ class Writer:
                 if riding_s is not None:
                     self._wake_in(riding_s)
                     return
-                self._cancel_timer()
+                # A wake-up already set is left to fire (it finds nothing to do, or the
+                # riders of then): cancelling it for every transaction and setting it again
+                # after cost a timer per event.
                 group = self._take_group()
                 if group:
                     self._dispatch(group)
