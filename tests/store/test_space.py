@@ -114,33 +114,42 @@ async def test_a_full_queue_dead_lettered_stays_within_the_budget_and_dead_lette
     assert 0 < await fill(store, clock, data_dir, budget)
 
 
+@pytest.mark.parametrize("large", [False, True], ids=["small_budget", "large_budget"])
 async def test_the_wal_stays_within_its_share_when_a_reader_holds_it(
-    open_store: OpenStore, clock: Clock, tmp_path: Path
+    open_store: OpenStore, clock: Clock, tmp_path: Path, large: bool
 ) -> None:
     """A long read (another process's) keeps the WAL from being cut: commits do not wait
     for it, new events are refused once the WAL passes its bound, and the WAL is cut and
-    events accepted again once the read ends."""
-    budget = minimum_queue_bytes(16 * 1024) + 4 * 1024 * 1024
+    events accepted again once the read ends. With a large budget the WAL's bound leaves
+    room for several transactions, and the WAL is not measured after every commit: the
+    first commit that can pass the bound is measured all the same."""
+    budget = 256 * 1024 * 1024 if large else minimum_queue_bytes(16 * 1024) + 4 * 1024 * 1024
     data_dir = tmp_path / "data"
     store = await open_store(data_dir, max_queue_bytes=budget, max_body_bytes=16 * 1024)
+    assert (store.budget.wal_soft_bytes > 4 * store.budget.txn_bytes) == large
     wal = data_dir / "queue.db-wal"
     reader = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, isolation_level=None)
     try:
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM events").fetchall()  # holds its snapshot
         refused: QueueFullError | None = None
-        for _ in range(2_000):
+        sizes: list[int] = []
+        for _ in range(5_000):
             started = time.monotonic()
             try:
-                await store.submit([padded(clock, 1000) for _ in range(4)])
+                await store.submit([padded(clock, 1000) for _ in range(12 if large else 4)])
             except QueueFullError as exc:
                 refused = exc
                 break
             finally:
                 assert time.monotonic() - started < 2.0  # no wait for the reader
             assert data_dir_bytes(data_dir) <= budget
+            sizes.append(wal.stat().st_size)
+            assert sizes[-1] <= store.budget.wal_bytes
         assert refused is not None
         assert "WAL" in str(refused)
+        # Refused right after the first commit that took the WAL past its soft bound.
+        assert sizes[-2] <= store.budget.wal_soft_bytes < sizes[-1]
         assert wal.stat().st_size <= store.budget.wal_bytes
     finally:
         reader.close()

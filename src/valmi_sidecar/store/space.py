@@ -53,6 +53,10 @@ class Space:
         self.full = False
         #: Writer thread only: the last checkpoint left the WAL past its soft bound.
         self.wal_over = False
+        # Writer thread only: group commits that may pass before the WAL is measured
+        # again. A commit adds at most ``txn_bytes`` to it, so while the last size plus
+        # that many transactions stays within the soft bound, no commit can pass it.
+        self._wal_unmeasured = 0
 
     # -- on the writer's thread ------------------------------------------------------------
 
@@ -66,14 +70,24 @@ class Space:
         self.used = self.measure(db)
         self.full = self._full_after(self.full, refused=False)
 
-    def checkpoint_if_big(self, db: sqlite3.Connection) -> None:
+    def checkpoint_if_big(self, db: sqlite3.Connection, *, group: bool = False) -> None:
         """Checkpoint and truncate the WAL once a commit left it past its soft bound (a
         reader in the middle of a long read can hold it; then ``wal_over`` stays set and
-        new events wait, see ``room_for``)."""
-        bound = self.budget.wal_soft_bytes
-        if file_bytes(self._wal_path) <= bound:
-            self.wal_over = False
+        new events wait, see ``room_for``).
+
+        After a ``group`` commit the WAL is measured only when it could be past the bound:
+        its size was last read as at most the bound less as many ``txn_bytes`` as group
+        commits came since. Any other transaction (maintenance, an operator's) measures."""
+        if group and self._wal_unmeasured > 0:
+            self._wal_unmeasured -= 1
             return
+        bound = self.budget.wal_soft_bytes
+        size = file_bytes(self._wal_path)
+        if size <= bound:
+            self.wal_over = False
+            self._wal_unmeasured = (bound - size) // self.budget.txn_bytes
+            return
+        self._wal_unmeasured = 0
         # Without waiting for readers: a long read (a 'check' of the file) must not stall
         # every commit behind it; new events wait instead until the WAL can be cut.
         db.execute("PRAGMA busy_timeout = 0")
@@ -81,12 +95,16 @@ class Space:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         finally:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self.wal_over = file_bytes(self._wal_path) > bound
+        size = file_bytes(self._wal_path)
+        self.wal_over = size > bound
         if self.wal_over:
-            log.warning("wal_checkpoint_blocked", wal_bytes=file_bytes(self._wal_path), bound=bound)
+            log.warning("wal_checkpoint_blocked", wal_bytes=size, bound=bound)
+        else:
+            self._wal_unmeasured = (bound - size) // self.budget.txn_bytes
 
     def checkpoint_failed(self, exc: sqlite3.Error) -> None:
         self.wal_over = True
+        self._wal_unmeasured = 0
         log.warning("checkpoint_failed", error=str(exc))
 
     def room_for(self, db: sqlite3.Connection, plan: Plan, need: int) -> QueueFullError | None:

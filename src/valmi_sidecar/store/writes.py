@@ -159,7 +159,7 @@ class GroupWriter:
         _write_and_commit(db, plan)
         # Committed: from here on nothing may fail the group's operations.
         try:
-            self._space.checkpoint_if_big(db)
+            self._space.checkpoint_if_big(db, group=True)
             if plan.removed and (self._space.full or plan.disk_full):
                 plan.disk_after = self._space.measure(db)  # room again for new events?
         except sqlite3.Error as exc:
