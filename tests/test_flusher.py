@@ -296,6 +296,40 @@ async def test_one_event_at_a_time_costs_few_queue_reads(
     assert len(reads) <= 4, reads
 
 
+async def test_events_committed_while_the_flusher_idles_keep_the_rate_limit(
+    store: Store, fake_factory: FakeFactory, start_flusher: StartFlusher
+) -> None:
+    """An idle flusher hands events to its senders from the commit itself; one by one,
+    faster than the budget allows, they still go no faster than it, oldest first."""
+    limit = 180
+    fake = await fake_factory(rate_limit_per_min=limit)
+    await start_flusher(fake, rate_limit_per_min=limit, upstream_concurrency=16)
+    for i in range(12):
+        await store.submit([action(i)])
+    await wait_until(lambda: 12 == store.counts().delivered, 10, "12 delivered")
+    assert list(range(12)) == order(fake)
+    assert 0 == fake.status_counts.get(429, 0)
+    _, burst = rate_budget(limit)
+    times = fake.arrival_times
+    for i in range(len(times)):
+        for j in range(i + 1, len(times)):
+            assert j - i + 1 <= burst + (times[j] - times[i] + 0.02) * limit / 60
+
+
+async def test_a_commit_of_more_events_than_one_take_is_sent_whole_once_each(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    """Events committed together while the flusher idles, more than it takes at once
+    (``flush_batch_size``): every one is sent, once, in order."""
+    await start_flusher(fake, flush_batch_size=4)
+    await store.submit([action(0)])
+    await wait_until(lambda: 1 == store.counts().delivered, 2.0, "the first event")
+    await store.submit([action(i) for i in range(1, 11)])
+    await wait_until(lambda: 11 == store.counts().delivered, 5.0, "all 11 delivered")
+    assert list(range(11)) == order(fake)
+    assert 0 == store.counts().queued
+
+
 async def test_events_the_store_could_not_hand_over_are_read_and_each_sent_once(
     store: Store, fake: FakeValmi, start_flusher: StartFlusher, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -100,6 +100,9 @@ class Flusher:
         # Whether the lease loop waits for a sender to finish or for outcomes to be
         # saved: only then does the end of every send, or every settle commit, wake it.
         self._wants_room = False
+        # Whether the lease loop is parked waiting for new events (or the next due time),
+        # with nothing else to do: then a commit hands its events to the senders itself.
+        self._parked = False
         self._missed = 0
         self._short = ShortLease()
 
@@ -232,49 +235,19 @@ class Flusher:
         while not self._stop.is_set():
             self._wake.clear()
             self._wants_events = self._wants_room = False
-            hold_s = self._policy.wait_s()
-            if hold_s > 0:
-                await self._wait_wake(hold_s)
-                continue
-            if self._sending >= self._send_limit():
-                self._wants_room = True
-                await self._wait_wake(None)
-                continue
-            if not self._store.writable or self._unsaved() >= self._max_unsaved:
-                # Nothing is sent that cannot be recorded: a crash now re-sends only
-                # what is unsaved, and the disk being full must not make that grow.
-                self._settler.hurry()
-                self._wants_room = True
-                await self._wait_wake(SETTLE_RETRY_S)
-                continue
-            delay = self._policy.token_wait_s()
-            if delay > 0:
-                await self._wait_wake(delay)
+            wait_s = self._gate()
+            if wait_s != 0.0:
+                await self._wait_wake(wait_s)
                 continue
             # Set before the lease: events committed after it was read still wake the wait.
             self._wants_events = True
             event = await self._next_event()
             if event is None:
-                await self._wait_wake(await self._idle_timeout())
+                await self._wait_for_events()
                 continue
             self._wants_events = False
-            if (
-                self._stop.is_set()
-                or self._policy.hold_until > time.monotonic()
-                or self._sending >= self._send_limit()
-            ):
-                self._buffer.appendleft(event)  # the world changed while leasing
-                continue
-            if self._policy.expired(event.attempts, self._clock() - event.received_at):
-                self._expire(event)
-                continue
-            taken, notes = self._policy.take()
-            _log(notes)
-            if not taken:
-                self._buffer.appendleft(event)
-                continue
-            self._sending += 1
-            self._hand_over(event, self._policy.generation)
+            if not self._try_send(event):
+                continue  # the world changed while leasing: ask the gate again
             if (
                 not self._buffer
                 and not self._store.fresh
@@ -284,7 +257,54 @@ class Flusher:
                 # Another pass would ask the policy, the tokens and the store again only
                 # to come here; at a low rate that was every other pass.
                 self._wants_events = True
-                await self._wait_wake(await self._idle_timeout())
+                await self._wait_for_events()
+
+    def _gate(self) -> float | None:
+        """What must pass before the next event goes: ``0.0`` when it may go now, else
+        the seconds to wait (``None``: until woken)."""
+        hold_s = self._policy.wait_s()
+        if hold_s > 0:
+            return hold_s
+        if self._sending >= self._send_limit():
+            self._wants_room = True
+            return None
+        if not self._store.writable or self._unsaved() >= self._max_unsaved:
+            # Nothing is sent that cannot be recorded: a crash now re-sends only what is
+            # unsaved, and the disk being full must not make that grow.
+            self._settler.hurry()
+            self._wants_room = True
+            return SETTLE_RETRY_S
+        return self._policy.token_wait_s()
+
+    def _try_send(self, event: QueuedEvent) -> bool:
+        """Hand ``event`` to a sender, or dead-letter it as expired; ``False`` when it was
+        put back first in the buffer (a hold, no sender free, no token)."""
+        if (
+            self._stop.is_set()
+            or self._policy.hold_until > time.monotonic()
+            or self._sending >= self._send_limit()
+        ):
+            self._buffer.appendleft(event)
+            return False
+        if self._policy.expired(event.attempts, self._clock() - event.received_at):
+            self._expire(event)
+            return True
+        taken, notes = self._policy.take()
+        _log(notes)
+        if not taken:
+            self._buffer.appendleft(event)
+            return False
+        self._sending += 1
+        self._hand_over(event, self._policy.generation)
+        return True
+
+    async def _wait_for_events(self) -> None:
+        timeout = await self._idle_timeout()
+        self._parked = True
+        try:
+            await self._wait_wake(timeout)
+        finally:
+            self._parked = False
 
     def _expire(self, event: QueuedEvent) -> None:
         max_age_s = self._settings.max_event_age_s
@@ -357,8 +377,32 @@ class Flusher:
             # Events were committed that the store could not hand over: read them.
             self._missed = self._store.missed
             self._short.changed()
-        if self._wants_events:
-            self._wake.set()
+        if not self._wants_events:
+            return
+        if self._parked:
+            try:
+                if self._send_fresh():
+                    return
+            except Exception:
+                # A bug, met in the store's writer, whose callback this is: the store
+                # goes on, and the lease loop, woken, meets the bug in its own task.
+                log.exception("flusher_hand_over_failed")
+        self._wake.set()
+
+    def _send_fresh(self) -> bool:
+        """With the lease loop parked, hand the events just committed to the senders here,
+        as its next pass would: waking it for each cost a loop iteration and a pass per
+        event. ``False`` when the loop has to run (something holds the events back, or
+        more are due than go now); they wait in the buffer for it."""
+        if self._buffer or self._stop.is_set() or not self._short.known_empty(self._clock()):
+            return False
+        if self._gate() != 0.0:
+            return False
+        self._buffer_events(self._store.take_fresh(self._policy.send_limit(self._batch)))
+        while self._buffer:
+            if not self._try_send(self._buffer.popleft()) or (self._buffer and self._gate() != 0.0):
+                return False
+        return not self._store.fresh  # more than one take: the loop takes the rest
 
     # -- senders -------------------------------------------------------------------------
 
