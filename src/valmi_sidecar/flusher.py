@@ -290,7 +290,8 @@ class Flusher:
             self._expire(event)
             return True
         taken, notes = self._policy.take()
-        _log(notes)
+        if notes:
+            _log(notes)
         if not taken:
             self._buffer.appendleft(event)
             return False
@@ -479,7 +480,8 @@ class Flusher:
             self._unlease(seq)
         if d.release_buffer:
             self._release_buffer()
-        _log(d.notes)
+        if d.notes:
+            _log(d.notes)
 
     def _dead_letter(self, event: QueuedEvent, answer: Answer) -> None:
         self._settler.add(

@@ -306,3 +306,21 @@ async def test_maintenance_goes_alone_and_a_young_rider_waits_on_for_company(
     store.board_riders()
     await asyncio.wait_for(rider, 5)
     assert (1, 1) == (store.counts().delivered, store.counts().queued)
+
+
+async def test_a_rider_that_comes_while_others_wait_boards_with_them_at_their_time(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """A second rider, enqueued once the writer set its wake-up for the first, is taken
+    along by that wake-up: both are recorded in one transaction, at the first's time."""
+    store = await open_store()
+    await store.submit([action(clock), action(clock)])
+    first, second = await store.lease(2, frozenset())
+    commits = store.commits
+    started = time.monotonic()
+    riding = [asyncio.ensure_future(store.settle([Delivered(first.seq)], ride_s=0.3))]
+    await asyncio.sleep(0.05)  # the writer has set its wake-up for the first
+    riding.append(asyncio.ensure_future(store.settle([Delivered(second.seq)], ride_s=30.0)))
+    await asyncio.wait_for(asyncio.gather(*riding), 5)
+    assert time.monotonic() - started >= 0.25
+    assert (commits + 1, 2) == (store.commits, store.counts().delivered)

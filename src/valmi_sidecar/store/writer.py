@@ -121,6 +121,10 @@ class Writer:
     def enqueue(self, op: Op) -> None:
         if isinstance(op, Settle) and op.ride_until:
             self._riders.append(op)
+            if self._timer is not None and self._timer_at <= op.ride_until and not self._boarding:
+                # The wake-up set for the riders before it comes first: nothing to decide
+                # now (a kick would find only riders, and set the same wake-up).
+                return
         else:
             self._pending.append(op)
         if not self._kick_soon and not self._busy:
