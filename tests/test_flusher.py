@@ -128,6 +128,17 @@ def order(fake: FakeValmi) -> list[int]:
     return [r.body["metadata"]["i"] for r in fake.events()]
 
 
+def assert_within_rate_budget(fake: FakeValmi, limit_per_min: int, *, slack_s: float) -> None:
+    """No 429, and requests i..j inclusive fit the burst plus the tokens earned between
+    them (with ``slack_s`` for the clocks of two processes)."""
+    assert 0 == fake.status_counts.get(429, 0)
+    _, burst = rate_budget(limit_per_min)
+    times = fake.arrival_times
+    for i in range(len(times)):
+        for j in range(i + 1, len(times)):
+            assert j - i + 1 <= burst + (times[j] - times[i] + slack_s) * limit_per_min / 60
+
+
 class RecordingUpstream(Upstream):
     """The real client, noting every attempt: (monotonic time, seq, idempotency key, answer)."""
 
@@ -308,12 +319,7 @@ async def test_events_committed_while_the_flusher_idles_keep_the_rate_limit(
         await store.submit([action(i)])
     await wait_until(lambda: 12 == store.counts().delivered, 10, "12 delivered")
     assert list(range(12)) == order(fake)
-    assert 0 == fake.status_counts.get(429, 0)
-    _, burst = rate_budget(limit)
-    times = fake.arrival_times
-    for i in range(len(times)):
-        for j in range(i + 1, len(times)):
-            assert j - i + 1 <= burst + (times[j] - times[i] + 0.02) * limit / 60
+    assert_within_rate_budget(fake, limit, slack_s=0.02)
 
 
 async def test_a_commit_of_more_events_than_one_take_is_sent_whole_once_each(
@@ -729,13 +735,7 @@ async def test_rate_limit_paces_requests_and_sees_no_429(
     await store.submit([action(i) for i in range(12)])
     await start_flusher(fake, rate_limit_per_min=limit, upstream_concurrency=16)
     await wait_until(lambda: 12 == store.counts().delivered, 10, "12 delivered")
-    assert 0 == fake.status_counts.get(429, 0)
-    _, burst = rate_budget(limit)
-    times = fake.arrival_times
-    for i in range(len(times)):
-        for j in range(i + 1, len(times)):
-            # requests i..j inclusive fit burst + tokens earned, with 20 ms of slack
-            assert j - i + 1 <= burst + (times[j] - times[i] + 0.02) * limit / 60
+    assert_within_rate_budget(fake, limit, slack_s=0.02)
 
 
 async def test_the_default_rate_limit_is_the_budget_of_the_api_key_kind(
@@ -760,14 +760,9 @@ async def test_the_default_rate_limit_is_the_budget_of_the_api_key_kind(
         resp = await client.post(url + "/v1/actions", json={**ACTION, "metadata": {"i": i}})
         assert 202 == resp.status_code, resp.text
     await fake.wait_until(lambda: n == len(fake.received), timeout_s=20)
-    assert 0 == fake.status_counts.get(429, 0)
-    _, burst = rate_budget(limit)
-    times = fake.arrival_times
-    for i in range(len(times)):
-        for j in range(i + 1, len(times)):
-            # requests i..j inclusive fit burst + tokens earned, with 100 ms of slack for
-            # a busy machine (at 10,000 a minute, the 30 arrive within about 0.2 s)
-            assert j - i + 1 <= burst + (times[j] - times[i] + 0.1) * limit / 60
+    # 100 ms of slack for a busy machine (at 10,000 a minute, the 30 arrive within about
+    # 0.2 s)
+    assert_within_rate_budget(fake, limit, slack_s=0.1)
 
 
 async def test_exhausted_remaining_budget_waits_for_reset_without_429(
