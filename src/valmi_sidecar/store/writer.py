@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import structlog
 
@@ -115,11 +115,16 @@ class Writer:
         return bool(self._group)
 
     @property
+    def riders_waiting(self) -> bool:
+        """Whether riders wait with a wake-up set for them (a seam for tests of riding)."""
+        return bool(self._riders) and self._timer is not None
+
+    @property
     def pending(self) -> int:
         return len(self._pending) + len(self._riders)
 
     def enqueue(self, op: Op) -> None:
-        if isinstance(op, Settle) and op.ride_until:
+        if _rides(op):
             self._riders.append(op)
             if self._timer is not None and self._timer_at <= op.ride_until and not self._boarding:
                 # The wake-up set for the riders before it comes first: nothing to decide
@@ -350,9 +355,11 @@ class Writer:
             self.conn.submit(fn, functools.partial(self._done, group, started))
         except BaseException:
             # Never written: back in line, to be failed as pending.
-            riders = [op for op in group if isinstance(op, Settle) and op.ride_until]
-            self._riders.extendleft(reversed(riders))
-            self._pending.extendleft(reversed([op for op in group if op not in riders]))
+            for op in reversed(group):
+                if _rides(op):
+                    self._riders.appendleft(op)
+                else:
+                    self._pending.appendleft(op)
             raise
         self._group = group
         self._busy = True
@@ -557,6 +564,11 @@ def _rolled_back_on_error(
             raise
 
     return run
+
+
+def _rides(op: Op) -> TypeGuard[Settle]:
+    """Whether ``op`` is a settlement that rides: it waits in ``Writer._riders``."""
+    return isinstance(op, Settle) and op.ride_until > 0
 
 
 def _resolve_all(plan: Plan) -> None:
