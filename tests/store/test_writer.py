@@ -18,6 +18,7 @@ from valmi_sidecar.store import (
     Delivered,
     OutcomeUnknownError,
     ReadOnlyDatabase,
+    Store,
     StoreError,
 )
 from valmi_sidecar.store import core as store_core
@@ -166,6 +167,16 @@ async def test_writable_recovers_by_itself_when_idle(open_store: OpenStore, cloc
     assert store.writable
 
 
+async def waiting_rider(store: Store, clock: Clock) -> asyncio.Future[None]:
+    """A queued event's delivery, riding (``ride_s`` 30 s), seen by the writer, which
+    waits with it for company."""
+    await store.submit([action(clock)])
+    (leased,) = await store.lease(1, frozenset())
+    rider = asyncio.ensure_future(store.settle([Delivered(leased.seq)], ride_s=30.0))
+    await wait_until(lambda: store.riders_waiting, 5, "the writer waiting with the rider")
+    return rider
+
+
 async def test_a_rider_gathers_company_then_joins_a_submission(
     open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,11 +241,8 @@ async def test_riders_board_at_once_when_their_outcomes_are_awaited(
     """The flusher waits for outcomes to be saved (its bound on unsaved ones): the riders
     are recorded at once, alone, rather than after their wait for company."""
     store = await open_store()
-    await store.submit([action(clock)])
-    (leased,) = await store.lease(1, frozenset())
+    rider = await waiting_rider(store, clock)
     commits = store.commits
-    rider = asyncio.ensure_future(store.settle([Delivered(leased.seq)], ride_s=30.0))
-    await asyncio.sleep(0)
     assert not rider.done()
     store.board_riders()
     await asyncio.wait_for(rider, 5)
@@ -275,10 +283,7 @@ async def test_riders_that_sit_out_stay_pending_when_maintenance_goes_first(
     """A rider sitting out a transaction keeps its place when the writer takes an
     operation that runs alone (here the pruning of keys) before the submission."""
     store = await open_store()
-    await store.submit([action(clock)])
-    (leased,) = await store.lease(1, frozenset())
-    rider = asyncio.ensure_future(store.settle([Delivered(leased.seq)], ride_s=30.0))
-    await asyncio.sleep(0)
+    rider = await waiting_rider(store, clock)
     # In one loop iteration: the maintenance, then a submission, behind the rider.
     pruning = asyncio.ensure_future(store.prune())
     submitting = asyncio.ensure_future(store.submit([action(clock)]))
@@ -294,10 +299,7 @@ async def test_maintenance_goes_alone_and_a_young_rider_waits_on_for_company(
     """An operation that runs alone does not make the riders board before their time: a
     transaction of their own costs several times what riding costs."""
     store = await open_store()
-    await store.submit([action(clock)])
-    (leased,) = await store.lease(1, frozenset())
-    rider = asyncio.ensure_future(store.settle([Delivered(leased.seq)], ride_s=30.0))
-    await asyncio.sleep(0)
+    rider = await waiting_rider(store, clock)
     await asyncio.wait_for(store.prune(), 5)
     assert not rider.done()
     assert 0 == store.counts().delivered
@@ -319,7 +321,7 @@ async def test_a_rider_that_comes_while_others_wait_boards_with_them_at_their_ti
     commits = store.commits
     started = time.monotonic()
     riding = [asyncio.ensure_future(store.settle([Delivered(first.seq)], ride_s=0.3))]
-    await asyncio.sleep(0.05)  # the writer has set its wake-up for the first
+    await wait_until(lambda: store.riders_waiting, 5, "the writer's wake-up for the first")
     riding.append(asyncio.ensure_future(store.settle([Delivered(second.seq)], ride_s=30.0)))
     await asyncio.wait_for(asyncio.gather(*riding), 5)
     assert time.monotonic() - started >= 0.25

@@ -260,6 +260,11 @@ class Store:
         return self._writer.in_transaction
 
     @property
+    def riders_waiting(self) -> bool:
+        """Whether settlements that ride wait in the writer, with its wake-up set."""
+        return self._writer.riders_waiting
+
+    @property
     def commits(self) -> int:
         """Transactions committed (submits, settles, maintenance; probes not counted)."""
         return self._writer.commits
