@@ -265,7 +265,7 @@ class Flusher:
         hold_s = self._policy.wait_s()
         if hold_s > 0:
             return hold_s
-        if self._sending >= self._send_limit():
+        if self._sending >= self._policy.send_limit(self._concurrency):
             self._wants_room = True
             return None
         if not self._store.writable or self._unsaved() >= self._max_unsaved:
@@ -282,10 +282,15 @@ class Flusher:
         if (
             self._stop.is_set()
             or self._policy.hold_until > time.monotonic()
-            or self._sending >= self._send_limit()
+            or self._sending >= self._policy.send_limit(self._concurrency)
         ):
             self._buffer.appendleft(event)
             return False
+        return self._send_now(event)
+
+    def _send_now(self, event: QueuedEvent) -> bool:
+        """``_try_send`` once the gate was asked with nothing awaited since: only the token
+        is left to take."""
         if self._policy.expired(event.attempts, self._clock() - event.received_at):
             self._expire(event)
             return True
@@ -313,9 +318,6 @@ class Flusher:
         self._settler.add(DeadLetter(event.seq, "expired", None, detail, len(event.body)))
         self._summary["dead_lettered"] += 1
         log.debug("event_dead_lettered", id=event.id, reason="expired")
-
-    def _send_limit(self) -> int:
-        return self._policy.send_limit(self._concurrency)
 
     async def _next_event(self) -> QueuedEvent | None:
         if not self._buffer:
@@ -401,7 +403,9 @@ class Flusher:
             return False
         self._buffer_events(self._store.take_fresh(self._policy.send_limit(self._batch)))
         while self._buffer:
-            if not self._try_send(self._buffer.popleft()) or (self._buffer and self._gate() != 0.0):
+            # The gate was asked just now, with nothing awaited: what _try_send would ask
+            # again cannot have changed (a send's answer comes in a later callback).
+            if not self._send_now(self._buffer.popleft()) or (self._buffer and self._gate() != 0.0):
                 return False
         return not self._store.fresh  # more than one take: the loop takes the rest
 

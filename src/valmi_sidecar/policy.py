@@ -213,7 +213,8 @@ class UpstreamPolicy(Generic[E]):
         return self._state == "paused" and self._pause_status in (401, 403)
 
     def send_limit(self, concurrency: int) -> int:
-        return 1 if self.probing else concurrency
+        """``concurrency``, or one while probing (asked for every event sent)."""
+        return 1 if self._state in ("backing_off", "paused") else concurrency
 
     def expired(self, attempts: int, age_s: float) -> bool:
         """Whether to dead-letter an event as expired instead of sending it: past
