@@ -278,6 +278,9 @@ def _insert_rows(
     db: sqlite3.Connection, statement: str, width: int, rows: list[tuple[Any, ...]]
 ) -> None:
     """``rows`` through the multi-row ``statement``, in chunks (``sql.row_chunks``)."""
+    if len(rows) == 1:  # a quiet sidecar's every commit: no chunks to plan or values to join
+        db.execute(with_rows(statement, width, 1), rows[0])
+        return
     start = 0
     for n in row_chunks(len(rows)):
         values = [v for row in rows[start : start + n] for v in row]
