@@ -124,7 +124,7 @@ class _Recording(Settings):
 
 
 class _Link:
-    async def submit_soon(self, events: Sequence[NewEvent]) -> list[Accepted]:
+    async def submit(self, events: Sequence[NewEvent]) -> list[Accepted]:
         return [Accepted(e.id, e.created_at, duplicate=False) for e in events]
 
 

@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
 import structlog
@@ -107,10 +107,6 @@ class MainLink:
             return await future
         finally:
             self._waiting.pop(rid, None)
-
-    def submit_soon(self, events: Sequence[NewEvent]) -> Awaitable[list[Accepted]]:
-        """``submit`` as the receiver calls it (``receiver.Submitter``)."""
-        return self.submit(events)
 
     def _flush(self) -> None:
         write_frame(self._writer, Submit(self._out))

@@ -69,12 +69,9 @@ MetricsFn = Callable[[], bytes]
 
 class Submitter(Protocol):
     """Where the ingest routes put events: the ``Store`` itself, or in an ingest worker
-    process the channel to the main process that owns it (the same answers and errors).
+    process the channel to the main process that owns it (the same answers and errors)."""
 
-    ``submit_soon`` may raise at once or when awaited: the store hands back its future
-    (no coroutine of its own to start and resume per request), the channel a coroutine."""
-
-    def submit_soon(self, events: Sequence[NewEvent]) -> Awaitable[list[Any]]: ...
+    async def submit(self, events: Sequence[NewEvent]) -> list[Any]: ...
 
 
 SETTINGS: Final = web.AppKey("settings", Settings)
@@ -203,11 +200,7 @@ def check_token(request: web.Request) -> None:
 
 
 def check_accepting(request: web.Request) -> None:
-    _check_accepting(request.app[LIFECYCLE])
-
-
-def _check_accepting(lifecycle: Lifecycle) -> None:
-    if lifecycle.draining:
+    if request.app[LIFECYCLE].draining:
         raise ApiError(
             503,
             "shutting_down",
@@ -216,8 +209,9 @@ def _check_accepting(lifecycle: Lifecycle) -> None:
         )
 
 
-async def _read_json_body(request: web.Request, settings: Settings) -> bytes:
+async def _read_json_body(request: web.Request) -> bytes:
     # The declared type was checked by api_middleware, before any route.
+    settings = request.app[SETTINGS]
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise too_large(limit)
@@ -260,9 +254,9 @@ def _idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-async def _store(request: web.Request, ingest: Submitter, new: list[NewEvent]) -> list[Any]:
+async def _store(request: web.Request, new: list[NewEvent]) -> list[Any]:
     try:
-        return await ingest.submit_soon(new)
+        return await request.app[INGEST].submit(new)
     except (StoreError, IdempotencyConflictError) as exc:
         raise store_api_error(request, exc, ingest=True) from exc
 
@@ -276,53 +270,46 @@ def _refuse(exc: ValidationError) -> ApiError:
     )
 
 
-def _post_one(app: web.Application, kind: Kind) -> Handler:
-    """The route of one action or outcome. It holds ``app`` and reads its state there:
-    ``request.app`` walks the match info on every use, four times a request."""
-
-    async def post_one(request: web.Request) -> web.Response:
-        _check_accepting(app[LIFECYCLE])
-        raw = await _read_json_body(request, app[SETTINGS])
-        key = _idempotency_key(request)
-        try:
-            event = events.parse_one(kind, raw, idem_key=key)
-        except ValidationError as exc:
-            raise _refuse(exc) from exc
-        try:
-            (accepted,) = await app[INGEST].submit_soon([event])
-        except (StoreError, IdempotencyConflictError) as exc:
-            raise store_api_error(request, exc, ingest=True) from exc
-        headers = {"Idempotent-Replayed": "true"} if accepted.duplicate else None
-        body = {"id": accepted.id, "status": "queued", "created_at": accepted.created_at}
-        return web.Response(status=202, body=_encode(body), content_type=_JSON, headers=headers)
-
-    return post_one
+async def _ingest_one(request: web.Request, kind: Kind) -> web.Response:
+    check_accepting(request)
+    raw = await _read_json_body(request)
+    key = _idempotency_key(request)
+    try:
+        event = events.parse_one(kind, raw, idem_key=key)
+    except ValidationError as exc:
+        raise _refuse(exc) from exc
+    (accepted,) = await _store(request, [event])
+    headers = {"Idempotent-Replayed": "true"} if accepted.duplicate else None
+    body = {"id": accepted.id, "status": "queued", "created_at": accepted.created_at}
+    return web.Response(status=202, body=_encode(body), content_type=_JSON, headers=headers)
 
 
-def _post_batch(app: web.Application) -> Handler:
-    """The route of a batch; holds ``app`` as ``_post_one`` does."""
+async def post_action(request: web.Request) -> web.Response:
+    return await _ingest_one(request, "action")
 
-    async def post_batch(request: web.Request) -> web.Response:
-        _check_accepting(app[LIFECYCLE])
-        raw = await _read_json_body(request, app[SETTINGS])
-        key = _idempotency_key(request)
-        try:
-            batch = events.parse_batch(raw, idem_key=key)
-        except ValidationError as exc:
-            raise _refuse(exc) from exc
-        accepted = await _store(request, app[INGEST], batch)
-        body = {
-            "status": "queued",
-            "events": [
-                {"kind": ev.kind, "id": a.id, "created_at": a.created_at}
-                for ev, a in zip(batch, accepted, strict=True)
-            ],
-        }
-        replayed = all(a.duplicate for a in accepted)
-        headers = {"Idempotent-Replayed": "true"} if replayed else None
-        return web.Response(status=202, body=_encode(body), content_type=_JSON, headers=headers)
 
-    return post_batch
+async def post_outcome(request: web.Request) -> web.Response:
+    return await _ingest_one(request, "outcome")
+
+
+async def post_batch(request: web.Request) -> web.Response:
+    check_accepting(request)
+    raw = await _read_json_body(request)
+    key = _idempotency_key(request)
+    try:
+        batch = events.parse_batch(raw, idem_key=key)
+    except ValidationError as exc:
+        raise _refuse(exc) from exc
+    accepted = await _store(request, batch)
+    body = {
+        "status": "queued",
+        "events": [
+            {"kind": ev.kind, "id": a.id, "created_at": a.created_at}
+            for ev, a in zip(batch, accepted, strict=True)
+        ],
+    }
+    headers = {"Idempotent-Replayed": "true"} if all(a.duplicate for a in accepted) else None
+    return web.Response(status=202, body=_encode(body), content_type=_JSON, headers=headers)
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -392,9 +379,9 @@ def ingest_app(settings: Settings, lifecycle: Lifecycle) -> web.Application:
 
 
 def add_ingest_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/actions", _post_one(app, "action"))
-    app.router.add_post("/v1/outcomes", _post_one(app, "outcome"))
-    app.router.add_post("/v1/batch", _post_batch(app))
+    app.router.add_post("/v1/actions", post_action)
+    app.router.add_post("/v1/outcomes", post_outcome)
+    app.router.add_post("/v1/batch", post_batch)
 
 
 def build_app(
