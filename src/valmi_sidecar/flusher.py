@@ -289,8 +289,8 @@ class Flusher:
         return self._send_now(event)
 
     def _send_now(self, event: QueuedEvent) -> bool:
-        """``_try_send`` once the gate was asked with nothing awaited since: only the token
-        is left to take."""
+        """``_try_send`` once the gate was asked with nothing awaited since: only the
+        event's age and the token are left to check."""
         if self._policy.expired(event.attempts, self._clock() - event.received_at):
             self._expire(event)
             return True
