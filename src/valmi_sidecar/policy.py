@@ -42,6 +42,8 @@ UpstreamState = Literal["ok", "backing_off", "rate_limited", "paused", "disabled
 BACKOFF_AFTER_FAILURES: Final = 3
 #: The longest a single upstream hint (Retry-After, X-RateLimit-Reset) may hold sending.
 MAX_HOLD_S: Final = 24 * 3600.0
+#: The states in which one request at a time goes (``probing``).
+_PROBING: Final = frozenset({"backing_off", "paused"})
 
 
 class Sent(Protocol):
@@ -163,7 +165,7 @@ class UpstreamPolicy(Generic[E]):
     @property
     def probing(self) -> bool:
         """Backing off or paused: one request at a time."""
-        return self._state in ("backing_off", "paused")
+        return self._state in _PROBING
 
     @property
     def last_error(self) -> str | None:
@@ -214,7 +216,7 @@ class UpstreamPolicy(Generic[E]):
 
     def send_limit(self, concurrency: int) -> int:
         """``concurrency``, or one while probing (asked for every event sent)."""
-        return 1 if self._state in ("backing_off", "paused") else concurrency
+        return 1 if self._state in _PROBING else concurrency
 
     def expired(self, attempts: int, age_s: float) -> bool:
         """Whether to dead-letter an event as expired instead of sending it: past
@@ -376,7 +378,7 @@ class UpstreamPolicy(Generic[E]):
             d.notes.append(Note("info", "upstream_resumed", {"probes": self._pauses}))
         elif self._state == "backing_off":
             d.notes.append(Note("info", "upstream_recovered", {"failures": self._failures}))
-        if self._state in ("backing_off", "paused"):
+        if self._state in _PROBING:
             self._state = "ok"
             self._hold_until = 0.0
             self._generation += 1
