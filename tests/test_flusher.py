@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvloop
 from structlog.testing import capture_logs
 
 from valmi_sidecar import settler
@@ -736,6 +737,51 @@ async def test_rate_limit_paces_requests_and_sees_no_429(
     await start_flusher(fake, rate_limit_per_min=limit, upstream_concurrency=16)
     await wait_until(lambda: 12 == store.counts().delivered, 10, "12 delivered")
     assert_within_rate_budget(fake, limit, slack_s=0.02)
+
+
+def test_a_backlog_paced_by_the_rate_limit_asks_for_each_token_a_few_times_at_most(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On uvloop, the sidecar's event loop (run here, not the tests' loop): its timers
+    count whole milliseconds, so a wait under half of one fires at once and a longer one
+    up to a millisecond early. Waiting for a token a fraction of a millisecond away must
+    not spin the lease loop until the token is due (it asked about 8 times an event, each
+    time a pass of the loop and a timer: a quarter of the CPU of forwarding a backlog at
+    Valmi's rate limit). The pace itself stays within the budget."""
+    asked = 0
+    real_delay = TokenBucket.delay
+
+    def counted(bucket: TokenBucket) -> float:
+        nonlocal asked
+        asked += 1
+        return real_delay(bucket)
+
+    monkeypatch.setattr(TokenBucket, "delay", counted)
+    limit, n = 6_000, 120  # a burst of 20, then about 99 a second
+    fake = FakeValmi(seed=1, rate_limit_per_min=limit)
+
+    async def forward_backlog() -> None:
+        await fake.start()
+        store = await Store.open(tmp_path / "data", durability="normal")
+        settings = fast_settings(
+            tmp_path / "data", fake.url, rate_limit_per_min=limit, upstream_concurrency=16
+        )
+        upstream = Upstream(fake.url, Secret(DEFAULT_KEY), timeout_s=2.0, max_connections=16)
+        flusher = Flusher(store, upstream, settings)
+        try:
+            await store.submit([action(i) for i in range(n)])
+            task = asyncio.create_task(flusher.run())
+            await wait_until(lambda: n == store.counts().delivered, 10, f"{n} delivered")
+            await stop(flusher, task)
+        finally:
+            await upstream.aclose()
+            await store.close()
+            await fake.stop()
+
+    uvloop.run(forward_backlog())
+    assert n == len(fake.received)
+    assert_within_rate_budget(fake, limit, slack_s=0.02)
+    assert asked <= 4 * n, f"{asked / n:.1f} token waits asked per event"
 
 
 async def test_the_default_rate_limit_is_the_budget_of_the_api_key_kind(

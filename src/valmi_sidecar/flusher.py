@@ -41,6 +41,11 @@ UNSAVED_PER_SENDER: Final = 4
 STOP_GRACE_S: Final = 5.0
 #: How often (at most) a forwarding summary is logged at info.
 SUMMARY_EVERY_S: Final = 10.0
+#: The shortest wait for a time the lease loop asks of the event loop. uvloop keeps its
+#: timers in whole milliseconds: a wait under half of one fires at once, and a longer one
+#: can fire up to a millisecond early. Waiting for a token a fraction of a millisecond
+#: away made the lease loop spin until it was due, several passes per event sent.
+MIN_WAIT_S: Final = 0.001
 #: The shortest sleep while waiting for backed-off events, so a clock skew cannot spin.
 MIN_IDLE_S: Final = 0.01
 
@@ -371,7 +376,7 @@ class Flusher:
             await self._wake.wait()
             return
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait_s):
+            async with asyncio.timeout(max(wait_s, MIN_WAIT_S)):
                 await self._wake.wait()
 
     def _on_new_events(self) -> None:
