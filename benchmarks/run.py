@@ -23,7 +23,8 @@ Writes ``benchmarks/results/bench.{md,json,png}`` and prints the Markdown table.
 2. Peer queue: ``tools.py peer`` (the store against persist-queue's SQLiteAckQueue).
 3. Forwarding: 20,000 queued events drained to the fake API without a rate limit, against
    ``tools.py httpx-loop`` (the same requests from a plain httpx loop); then a fake API
-   limited to 10,000/min for ``--limited-s`` seconds.
+   limited to 10,000/min for ``--limited-s`` seconds: the rate kept, and the sidecar's
+   CPU per delivered event while it catches up at that rate.
 4. Backlog: ``--backlog`` events queued (a tenth first, then all): time to ready (after
    a clean stop, and after a SIGKILL, when start-up checks the whole file), resident
    memory, ingest at 64 connections and drain rate, against the same two rates on an
@@ -531,8 +532,10 @@ def forwarding(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             first = min(60.0, args.limited_s / 2)
             time.sleep(first)
             d1, t1, c1 = side.status()["events"]["delivered"], time.monotonic(), fake_counts(fake)
+            cpu1 = cpu_s(side.proc.pid)
             time.sleep(max(0.0, args.limited_s - first))
             d2, t2, c2 = side.status()["events"]["delivered"], time.monotonic(), fake_counts(fake)
+            cpu2 = cpu_s(side.proc.pid)
         finally:
             side.stop()
     after = c2["status_counts"].get("429", 0) - c1["status_counts"].get("429", 0)
@@ -544,6 +547,8 @@ def forwarding(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "rate_per_min_after_first_window": 60 * (d2 - d1) / (t2 - t1),
         "status_counts": c2["status_counts"],
         "http_429_after_first_window": after,
+        # What a sidecar catching up on a backlog pays per event at the key's rate.
+        "cpu_us_per_event_after_first_window": 1e6 * (cpu2 - cpu1) / max(d2 - d1, 1),
     }
     print(f"  limited {out['limited']}", flush=True)
     return out
@@ -831,6 +836,10 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| 10,000/min limit: 429s (all / after {lim['first_window_s']:.0f} s) | {lim['status_counts'].get('429', 0)} / {lim['http_429_after_first_window']} |"
         )
+        if "cpu_us_per_event_after_first_window" in lim:
+            lines.append(
+                f"| 10,000/min limit: sidecar CPU per delivered event after {lim['first_window_s']:.0f} s, µs | {lim['cpu_us_per_event_after_first_window']:,.0f} |"
+            )
     if "backlog" in r:
         for b in r["backlog"]["points"]:
             lines.append(
