@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from datetime import datetime
 from typing import Any
 
@@ -354,3 +356,22 @@ def test_any_body_is_either_accepted_exactly_or_refused(
         assert not isinstance(sent["value"], bool)
         assert math.isfinite(sent["value"])
     assert datetime.fromisoformat(sent["timestamp"]).tzinfo is not None
+
+
+def test_event_ids_are_unique_time_ordered_and_not_shared_with_a_forked_child() -> None:
+    ids = [events.new_event_id(1_700_000_000.5 + i / 1000) for i in range(3000)]
+    assert len(set(ids)) == len(ids)  # more than one draw of random parts
+    assert ids == sorted(ids)  # the millisecond prefix orders them
+    assert all(re.fullmatch(r"evt_[0-9a-f]{28}", i) for i in ids)
+    events.new_event_id(0.0)  # the pool holds undrawn parts now
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: its next id, to the parent
+        os.write(write, events.new_event_id(0.0).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        from_child = pipe.read().decode()
+    assert os.waitpid(child, 0)[1] == 0
+    assert from_child.startswith("evt_000000000000")
+    assert from_child != events.new_event_id(0.0)
