@@ -6,6 +6,7 @@ import asyncio
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -81,6 +82,36 @@ async def test_calls_run_one_at_a_time_in_order_on_one_thread_that_is_not_the_lo
     assert threading.get_ident() != thread_id  # not the event loop's thread
     assert 1 == len({c for _, _, c in seen})  # the same connection every time
     assert [thread_id] == [t.ident for t in threading.enumerate() if t.name.startswith("sqlite-")]
+
+
+async def test_a_hand_over_runs_the_job_and_never_waits_long_for_a_busy_thread(
+    conn: SqliteThread,
+) -> None:
+    """``submit(..., hand_over=True)`` waits for the thread to take the job, but only for
+    ``HAND_OVER_S``: a thread held by a long call does not hold the event loop with it."""
+    loop = asyncio.get_running_loop()
+    replies: list[asyncio.Future[tuple[object, BaseException | None]]] = []
+
+    def submit(sql: str) -> float:
+        reply: asyncio.Future[tuple[object, BaseException | None]] = loop.create_future()
+        replies.append(reply)
+        started = time.monotonic()
+        conn.submit(
+            lambda db: db.execute(sql).fetchall(),
+            lambda result, exc: reply.set_result((result, exc)),
+            hand_over=True,
+        )
+        return time.monotonic() - started
+
+    submit("SELECT 1")
+    assert ([(1,)], None) == await asyncio.wait_for(replies[0], 10)
+    gate, busy = await occupy(conn)  # held until the gate opens (30 s at most)
+    waited = submit("SELECT 2")
+    assert waited < 1.0  # not the busy call's time: HAND_OVER_S at most, and scheduling
+    assert not replies[1].done()
+    gate.set()
+    assert ([(2,)], None) == await asyncio.wait_for(replies[1], 10)
+    assert await busy
 
 
 async def test_a_call_after_close_raises_connection_closed_error(conn: SqliteThread) -> None:

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
-from valmi_sidecar.events import parse_batch
+from tests.conftest import wait_until
+from valmi_sidecar.events import parse_batch, parse_one
 from valmi_sidecar.store import (
     Accepted,
     DeadLetter,
     Delivered,
     IdempotencyConflictError,
     Retry,
+    Store,
+    StoreError,
     sql,
+    writes,
 )
 
-from .conftest import DAY, Clock, OpenStore, action, rows
+from .conftest import DAY, Clock, OpenStore, action, outcome, rows
 
 
 async def test_duplicate_returns_original_and_stores_nothing(
@@ -204,12 +209,17 @@ def test_row_chunks_are_powers_of_two_within_the_bound() -> None:
         assert all(s & (s - 1) == 0 and s <= sql.MAX_CHUNK_ROWS for s in sizes)
 
 
-@pytest.mark.parametrize("n", [1, 3, sql.MAX_CHUNK_ROWS, 300])
+@pytest.mark.parametrize(
+    "n",
+    [1, 3, writes.ONE_CALL_MIN_EVENTS, sql.MAX_CHUNK_ROWS, 300, writes.ONE_CALL_MAX_ROWS + 1],
+)
 async def test_a_group_of_any_size_stores_every_event_and_key(
     open_store: OpenStore, clock: Clock, n: int
 ) -> None:
-    """A group's rows go in multi-row statements, several when it passes a chunk: every
-    event is stored once, in order, with its key (a client's key or the sidecar's)."""
+    """A small group's rows go in multi-row statements, several when it passes a chunk; a
+    large one's in one statement through the TEMP view, and one past ``ONE_CALL_MAX_ROWS``
+    in statements again: every event is stored once, in order, with its key (a client's
+    key or the sidecar's)."""
     store = await open_store()
     events = [action(clock, key=f"key-{i}" if i % 2 else None) for i in range(n)]
     commits = store.commits
@@ -245,3 +255,65 @@ async def test_a_group_adds_to_every_ledger_row_it_touches(
     assert [(a, 2, 1) for a in agents] == ledger
     c = store.counts()
     assert (22, 11, 11) == (c.received, c.queued, c.delivered)
+
+
+def _stored(store: Store) -> list[list[tuple[object, ...]]]:
+    """Every row of the events, the keys and the ledger, as stored (not as read back)."""
+    return [
+        rows(store, f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4")
+        for table in ("events", "keys", "ledger")
+    ]
+
+
+async def test_a_large_group_stores_the_rows_the_statements_store(
+    open_store: OpenStore, clock: Clock, tmp_path: Path
+) -> None:
+    """The same events, each in a group of its own (the statements) and all in one group
+    (one statement through the TEMP view), leave the same rows: the key rows leave out
+    the same derivable id and ``created_at``, and the ledger rows (four agents, actions and
+    outcomes with values) add up the same."""
+    events = [
+        action(clock, key=f"key-{i}" if i % 3 == 0 else None, agent=f"agent-{i % 4}")
+        if i % 2
+        else outcome(clock, value=i / 4, key=f"out-{i}" if i % 5 == 0 else None)
+        for i in range(40)
+    ]
+    one_by_one = await open_store(tmp_path / "small")
+    for e in events:
+        await one_by_one.submit([e])
+    together = await open_store(tmp_path / "large")
+    commits = together.commits
+    await asyncio.gather(*(together.submit([e]) for e in events))
+    assert commits + 1 == together.commits  # one group of 40: past ONE_CALL_MIN_EVENTS
+    assert _stored(one_by_one) == _stored(together)
+    assert 40 == together.counts().queued == one_by_one.counts().queued
+    # The keys de-duplicate after a reopen as before it.
+    await together.close()
+    reopened = await open_store(tmp_path / "large")
+    again = await asyncio.gather(*(reopened.submit([e]) for e in events if e.idem_key != e.id))
+    assert all(acc[0].duplicate for acc in again)
+    assert (40, len(again)) == (reopened.counts().queued, reopened.counts().duplicates)
+
+
+async def test_a_large_group_that_does_not_fit_stores_nothing(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """A disk full in the middle of the one statement fails every submission of the group
+    and leaves no row of any: the statement is its own transaction."""
+    store = await open_store()
+    await store.submit([action(clock)])
+    before = _stored(store)
+    ((pages,),) = rows(store, "PRAGMA page_count")
+    await store.writer_connection.fetchall(f"PRAGMA max_page_count = {pages}")
+    big = b'{"agent_key": "a", "action_type": "x", "metadata": {"blob": "' + b"x" * 3_000 + b'"}}'
+    events = [parse_one("action", big, now=clock()) for _ in range(40)]
+    commits = store.commits
+    results = await asyncio.gather(*(store.submit([e]) for e in events), return_exceptions=True)
+    assert [StoreError] * 40 == [type(r) for r in results]
+    assert commits == store.commits
+    assert before == _stored(store)
+    assert (1, 1) == (store.counts().received, store.counts().queued)
+    await store.writer_connection.fetchall("PRAGMA max_page_count = 1073741823")
+    await wait_until(lambda: store.writable, 10, "the writer's probe to find room again")
+    await asyncio.gather(*(store.submit([e]) for e in events))
+    assert 41 == store.counts().queued

@@ -18,6 +18,7 @@ from . import files
 from .records import CorruptDatabaseError, StoreError
 from .schema import BUSY_TIMEOUT_MS, DB_FILES, DB_NAME, is_corruption, quick_check, setup_writer
 from .thread import SqliteThread
+from .writes import prepare_group_writes
 
 log = structlog.get_logger("valmi_sidecar.store")
 
@@ -87,6 +88,7 @@ async def connect(data_dir: Path, options: Options, *, check: bool) -> Connectio
         )
         synchronous = options.durability.upper()
         await writer.call(lambda db: setup_writer(db, path, synchronous=synchronous, budget=budget))
+        await writer.call(prepare_group_writes)
         reader = await SqliteThread.connect(path, name="store-reader", isolation_level=None)
     except BaseException as exc:
         if writer is not None:

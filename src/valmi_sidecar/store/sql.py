@@ -73,6 +73,58 @@ KEY_ROW_VALUES: Final = 5
 EVENT_FIELDS: Final = tuple(f for f in record_fields(NewEvent) if f != "fingerprint")
 INSERT_EVENT: Final = f"INSERT INTO events (seq, size, {', '.join(EVENT_FIELDS)}) VALUES {{rows}}"  # noqa: S608 - constant SQL; values are bound
 EVENT_ROW_VALUES: Final = len(EVENT_FIELDS) + 2
+#: A large group's new events, their keys and its ledger rows in one statement: an
+#: ``INSERT`` of ``GROUP_WRITE_COLUMNS`` rows into a TEMP view whose INSTEAD OF triggers
+#: write them (``GROUP_WRITE_VIEW``, made on the writer's connection when it opens; TEMP,
+#: so nothing of it is stored in the file). ``op`` 0 is a new event with its key row
+#: (written as ``INSERT_KEY`` and ``INSERT_EVENT`` write them), 1 a ledger row (as
+#: ``UPSERT_LEDGER_ROWS``), NULL nothing: a row that pads the statement to its size.
+GROUP_WRITE_COLUMNS: Final = (
+    "op",
+    "seq",
+    "size",
+    *EVENT_FIELDS,
+    "fingerprint",
+    "day",
+    "received",
+    "delivered",
+    "dead_lettered",
+    "received_value",
+    "delivered_value",
+    "dead_lettered_value",
+)
+GROUP_WRITE_VIEW: Final = (
+    "CREATE TEMP VIEW IF NOT EXISTS group_write AS SELECT "  # noqa: S608 - constant SQL
+    + ", ".join(f"NULL AS {c}" for c in GROUP_WRITE_COLUMNS)
+    + """;
+    CREATE TEMP TRIGGER IF NOT EXISTS group_write_event INSTEAD OF INSERT ON group_write
+    WHEN NEW.op = 0 BEGIN
+        INSERT OR REPLACE INTO keys (idem_key, id, fingerprint, created_at, received_at, state)
+            VALUES (NEW.idem_key, CASE WHEN NEW.id = NEW.idem_key THEN '' ELSE NEW.id END,
+                    NEW.fingerprint, CASE WHEN NEW.created_at = """
+    + CREATED_FROM_RECEIVED.format(received_at="NEW.received_at")
+    + """ THEN '' ELSE NEW.created_at END, NEW.received_at, 0);
+        INSERT INTO events (seq, size, """
+    + ", ".join(EVENT_FIELDS)
+    + ") VALUES (NEW.seq, NEW.size, "
+    + ", ".join(f"NEW.{f}" for f in EVENT_FIELDS)
+    + """);
+    END;
+    CREATE TEMP TRIGGER IF NOT EXISTS group_write_ledger INSTEAD OF INSERT ON group_write
+    WHEN NEW.op = 1 BEGIN
+        INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered,
+                            dead_lettered, received_value, delivered_value, dead_lettered_value)
+            VALUES (NEW.agent_key, NEW.kind, NEW.event_type, NEW.day, NEW.received,
+                    NEW.delivered, NEW.dead_lettered, NEW.received_value, NEW.delivered_value,
+                    NEW.dead_lettered_value)"""
+    + LEDGER_ADD
+    + """;
+    END;
+    """
+)
+GROUP_WRITE: Final = (
+    f"INSERT INTO temp.group_write ({', '.join(GROUP_WRITE_COLUMNS)}) VALUES {{rows}}"  # noqa: S608 - constant SQL; values are bound
+)
 #: The committed counts by name (schema version 4 on): received, delivered and
 #: dead-lettered are the ledger's totals plus the counters' offsets; duplicates are
 #: counted apart (the ledger holds events, not repeats).

@@ -46,6 +46,9 @@ log = structlog.get_logger("valmi_sidecar.store")
 #: Events (submitted or settled) in one group-commit transaction, at most (a single
 #: submission is never split, so a group may exceed it by one submission).
 MAX_GROUP_EVENTS: Final = 2_000
+#: A group of this many submissions or more is handed to the thread with the GIL
+#: (``SqliteThread.submit``'s ``hand_over``); see ``writes.ONE_CALL_MIN_EVENTS``.
+HAND_OVER_MIN_OPS: Final = 8
 #: Riders sit out transactions of submissions until they board (``Settle.boards_at``,
 #: ``core.RIDERS_GATHER_S``), or this many settlements ride, or one that does not ride is
 #: pending: then all board together.
@@ -352,7 +355,13 @@ class Writer:
         started = time.monotonic()
         try:
             fn = _rolled_back_on_error(self._transaction(group[0], group))
-            self.conn.submit(fn, functools.partial(self._done, group, started))
+            # Many submissions at once: requests came in while the last commit ran, so the
+            # loop is busy. Hand the thread the GIL now rather than when the loop runs dry.
+            hand_over = (
+                len(group) >= HAND_OVER_MIN_OPS
+                and sum(isinstance(op, Submit) for op in group) >= HAND_OVER_MIN_OPS
+            )
+            self.conn.submit(fn, functools.partial(self._done, group, started), hand_over=hand_over)
         except BaseException:
             # Never written: back in line, to be failed as pending.
             for op in reversed(group):

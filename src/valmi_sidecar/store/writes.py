@@ -50,6 +50,9 @@ from .sql import (
     DELETE_EVENTS,
     EVENT_FIELDS,
     EVENT_ROW_VALUES,
+    GROUP_WRITE,
+    GROUP_WRITE_COLUMNS,
+    GROUP_WRITE_VIEW,
     INSERT_DEAD,
     INSERT_EVENT,
     INSERT_KEY,
@@ -256,9 +259,77 @@ def _dedupe(
 #: A new event's values in ``INSERT_EVENT`` order, after ``seq`` and ``size``.
 _event_values: Final = operator.attrgetter(*EVENT_FIELDS)
 
+#: A group with at least this many new events (and nothing else to write) is written in
+#: one call to SQLite (``GROUP_WRITE``), not one per table. Python's ``sqlite3`` lets go
+#: of the GIL around every step of every statement, and a group that large means the
+#: event loop is busy: each time, the writer's thread then waits for the loop to run out
+#: of work before it can go on, and the loop waits for that commit (docs/PERFORMANCE.md,
+#: "One call to SQLite for a large group"). The view's triggers cost more CPU per row
+#: than the statements, so a small group, a quiet sidecar's, keeps the statements.
+ONE_CALL_MIN_EVENTS: Final = 8
+#: Rows (events and ledger rows) of one such call at most: a larger group, which only a
+#: backlog of waiting requests makes, is written as statements.
+ONE_CALL_MAX_ROWS: Final = 1024
+_GROUP_WRITE_WIDTH: Final = len(GROUP_WRITE_COLUMNS)
+_GW = {name: i for i, name in enumerate(GROUP_WRITE_COLUMNS)}
+#: A padding row: ``op`` NULL, so no trigger writes it.
+_PAD_ROW: Final[tuple[None, ...]] = (None,) * _GROUP_WRITE_WIDTH
+_NO_LEDGER: Final[tuple[None, ...]] = (None,) * (_GROUP_WRITE_WIDTH - _GW["day"])
+
+
+def prepare_group_writes(db: sqlite3.Connection) -> None:
+    """Make the writer connection's TEMP view for ``GROUP_WRITE`` (once, at open). The
+    TEMP schema is kept in memory: nothing is written to a temporary file, which a
+    read-only root file system would refuse."""
+    db.execute("PRAGMA temp_store = MEMORY")
+    db.executescript(GROUP_WRITE_VIEW)
+
+
+def _one_call(db: sqlite3.Connection, plan: Plan) -> bool:
+    """Write the group's events, keys and ledger in one statement and commit, when the
+    group is large and writes nothing else; else leave it to the statements (``False``)."""
+    rows = len(plan.fresh) + len(plan.ledger)
+    if (
+        len(plan.fresh) < ONE_CALL_MIN_EVENTS
+        or rows > ONE_CALL_MAX_ROWS
+        or plan.duplicates
+        or db.in_transaction  # settlements were written: the statements' transaction
+    ):
+        return False
+    values: list[Any] = []
+    for seq, e in plan.fresh:
+        values += (0, seq, len(e.body), *_event_values(e), e.fingerprint, *_NO_LEDGER)
+    for (agent_key, kind, event_type, day), deltas in plan.ledger.items():
+        row: list[Any] = [None] * _GROUP_WRITE_WIDTH
+        row[0] = 1
+        row[_GW["agent_key"]], row[_GW["kind"]], row[_GW["event_type"]] = (
+            agent_key,
+            kind,
+            event_type,
+        )
+        row[_GW["day"] :] = (day, *deltas)
+        values += row
+    # Padded to a multiple of 8 rows: each size is a statement of its own, prepared once
+    # and cached (``opening._WRITER_CACHED_STATEMENTS``), and 8 bound few values for nothing.
+    size = -(-rows // 8) * 8
+    values += _PAD_ROW * (size - rows)
+    # Outside a transaction the statement is its own, committed within the same call: the
+    # writer's thread keeps off the GIL from the first row to the end of the commit. It
+    # is the only connection that writes, so no other commit can come between its read
+    # and its write.
+    level = db.isolation_level
+    db.isolation_level = None
+    try:
+        db.execute(with_rows(GROUP_WRITE, _GROUP_WRITE_WIDTH, size), values)
+    finally:
+        db.isolation_level = level
+    return True
+
 
 def _write_and_commit(db: sqlite3.Connection, plan: Plan) -> None:
     """Write the group's new events and keys, its ledger and duplicates, and commit."""
+    if _one_call(db, plan):
+        return
     if plan.fresh:
         keys = [
             (e.idem_key, e.id, e.fingerprint, e.created_at, e.received_at) for _, e in plan.fresh
