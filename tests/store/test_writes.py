@@ -113,7 +113,12 @@ async def test_batch_keys_are_idempotent_as_a_whole(open_store: OpenStore, clock
     assert 2 == store.counts().queued
 
 
-async def test_key_expires_after_window_once_delivered(open_store: OpenStore, clock: Clock) -> None:
+@pytest.mark.parametrize("group", [1, writes.ONE_CALL_MIN_SUBMITS + 2])
+async def test_key_expires_after_window_once_delivered(
+    open_store: OpenStore, clock: Clock, group: int
+) -> None:
+    """An expired key's row is replaced by the new event's: in a group of its own (the
+    statements) and in a large one (the TEMP view's trigger)."""
     store = await open_store()
     (first,) = await store.submit([action(clock, key="k1", kind="llm_call")])
     (leased,) = await store.lease(1, frozenset())
@@ -122,7 +127,12 @@ async def test_key_expires_after_window_once_delivered(open_store: OpenStore, cl
     with pytest.raises(IdempotencyConflictError):
         await store.submit([action(clock, key="k1", kind="tool_call")])
     clock.t += 2
-    (second,) = await store.submit([action(clock, key="k1", kind="tool_call")])
+    commits = store.commits
+    (second,), *_ = await asyncio.gather(
+        store.submit([action(clock, key="k1", kind="tool_call")]),
+        *(store.submit([action(clock)]) for _ in range(group - 1)),
+    )
+    assert commits + 1 == store.commits
     assert not second.duplicate
     assert first.id != second.id
     assert [(second.id, 0)] == rows(store, "SELECT id, state FROM keys WHERE idem_key = 'k1'")
@@ -211,7 +221,7 @@ def test_row_chunks_are_powers_of_two_within_the_bound() -> None:
 
 @pytest.mark.parametrize(
     "n",
-    [1, 3, writes.ONE_CALL_MIN_EVENTS, sql.MAX_CHUNK_ROWS, 300, writes.ONE_CALL_MAX_ROWS + 1],
+    [1, 3, writes.ONE_CALL_MIN_SUBMITS, sql.MAX_CHUNK_ROWS, 300, writes.ONE_CALL_MAX_ROWS + 1],
 )
 async def test_a_group_of_any_size_stores_every_event_and_key(
     open_store: OpenStore, clock: Clock, n: int
@@ -284,7 +294,7 @@ async def test_a_large_group_stores_the_rows_the_statements_store(
     together = await open_store(tmp_path / "large")
     commits = together.commits
     await asyncio.gather(*(together.submit([e]) for e in events))
-    assert commits + 1 == together.commits  # one group of 40: past ONE_CALL_MIN_EVENTS
+    assert commits + 1 == together.commits  # one group of 40 submissions: one call
     assert _stored(one_by_one) == _stored(together)
     assert 40 == together.counts().queued == one_by_one.counts().queued
     # The keys de-duplicate after a reopen as before it.

@@ -39,16 +39,13 @@ from .records import OutcomeUnknownError, StoreError
 from .space import Space
 from .sql import PROBE
 from .thread import SqliteThread
-from .writes import GroupWriter
+from .writes import ONE_CALL_MIN_SUBMITS, GroupWriter
 
 log = structlog.get_logger("valmi_sidecar.store")
 
 #: Events (submitted or settled) in one group-commit transaction, at most (a single
 #: submission is never split, so a group may exceed it by one submission).
 MAX_GROUP_EVENTS: Final = 2_000
-#: A group of this many submissions or more is handed to the thread with the GIL
-#: (``SqliteThread.submit``'s ``hand_over``); see ``writes.ONE_CALL_MIN_EVENTS``.
-HAND_OVER_MIN_OPS: Final = 8
 #: Riders sit out transactions of submissions until they board (``Settle.boards_at``,
 #: ``core.RIDERS_GATHER_S``), or this many settlements ride, or one that does not ride is
 #: pending: then all board together.
@@ -357,9 +354,10 @@ class Writer:
             fn = _rolled_back_on_error(self._transaction(group[0], group))
             # Many submissions at once: requests came in while the last commit ran, so the
             # loop is busy. Hand the thread the GIL now rather than when the loop runs dry.
+            # (The group is written in one call to SQLite then, ``writes.ONE_CALL_MIN_SUBMITS``.)
             hand_over = (
-                len(group) >= HAND_OVER_MIN_OPS
-                and sum(isinstance(op, Submit) for op in group) >= HAND_OVER_MIN_OPS
+                len(group) >= ONE_CALL_MIN_SUBMITS
+                and sum(isinstance(op, Submit) for op in group) >= ONE_CALL_MIN_SUBMITS
             )
             self.conn.submit(fn, functools.partial(self._done, group, started), hand_over=hand_over)
         except BaseException:

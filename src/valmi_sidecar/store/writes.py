@@ -159,7 +159,7 @@ class GroupWriter:
             seq, first = plan.fresh[0]
             plan.oldest = (seq, first.received_at)
             plan.oldest_changed = True
-        _write_and_commit(db, plan)
+        _write_and_commit(db, plan, one_call=len(submits) >= ONE_CALL_MIN_SUBMITS)
         # Committed: from here on nothing may fail the group's operations.
         try:
             self._space.checkpoint_if_big(db, group=True)
@@ -259,19 +259,22 @@ def _dedupe(
 #: A new event's values in ``INSERT_EVENT`` order, after ``seq`` and ``size``.
 _event_values: Final = operator.attrgetter(*EVENT_FIELDS)
 
-#: A group with at least this many new events (and nothing else to write) is written in
+#: A group of at least this many submissions (and nothing else to write) is written in
 #: one call to SQLite (``GROUP_WRITE``), not one per table. Python's ``sqlite3`` lets go
-#: of the GIL around every step of every statement, and a group that large means the
-#: event loop is busy: each time, the writer's thread then waits for the loop to run out
-#: of work before it can go on, and the loop waits for that commit (docs/PERFORMANCE.md,
-#: "One call to SQLite for a large group"). The view's triggers cost more CPU per row
-#: than the statements, so a small group, a quiet sidecar's, keeps the statements.
-ONE_CALL_MIN_EVENTS: Final = 8
+#: of the GIL around every step of every statement, and that many requests stored at
+#: once means the event loop is busy serving them: each time, the writer's thread then
+#: waits for the loop to run out of work before it can go on, and the loop waits for
+#: that commit (docs/PERFORMANCE.md, "One call to SQLite for a large group"). The view's
+#: triggers cost more CPU per row than the statements, off the GIL: worth it only when
+#: the loop is what limits. A quiet sidecar's groups, and a batch (one submission of
+#: many events, little work on the loop), keep the statements.
+ONE_CALL_MIN_SUBMITS: Final = 8
 #: Rows (events and ledger rows) of one such call at most: a larger group, which only a
 #: backlog of waiting requests makes, is written as statements.
 ONE_CALL_MAX_ROWS: Final = 1024
 _GROUP_WRITE_WIDTH: Final = len(GROUP_WRITE_COLUMNS)
-_GW = {name: i for i, name in enumerate(GROUP_WRITE_COLUMNS)}
+#: Each column's place in a ``GROUP_WRITE`` row.
+_GW: Final = {name: i for i, name in enumerate(GROUP_WRITE_COLUMNS)}
 #: A padding row: ``op`` NULL, so no trigger writes it.
 _PAD_ROW: Final[tuple[None, ...]] = (None,) * _GROUP_WRITE_WIDTH
 _NO_LEDGER: Final[tuple[None, ...]] = (None,) * (_GROUP_WRITE_WIDTH - _GW["day"])
@@ -286,11 +289,11 @@ def prepare_group_writes(db: sqlite3.Connection) -> None:
 
 
 def _one_call(db: sqlite3.Connection, plan: Plan) -> bool:
-    """Write the group's events, keys and ledger in one statement and commit, when the
-    group is large and writes nothing else; else leave it to the statements (``False``)."""
+    """Write the group's events, keys and ledger in one statement and commit, when it
+    writes nothing else; else leave it to the statements (``False``)."""
     rows = len(plan.fresh) + len(plan.ledger)
     if (
-        len(plan.fresh) < ONE_CALL_MIN_EVENTS
+        not plan.fresh
         or rows > ONE_CALL_MAX_ROWS
         or plan.duplicates
         or db.in_transaction  # settlements were written: the statements' transaction
@@ -326,9 +329,10 @@ def _one_call(db: sqlite3.Connection, plan: Plan) -> bool:
     return True
 
 
-def _write_and_commit(db: sqlite3.Connection, plan: Plan) -> None:
-    """Write the group's new events and keys, its ledger and duplicates, and commit."""
-    if _one_call(db, plan):
+def _write_and_commit(db: sqlite3.Connection, plan: Plan, *, one_call: bool) -> None:
+    """Write the group's new events and keys, its ledger and duplicates, and commit; in
+    one call to SQLite when ``one_call`` and nothing else is to be written."""
+    if one_call and _one_call(db, plan):
         return
     if plan.fresh:
         keys = [
