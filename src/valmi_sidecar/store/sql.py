@@ -50,41 +50,10 @@ LEDGER_ADD: Final = (
 )
 #: Ledger rows (``LEDGER_ROW_VALUES`` values each) in one statement; ``{rows}`` stands
 #: for the rows' placeholders (``with_rows``).
-UPSERT_LEDGER_ROWS: Final = (
-    "INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered, dead_lettered,"  # noqa: S608 - constant SQL; values are bound
-    " received_value, delivered_value, dead_lettered_value) VALUES {rows}" + LEDGER_ADD
-)
-LEDGER_ROW_VALUES: Final = 10
-#: What one group transaction writes besides its settlements: the new events, their keys,
-#: the ledger (and the duplicates' count). The events and the keys are written by
-#: multi-row statements (``rows``): ``{rows}`` stands for the rows' placeholders.
-#: A key row leaves out the id and ``created_at`` it can derive (``KEY_ID``,
-#: ``KEY_CREATED_AT``); each row binds key, id, fingerprint, created_at, received_at.
-INSERT_KEY: Final = (
-    "INSERT OR REPLACE INTO keys (idem_key, id, fingerprint, created_at, received_at, state)"  # noqa: S608 - constant SQL; values are bound
-    " SELECT column1, CASE WHEN column2 = column1 THEN '' ELSE column2 END, column3,"
-    " CASE WHEN column4 = "
-    + CREATED_FROM_RECEIVED.format(received_at="column5")
-    + " THEN '' ELSE column4 END, column5, 0 FROM (VALUES {rows})"
-)
-KEY_ROW_VALUES: Final = 5
-#: The fields of a ``NewEvent`` that the events table stores (the fingerprint is the key
-#: row's), in the order ``INSERT_EVENT`` binds them after ``seq`` and ``size``.
-EVENT_FIELDS: Final = tuple(f for f in record_fields(NewEvent) if f != "fingerprint")
-INSERT_EVENT: Final = f"INSERT INTO events (seq, size, {', '.join(EVENT_FIELDS)}) VALUES {{rows}}"  # noqa: S608 - constant SQL; values are bound
-EVENT_ROW_VALUES: Final = len(EVENT_FIELDS) + 2
-#: A large group's new events, their keys and its ledger rows in one statement: an
-#: ``INSERT`` of ``GROUP_WRITE_COLUMNS`` rows into a TEMP view whose INSTEAD OF triggers
-#: write them (``GROUP_WRITE_VIEW``, made on the writer's connection when it opens; TEMP,
-#: so nothing of it is stored in the file). ``op`` 0 is a new event with its key row
-#: (written as ``INSERT_KEY`` and ``INSERT_EVENT`` write them), 1 a ledger row (as
-#: ``UPSERT_LEDGER_ROWS``), NULL nothing: a row that pads the statement to its size.
-GROUP_WRITE_COLUMNS: Final = (
-    "op",
-    "seq",
-    "size",
-    *EVENT_FIELDS,
-    "fingerprint",
+_LEDGER_COLUMNS: Final = (
+    "agent_key",
+    "kind",
+    "event_type",
     "day",
     "received",
     "delivered",
@@ -93,34 +62,70 @@ GROUP_WRITE_COLUMNS: Final = (
     "delivered_value",
     "dead_lettered_value",
 )
+_INSERT_LEDGER: Final = f"INSERT INTO ledger ({', '.join(_LEDGER_COLUMNS)})"
+UPSERT_LEDGER_ROWS: Final = _INSERT_LEDGER + " VALUES {rows}" + LEDGER_ADD
+LEDGER_ROW_VALUES: Final = 10
+
+
+def _insert_key(key: str, id_: str, fingerprint: str, created_at: str, received_at: str) -> str:
+    """The ``INSERT`` of one queued key row from these SQL expressions, leaving out the
+    id and ``created_at`` it can derive; ``INSERT_KEY`` and ``GROUP_WRITE_VIEW`` share it."""
+    derived_created_at = CREATED_FROM_RECEIVED.format(received_at=received_at)
+    return (
+        "INSERT OR REPLACE INTO keys (idem_key, id, fingerprint, created_at, received_at, state)"
+        f" SELECT {key}, CASE WHEN {id_} = {key} THEN '' ELSE {id_} END, {fingerprint},"
+        f" CASE WHEN {created_at} = {derived_created_at} THEN '' ELSE {created_at} END,"
+        f" {received_at}, 0"
+    )
+
+
+#: What one group transaction writes besides its settlements: the new events, their keys,
+#: the ledger (and the duplicates' count). The events and the keys are written by
+#: multi-row statements (``rows``): ``{rows}`` stands for the rows' placeholders.
+#: A key row leaves out the id and ``created_at`` it can derive (``KEY_ID``,
+#: ``KEY_CREATED_AT``); each row binds key, id, fingerprint, created_at, received_at.
+INSERT_KEY: Final = (
+    _insert_key("column1", "column2", "column3", "column4", "column5") + " FROM (VALUES {rows})"
+)
+KEY_ROW_VALUES: Final = 5
+#: The fields of a ``NewEvent`` that the events table stores (the fingerprint is the key
+#: row's), in the order ``INSERT_EVENT`` binds them after ``seq`` and ``size``.
+EVENT_FIELDS: Final = tuple(f for f in record_fields(NewEvent) if f != "fingerprint")
+_EVENT_COLUMNS: Final = ("seq", "size", *EVENT_FIELDS)
+_INSERT_EVENT: Final = f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)})"
+INSERT_EVENT: Final = _INSERT_EVENT + " VALUES {rows}"
+EVENT_ROW_VALUES: Final = len(EVENT_FIELDS) + 2
+#: A large group's new events, their keys and its ledger rows in one statement: an
+#: ``INSERT`` of ``GROUP_WRITE_COLUMNS`` rows into a TEMP view whose INSTEAD OF triggers
+#: write them (``GROUP_WRITE_VIEW``, made on the writer's connection when it opens; TEMP,
+#: so nothing of it is stored in the file). ``op`` 0 is a new event with its key row
+#: (written as ``INSERT_KEY`` and ``INSERT_EVENT`` write them), 1 a ledger row (as
+#: ``UPSERT_LEDGER_ROWS``), NULL nothing: a row that pads the statement to its size.
+GROUP_WRITE_COLUMNS: Final = ("op", *_EVENT_COLUMNS, "fingerprint", *_LEDGER_COLUMNS[3:])
+
+
+def _new(columns: tuple[str, ...]) -> str:
+    """The trigger's row values of ``columns``, as ``VALUES`` takes them."""
+    return "(" + ", ".join(f"NEW.{c}" for c in columns) + ")"
+
+
 GROUP_WRITE_VIEW: Final = (
     "CREATE TEMP VIEW IF NOT EXISTS group_write AS SELECT "  # noqa: S608 - constant SQL
     + ", ".join(f"NULL AS {c}" for c in GROUP_WRITE_COLUMNS)
-    + """;
-    CREATE TEMP TRIGGER IF NOT EXISTS group_write_event INSTEAD OF INSERT ON group_write
-    WHEN NEW.op = 0 BEGIN
-        INSERT OR REPLACE INTO keys (idem_key, id, fingerprint, created_at, received_at, state)
-            VALUES (NEW.idem_key, CASE WHEN NEW.id = NEW.idem_key THEN '' ELSE NEW.id END,
-                    NEW.fingerprint, CASE WHEN NEW.created_at = """
-    + CREATED_FROM_RECEIVED.format(received_at="NEW.received_at")
-    + """ THEN '' ELSE NEW.created_at END, NEW.received_at, 0);
-        INSERT INTO events (seq, size, """
-    + ", ".join(EVENT_FIELDS)
-    + ") VALUES (NEW.seq, NEW.size, "
-    + ", ".join(f"NEW.{f}" for f in EVENT_FIELDS)
-    + """);
-    END;
-    CREATE TEMP TRIGGER IF NOT EXISTS group_write_ledger INSTEAD OF INSERT ON group_write
-    WHEN NEW.op = 1 BEGIN
-        INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered,
-                            dead_lettered, received_value, delivered_value, dead_lettered_value)
-            VALUES (NEW.agent_key, NEW.kind, NEW.event_type, NEW.day, NEW.received,
-                    NEW.delivered, NEW.dead_lettered, NEW.received_value, NEW.delivered_value,
-                    NEW.dead_lettered_value)"""
+    + ";\nCREATE TEMP TRIGGER IF NOT EXISTS group_write_event INSTEAD OF INSERT ON group_write"
+    " WHEN NEW.op = 0 BEGIN "
+    + _insert_key("NEW.idem_key", "NEW.id", "NEW.fingerprint", "NEW.created_at", "NEW.received_at")
+    + "; "
+    + _INSERT_EVENT
+    + " VALUES "
+    + _new(_EVENT_COLUMNS)
+    + "; END;\nCREATE TEMP TRIGGER IF NOT EXISTS group_write_ledger INSTEAD OF INSERT ON"
+    " group_write WHEN NEW.op = 1 BEGIN "
+    + _INSERT_LEDGER
+    + " VALUES "
+    + _new(_LEDGER_COLUMNS)
     + LEDGER_ADD
-    + """;
-    END;
-    """
+    + "; END;"
 )
 GROUP_WRITE: Final = (
     f"INSERT INTO temp.group_write ({', '.join(GROUP_WRITE_COLUMNS)}) VALUES {{rows}}"  # noqa: S608 - constant SQL; values are bound

@@ -313,7 +313,7 @@ def _one_call(db: sqlite3.Connection, plan: Plan) -> bool:
         row[_GW["day"] :] = (day, *deltas)
         values += row
     # Padded to a multiple of 8 rows: each size is a statement of its own, prepared once
-    # and cached (``opening._WRITER_CACHED_STATEMENTS``), and 8 bound few values for nothing.
+    # and cached (``opening._WRITER_CACHED_STATEMENTS``); 8 keeps the padding small.
     size = -(-rows // 8) * 8
     values += _PAD_ROW * (size - rows)
     # Outside a transaction the statement is its own, committed within the same call: the
