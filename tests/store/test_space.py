@@ -16,7 +16,7 @@ from valmi_sidecar.events import NewEvent, parse_one
 from valmi_sidecar.operations import disk_json
 from valmi_sidecar.store import DeadLetter, DeadLetterFilter, QueueFullError, Store
 
-from .conftest import Clock, OpenStore, action
+from .conftest import Clock, OpenStore, action, rows
 
 
 def padded(clock: Clock, pad: int) -> NewEvent:
@@ -168,6 +168,33 @@ async def test_queue_limit_is_exact_under_concurrent_submits(
     assert 10 == sum(isinstance(r, list) for r in results)
     assert 15 == sum(isinstance(r, QueueFullError) for r in results)
     assert 10 == store.counts().queued
+
+
+async def test_a_group_that_passes_the_disk_budget_stores_the_submissions_that_fit(
+    open_store: OpenStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A group as a whole too large for the disk budget is not refused as a whole: its
+    submissions are taken in order while they fit, the rest refused, storing nothing."""
+    budget = minimum_queue_bytes(16 * 1024) + 512 * 1024
+    options = {"max_queue_bytes": budget, "max_body_bytes": 16 * 1024}
+    fits = await fill(await open_store(tmp_path / "a", **options), clock, tmp_path / "a", budget)
+    store = await open_store(tmp_path / "b", **options)
+    for _ in range(fits - 3):
+        await store.submit([padded(clock, 1000)])
+    events = [padded(clock, 1000) for _ in range(6)]
+    commits = store.commits
+    results = await asyncio.gather(*(store.submit([e]) for e in events), return_exceptions=True)
+    assert commits + 1 == store.commits  # the six in one group
+    taken = [not isinstance(r, QueueFullError) for r in results]
+    k = sum(taken)
+    assert 1 <= k <= 5, results
+    assert [True] * k + [False] * (6 - k) == taken  # in order: the first that fit
+    assert fits - 3 + k == store.counts().queued
+    stored = {r[0] for r in rows(store, "SELECT id FROM events")}
+    assert {e.id for e in events[:k]} <= stored
+    assert not {e.id for e in events[k:]} & stored
+    assert store.full
+    assert data_dir_bytes(tmp_path / "b") <= budget
 
 
 async def test_duplicate_is_answered_when_queue_is_full(
