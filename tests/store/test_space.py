@@ -177,11 +177,29 @@ async def test_a_group_that_passes_the_disk_budget_stores_the_submissions_that_f
     submissions are taken in order while they fit, the rest refused, storing nothing."""
     budget = minimum_queue_bytes(16 * 1024) + 512 * 1024
     options = {"max_queue_bytes": budget, "max_body_bytes": 16 * 1024}
-    fits = await fill(await open_store(tmp_path / "a", **options), clock, tmp_path / "a", budget)
+
+    def event() -> NewEvent:
+        # A millisecond apart: ids (the keys) in order, so two stores fed the same
+        # events lay out the same pages, and fill up at the same event.
+        clock.t += 0.001
+        return padded(clock, 1000)
+
+    async def fits(store: Store) -> int:
+        n = 0
+        while True:
+            try:
+                await store.submit([event()])
+            except QueueFullError:
+                return n
+            n += 1
+
+    start = clock.t
+    room = await fits(await open_store(tmp_path / "a", **options))
+    clock.t = start
     store = await open_store(tmp_path / "b", **options)
-    for _ in range(fits - 3):
-        await store.submit([padded(clock, 1000)])
-    events = [padded(clock, 1000) for _ in range(6)]
+    for _ in range(room - 3):
+        await store.submit([event()])
+    events = [event() for _ in range(6)]
     commits = store.commits
     results = await asyncio.gather(*(store.submit([e]) for e in events), return_exceptions=True)
     assert commits + 1 == store.commits  # the six in one group
@@ -189,7 +207,7 @@ async def test_a_group_that_passes_the_disk_budget_stores_the_submissions_that_f
     k = sum(taken)
     assert 1 <= k <= 5, results
     assert [True] * k + [False] * (6 - k) == taken  # in order: the first that fit
-    assert fits - 3 + k == store.counts().queued
+    assert room - 3 + k == store.counts().queued
     stored = {r[0] for r in rows(store, "SELECT id FROM events")}
     assert {e.id for e in events[:k]} <= stored
     assert not {e.id for e in events[k:]} & stored

@@ -200,12 +200,7 @@ class GroupWriter:
             plan.events += len(op.events)
             for kind in dups:
                 count(plan.duplicate_kinds, kind)
-            for e in new:
-                count(plan.received_kinds, e.kind)
-                day = utc_day(e.received_at)
-                bump(plan.ledger, (e.agent_key, e.kind, e.event_type, day), IN_RECEIVED, e.value)
-                plan.fresh.append((seq, e))
-                seq += 1
+            seq = _add_fresh(plan, new, seq)
             plan.results.append((op, accepted))
         plan.received = queued - start.queued
         plan.queued_bytes = queued_bytes - start.queued_bytes
@@ -238,17 +233,10 @@ class GroupWriter:
             # here stays in the plan: nothing was written since).
             return False
         seq = plan.next_seq
-        ledger, fresh, results = plan.ledger, plan.fresh, plan.results
         for op in submits:
-            accepted: list[Accepted] = []
-            for e in op.events:
-                accepted.append(Accepted(e.id, e.created_at, duplicate=False))
-                count(plan.received_kinds, e.kind)
-                day = utc_day(e.received_at)
-                bump(ledger, (e.agent_key, e.kind, e.event_type, day), IN_RECEIVED, e.value)
-                fresh.append((seq, e))
-                seq += 1
-            results.append((op, accepted))
+            accepted = [Accepted(e.id, e.created_at, duplicate=False) for e in op.events]
+            seq = _add_fresh(plan, op.events, seq)
+            plan.results.append((op, accepted))
         plan.received = n
         plan.queued_bytes = body_bytes
         plan.events += n
@@ -265,6 +253,18 @@ class GroupWriter:
                 QUEUE_FULL_RETRY_AFTER_S,
             )
         return self._space.room_for(db, plan, sum(event_disk_bytes(len(e.body)) for e in new))
+
+
+def _add_fresh(plan: Plan, events: Sequence[NewEvent], seq: int) -> int:
+    """Add accepted new ``events`` to ``plan`` (their rows, counts and ledger), the first
+    at ``seq``; the next seq."""
+    for e in events:
+        count(plan.received_kinds, e.kind)
+        day = utc_day(e.received_at)
+        bump(plan.ledger, (e.agent_key, e.kind, e.event_type, day), IN_RECEIVED, e.value)
+        plan.fresh.append((seq, e))
+        seq += 1
+    return seq
 
 
 _Dedupe = tuple[list[Accepted], dict[str, tuple[str, bytes, str]], list[NewEvent], list[str]]
