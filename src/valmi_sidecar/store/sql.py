@@ -100,7 +100,7 @@ EVENT_ROW_VALUES: Final = len(EVENT_FIELDS) + 2
 #: write them (``GROUP_WRITE_VIEW``, made on the writer's connection when it opens; TEMP,
 #: so nothing of it is stored in the file). ``op`` 0 is a new event with its key row
 #: (written as ``INSERT_KEY`` and ``INSERT_EVENT`` write them), 1 a ledger row (as
-#: ``UPSERT_LEDGER_ROWS``), NULL nothing: a row that pads the statement to its size.
+#: ``UPSERT_LEDGER_ROWS``), any other nothing: a row that pads the statement to its size.
 GROUP_WRITE_COLUMNS: Final = ("op", *_EVENT_COLUMNS, "fingerprint", *_LEDGER_COLUMNS[3:])
 
 

@@ -320,9 +320,14 @@ ONE_CALL_MAX_ROWS: Final = 1024
 _GROUP_WRITE_WIDTH: Final = len(GROUP_WRITE_COLUMNS)
 #: Each column's place in a ``GROUP_WRITE`` row.
 _GW: Final = {name: i for i, name in enumerate(GROUP_WRITE_COLUMNS)}
-#: A padding row: ``op`` NULL, so no trigger writes it.
-_PAD_ROW: Final[tuple[None, ...]] = (None,) * _GROUP_WRITE_WIDTH
-_NO_LEDGER: Final[tuple[None, ...]] = (None,) * (_GROUP_WRITE_WIDTH - _GW["day"])
+#: ``op`` of a row that no trigger writes (``sql.GROUP_WRITE``).
+_PAD_OP: Final = 2
+# The columns a row's trigger does not read are bound as 0, not NULL: Python's
+# ``sqlite3`` looks for an adapter for every ``None`` it binds (a tuple, a dictionary
+# lookup and two attribute lookups, with the GIL held), for an int it does not.
+#: A padding row: ``op`` 2, so no trigger writes it.
+_PAD_ROW: Final[tuple[int, ...]] = (_PAD_OP,) + (0,) * (_GROUP_WRITE_WIDTH - 1)
+_NO_LEDGER: Final[tuple[int, ...]] = (0,) * (_GROUP_WRITE_WIDTH - _GW["day"])
 
 
 def prepare_group_writes(db: sqlite3.Connection) -> None:
@@ -348,7 +353,7 @@ def _one_call(db: sqlite3.Connection, plan: Plan) -> bool:
     for seq, e in plan.fresh:
         values += (0, seq, len(e.body), *_event_values(e), e.fingerprint, *_NO_LEDGER)
     for (agent_key, kind, event_type, day), deltas in plan.ledger.items():
-        row: list[Any] = [None] * _GROUP_WRITE_WIDTH
+        row: list[Any] = [0] * _GROUP_WRITE_WIDTH
         row[0] = 1
         row[_GW["agent_key"]], row[_GW["kind"]], row[_GW["event_type"]] = (
             agent_key,
