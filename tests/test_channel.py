@@ -124,8 +124,10 @@ class _Recording(Settings):
 
 
 class _Link:
-    async def submit(self, events: Sequence[NewEvent]) -> list[Accepted]:
-        return [Accepted(e.id, e.created_at, duplicate=False) for e in events]
+    def submit_soon(self, events: Sequence[NewEvent]) -> asyncio.Future[list[Accepted]]:
+        future: asyncio.Future[list[Accepted]] = asyncio.get_running_loop().create_future()
+        future.set_result([Accepted(e.id, e.created_at, duplicate=False) for e in events])
+        return future
 
 
 async def test_a_worker_reads_no_setting_that_the_hello_does_not_carry() -> None:

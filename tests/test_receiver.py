@@ -10,10 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
-from valmi_sidecar.config import Secret
+from valmi_sidecar.config import Secret, load_settings
 from valmi_sidecar.fake_api import FakeValmi
+from valmi_sidecar.receiver import Lifecycle, add_get, build_app, healthz, make_runner
 from valmi_sidecar.store import core as store_core
+from valmi_sidecar.workers import listen_sockets
 
 from .conftest import ACTION, OUTCOME, SidecarFactory, wait_until
 
@@ -378,14 +381,64 @@ async def test_full_queue_answers_503_with_retry_after_and_keeps_what_it_has(
 async def test_unknown_path_and_method_use_the_error_shape(
     sidecar_factory: SidecarFactory, client: httpx.AsyncClient
 ) -> None:
-    _, url = await sidecar_factory()
+    """What no route takes is a 404, or a 405 saying which methods the path takes (a
+    route with a pattern included), in the one error shape and without storing."""
+    sidecar, url = await sidecar_factory()
     missing = await client.get(f"{url}/v1/nope")
-    wrong_method = await client.get(f"{url}/v1/actions")
     assert (404, "not_found") == (missing.status_code, error_of(missing)["code"])
-    assert (405, "method_not_allowed") == (
+    posted_nowhere = await client.post(f"{url}/v1/action", json=ACTION)
+    assert (404, "not_found") == (posted_nowhere.status_code, error_of(posted_nowhere)["code"])
+    wrong_method = await client.get(f"{url}/v1/actions")
+    assert (405, "method_not_allowed", "POST") == (
         wrong_method.status_code,
         error_of(wrong_method)["code"],
+        wrong_method.headers["Allow"],
     )
+    posted_to_a_read = await client.post(f"{url}/v1/dead-letters/evt_x", json={})
+    assert (405, "method_not_allowed", "GET,HEAD") == (
+        posted_to_a_read.status_code,
+        error_of(posted_to_a_read)["code"],
+        posted_to_a_read.headers["Allow"],
+    )
+    assert 404 == (await client.head(f"{url}/nowhere")).status_code
+    assert 200 == (await client.head(f"{url}/healthz")).status_code
+    assert sidecar.store is not None
+    assert 0 == sidecar.store.counts().received
+
+
+async def test_a_route_added_past_the_guard_stops_the_application_from_starting(
+    tmp_path: Path,
+) -> None:
+    """Every route is behind the local-only guard: one added with ``add_get`` refuses a
+    web page like the others; one added straight to aiohttp's router stops the start,
+    with a message that says how to add it."""
+    settings = load_settings(env={"HOME": str(tmp_path)})
+    app = build_app(settings, Lifecycle(ready=True), dict, bytes)
+    add_get(app, "/v1/extra", healthz)
+    runner = make_runner(app, settings)
+    await runner.setup()
+    (listener,) = listen_sockets("127.0.0.1", 0)
+    try:
+        await web.SockSite(runner, listener).start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            plain = await client.get(url + "/v1/extra")
+            page = await client.get(url + "/v1/extra", headers={"Origin": "http://evil.test"})
+        assert 200 == plain.status_code
+        assert (403, "origin_not_allowed") == (page.status_code, error_of(page)["code"])
+    finally:
+        await runner.cleanup()
+
+    app = build_app(settings, Lifecycle(ready=True), dict, bytes)
+    app.router.add_get("/v1/unguarded", healthz)
+    runner = make_runner(app, settings)
+    try:
+        with pytest.raises(RuntimeError) as info:
+            await runner.setup()
+        assert "/v1/unguarded is not behind the local-only guard" in str(info.value)
+        assert "receiver.add_get" in str(info.value)
+    finally:
+        await runner.cleanup()
 
 
 async def test_health_ready_and_status_report_the_sidecar(

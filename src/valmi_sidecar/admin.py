@@ -1,6 +1,6 @@
 """The operator's HTTP API on the listen address: the ledger, the dead letters, salvage.
 
-Every route is under ``/v1/``, so the receiver's ``api_middleware`` guards it like
+Every route is under ``/v1/``, so the receiver's guard (``receiver.guarded``) takes it like
 ingest: with an ingest token set, ``Authorization: Bearer <token>`` is required. Errors
 have the receiver's one shape, store errors mapped by ``receiver.store_api_error``. The
 answers come from ``LocalOperations`` over the live store. ``valmi-sidecar ledger``,
@@ -39,7 +39,7 @@ from .operations import (
     salvage_record,
 )
 from .operations.forms import SALVAGE_FIELDS
-from .receiver import STORE
+from .receiver import STORE, add_get, add_post
 from .store import StoreError, salvage_problem
 
 _encode: Final = msgspec.json.Encoder().encode
@@ -319,19 +319,17 @@ async def post_salvage(request: web.Request) -> web.Response:
 
 def add_admin_routes(app: web.Application) -> None:
     """Add the operator routes to the local API (the caller sets ``app[STORE]``). They are
-    all under ``/v1/``: the application's ``api_middleware`` checks the ingest token."""
-    app.router.add_get("/v1/ledger", get_ledger)
-    app.router.add_get("/v1/dead-letters", list_dead_letters)
-    app.router.add_get("/v1/dead-letters/summary", dead_letter_summary)
-    app.router.add_get("/v1/dead-letters/count", count_dead_letters)
+    all under ``/v1/``: the receiver's guard checks the ingest token."""
+    add_get(app, "/v1/ledger", get_ledger)
+    add_get(app, "/v1/dead-letters", list_dead_letters)
+    add_get(app, "/v1/dead-letters/summary", dead_letter_summary)
+    add_get(app, "/v1/dead-letters/count", count_dead_letters)
     # Not the names of the routes beside it: GET .../retry is a 405 (Allow: POST), not a
     # lookup of a dead letter called "retry".
-    app.router.add_get(
-        r"/v1/dead-letters/{id:(?!(?:summary|count|retry|purge)$)[^/]+}", show_dead_letter
-    )
-    app.router.add_post("/v1/dead-letters/retry", retry_dead_letters)
-    app.router.add_post("/v1/dead-letters/purge", purge_dead_letters)
-    app.router.add_post("/v1/salvage", post_salvage)
+    add_get(app, r"/v1/dead-letters/{id:(?!(?:summary|count|retry|purge)$)[^/]+}", show_dead_letter)
+    add_post(app, "/v1/dead-letters/retry", retry_dead_letters)
+    add_post(app, "/v1/dead-letters/purge", purge_dead_letters)
+    add_post(app, "/v1/salvage", post_salvage)
 
 
 __all__ = [

@@ -94,19 +94,23 @@ class MainLink:
         self.gone: str | None = None
 
     async def submit(self, events: Sequence[NewEvent]) -> list[Accepted]:
+        return await self.submit_soon(events)
+
+    def submit_soon(self, events: Sequence[NewEvent]) -> asyncio.Future[list[Accepted]]:
+        """What ``submit`` does, without a coroutine: the future resolves with the main
+        process's answer; raises ``StoreError`` at once when the main process is gone."""
         if self.gone is not None:
             raise StoreError(f"the sidecar's main process is gone ({self.gone})")
         loop = asyncio.get_running_loop()
         rid = next(self._ids)
         future: asyncio.Future[list[Accepted]] = loop.create_future()
         self._waiting[rid] = future
+        # Forgotten once answered, failed or cancelled (its client left).
+        future.add_done_callback(lambda _: self._waiting.pop(rid, None))
         if not self._out:
             loop.call_soon(self._flush)
         self._out.append(Submission(rid, list(events)))
-        try:
-            return await future
-        finally:
-            self._waiting.pop(rid, None)
+        return future
 
     def _flush(self) -> None:
         write_frame(self._writer, Submit(self._out))
@@ -218,12 +222,11 @@ def worker_app(settings: Settings, ops_port: int, link: Submitter) -> web.Applic
     """A worker's application: ingest served here, with ``link`` as its store; every
     other route passed to the main process's loopback port ``ops_port``."""
     lifecycle = Lifecycle(ready=True)
-    app = ingest_app(settings, lifecycle)
+    app = ingest_app(settings, lifecycle, fallback=_proxy)
     add_ingest_routes(app)
     app[INGEST] = link
     app[OPS_URL] = f"http://127.0.0.1:{ops_port}"
     app.cleanup_ctx.append(_ops_session)
-    app.router.add_route("*", "/{tail:.*}", _proxy)
     return app
 
 

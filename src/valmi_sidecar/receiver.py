@@ -16,7 +16,6 @@ from typing import Any, Final, Protocol
 import msgspec
 import structlog
 from aiohttp import ClientPayloadError, web
-from aiohttp.typedefs import Middleware
 
 from . import events, openapi
 from .api_errors import (
@@ -69,9 +68,11 @@ MetricsFn = Callable[[], bytes]
 
 class Submitter(Protocol):
     """Where the ingest routes put events: the ``Store`` itself, or in an ingest worker
-    process the channel to the main process that owns it (the same answers and errors)."""
+    process the channel to the main process that owns it (the same answers and errors).
+    ``submit_soon``'s future resolves after the commit; it raises at once when nothing
+    can be taken (closing)."""
 
-    async def submit(self, events: Sequence[NewEvent]) -> list[Any]: ...
+    def submit_soon(self, events: Sequence[NewEvent]) -> asyncio.Future[list[Any]]: ...
 
 
 SETTINGS: Final = web.AppKey("settings", Settings)
@@ -85,6 +86,8 @@ TOKEN: Final = web.AppKey("ingest_token", IngestToken)
 #: Requests refused, by error code (``valmi_sidecar_refused_requests_total``): every
 #: refusal of an ingest route, and on every route those of the local-only guard.
 REFUSED: Final = web.AppKey[dict[str, int]]("refused")
+#: The handlers behind the guard (``guarded``): every route's must be one.
+GUARDED: Final = web.AppKey[set[Any]]("guarded")
 _INGEST_PATHS: Final = frozenset({"/v1/actions", "/v1/outcomes", "/v1/batch"})
 _GUARD_CODES: Final = frozenset(
     {"host_not_allowed", "origin_not_allowed", "unsupported_media_type"}
@@ -102,44 +105,43 @@ _HTTP_CODES: Final = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def api_middleware(*, token: bool) -> Middleware:
-    """The one middleware of an application: the local-only guard, the error shape, and
-    with ``token`` the ingest token on every route under ``/v1/``.
+def guarded(handler: Handler, *, token: bool, routed: bool = True) -> Handler:
+    """``handler`` behind the local-only guard and the one error shape; with ``token``,
+    behind the ingest token too when one is set. Every route is added through it
+    (``add_get``, ``add_post``; checked when the application starts).
 
-    In order: refuse what a web page can send (see ``guard.py``) before any route sees it;
-    then, for a route under ``/v1/`` (ingest, status, the operator's: a route added there
-    is guarded without asking), the ingest token when one is set; then the route. Every
-    refusal, aiohttp's own included, is rendered in the one error shape, and an origin
-    listed in ``allowed_origins`` gets the CORS answers a browser needs on every answer,
-    refusals of the route and of the token included. An unknown path is a 404 either way.
-    One middleware rather than three: each one is a coroutine and a call per request.
-    """
+    In order: refuse what a web page can send (see ``guard.py``) before the handler sees
+    it; then the ingest token; then the handler. Every refusal, aiohttp's own included,
+    is rendered in the one error shape, and an origin listed in ``allowed_origins`` gets
+    the CORS answers a browser needs on every answer, refusals of the handler and of the
+    token included. ``routed`` is false for the handler that answers 404 and 405
+    (``_no_route``): then the body's declared type is not checked, the status says more.
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    A wrapper around each route, not an aiohttp middleware: aiohttp runs an application's
+    middlewares through two more coroutines and a chain of calls on every request, and
+    every event pays them (docs/PERFORMANCE.md, "The guard around each route")."""
+
+    async def guard(request: web.Request) -> web.StreamResponse:
         app = request.app
         policy = app[POLICY]
-        info = request.match_info
-        routed = info.http_exception is None
         headers = request.headers
-        refusal = policy.refusal(request.method, headers, routed=routed)
+        method = request.method
+        refusal = policy.refusal(method, headers, routed=routed)
         if refusal is not None:
             _count_refusal(request, refusal.code)
             return ApiError(refusal.status, refusal.code, refusal.message).response()
         origin = headers.get("Origin")
         cors = origin is not None and policy.origin_allowed(origin)
         response: web.StreamResponse
-        if cors and request.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
+        if cors and method == "OPTIONS" and "Access-Control-Request-Method" in headers:
             response = web.Response(status=204)
             response.headers["Access-Control-Allow-Methods"] = "GET, POST"
             response.headers["Access-Control-Allow-Headers"] = _CORS_HEADERS
             response.headers["Access-Control-Max-Age"] = str(_CORS_MAX_AGE_S)
         else:
             try:
-                if token and routed and app[TOKEN].secret is not None:
-                    resource = info.route.resource
-                    if resource is not None and resource.canonical.startswith("/v1/"):
-                        check_token(request)
+                if token and app[TOKEN].secret is not None:
+                    check_token(request)
                 response = await handler(request)
             except Exception as exc:  # noqa: BLE001 - every failure is rendered, see _error_response
                 response = _error_response(request, exc)
@@ -149,7 +151,63 @@ def api_middleware(*, token: bool) -> Middleware:
             response.headers["Vary"] = "Origin"
         return response
 
-    return middleware
+    return guard
+
+
+def add_get(app: web.Application, path: str, handler: Handler) -> None:
+    """Add ``GET`` (and ``HEAD``) ``path`` behind the guard (``guarded``): under ``/v1/``
+    with the ingest token, when the application takes one."""
+    app.router.add_get(path, _guard_route(app, path, handler))
+
+
+def add_post(app: web.Application, path: str, handler: Handler) -> None:
+    """Add ``POST path`` behind the guard, as ``add_get``."""
+    app.router.add_post(path, _guard_route(app, path, handler))
+
+
+def _guard_route(app: web.Application, path: str, handler: Handler) -> Handler:
+    # Every route under /v1/ (ingest, status, the operator's) takes the token: a route
+    # added there is guarded without asking.
+    route = guarded(handler, token=TOKEN in app and path.startswith("/v1/"))
+    app[GUARDED].add(route)
+    return route
+
+
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    """The catch-all resource's handler, for what no route takes: 405 with ``Allow`` when
+    a resource has the path with other methods, else 404 (what aiohttp's router answers
+    when nothing matches); a CORS preflight is answered by its guard before."""
+    this = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not this:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound
+
+
+def _add_fallback(app: web.Application, handler: Handler, *, routed: bool) -> None:
+    """Send what no route takes to ``handler``, behind the guard (without the token: a
+    404 or a proxied request, whose own server checks it); and check, when the
+    application starts, that every route is behind the guard."""
+    route = guarded(handler, token=False, routed=routed)
+    app[GUARDED].add(route)
+    # A catch-all resource is tried after every other: aiohttp walks a path's prefixes
+    # from the longest, and this one's is "/".
+    app.router.add_route("*", "/{tail:.*}", route)
+    app.on_startup.append(_check_guarded)
+
+
+async def _check_guarded(app: web.Application) -> None:
+    guarded_handlers = app[GUARDED]
+    for route in app.router.routes():
+        if route.handler not in guarded_handlers:
+            raise RuntimeError(
+                f"the route {route.method} {route.resource.canonical if route.resource else ''}"
+                " is not behind the local-only guard: add it with receiver.add_get or add_post"
+            )
 
 
 def _error_response(request: web.Request, exc: Exception) -> web.Response:
@@ -210,7 +268,7 @@ def check_accepting(request: web.Request) -> None:
 
 
 async def _read_json_body(request: web.Request) -> bytes:
-    # The declared type was checked by api_middleware, before any route.
+    # The declared type was checked by the guard, before the route.
     settings = request.app[SETTINGS]
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -256,7 +314,7 @@ def _idempotency_key(request: web.Request) -> str | None:
 
 async def _store(request: web.Request, new: list[NewEvent]) -> list[Any]:
     try:
-        return await request.app[INGEST].submit(new)
+        return await request.app[INGEST].submit_soon(new)
     except (StoreError, IdempotencyConflictError) as exc:
         raise store_api_error(request, exc, ingest=True) from exc
 
@@ -270,26 +328,31 @@ def _refuse(exc: ValidationError) -> ApiError:
     )
 
 
-async def _ingest_one(request: web.Request, kind: Kind) -> web.Response:
-    check_accepting(request)
-    raw = await _read_json_body(request)
-    key = _idempotency_key(request)
-    try:
-        event = events.parse_one(kind, raw, idem_key=key)
-    except ValidationError as exc:
-        raise _refuse(exc) from exc
-    (accepted,) = await _store(request, [event])
-    headers = {"Idempotent-Replayed": "true"} if accepted.duplicate else None
-    body = {"id": accepted.id, "status": "queued", "created_at": accepted.created_at}
-    return web.Response(status=202, body=_encode(body), content_type=_JSON, headers=headers)
+def _ingest_one(kind: Kind) -> Handler:
+    """The route of one event of ``kind``. Every event takes it: one coroutine under the
+    guard's, ``_store`` written out in it."""
+
+    async def ingest(request: web.Request) -> web.Response:
+        check_accepting(request)
+        raw = await _read_json_body(request)
+        key = _idempotency_key(request)
+        try:
+            event = events.parse_one(kind, raw, idem_key=key)
+        except ValidationError as exc:
+            raise _refuse(exc) from exc
+        try:
+            (accepted,) = await request.app[INGEST].submit_soon([event])
+        except (StoreError, IdempotencyConflictError) as exc:
+            raise store_api_error(request, exc, ingest=True) from exc
+        headers = {"Idempotent-Replayed": "true"} if accepted.duplicate else None
+        body = {"id": accepted.id, "status": "queued", "created_at": accepted.created_at}
+        return web.Response(status=202, body=_encode(body), content_type=_JSON, headers=headers)
+
+    return ingest
 
 
-async def post_action(request: web.Request) -> web.Response:
-    return await _ingest_one(request, "action")
-
-
-async def post_outcome(request: web.Request) -> web.Response:
-    return await _ingest_one(request, "outcome")
+post_action: Final = _ingest_one("action")
+post_outcome: Final = _ingest_one("outcome")
 
 
 async def post_batch(request: web.Request) -> web.Response:
@@ -358,13 +421,14 @@ async def openapi_json(_request: web.Request) -> web.Response:
     return web.Response(body=openapi.document_bytes(), content_type=_JSON)
 
 
-def ingest_app(settings: Settings, lifecycle: Lifecycle) -> web.Application:
+def ingest_app(
+    settings: Settings, lifecycle: Lifecycle, *, fallback: Handler | None = None
+) -> web.Application:
     """An application with the ingest routes' limits, error shape and refusal counts; the
-    caller adds the routes and sets ``app[INGEST]``."""
-    app = web.Application(
-        middlewares=[api_middleware(token=True)],
-        client_max_size=settings.max_body_bytes,
-    )
+    caller adds the routes (``add_get``, ``add_post``) and sets ``app[INGEST]``. What no
+    route takes goes to ``fallback`` behind the guard (an ingest worker's proxy to the
+    main process), by default a 404 or 405 in the error shape."""
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[POLICY] = Policy.build(
         settings.host,
@@ -375,13 +439,18 @@ def ingest_app(settings: Settings, lifecycle: Lifecycle) -> web.Application:
     app[LIFECYCLE] = lifecycle
     app[TOKEN] = IngestToken(settings.ingest_token)
     app[REFUSED] = {}
+    app[GUARDED] = set()
+    if fallback is None:
+        _add_fallback(app, _no_route, routed=False)
+    else:
+        _add_fallback(app, fallback, routed=True)
     return app
 
 
 def add_ingest_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/actions", post_action)
-    app.router.add_post("/v1/outcomes", post_outcome)
-    app.router.add_post("/v1/batch", post_batch)
+    add_post(app, "/v1/actions", post_action)
+    add_post(app, "/v1/outcomes", post_outcome)
+    add_post(app, "/v1/batch", post_batch)
 
 
 def build_app(
@@ -397,11 +466,11 @@ def build_app(
     app[STATUS] = status_fn
     app[METRICS] = metrics_fn
     add_ingest_routes(app)
-    app.router.add_get("/v1/status", status)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/openapi.json", openapi_json)
+    add_get(app, "/v1/status", status)
+    add_get(app, "/healthz", healthz)
+    add_get(app, "/readyz", readyz)
+    add_get(app, "/metrics", metrics)
+    add_get(app, "/openapi.json", openapi_json)
     return app
 
 
@@ -412,18 +481,17 @@ def build_ops_app(
     or shows events. Any ``Host`` is accepted, an ``Origin`` never (``Policy.ops``);
     refusals count in ``refused``, the local API's own counts. The caller sets
     ``app[STORE]`` before it serves."""
-    app = web.Application(
-        middlewares=[api_middleware(token=False)],
-        client_max_size=settings.max_body_bytes,
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[POLICY] = Policy.ops()
     app[LIFECYCLE] = lifecycle
     app[REFUSED] = refused
     app[METRICS] = metrics_fn
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app[GUARDED] = set()
+    _add_fallback(app, _no_route, routed=False)
+    add_get(app, "/healthz", healthz)
+    add_get(app, "/readyz", readyz)
+    add_get(app, "/metrics", metrics)
     return app
 
 
