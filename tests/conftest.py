@@ -27,6 +27,8 @@ import structlog
 from valmi_sidecar.config import Secret, Settings
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from valmi_sidecar.fake_api import FakeValmi
     from valmi_sidecar.service import Sidecar
 
@@ -69,6 +71,26 @@ def occupied_port() -> Iterator[int]:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         yield taken.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, settings: Settings) -> AsyncIterator[str]:
+    """``app`` served by the sidecar's own runner (``receiver.make_runner``) on a loopback
+    port of its own, for as long as the block runs: its URL."""
+    from aiohttp import web  # noqa: PLC0415 - as the fixtures below, imported when used
+
+    from valmi_sidecar.receiver import make_runner  # noqa: PLC0415
+    from valmi_sidecar.workers import listen_sockets  # noqa: PLC0415
+
+    runner = make_runner(app, settings)
+    await runner.setup()
+    (listener,) = listen_sockets("127.0.0.1", 0)
+    try:
+        await web.SockSite(runner, listener).start()
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+        listener.close()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 import httpx
 import msgspec
 import pytest
-from aiohttp import web
 
 from valmi_sidecar.channel import (
     Answers,
@@ -36,11 +35,10 @@ from valmi_sidecar.channel import (
 )
 from valmi_sidecar.config import Secret, Settings
 from valmi_sidecar.events import NewEvent, parse_one
-from valmi_sidecar.receiver import make_runner
 from valmi_sidecar.store import Accepted
-from valmi_sidecar.workers import listen_sockets, worker_app
+from valmi_sidecar.workers import worker_app
 
-from .conftest import ACTION
+from .conftest import ACTION, serving
 
 SETTINGS_FIELDS = frozenset(f.name for f in dataclasses.fields(Settings))
 #: Read by a worker and withheld on purpose: a worker never holds the API key (it is
@@ -138,20 +136,11 @@ async def test_a_worker_reads_no_setting_that_the_hello_does_not_carry() -> None
     _Recording.reads = set()
     settings = _Recording(**fields)
     app = worker_app(settings, 9, _Link())
-    runner = make_runner(app, settings)
-    await runner.setup()
-    (listener,) = listen_sockets("127.0.0.1", 0)
-    try:
-        await web.SockSite(runner, listener).start()
-        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        auth = {"Authorization": "Bearer tok-channel"}
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            posted = await client.post(url + "/v1/actions", json=ACTION, headers=auth)
-            refused = await client.post(url + "/v1/actions", json={}, headers=auth)
-        settings.secrets()
-    finally:
-        await runner.cleanup()
-        listener.close()
+    auth = {"Authorization": "Bearer tok-channel"}
+    async with serving(app, settings) as url, httpx.AsyncClient(timeout=10.0) as client:
+        posted = await client.post(url + "/v1/actions", json=ACTION, headers=auth)
+        refused = await client.post(url + "/v1/actions", json={}, headers=auth)
+    settings.secrets()
     assert 202 == posted.status_code, posted.text
     assert 400 == refused.status_code
     assert _Recording.reads, "the worker read no setting: the recording is broken"

@@ -10,15 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
 
 from valmi_sidecar.config import Secret, load_settings
 from valmi_sidecar.fake_api import FakeValmi
 from valmi_sidecar.receiver import Lifecycle, add_get, build_app, healthz, make_runner
 from valmi_sidecar.store import core as store_core
-from valmi_sidecar.workers import listen_sockets
 
-from .conftest import ACTION, OUTCOME, SidecarFactory, wait_until
+from .conftest import ACTION, OUTCOME, SidecarFactory, serving, wait_until
 
 
 def error_of(resp: httpx.Response) -> dict[str, Any]:
@@ -415,19 +413,11 @@ async def test_a_route_added_past_the_guard_stops_the_application_from_starting(
     settings = load_settings(env={"HOME": str(tmp_path)})
     app = build_app(settings, Lifecycle(ready=True), dict, bytes)
     add_get(app, "/v1/extra", healthz)
-    runner = make_runner(app, settings)
-    await runner.setup()
-    (listener,) = listen_sockets("127.0.0.1", 0)
-    try:
-        await web.SockSite(runner, listener).start()
-        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            plain = await client.get(url + "/v1/extra")
-            page = await client.get(url + "/v1/extra", headers={"Origin": "http://evil.test"})
-        assert 200 == plain.status_code
-        assert (403, "origin_not_allowed") == (page.status_code, error_of(page)["code"])
-    finally:
-        await runner.cleanup()
+    async with serving(app, settings) as url, httpx.AsyncClient(timeout=10.0) as client:
+        plain = await client.get(url + "/v1/extra")
+        page = await client.get(url + "/v1/extra", headers={"Origin": "http://evil.test"})
+    assert 200 == plain.status_code
+    assert (403, "origin_not_allowed") == (page.status_code, error_of(page)["code"])
 
     app = build_app(settings, Lifecycle(ready=True), dict, bytes)
     app.router.add_get("/v1/unguarded", healthz)
