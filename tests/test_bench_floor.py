@@ -47,6 +47,7 @@ def _load(name: str) -> ModuleType:
 
 floor = _load("floor")
 stats = _load("floor_stats")
+parts = _load("commit_parts")
 
 
 # -- the body check: the sidecar's, exactly ----------------------------------------------
@@ -477,3 +478,33 @@ def test_calls_counts_each_targets_calls_per_event_by_origin() -> None:
     listed = [line for line in stdout.splitlines() if line.startswith("- ")]
     assert 3 == len(listed)
     assert all(".py:" in line for line in listed)
+
+
+@pytest.mark.parametrize(
+    ("variant", "keys", "ledger"),
+    [
+        ("event row", 0, 0),
+        ("+ key row", 1, 0),
+        ("+ ledger row", 0, 1),
+        ("+ both (the store)", 1, 1),
+    ],
+)
+def test_commit_parts_writes_the_rows_each_variant_names(
+    tmp_path: Path, variant: str, keys: int, ledger: int
+) -> None:
+    """``benchmarks/commit_parts.py`` times what it says: every commit writes its event
+    row, and its key row and ledger row only in the variants that name them."""
+    cpu_us, frames = parts.run(tmp_path, variant, 20)
+    commits = parts.WARM_UP + 20 + parts.FRAME_COMMITS
+    db = sqlite3.connect(tmp_path / "queue.db")
+    try:
+        assert db.execute("SELECT count(*) FROM events").fetchone()[0] == commits
+        assert db.execute("SELECT count(*) FROM keys").fetchone()[0] == keys * commits
+        received = db.execute("SELECT coalesce(sum(received), 0) FROM ledger").fetchone()[0]
+        assert received == ledger * commits
+    finally:
+        db.close()
+    assert cpu_us > 0
+    # Each commit appends at least the events table's page to the WAL, one more each for
+    # a key row and a ledger row.
+    assert frames >= 1 + keys + ledger
