@@ -48,6 +48,7 @@ from valmi_sidecar.store.sql import (
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from floor_stats import Spread  # noqa: E402 - beside this script
 from tools import BODY  # noqa: E402 - beside this script
 
 VARIANTS = ("event row", "+ key row", "+ ledger row", "+ both (the store)")
@@ -117,10 +118,6 @@ def run(data_dir: Path, variant: str, commits: int) -> tuple[float, float]:
     return cpu_us, frames
 
 
-def _median(values: list[float]) -> str:
-    return f"{statistics.median(values):6.1f} ({min(values):.1f}-{max(values):.1f})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--commits", type=int, default=3000)
@@ -140,7 +137,7 @@ def main() -> None:
     print("| SQL of the commit | CPU µs a commit | WAL frames a commit |")
     print("| --- | ---: | ---: |")
     for v in VARIANTS:
-        print(f"| {v} | {_median(cpu[v])} | {statistics.median(frames[v]):.1f} |")
+        print(f"| {v} | {Spread.of(cpu[v]).show(1)} | {statistics.median(frames[v]):.1f} |")
 
 
 if __name__ == "__main__":

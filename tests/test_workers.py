@@ -314,7 +314,7 @@ async def test_a_worker_tells_a_submission_it_never_sent_from_one_left_unanswere
     event = parse_one("action", b'{"agent_key": "a", "action_type": "x"}')
     try:
         link = MainLink(writer)
-        answered = [asyncio.ensure_future(link.submit([event])) for _ in range(2)]
+        answered = [link.submit_soon([event]) for _ in range(2)]
         frame = await asyncio.wait_for(read_frame(main_reader), 10)
         assert isinstance(frame, Submit)
         assert [0, 1] == [item.rid for item in frame.items]
@@ -324,8 +324,7 @@ async def test_a_worker_tells_a_submission_it_never_sent_from_one_left_unanswere
         for future in answered:
             with pytest.raises(OutcomeUnknownError):
                 await future
-        unsent = asyncio.ensure_future(link.submit([event]))
-        await asyncio.sleep(0)  # queued for this loop pass's frame, not yet written
+        unsent = link.submit_soon([event])  # queued for this loop pass's frame, not yet written
         link.close("its channel closed")
         with pytest.raises(StoreError) as info:
             await unsent

@@ -93,12 +93,9 @@ class MainLink:
         self._ids = itertools.count()
         self.gone: str | None = None
 
-    async def submit(self, events: Sequence[NewEvent]) -> list[Accepted]:
-        return await self.submit_soon(events)
-
     def submit_soon(self, events: Sequence[NewEvent]) -> asyncio.Future[list[Accepted]]:
-        """What ``submit`` does, without a coroutine: the future resolves with the main
-        process's answer; raises ``StoreError`` at once when the main process is gone."""
+        """Send ``events`` with the next frame; the future resolves with the main process's
+        answer. Raises ``StoreError`` at once when the main process is gone."""
         if self.gone is not None:
             raise StoreError(f"the sidecar's main process is gone ({self.gone})")
         loop = asyncio.get_running_loop()
