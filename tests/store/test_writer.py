@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 
@@ -144,6 +145,95 @@ async def test_a_close_in_the_middle_of_a_commit_says_the_outcome_is_unknown(
     # after close() returned): "nothing was" would have been wrong.
     await wait_until(lambda: bool(rows(store, "SELECT 1 FROM keys")), 10, "the commit")
     assert [("in-commit",)] == rows(store, "SELECT idem_key FROM keys")
+
+
+async def held_thread(store: Store) -> tuple[threading.Event, asyncio.Future[bool]]:
+    """The writer's thread kept busy by a job of its own until the event is set: a
+    transaction the writer hands over meanwhile waits, not begun, as it waits under load
+    for the GIL."""
+    started, gate = threading.Event(), threading.Event()
+
+    def hold(_db: sqlite3.Connection) -> bool:
+        started.set()
+        return gate.wait(10)
+
+    held = asyncio.ensure_future(store.writer_connection.call(hold))
+    await wait_until(started.is_set, 10, "the writer's thread held")
+    return gate, held
+
+
+async def test_submissions_made_before_the_thread_begins_join_its_transaction(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """Submissions that come after a transaction was handed to the thread, but before the
+    thread began it, are written and committed with it: one commit, not two, and each
+    resolved only after it."""
+    store = await open_store()
+    await store.submit([action(clock, key="before")])
+    commits = store.commits
+    gate, held = await held_thread(store)
+    first = asyncio.ensure_future(store.submit([action(clock, key="first")]))
+    await wait_until(lambda: store.in_transaction, 10, "the transaction handed over")
+    later = [asyncio.ensure_future(store.submit([action(clock, key=f"k{i}")])) for i in range(5)]
+    await asyncio.sleep(0.05)
+    assert not any(t.done() for t in (first, *later))  # nothing resolved before its commit
+    gate.set()
+    await held
+    await asyncio.gather(first, *later)
+    assert commits + 1 == store.commits
+    # All stored, with their keys, in the order of submission.
+    assert ["before", "first", *(f"k{i}" for i in range(5))] == [
+        k for (k,) in rows(store, "SELECT idem_key FROM events ORDER BY seq")
+    ]
+    assert 7 == len(rows(store, "SELECT 1 FROM keys"))
+
+
+async def test_submissions_that_would_take_the_transaction_past_its_bound_wait_in_order(
+    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joining keeps the group's bound on events: past it, the submissions wait for the
+    next transaction, all of them after the first that did not fit, in their order."""
+    monkeypatch.setattr(store_writer, "MAX_GROUP_EVENTS", 3)
+    store = await open_store()
+    commits = store.commits
+    gate, held = await held_thread(store)
+    first = asyncio.ensure_future(store.submit([action(clock, key="a0")]))
+    await wait_until(lambda: store.in_transaction, 10, "the transaction handed over")
+    later = [asyncio.ensure_future(store.submit([action(clock, key=f"a{i}")])) for i in range(1, 6)]
+    await asyncio.sleep(0)
+    gate.set()
+    await held
+    await asyncio.gather(first, *later)
+    assert commits + 2 == store.commits  # a0-a2 together, then a3-a5
+    assert [f"a{i}" for i in range(6)] == [
+        k for (k,) in rows(store, "SELECT idem_key FROM events ORDER BY seq")
+    ]
+
+
+async def test_a_close_before_the_thread_begins_fails_the_joined_submissions_as_not_stored(
+    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() that gives up while the thread has not begun the transaction handed to it:
+    that transaction's submissions may still be written ("outcome unknown"), those that
+    joined it were not taken yet, are never written, and say "not stored"."""
+    monkeypatch.setattr(store_core, "CLOSE_DRAIN_S", 0.2)
+    store = await open_store()
+    gate, held = await held_thread(store)
+    handed = asyncio.ensure_future(store.submit([action(clock, key="handed")]))
+    await wait_until(lambda: store.in_transaction, 10, "the transaction handed over")
+    joined = asyncio.ensure_future(store.submit([action(clock, key="joined")]))
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.wait({handed, joined}, timeout=10)
+    gate.set()
+    await held
+    await closing
+    with pytest.raises(OutcomeUnknownError):
+        handed.result()
+    with pytest.raises(StoreError) as not_stored:
+        joined.result()
+    assert not isinstance(not_stored.value, OutcomeUnknownError)
+    await wait_until(lambda: bool(rows(store, "SELECT 1 FROM keys")), 10, "the commit")
+    assert [("handed",)] == rows(store, "SELECT idem_key FROM keys")
 
 
 async def test_writable_recovers_by_itself_when_idle(open_store: OpenStore, clock: Clock) -> None:
