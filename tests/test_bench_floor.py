@@ -484,9 +484,9 @@ def test_calls_counts_each_targets_calls_per_event_by_origin() -> None:
     ("variant", "keys", "ledger"),
     [
         ("event row", 0, 0),
-        ("+ key row", 1, 0),
+        ("+ key row (the store)", 1, 0),
         ("+ ledger row", 0, 1),
-        ("+ both (the store)", 1, 1),
+        ("+ both (before v5)", 1, 1),
     ],
 )
 def test_commit_parts_writes_the_rows_each_variant_names(

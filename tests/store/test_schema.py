@@ -3,6 +3,7 @@ and the migrations of an old file (its ledger, its counts)."""
 
 from __future__ import annotations
 
+import calendar
 import sqlite3
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from valmi_sidecar.store import (
     SCHEMA_VERSION,
     Counts,
     Delivered,
+    LedgerRow,
     ReadOnlyDatabase,
     Store,
     StoreError,
@@ -142,3 +144,66 @@ async def test_counts_become_the_ledgers_totals_and_keep_what_came_before_it(
         assert (8, 7, 1, 3) == counts(store.counts())
     finally:
         await store.close()
+
+
+async def test_the_queue_leaves_the_ledger_table_and_the_ledger_reads_the_same(
+    tmp_path: Path,
+) -> None:
+    """From version 5 the ledger table counts an event's receipt once it is settled; the
+    queue is counted from the events table. A version 4 file counted its queued events in
+    the table: the migration takes them out, and the ledger and the counts read the same
+    before and after, and after the queue is delivered."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    db = sqlite3.connect(data / "queue.db")
+    db.executescript(
+        f"PRAGMA journal_mode = WAL; {' '.join(MIGRATIONS[:4])} PRAGMA user_version = 4;"
+    )
+    day = "2026-11-30"
+    received_at = calendar.timegm(time.strptime(f"{day} 12:00", "%Y-%m-%d %H:%M"))
+    queued = [  # (agent, kind, type, value): two actions of a, one outcome of b
+        ("a", "action", "llm_call", None),
+        ("a", "action", "llm_call", None),
+        ("b", "outcome", "resolved", 2.5),
+    ]
+    for seq, (agent, kind, type_, value) in enumerate(queued, start=1):
+        db.execute(
+            "INSERT INTO events (seq, id, idem_key, kind, body, size, agent_key, event_type,"
+            " value, received_at, created_at) VALUES (?, ?, ?, ?, '{}', 2, ?, ?, ?, ?, ?)",
+            (seq, f"id{seq}", f"k{seq}", kind, agent, type_, value, received_at, day),
+        )
+    # As version 4 wrote it: the queued events received, and two of a's delivered before.
+    db.executescript(
+        "INSERT INTO ledger (agent_key, kind, event_type, day, received, delivered,"
+        f" received_value) VALUES ('a', 'action', 'llm_call', '{day}', 4, 2, 0),"
+        f" ('b', 'outcome', 'resolved', '{day}', 1, 0, 2.5);"
+    )
+    db.commit()
+    db.close()
+
+    def lines(rows_: list[LedgerRow]) -> list[tuple[object, ...]]:
+        return [(r.agent_key, r.received, r.delivered, r.received_value) for r in rows_]
+
+    def counts(c: Counts) -> tuple[int, int, int]:
+        return (c.received, c.queued, c.delivered)
+
+    expected = [("a", 4, 2, 0.0), ("b", 1, 0, 2.5)]
+    with ReadOnlyDatabase(data / "queue.db") as ro:
+        assert expected == lines(ro.ledger())
+        assert (5, 3, 2) == counts(ro.counts())
+    store = await Store.open(data, prune_interval_s=None)
+    try:
+        assert expected == lines(await store.ledger())
+        assert (5, 3, 2) == counts(store.counts())
+        assert [("a", 2), ("b", 0)] == rows(
+            store, "SELECT agent_key, received FROM ledger ORDER BY agent_key"
+        )
+        leased = await store.lease(3, frozenset())
+        await store.settle([Delivered(e.seq) for e in leased])
+        assert [("a", 4, 4, 0.0), ("b", 1, 1, 2.5)] == lines(await store.ledger())
+        assert (5, 0, 5) == counts(store.counts())
+    finally:
+        await store.close()
+    with ReadOnlyDatabase(data / "queue.db") as ro:
+        assert (SCHEMA_VERSION, (5, 0, 5)) == (ro.version, counts(ro.counts()))
+        assert [("a", 4, 4, 0.0), ("b", 1, 1, 2.5)] == lines(ro.ledger())

@@ -14,6 +14,7 @@ from valmi_sidecar.store import (
     DeadLetter,
     Delivered,
     IdempotencyConflictError,
+    ReadOnlyDatabase,
     Retry,
     Store,
     StoreError,
@@ -161,11 +162,15 @@ async def test_settlements_reconcile_counts(open_store: OpenStore, clock: Clock)
         counts.dead_lettered,
     )
     assert counts.received == counts.queued + counts.delivered + counts.dead_lettered
-    # As committed, read by another connection: the ledger's totals, and the duplicates.
-    assert {"received": 4, "delivered": 1, "dead_lettered": 1, "duplicates": 0} == dict(
+    # As committed, read by another connection: the ledger table counts the settled
+    # events, the queue the rest (schema version 5), and the counts add them up.
+    assert {"received": 2, "delivered": 1, "dead_lettered": 1, "duplicates": 0} == dict(
         rows(store, sql.COUNTS)
     )
     assert [(2,)] == rows(store, "SELECT count(*) FROM events")
+    with ReadOnlyDatabase(store.path) as ro:
+        read = ro.counts()
+        assert (4, 2, 1, 1) == (read.received, read.queued, read.delivered, read.dead_lettered)
 
 
 async def test_double_settle_is_not_counted_twice(open_store: OpenStore, clock: Clock) -> None:
@@ -249,8 +254,10 @@ async def test_a_group_of_any_size_stores_every_event_and_key(
 async def test_a_group_adds_to_every_ledger_row_it_touches(
     open_store: OpenStore, clock: Clock
 ) -> None:
-    """A group's ledger rows go in multi-row statements: events of eleven agents, received
-    and delivered in one group (8 + 2 + 1 rows), each add to their own agent's row."""
+    """A group's ledger rows go in multi-row statements: events of eleven agents delivered
+    in one group (8 + 2 + 1 rows), each add to their own agent's row; the events received
+    in the same group are the queue's until settled (schema version 5), and the ledger
+    read adds them to the same lines."""
     store = await open_store()
     agents = [f"agent-{i:02}" for i in range(11)]
     await store.submit([action(clock, agent=a) for a in agents])
@@ -262,7 +269,9 @@ async def test_a_group_adds_to_every_ledger_row_it_touches(
     )
     assert commits + 1 == store.commits  # the deliveries and the new events: one group
     ledger = rows(store, "SELECT agent_key, received, delivered FROM ledger ORDER BY agent_key")
-    assert [(a, 2, 1) for a in agents] == ledger
+    assert [(a, 1, 1) for a in agents] == ledger
+    lines = await store.ledger(None, None, None)
+    assert [(a, 2, 1) for a in agents] == [(r.agent_key, r.received, r.delivered) for r in lines]
     c = store.counts()
     assert (22, 11, 11) == (c.received, c.queued, c.delivered)
 

@@ -8,7 +8,18 @@ from collections.abc import Callable
 from typing import Final
 
 from ..disk import DEAD_LETTER_OVERHEAD_BYTES
-from .plan import IN_DEAD, PRUNE_CHUNK, Fail, LedgerDelta, Plan, Purge, Requeue, Snapshot, bump
+from .plan import (
+    IN_DEAD,
+    IN_RECEIVED,
+    PRUNE_CHUNK,
+    Fail,
+    LedgerDelta,
+    Plan,
+    Purge,
+    Requeue,
+    Snapshot,
+    bump,
+)
 from .records import DeadLetterFilter, DeadLetterRecord, QueueFullError, utc_day
 from .sql import (
     BUMP_OPERATOR,
@@ -70,8 +81,10 @@ def requeue(
 
     A re-queued dead letter keeps its id, idempotency key and receipt time, gets a new
     place at the end of the queue, and its age restarts (``requeued_at``). It moves from
-    dead-lettered to queued in the ledger (the counts are its totals); received is
-    unchanged, so the counts still reconcile. ``refusal(db, n)`` says whether ``n`` fit."""
+    dead-lettered to queued in the ledger (the counts are its totals): out of the ledger
+    table, received and dead-lettered, since the table counts queued events apart (schema
+    version 5); the ledger's received, table and queue together, is unchanged, so the
+    counts still reconcile. ``refusal(db, n)`` says whether ``n`` fit."""
     plan = Plan(next_seq=start.next_seq, oldest=start.oldest)
     rows = _within_bytes(_select_dead_letters(db, op.filter, op.limit), max_bytes)
     failure = refusal(db, len(rows)) if rows else None
@@ -81,9 +94,9 @@ def requeue(
     now, seq = start.now, start.next_seq
     delta: LedgerDelta = {}
     for r in rows:
-        bump(
-            delta, (r.agent_key, r.kind, r.event_type, utc_day(r.received_at)), IN_DEAD, r.value, -1
-        )
+        line = (r.agent_key, r.kind, r.event_type, utc_day(r.received_at))
+        bump(delta, line, IN_RECEIVED, r.value, -1)
+        bump(delta, line, IN_DEAD, r.value, -1)
     # Deleted first: the events reuse the pages the dead letters leave.
     db.executemany("DELETE FROM dead_letters WHERE seq = ?", [(r.seq,) for r in rows])
     db.executemany(

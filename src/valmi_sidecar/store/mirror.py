@@ -52,15 +52,16 @@ class Mirror:
         """Read the committed state (any thread). ``clean``: the queue's size from the
         clean-shutdown record, when it matched (then the events are not counted)."""
         values = {str(name): int(value) for name, value in db.execute(COUNTS)}
-        self.received = values["received"]
-        self.delivered = values["delivered"]
-        self.dead_lettered = values["dead_lettered"]
-        self.duplicates = values["duplicates"]
         if clean is not None:
             self.queued, self.queued_bytes = clean
         else:
             sql = "SELECT count(*), coalesce(sum(size), 0) FROM events"
             self.queued, self.queued_bytes = map(int, db.execute(sql).fetchone())
+        # The ledger table counts an event's receipt once it is settled (schema version 5).
+        self.received = values["received"] + self.queued
+        self.delivered = values["delivered"]
+        self.dead_lettered = values["dead_lettered"]
+        self.duplicates = values["duplicates"]
         for seq, age_from in db.execute(OLDEST):
             self.oldest = (int(seq), float(age_from))
         sql = "SELECT count(*), coalesce(sum(length(body)), 0) FROM dead_letters"

@@ -25,6 +25,7 @@ from .schema import (
     BUSY_TIMEOUT_MS,
     COUNTS_FROM_LEDGER,
     DB_NAME,
+    QUEUE_APART,
     integrity_check,
     is_corruption,
 )
@@ -120,8 +121,11 @@ class ReadOnlyDatabase:
         queued, size = self._rows("SELECT count(*), coalesce(sum(size), 0) FROM events")[0]
         age_from = AGE_FROM if self.version >= 2 else "received_at"
         oldest = self._rows(f"SELECT {age_from} FROM events ORDER BY seq LIMIT 1")  # noqa: S608 - constant SQL; values are bound
+        received = values.get("received", 0)
+        if self.version >= QUEUE_APART:
+            received += int(queued)  # the ledger table counts them once settled
         return Counts(
-            received=values.get("received", 0),
+            received=received,
             queued=int(queued),
             queued_bytes=int(size),
             delivered=values.get("delivered", 0),
@@ -142,7 +146,8 @@ class ReadOnlyDatabase:
         self, agent_key: str | None = None, since: str | None = None, until: str | None = None
     ) -> list[LedgerRow]:
         self._need(2, "ledger")
-        return [LedgerRow(*r) for r in self._rows(*ledger_query(agent_key, since, until))]
+        sql, params = ledger_query(agent_key, since, until, queue_apart=self.version >= QUEUE_APART)
+        return [LedgerRow(*r) for r in self._rows(sql, params)]
 
     def dead_letters(
         self, limit: int = 100, flt: DeadLetterFilter | None = None

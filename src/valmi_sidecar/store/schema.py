@@ -145,10 +145,26 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         FROM ledger)
     WHERE name IN ('received', 'delivered', 'dead_lettered');
     """,
+    # 5: the ledger table holds the receipt of an event once it is settled (delivered or
+    # dead-lettered, in the settling transaction); until then the event's own row is its
+    # record, and the ledger's readers add the queue (``sql.ledger_query``), so that a new
+    # event's commit writes no ledger row. What the ledger counted of the queue moves out.
+    """
+    INSERT INTO ledger (agent_key, kind, event_type, day, received, received_value)
+        SELECT agent_key, kind, event_type, strftime('%Y-%m-%d', received_at, 'unixepoch'),
+               -count(*), -coalesce(sum(value), 0)
+        FROM events WHERE true GROUP BY 1, 2, 3, 4
+        ON CONFLICT (agent_key, kind, event_type, day) DO UPDATE SET
+            received = received + excluded.received,
+            received_value = received_value + excluded.received_value;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 #: From this version on, the counts are the ledger's totals (``sql.COUNTS``).
 COUNTS_FROM_LEDGER: Final = 4
+#: From this version on, the ledger table leaves out the queued events' receipt: its
+#: readers add the queue (``sql.ledger_query``, ``received`` plus the events queued).
+QUEUE_APART: Final = 5
 
 
 #: SQLite's primary result codes that mean the file is damaged, not the disk busy or full.

@@ -256,12 +256,10 @@ class GroupWriter:
 
 
 def _add_fresh(plan: Plan, events: Sequence[NewEvent], seq: int) -> int:
-    """Add accepted new ``events`` to ``plan`` (their rows, counts and ledger), the first
-    at ``seq``; the next seq."""
+    """Add accepted new ``events`` to ``plan`` (their rows and counts; the ledger table
+    counts them once they are settled), the first at ``seq``; the next seq."""
     for e in events:
         count(plan.received_kinds, e.kind)
-        day = utc_day(e.received_at)
-        bump(plan.ledger, (e.agent_key, e.kind, e.event_type, day), IN_RECEIVED, e.value)
         plan.fresh.append((seq, e))
         seq += 1
     return seq
@@ -481,6 +479,9 @@ def _plan_settles(
                 out.delivered.append(s.seq)
                 plan.delivered += 1
                 out.keys[DELIVERED].append(found.idem_key)
+                # Its receipt too: the ledger table counts an event once it is settled
+                # (the events table is its record until then; schema version 5).
+                bump(plan.ledger, ledger_key, IN_RECEIVED, found.value)
                 bump(plan.ledger, ledger_key, IN_DELIVERED, found.value)
                 count(plan.delivered_kinds, found.kind)
             else:
@@ -488,6 +489,7 @@ def _plan_settles(
                 out.keys[DEAD].append(found.idem_key)
                 out.dead_rows.append((now, s.reason, s.status, s.detail, s.seq))
                 plan.dead_bytes += found.size
+                bump(plan.ledger, ledger_key, IN_RECEIVED, found.value)
                 bump(plan.ledger, ledger_key, IN_DEAD, found.value)
                 count(plan.dead_by, (found.kind, s.reason))
             out.deleted.append(s.seq)
