@@ -3,12 +3,25 @@ maintenance of keys (prune, giving free pages back)."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
+from tests.conftest import wait_until
 from valmi_sidecar.events import parse_one
-from valmi_sidecar.store import DeadLetter, DeadLetterFilter, Delivered, QueueFullError, Store
+from valmi_sidecar.store import (
+    DeadLetter,
+    DeadLetterFilter,
+    Delivered,
+    LedgerRow,
+    QueueFullError,
+    Store,
+)
+from valmi_sidecar.store import reads as store_reads
 
 from .conftest import DAY, Clock, OpenStore, action, dead_letter, rows
 
@@ -172,3 +185,36 @@ async def test_prune_gives_free_pages_back(open_store: OpenStore, clock: Clock) 
     await store.prune()
     assert rows(store, "PRAGMA page_count")[0][0] < pages_before
     assert [(2,)] == rows(store, "PRAGMA auto_vacuum")  # incremental
+
+
+async def test_a_ledger_read_does_not_hold_up_the_flushers_reads(
+    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ledger read reads the whole queue (about a second under a backlog of 1,000,000
+    events): it runs on a connection of its own, so a lease made meanwhile is answered
+    at once, and the ledger still reads what was committed."""
+    store = await open_store()
+    await store.submit([action(clock) for _ in range(3)])
+    reading, gate = threading.Event(), threading.Event()
+    real = store_reads.ledger
+
+    def held(
+        agent_key: str | None, since: str | None, until: str | None
+    ) -> Callable[[sqlite3.Connection], list[LedgerRow]]:
+        read = real(agent_key, since, until)
+
+        def run(db: sqlite3.Connection) -> list[LedgerRow]:
+            reading.set()
+            gate.wait(10)
+            return read(db)
+
+        return run
+
+    monkeypatch.setattr(store_reads, "ledger", held)
+    ledger = asyncio.ensure_future(store.ledger())
+    await wait_until(reading.is_set, 10, "the ledger read under way")
+    leased = await asyncio.wait_for(store.lease(10, frozenset()), 5)
+    assert (3, False) == (len(leased), ledger.done())
+    gate.set()
+    (line,) = await ledger
+    assert (3, 3) == (line.received, line.queued)

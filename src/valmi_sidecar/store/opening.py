@@ -99,7 +99,7 @@ async def connect(data_dir: Path, options: Options, *, check: bool) -> Connectio
         raise
     conns = Connections(writer, reader, budget)
     try:
-        await reader.call(_setup_reader)
+        await reader.call(setup_reader)
         await asyncio.to_thread(files.chmod_private, path)
     except BaseException as exc:
         await conns.close()
@@ -123,7 +123,7 @@ async def move_aside(path: Path, exc: CorruptDatabaseError) -> Path:
     return moved
 
 
-def _setup_reader(db: sqlite3.Connection) -> None:
+def setup_reader(db: sqlite3.Connection) -> None:
     for pragma in (f"busy_timeout = {BUSY_TIMEOUT_MS}", "query_only = ON"):
         db.execute(f"PRAGMA {pragma}")
 
