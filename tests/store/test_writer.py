@@ -188,13 +188,18 @@ async def test_submissions_made_before_the_thread_begins_join_its_transaction(
     assert 7 == len(rows(store, "SELECT 1 FROM keys"))
 
 
+@pytest.mark.parametrize("bound", ["events", "body_bytes"])
 async def test_submissions_that_would_take_the_transaction_past_its_bound_wait_in_order(
-    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch, bound: str
 ) -> None:
-    """Joining keeps the group's bound on events: past it, the submissions wait for the
-    next transaction, all of them after the first that did not fit, in their order."""
-    monkeypatch.setattr(store_writer, "MAX_GROUP_EVENTS", 3)
-    store = await open_store()
+    """Joining keeps the group's bounds, on events and on body bytes (one transaction's
+    WAL within the disk budget): past them, the submissions wait for the next
+    transaction, all of them after the first that did not fit, in their order."""
+    if bound == "events":
+        monkeypatch.setattr(store_writer, "MAX_GROUP_EVENTS", 3)
+        store = await open_store()
+    else:  # a group takes up to max_body_bytes of bodies: here three events' worth
+        store = await open_store(max_body_bytes=3 * len(action(clock).body))
     commits = store.commits
     gate, held = await held_thread(store)
     first = asyncio.ensure_future(store.submit([action(clock, key="a0")]))
