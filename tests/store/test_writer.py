@@ -175,7 +175,7 @@ async def test_submissions_made_before_the_thread_begins_join_its_transaction(
     first = asyncio.ensure_future(store.submit([action(clock, key="first")]))
     await wait_until(lambda: store.in_transaction, 10, "the transaction handed over")
     later = [asyncio.ensure_future(store.submit([action(clock, key=f"k{i}")])) for i in range(5)]
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # each submission reaches the writer
     assert not any(t.done() for t in (first, *later))  # nothing resolved before its commit
     gate.set()
     await held
@@ -204,13 +204,13 @@ async def test_submissions_that_would_take_the_transaction_past_its_bound_wait_i
     gate, held = await held_thread(store)
     first = asyncio.ensure_future(store.submit([action(clock, key="a0")]))
     await wait_until(lambda: store.in_transaction, 10, "the transaction handed over")
-    later = [asyncio.ensure_future(store.submit([action(clock, key=f"a{i}")])) for i in range(1, 6)]
+    later = [asyncio.ensure_future(store.submit([action(clock, key=f"a{i}")])) for i in range(1, 7)]
     await asyncio.sleep(0)
     gate.set()
     await held
     await asyncio.gather(first, *later)
-    assert commits + 2 == store.commits  # a0-a2 together, then a3-a5
-    assert [f"a{i}" for i in range(6)] == [
+    assert commits + 3 == store.commits  # a0-a2 together (a0 counted), a3-a5, then a6
+    assert [f"a{i}" for i in range(7)] == [
         k for (k,) in rows(store, "SELECT idem_key FROM events ORDER BY seq")
     ]
 

@@ -540,9 +540,8 @@ class Store:
         second under a backlog of 1,000,000 events), and the flusher's reads on the
         reader's connection must not wait for that."""
         async with self._ledger_lock:
-            conn = await SqliteThread.connect(self._path, name="store-ledger", isolation_level=None)
+            conn = await opening.open_reader(self._path, "store-ledger")
             try:
-                await conn.call(opening.setup_reader)
                 return await conn.call(reads.ledger(agent_key, since, until))
             finally:
                 await asyncio.wait_for(conn.close(), opening.CONNECTION_CLOSE_S)

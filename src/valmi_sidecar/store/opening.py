@@ -89,7 +89,7 @@ async def connect(data_dir: Path, options: Options, *, check: bool) -> Connectio
         synchronous = options.durability.upper()
         await writer.call(lambda db: setup_writer(db, path, synchronous=synchronous, budget=budget))
         await writer.call(prepare_group_writes)
-        reader = await SqliteThread.connect(path, name="store-reader", isolation_level=None)
+        reader = await open_reader(path, "store-reader")
     except BaseException as exc:
         if writer is not None:
             with contextlib.suppress(Exception):
@@ -99,12 +99,9 @@ async def connect(data_dir: Path, options: Options, *, check: bool) -> Connectio
         raise
     conns = Connections(writer, reader, budget)
     try:
-        await reader.call(setup_reader)
         await asyncio.to_thread(files.chmod_private, path)
-    except BaseException as exc:
+    except BaseException:
         await conns.close()
-        if isinstance(exc, sqlite3.Error):
-            raise open_error(path, exc) from exc
         raise
     return conns
 
@@ -123,7 +120,18 @@ async def move_aside(path: Path, exc: CorruptDatabaseError) -> Path:
     return moved
 
 
-def setup_reader(db: sqlite3.Connection) -> None:
+async def open_reader(path: Path, name: str) -> SqliteThread:
+    """A query-only connection to ``path`` on a thread of its own (``name``)."""
+    reader = await SqliteThread.connect(path, name=name, isolation_level=None)
+    try:
+        await reader.call(_setup_reader)
+    except BaseException:
+        await reader.close()
+        raise
+    return reader
+
+
+def _setup_reader(db: sqlite3.Connection) -> None:
     for pragma in (f"busy_timeout = {BUSY_TIMEOUT_MS}", "query_only = ON"):
         db.execute(f"PRAGMA {pragma}")
 

@@ -104,7 +104,8 @@ class Writer:
         self._late: list[Op] = []
         self._late_lock = threading.Lock()
         self._late_open = False
-        #: The events and body bytes of that transaction, with ``_late``: its bounds.
+        #: The events and body bytes of the group ``_take_group`` took last, with ``_late``:
+        #: what joining counts against the group's bounds.
         self._late_events = 0
         self._late_bytes = 0
         #: The wake-up for riders waiting for company, or for the next probe.
@@ -178,20 +179,6 @@ class Writer:
             self._late_events += len(op.events)
             self._late_bytes += size
             return True
-
-    def _open_late(self, group: list[Op]) -> None:
-        """Let submissions join ``group``, about to be handed to the thread."""
-        n = size = 0
-        for op in group:
-            if isinstance(op, Submit):
-                n += len(op.events)
-                for e in op.events:
-                    size += len(e.body)
-            elif isinstance(op, Settle):
-                n += len(op.settlements)
-        self._late_events = n
-        self._late_bytes = size
-        self._late_open = True
 
     def _late_joined(
         self, group: list[Op], fn: Callable[[sqlite3.Connection], Plan]
@@ -390,6 +377,9 @@ class Writer:
             group.append(op)
             body_bytes += size
             n += len(op.events) if isinstance(op, Submit) else len(op.settlements)
+        # What submissions that join this group count against its bounds (``_join_late``).
+        self._late_events = n
+        self._late_bytes = body_bytes
         return group
 
     def _riders_gather(self) -> bool:
@@ -440,7 +430,7 @@ class Writer:
         try:
             fn = _rolled_back_on_error(self._transaction(group[0], group))
             if not isinstance(group[0], SOLO):
-                self._open_late(group)
+                self._late_open = True  # counted from ``_take_group``'s bounds
                 fn = self._late_joined(group, fn)
             # Many submissions at once: requests came in while the last commit ran, so the
             # loop is busy. Hand the thread the GIL now rather than when the loop runs dry.
