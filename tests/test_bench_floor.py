@@ -443,11 +443,12 @@ def _run_script(name: str, *args: str) -> str:
     return proc.stdout
 
 
-def test_writer_cost_measures_the_store_writers_thread_and_the_floors_sql(
+def test_writer_cost_measures_both_threads_of_the_store_and_of_the_floor(
     tmp_path: Path,
 ) -> None:
     """``benchmarks/writer_cost.py`` finds the store's writer thread by its name and
-    gets one commit per group (else it stops with an error): a few groups each way."""
+    gets one commit per group (else it stops with an error), and drives the floor's own
+    writer the same way: a few groups each way."""
     stdout = _run_script(
         "writer_cost.py", "--groups", "30", "--rounds", "1", "--dir", str(tmp_path)
     )
@@ -455,7 +456,13 @@ def test_writer_cost_measures_the_store_writers_thread_and_the_floors_sql(
     for line in stdout.splitlines()[1:]:
         name, _, rest = line.partition(":")
         figures[name.strip()] = float(rest.split()[0])
-    assert {"store, writer thread", "store, event loop", "floor SQL"} == set(figures)
+    assert {
+        "store, writer thread",
+        "store, event loop",
+        "floor, writer thread",
+        "floor, event loop",
+        "floor SQL",
+    } == set(figures)
     assert all(v > 0 for v in figures.values())
     assert [] == list(tmp_path.iterdir())  # its files are gone
 
