@@ -20,8 +20,10 @@ from valmi_sidecar.store import (
     LedgerRow,
     QueueFullError,
     Store,
+    opening,
 )
 from valmi_sidecar.store import reads as store_reads
+from valmi_sidecar.store.thread import ConnectionClosedError
 
 from .conftest import DAY, Clock, OpenStore, action, dead_letter, rows
 
@@ -185,6 +187,62 @@ async def test_prune_gives_free_pages_back(open_store: OpenStore, clock: Clock) 
     await store.prune()
     assert rows(store, "PRAGMA page_count")[0][0] < pages_before
     assert [(2,)] == rows(store, "PRAGMA auto_vacuum")  # incremental
+
+
+async def test_the_ledger_is_not_read_after_the_store_closed(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """A read after ``close()`` is a bug, as on the reader's connection: the ledger's own
+    connection is not opened on a file whose lock the store gave up."""
+    store = await open_store()
+    await store.submit([action(clock)])
+    await store.close()
+    with pytest.raises(ConnectionClosedError):
+        await store.ledger()
+    assert not any(t.name == "store-ledger" for t in threading.enumerate())
+
+
+async def test_a_ledger_read_given_up_during_a_long_read_ends_in_its_cancellation(
+    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller that gives up while the ledger read still runs (a client gone, a stop)
+    gets its cancellation, not the closing connection's time-out, even when that read
+    outlasts the bound on closing; the read's connection closes once it ends."""
+    store = await open_store()
+    await store.submit([action(clock)])
+    reading, gate = threading.Event(), threading.Event()
+    real = store_reads.ledger
+
+    def held(
+        agent_key: str | None, since: str | None, until: str | None
+    ) -> Callable[[sqlite3.Connection], list[LedgerRow]]:
+        read = real(agent_key, since, until)
+
+        def run(db: sqlite3.Connection) -> list[LedgerRow]:
+            reading.set()
+            gate.wait(10)
+            return read(db)
+
+        return run
+
+    monkeypatch.setattr(store_reads, "ledger", held)
+    monkeypatch.setattr(opening, "CONNECTION_CLOSE_S", 0.05)
+    ledger = asyncio.ensure_future(store.ledger())
+    await wait_until(reading.is_set, 10, "the ledger read under way")
+    ledger.cancel()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await ledger
+    finally:
+        gate.set()
+    await wait_until(
+        lambda: not any(t.name == "store-ledger" for t in threading.enumerate()),
+        10,
+        "the ledger's connection closed",
+    )
+    monkeypatch.undo()
+    (line,) = await store.ledger()
+    assert (1, 1) == (line.received, line.queued)
 
 
 async def test_a_ledger_read_does_not_hold_up_the_flushers_reads(

@@ -50,7 +50,7 @@ from .records import (
 )
 from .schema import DB_NAME
 from .space import Space
-from .thread import SqliteThread
+from .thread import ConnectionClosedError, SqliteThread
 from .writer import Writer
 
 log = structlog.get_logger("valmi_sidecar.store")
@@ -539,12 +539,17 @@ class Store:
         On a connection of its own, one read at a time: it reads the whole queue (about a
         second under a backlog of 1,000,000 events), and the flusher's reads on the
         reader's connection must not wait for that."""
+        if self._closed:  # as for the reads on the reader's connection
+            raise ConnectionClosedError("the database connection is closed")
         async with self._ledger_lock:
             conn = await opening.open_reader(self._path, "store-ledger")
             try:
                 return await conn.call(reads.ledger(agent_key, since, until))
             finally:
-                await asyncio.wait_for(conn.close(), opening.CONNECTION_CLOSE_S)
+                # Within its bound, and never in place of the read's own outcome: a caller
+                # that gave up (cancelled) during a long read gets its cancellation, and
+                # the connection closes once that read ends.
+                await opening.close_all([conn])
 
     async def _run_pruner(self, interval_s: float) -> None:
         while True:
