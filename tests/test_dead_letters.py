@@ -366,6 +366,20 @@ async def test_salvage_says_which_dead_letters_stay_behind_and_from_reads_them(
     assert "dead letters" not in out, out
 
 
+async def test_from_given_the_data_directory_names_the_file_to_pass(tmp_path: Path) -> None:
+    """``--from`` takes a database file; an operator who passes the data directory it is
+    in is told which file that is, and nothing is read or created there."""
+    data_dir = tmp_path / "data"
+    await (await Store.open(data_dir, prune_interval_s=None)).close()
+    before = sorted(p.name for p in data_dir.iterdir())
+    common = ("--url", f"http://127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "none"))
+    for command in (("ledger",), ("dead-letters", "list")):
+        code, out, err = await run_cli(*command, "--from", str(data_dir), *common)
+        assert (1, "") == (code, out), err
+        assert f"{data_dir} is a directory; pass its database, {data_dir / 'queue.db'}" in err
+    assert before == sorted(p.name for p in data_dir.iterdir())
+
+
 async def test_status_with_no_sidecar_and_no_database_says_so(tmp_path: Path) -> None:
     code, _, err = await run_cli(
         "status", "--url", f"http://127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "none")

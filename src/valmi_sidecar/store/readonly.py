@@ -54,6 +54,11 @@ class ReadOnlyDatabase:
 
     def __init__(self, path: Path, *, untouched: bool = False) -> None:
         self.path = Path(path)
+        if self.path.is_dir() and (self.path / DB_NAME).is_file():
+            # The data directory, where the file was meant: name the file to pass.
+            raise StoreError(
+                f"{self.path} is a directory; pass its database, {self.path / DB_NAME}"
+            )
         if not self.path.is_file():
             raise StoreError(f"no database at {self.path}")
         self._copy_dir: Path | None = None
