@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,7 @@ def _load(name: str) -> ModuleType:
 floor = _load("floor")
 stats = _load("floor_stats")
 parts = _load("commit_parts")
+kernel_counts = _load("kernel_counts")
 
 
 # -- the body check: the sidecar's, exactly ----------------------------------------------
@@ -485,6 +487,44 @@ def test_calls_counts_each_targets_calls_per_event_by_origin() -> None:
     listed = [line for line in stdout.splitlines() if line.startswith("- ")]
     assert 3 == len(listed)
     assert all(".py:" in line for line in listed)
+
+
+def test_kernel_counts_reads_each_targets_writes_and_switches_per_event(tmp_path: Path) -> None:
+    """``benchmarks/kernel_counts.py`` reads the kernel's counters of every thread of the
+    floor and of the sidecar around a window of forwarded events: the event loop's
+    thread makes two write calls an event (the ``202`` and the upstream POST), the
+    others at least one (the WAL's frames), and the data directories are gone after."""
+    stdout = _run_script(
+        "kernel_counts.py", "--rate", "20", "--seconds", "1", "--dir", str(tmp_path)
+    )
+    rows: dict[str, list[list[float]]] = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in ("floor", "sidecar"):
+            rows[cells[0]] = [[float(x.replace(",", "")) for x in c.split("/")] for c in cells[1:]]
+    assert {"floor", "sidecar"} == set(rows)
+    for (disk,), (loop_writes, other_writes), voluntary, _ in rows.values():
+        assert disk >= 0
+        assert 1.5 <= loop_writes <= 3
+        assert other_writes >= 1
+        assert sum(voluntary) > 0
+    assert [] == list(tmp_path.iterdir())
+
+
+def test_kernel_counts_split_the_loops_thread_from_the_others() -> None:
+    """A thread's counters are taken from the first sample; one that started in between
+    counts from zero; the event loop's thread is the process's own id."""
+    counts = kernel_counts.Counts
+    before = {10: counts(5, 4096, 3, 1), 11: counts(7, 0, 2, 0)}
+    after = {10: counts(9, 8192, 4, 1), 11: counts(10, 4096, 5, 2), 12: counts(1, 0, 1, 0)}
+    spent = kernel_counts.spent(10, before, after)
+    assert counts(4, 4096, 1, 0) == spent["loop"]
+    assert counts(4, 4096, 4, 2) == spent["others"]
+    io = (Path("/proc/self/task") / str(threading.get_native_id()) / "io").read_text()
+    fields = kernel_counts.parse_fields(io, ("syscw", "write_bytes"))
+    assert fields["syscw"] >= 0
+    with pytest.raises(SystemExit, match="no nowhere"):
+        kernel_counts.parse_fields(io, ("nowhere",))
 
 
 @pytest.mark.parametrize(
