@@ -160,6 +160,16 @@ def file_bytes(path: str | os.PathLike[str]) -> int:
     return max(st.st_size, st.st_blocks * 512)
 
 
+def fs_free_bytes(path: Path) -> int | None:
+    """What the file system holding ``path`` still gives a process that is not root (its
+    free blocks less those kept for root); ``None`` when it cannot be read."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def data_dir_bytes(data_dir: Path, *, exclude: frozenset[str] = frozenset()) -> int:
     """What the regular files directly in ``data_dir`` take (``file_bytes`` each), the
     names in ``exclude`` left out. A handful of ``stat`` calls."""
@@ -180,5 +190,6 @@ __all__ = [
     "data_dir_bytes",
     "event_disk_bytes",
     "file_bytes",
+    "fs_free_bytes",
     "minimum_queue_bytes",
 ]

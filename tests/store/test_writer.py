@@ -5,12 +5,15 @@ the writer's probe that finds the disk writable again."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import wait_until
 from valmi_sidecar.events import parse_one
@@ -23,6 +26,7 @@ from valmi_sidecar.store import (
     StoreError,
 )
 from valmi_sidecar.store import core as store_core
+from valmi_sidecar.store import space as store_space
 from valmi_sidecar.store import writer as store_writer
 
 from .conftest import Clock, OpenStore, action, rows
@@ -97,6 +101,73 @@ async def test_failed_commit_fails_every_op_and_store_recovers(
     c = store.counts()
     assert (True, False, 2, 2) == (store.writable, ok.duplicate, c.received, c.queued)
     assert [(2,)] == rows(store, "SELECT count(*) FROM events")
+
+
+_BIG = b'{"agent_key": "a", "action_type": "x", "metadata": {"blob": "' + b"x" * 50_000 + b'"}}'
+
+
+async def _fail_three_then_recover(store: Store, clock: Clock) -> None:
+    await store.submit([action(clock)])
+    await store.writer_connection.fetchall("PRAGMA max_page_count = 1")  # no room: "disk full"
+    for _ in range(3):
+        with pytest.raises(StoreError):
+            await store.submit([parse_one("action", _BIG, now=clock())])
+    await store.writer_connection.fetchall("PRAGMA max_page_count = 1073741823")
+    await store.submit([action(clock)])
+
+
+async def test_a_full_disk_is_logged_once_while_it_lasts_then_its_end_with_the_count(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """Every request fails while the disk is full: one error line says so (which was full
+    and how much the file system has left), not one a request, and the line that says it
+    is over counts the commits that failed meanwhile."""
+    store = await open_store()
+    with capture_logs() as logs:
+        await _fail_three_then_recover(store, clock)
+    (failed,) = [e for e in logs if e["event"] == "commit_failed"]
+    assert "error" == failed["log_level"]
+    assert "disk_full" == failed["reason"]
+    assert failed["fs_free_bytes"] > 0
+    # The database's share was full (max_page_count), not the file system: no action on it.
+    assert "action" not in failed
+    (again,) = [e for e in logs if e["event"] == "store_writable_again"]
+    assert 3 == again["failed_commits"]
+    assert again["unwritable_s"] >= 0
+    assert 3 == store.stats.commit_failures  # the metric still counts each
+
+
+async def test_a_full_file_system_is_named_with_what_to_do(
+    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When SQLite finds no room and the file system has less than a transaction left, the
+    log names the file system and says what to do. (The file system's reading is the one
+    thing replaced: filling a real disk cannot run here.)"""
+    store = await open_store()
+    monkeypatch.setattr(store_space, "fs_free_bytes", lambda _path: 0)
+    with capture_logs() as logs:
+        await _fail_three_then_recover(store, clock)
+    (failed,) = [e for e in logs if e["event"] == "commit_failed"]
+    assert 0 == failed["fs_free_bytes"]
+    assert "is full before max_queue_bytes=" in failed["action"]
+    assert "nothing queued is lost" in failed["action"]
+
+
+async def test_a_file_system_smaller_than_the_budget_is_said_at_start(
+    open_store: OpenStore, tmp_path: Path
+) -> None:
+    """A budget the file system cannot hold: at start the log says so, with the most the
+    budget can be there; a budget it holds says nothing."""
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    with capture_logs() as logs:
+        await open_store(tmp_path / "big", max_queue_bytes=free + 2**40)
+        await open_store(tmp_path / "small", max_queue_bytes=64 * 2**20)
+    (warned,) = [e for e in logs if e["event"] == "disk_smaller_than_budget"]
+    assert free + 2**40 == warned["max_queue_bytes"]
+    most = warned["data_dir_bytes"] + warned["fs_free_bytes"]
+    assert most < warned["max_queue_bytes"]
+    assert f"lower max_queue_bytes to at most {most}" in warned["action"]
 
 
 async def test_writer_crash_fails_submits_and_ends_writer_task(

@@ -26,7 +26,7 @@ from typing import Any, Final, Literal
 
 import structlog
 
-from ..disk import DiskBudget, data_dir_bytes
+from ..disk import DiskBudget, data_dir_bytes, fs_free_bytes
 from ..events import NewEvent
 from . import files, opening, reads
 from .handoff import Handoff
@@ -161,10 +161,11 @@ class Store:
             store.stats.corrupt_moved_aside = int(moved is not None)
             aside = await asyncio.to_thread(files.moved_aside_files, data_dir)
             store.stats.corrupt_files = len(aside)
+            room = await asyncio.to_thread(_room, data_dir)
         except BaseException:
             os.close(lock_fd)
             raise
-        store._start(prune_interval_s)
+        store._start(prune_interval_s, *room)
         return store
 
     @classmethod
@@ -192,7 +193,7 @@ class Store:
             raise
         return store
 
-    def _start(self, prune_interval_s: float | None) -> None:
+    def _start(self, prune_interval_s: float | None, dir_bytes: int, fs_free: int | None) -> None:
         self._writer_task = asyncio.create_task(self._writer.run(), name="store-writer")
         if prune_interval_s is not None:
             self._prune_task = asyncio.create_task(
@@ -209,10 +210,11 @@ class Store:
             received=c.received,
             delivered=c.delivered,
             dead_lettered=c.dead_lettered,
-            disk_bytes=data_dir_bytes(self._data_dir),
+            disk_bytes=dir_bytes,
             max_queue_bytes=self._space.budget.max_bytes,
         )
         self._space.warn_if_short(self._mirror.dead_letter_disk_bytes())
+        self._space.warn_if_disk_smaller(dir_bytes, fs_free)
 
     async def close(self) -> None:
         """Refuse new writes, commit what is pending (bounded by ``CLOSE_DRAIN_S``), stop
@@ -560,3 +562,8 @@ class Store:
                 log.error("prune_failed", error=str(exc))
             except Exception as exc:  # a bug in one prune must not end pruning; logged
                 log.error("prune_crashed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+
+def _room(data_dir: Path) -> tuple[int, int | None]:
+    """What the data directory's files take, and what its file system has left."""
+    return data_dir_bytes(data_dir), fs_free_bytes(data_dir)

@@ -172,6 +172,17 @@ _CORRUPT_CODES: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 MOVED_ASIDE_MARK: Final = ".corrupt-"
 
 
+#: SQLite's result code for "database or disk is full": the file system, or the database
+#: at its ``max_page_count``.
+SQLITE_FULL: Final = 13
+
+
+def is_full(exc: BaseException) -> bool:
+    """Whether a ``sqlite3`` error says there was no room to write."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF == SQLITE_FULL
+
+
 def is_corruption(exc: BaseException) -> bool:
     """Whether a ``sqlite3`` error says the file is damaged."""
     code = getattr(exc, "sqlite_errorcode", None)

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Final
 
 import structlog
 
-from ..disk import EVENT_OVERHEAD_BYTES, DiskBudget, file_bytes
+from ..disk import EVENT_OVERHEAD_BYTES, DiskBudget, file_bytes, fs_free_bytes
 from .records import QueueFullError
-from .schema import BUSY_TIMEOUT_MS, DB_NAME
+from .schema import BUSY_TIMEOUT_MS, DB_NAME, is_full
 from .sql import MEASURE
 
 if TYPE_CHECKING:
@@ -57,6 +57,9 @@ class Space:
         # again. A commit adds at most ``txn_bytes`` to it, so while the last size plus
         # that many transactions stays within the soft bound, no commit can pass it.
         self._wal_unmeasured = 0
+        #: What the file system had left when a transaction last failed for want of room
+        #: (written on the writer's thread, read on the loop after it reported the failure).
+        self.failed_free: int | None = None
 
     # -- on the writer's thread ------------------------------------------------------------
 
@@ -101,6 +104,12 @@ class Space:
             log.warning("wal_checkpoint_blocked", wal_bytes=size, bound=bound)
         else:
             self._wal_unmeasured = (bound - size) // self.budget.txn_bytes
+
+    def note_failure(self, exc: BaseException) -> None:
+        """After a transaction failed (on the writer's thread): when SQLite found no room,
+        how much the file system holding the database has left, for the log to say which
+        was full, the file system or the database's share of the budget."""
+        self.failed_free = fs_free_bytes(self._path.parent) if is_full(exc) else None
 
     def checkpoint_failed(self, exc: sqlite3.Error) -> None:
         self.wal_over = True
@@ -168,6 +177,41 @@ class Space:
             self.log_change(False, dead_letter_bytes)
 
     # -- on the event loop -----------------------------------------------------------------
+
+    def failure_hint(self) -> dict[str, object]:
+        """What the log of a failed transaction says of the room (``note_failure``)."""
+        free = self.failed_free
+        if free is None:
+            return {}
+        hint: dict[str, object] = {"reason": "disk_full", "fs_free_bytes": free}
+        if free < self.budget.txn_bytes:
+            hint["action"] = (
+                f"the file system holding {self._path.parent} is full before "
+                f"max_queue_bytes={self.budget.max_bytes} is reached: free space on it, or "
+                "lower max_queue_bytes to what it can hold; new events get 503 until a "
+                "commit succeeds, and nothing queued is lost"
+            )
+        return hint
+
+    def warn_if_disk_smaller(self, dir_bytes: int, fs_free: int | None) -> None:
+        """Say at start-up when the file system cannot hold the budget: the files in the
+        data directory (``dir_bytes``) and the file system's room (``fs_free``) together
+        are less than ``max_queue_bytes``. The disk would then fill before the sidecar
+        refuses events for its budget, and they would get ``503 store_unavailable``
+        instead of ``queue_full``."""
+        if fs_free is None or dir_bytes + fs_free >= self.budget.max_bytes:
+            return
+        most = dir_bytes + fs_free
+        log.warning(
+            "disk_smaller_than_budget",
+            max_queue_bytes=self.budget.max_bytes,
+            fs_free_bytes=fs_free,
+            data_dir_bytes=dir_bytes,
+            action=f"lower max_queue_bytes to at most {most} (less what else on this file "
+            "system grows), or give the data directory's file system more room; until then "
+            "the disk fills before the budget, and new events get 503 store_unavailable "
+            "instead of queue_full",
+        )
 
     def apply(self, plan: Plan, dead_letter_bytes: int) -> None:
         """The mirror of the disk after a group commit."""

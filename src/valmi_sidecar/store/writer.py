@@ -92,6 +92,11 @@ class Writer:
         # The flusher waits for outcomes to be saved: riders go in the next transaction.
         self._boarding = False
         self._writable = True
+        #: While not writable: since when, the commits failed meanwhile, and the error
+        #: logged (another error is logged again; the same one, only counted).
+        self._unwritable_since = 0.0
+        self._failed_commits = 0
+        self._failure_logged = ""
         self.failure: BaseException | None = None
         #: The operations of the transaction in progress.
         self._group: list[Op] = []
@@ -428,7 +433,7 @@ class Writer:
     def _dispatch(self, group: list[Op]) -> None:
         started = time.monotonic()
         try:
-            fn = _rolled_back_on_error(self._transaction(group[0], group))
+            fn = _rolled_back_on_error(self._transaction(group[0], group), self._space)
             if not isinstance(group[0], SOLO):
                 self._late_open = True  # counted from ``_take_group``'s bounds
                 fn = self._late_joined(group, fn)
@@ -484,8 +489,23 @@ class Writer:
         first = group[0]
         if not isinstance(first, Prune):  # maintenance failing is not a commit failing
             self._mirror.stats.commit_failures += 1
+        if self._writable:
+            self._unwritable_since = time.monotonic()
+            self._failed_commits = 0
+            self._failure_logged = ""
         self._writable = False
-        log.error("commit_failed", error=str(exc), ops=len(group), path=str(self._path))
+        self._failed_commits += 1
+        if str(exc) != self._failure_logged:
+            # Once for each error while it lasts: a full disk fails every request, and a
+            # line for each would fill the disk the logs share.
+            self._failure_logged = str(exc)
+            log.error(
+                "commit_failed",
+                error=str(exc),
+                ops=len(group),
+                path=str(self._path),
+                **self._space.failure_hint(),
+            )
         error = StoreError(f"could not {_WHAT[type(first)]} {self._path}: {exc}")
         error.__cause__ = exc
         for op in group:
@@ -594,8 +614,16 @@ class Writer:
         self.commits += 1
         self._mirror.sample()
         if not self._writable:
-            self._writable = True
-            log.info("store_writable_again", path=str(self._path))
+            self._writable_again()
+
+    def _writable_again(self) -> None:
+        self._writable = True
+        log.info(
+            "store_writable_again",
+            path=str(self._path),
+            failed_commits=self._failed_commits,
+            unwritable_s=round(time.monotonic() - self._unwritable_since, 1),
+        )
 
     def _probe(self) -> None:
         """While not writable and idle: a tiny transaction, to learn whether the disk
@@ -621,8 +649,7 @@ class Writer:
                 self._crash(exc)
                 return
             else:
-                self._writable = True
-                log.info("store_writable_again", path=str(self._path))
+                self._writable_again()
             self._busy = False
             self._kick()
 
@@ -635,19 +662,21 @@ class Writer:
 
 
 def _rolled_back_on_error(
-    fn: Callable[[sqlite3.Connection], Plan],
+    fn: Callable[[sqlite3.Connection], Plan], space: Space
 ) -> Callable[[sqlite3.Connection], Plan]:
     """``fn``, rolling its transaction back on the thread when it fails (before the loop
-    hears of it, so that the next transaction never starts inside a failed one)."""
+    hears of it, so that the next transaction never starts inside a failed one), and
+    telling ``space`` of the failure there (its file system's room is read off the loop)."""
 
     def run(db: sqlite3.Connection) -> Plan:
         try:
             return fn(db)
-        except sqlite3.Error:
+        except sqlite3.Error as exc:
             try:
                 db.rollback()
             except sqlite3.Error as rb_exc:
                 log.error("rollback_failed", error=str(rb_exc))
+            space.note_failure(exc)
             raise
 
     return run
