@@ -315,7 +315,15 @@ _SPIN = (
 def test_process_clock_counts_a_thread_that_ended_and_the_thread_sum_does_not() -> None:
     """Why floor_compare reports the process's CPU-time clock: a thread that spun for
     0.3 s and ended is in it, and gone from /proc/<pid>/task/*/schedstat."""
-    script = _SPIN + "t = threading.Thread(target=spin, args=(0.3,)); t.start(); t.join()\n"
+    script = _SPIN + (
+        "t = threading.Thread(target=spin, args=(0.3,)); t.start(); t.join()\n"
+        # join() returns when Python is done with the thread, a moment before the kernel
+        # takes it off /proc/self/task: wait for that (with a deadline), else it is sampled.
+        "import os\n"
+        "end = time.monotonic() + 10\n"
+        "while len(os.listdir('/proc/self/task')) > 1 and time.monotonic() < end:\n"
+        "    time.sleep(0.001)\n"
+    )
     sample = _sample_after_spinning(script)
     assert sample.process_ns >= 300_000_000
     assert sample.process_ns - sample.threads_ns >= 300_000_000
