@@ -5,12 +5,15 @@ shared machine where CPU times move by a tenth between runs, and they need no tr
 
     .venv/bin/python benchmarks/kernel_counts.py                    # 10 events/s for 20 s
     .venv/bin/python benchmarks/kernel_counts.py --rate 100 --seconds 10
+    .venv/bin/python benchmarks/kernel_counts.py --rate 1000 --seconds 10 --connections 16
 
 Each target (``benchmarks/floor.py``, then ``valmi-sidecar run`` with ``durability=full``)
 forwards to the fake API. After a warm-up whose deliveries are waited for, the counters
 of every thread are read, events are posted at ``--rate`` for ``--seconds`` (an httpx
 client on one keep-alive connection), and once the fake API holds every one of them and
-its count has held still, read again. Per delivered event:
+its count has held still, read again. With ``--connections`` above 1 the load is wrk's,
+paced as in ``floor_compare.py`` (that many keep-alive connections, so events share
+commits as they do there). Per delivered event:
 
 - ``disk bytes``: what the process handed to the storage layer (``write_bytes``: the WAL's
   frames, and the database's pages at a checkpoint), by all its threads;
@@ -27,6 +30,7 @@ benchmarks use, not a memory file system where nothing is handed to a disk).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -39,8 +43,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from calls import TARGETS, post_paced  # noqa: E402 - beside this script
-from floor_compare import target_process, wait_delivered  # noqa: E402 - beside this script
-from run import fake_api  # noqa: E402 - beside this script
+from floor_compare import acknowledged, target_process, wait_delivered  # noqa: E402
+from run import _PACED_LUA, fake_api, wrk  # noqa: E402 - beside this script
+from tools import BODY  # noqa: E402 - beside this script
 
 #: The figures of one thread: ``/proc/.../io`` fields and ``status`` fields.
 _IO_FIELDS = ("syscw", "write_bytes")
@@ -119,16 +124,28 @@ def spent(pid: int, before: Mapping[int, Counts], after: Mapping[int, Counts]) -
     return {"loop": loop, "others": others}
 
 
+def load(url: str, args: argparse.Namespace, seconds: float) -> int:
+    """Events posted at ``args.rate`` for ``seconds``: how many were acknowledged."""
+    if args.connections == 1:
+        return post_paced(url, args.rate, seconds)
+    script = args.dir / f"paced-{args.rate:g}.lua"
+    script.write_text(_PACED_LUA.format(body=BODY.decode(), rate=args.rate))
+    try:
+        return acknowledged(wrk(url, args.connections, seconds, script))
+    finally:
+        script.unlink()
+
+
 def measure(target: str, work: Path, fake: str, args: argparse.Namespace) -> dict[str, object]:
     with target_process(target, work / target, fake, forwarding=True, concurrency=16) as (
         url,
         pid,
     ):
-        warm = post_paced(url, args.rate, 1.0)
+        warm = load(url, args, 1.0)
         wait_delivered(fake, warm, args.settle_s, 60.0)
         httpx.post(fake + "/_fake/reset", timeout=30.0)
         before = sample(pid)
-        acked = post_paced(url, args.rate, args.seconds)
+        acked = load(url, args, args.seconds)
         events = wait_delivered(fake, acked, args.settle_s, 60.0)
         after = sample(pid)
     return {"events": events, **spent(pid, before, after)}
@@ -161,11 +178,22 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10.0, help="events a second")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--settle-s", type=float, default=0.3)
+    ap.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="1: one httpx client; more: wrk's paced load with that many connections",
+    )
     ap.add_argument("--dir", type=Path, default=HERE, help="where the data directories go")
     args = ap.parse_args()
+    if args.connections > 1 and shutil.which("wrk") is None:
+        raise SystemExit("--connections above 1 needs wrk (apt-get install wrk)")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, fake_api() as fake:
         results = {t: measure(t, Path(tmp), fake, args) for t in TARGETS}
-    print(f"{args.rate:g} events/s for {args.seconds:g} s, forwarding to the fake API:\n")
+    clients = "one client" if args.connections == 1 else f"wrk, {args.connections} connections"
+    print(
+        f"{args.rate:g} events/s for {args.seconds:g} s ({clients}), forwarding to the fake API:\n"
+    )
     print(markdown(results))
 
 
