@@ -301,6 +301,29 @@ def test_format_status_shows_the_disk_against_its_budget() -> None:
     assert "dead letters take a large share" in text
 
 
+def test_format_status_says_why_the_store_takes_no_writes() -> None:
+    """While commits fail, the summary says since when, why and what it means; while
+    they succeed, nothing."""
+    failing = {
+        "store": {
+            "writable": False,
+            "path": "/data/queue.db",
+            "unwritable": {
+                "for_s": 7.0,
+                "failed_commits": 732,
+                "error": "database or disk is full",
+                "fs_free_bytes": 0,
+            },
+        }
+    }
+    line = next(x for x in format_status(failing).splitlines() if x.startswith("store"))
+    assert line.startswith("store          not writable for 7")
+    assert ": database or disk is full (732 commits failed), 0 bytes free" in line
+    assert line.endswith("new events get 503, nothing queued is lost")
+    writable = {"store": {"writable": True, "path": "/data/queue.db"}}
+    assert not any(x.startswith("store") for x in format_status(writable).splitlines())
+
+
 def test_format_status_tolerates_missing_fields() -> None:
     text = format_status({"events": {"received": 1}})
     assert "received       1" in text

@@ -71,6 +71,22 @@ async def test_full_disk_refuses_with_503_keeps_every_acknowledged_event_and_rec
     await wait_until(seen_unwritable, timeout=10, what="/readyz 503 and store_writable 0")
     assert len(acked) == store.counts().received  # nothing refused was counted
 
+    # /v1/status says why: since when, how many commits failed, SQLite's words for it.
+    async def status_says_why() -> bool:
+        await client.post(url + "/v1/actions", json=BIG)  # keep it failing
+        s = (await client.get(url + "/v1/status")).json()["store"]
+        u = s.get("unwritable")
+        return (
+            s["writable"] is False
+            and u is not None
+            and u["failed_commits"] >= 1
+            and "full" in u["error"]
+            and isinstance(u["fs_free_bytes"], int)
+            and u["for_s"] >= 0
+        )
+
+    await wait_until(status_says_why, timeout=10, what="/v1/status store.unwritable")
+
     # Space comes back: the writer's probe finds it without any new traffic.
     await store.writer_connection.fetchall("PRAGMA max_page_count = 1073741823")
 
@@ -81,6 +97,9 @@ async def test_full_disk_refuses_with_503_keeps_every_acknowledged_event_and_rec
     r = await client.post(url + "/v1/actions", json=BIG)
     assert 202 == r.status_code
     acked.add(r.json()["id"])
+    assert {"writable": True, "path": str(store.path)} == (
+        await client.get(url + "/v1/status")
+    ).json()["store"]
 
     # Every acknowledged event reaches upstream, once.
     await fake.go_up()

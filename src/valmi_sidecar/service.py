@@ -173,6 +173,7 @@ class Sidecar:
             draining=self.lifecycle.draining,
             uptime_s=now - self._started_at,
             writable=store.writable,
+            unwritable=store.unwritable(),
             path=store.path,
             disk=store.disk(),
             moved_aside=self._moved_aside,

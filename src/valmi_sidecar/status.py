@@ -19,7 +19,7 @@ from . import __version__
 from .config import Settings
 from .metrics import DrainForecast, MetricsSource, UpstreamStats, drain_forecast
 from .operations import counts_json, disk_json, moved_aside_json
-from .store import RATE_WINDOW_S, Counts, DiskUsage, Store
+from .store import RATE_WINDOW_S, Counts, DiskUsage, Store, Unwritable
 
 #: The upstream state shown when forwarding is off (no API key, so no flusher).
 DISABLED: Final = "disabled"
@@ -73,6 +73,8 @@ class Facts:
     disk: DiskUsage
     moved_aside: Sequence[Path]
     now: float
+    #: While commits fail: since when, how many, the last error.
+    unwritable: Unwritable | None = None
 
 
 def upstream_state(flusher: FlusherView | None) -> str:
@@ -125,11 +127,25 @@ def status_json(settings: Settings, facts: Facts) -> dict[str, Any]:
         ),
         "rates_per_s": dict(facts.rates),
         "drain": forecast(settings, c, facts.rates, state, now).as_json(),
-        "store": {"writable": facts.writable, "path": str(facts.path)},
+        "store": store_json(facts),
         "moved_aside": moved_aside_json(facts.moved_aside),
         "disk": disk_json(facts.disk),
         "upstream": _upstream_json(settings, flusher, forwarding=facts.forwarding),
     }
+
+
+def store_json(facts: Facts) -> dict[str, Any]:
+    """The store's part: whether it takes writes, and while it does not, why."""
+    out: dict[str, Any] = {"writable": facts.writable, "path": str(facts.path)}
+    u = facts.unwritable
+    if u is not None:
+        out["unwritable"] = {
+            "for_s": u.for_s,
+            "failed_commits": u.failed_commits,
+            "error": u.error,
+            "fs_free_bytes": u.fs_free_bytes,
+        }
+    return out
 
 
 def _upstream_json(

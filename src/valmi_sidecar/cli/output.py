@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from .status_view import StatusView
+from .status_view import StatusView, UnwritableView
 
 PROG: Final = "valmi-sidecar"
 
@@ -138,10 +138,25 @@ def format_status(data: Mapping[str, Any] | StatusView) -> str:
         lines.append(_row("disk", f"{s.disk.bytes} of {s.disk.max_bytes} bytes{full}"))
         if s.disk.dead_letters_warning:
             lines.append(_row("", s.disk.dead_letters_warning))
+    if s.store is not None and s.store.writable is False:
+        lines.append(_row("store", _unwritable(s.store.unwritable)))
     oldest = s.oldest_queued_age_s
     lines.append(_row("oldest queued", age(oldest) if oldest is not None else "none"))
     lines.extend(_upstream_lines(s))
     return "\n".join(lines)
+
+
+def _unwritable(u: UnwritableView | None) -> str:
+    """The store's line while commits fail: new events get 503 until one succeeds."""
+    if u is None:
+        return "not writable: new events get 503"
+    since = f" for {age(u.for_s)}" if u.for_s is not None else ""
+    text = f"not writable{since}: {u.error or 'commits fail'}"
+    if u.failed_commits is not None:
+        text += f" ({u.failed_commits} commits failed)"
+    if u.fs_free_bytes is not None:
+        text += f", {u.fs_free_bytes} bytes free on its file system"
+    return text + "; new events get 503, nothing queued is lost"
 
 
 def _upstream_lines(s: StatusView) -> list[str]:

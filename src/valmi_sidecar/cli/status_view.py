@@ -32,6 +32,18 @@ class DiskView(msgspec.Struct, frozen=True):
     dead_letters_warning: str | None = None
 
 
+class UnwritableView(msgspec.Struct, frozen=True):
+    for_s: float | None = None
+    failed_commits: int | None = None
+    error: str | None = None
+    fs_free_bytes: int | None = None
+
+
+class StoreView(msgspec.Struct, frozen=True):
+    writable: bool | None = None
+    unwritable: UnwritableView | None = None
+
+
 class UpstreamView(msgspec.Struct, frozen=True):
     state: str | None = None
     last_error: str | None = None
@@ -79,6 +91,7 @@ class StatusView(msgspec.Struct, frozen=True):
     events: EventCounts = msgspec.field(default_factory=EventCounts)
     queue: QueueUsage | None = None
     disk: DiskView | None = None
+    store: StoreView | None = None
     oldest_queued_age_s: float | None = None
     upstream: UpstreamView | None = None
     rates_per_s: Rates | None = None

@@ -44,6 +44,7 @@ from .records import (
     StoreError,
     StoreStats,
     UnreadableRow,
+    Unwritable,
     salvage_problem,
     utc_day,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "StoreError",
     "StoreStats",
     "UnreadableRow",
+    "Unwritable",
     "handoff",
     "moved_aside_files",
     "salvage_problem",

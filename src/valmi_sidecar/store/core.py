@@ -47,6 +47,7 @@ from .records import (
     Settlement,
     StoreError,
     StoreStats,
+    Unwritable,
 )
 from .schema import DB_NAME
 from .space import Space
@@ -248,6 +249,11 @@ class Store:
     def writable(self) -> bool:
         """False after a failed commit (or once the writer stopped) until a commit succeeds."""
         return self._writer.writable and not self._closed
+
+    def unwritable(self) -> Unwritable | None:
+        """While commits fail (``writable`` is False for that): since when, how many, and
+        the last error; ``None`` otherwise."""
+        return self._writer.unwritable()
 
     @property
     def writer_task(self) -> asyncio.Task[None]:

@@ -129,6 +129,19 @@ class DiskUsage(msgspec.Struct, frozen=True):
 DEAD_LETTER_WARN_SHARE: Final = 0.25
 
 
+class Unwritable(msgspec.Struct, frozen=True):
+    """Why the store takes no writes now: since a commit failed, until one succeeds."""
+
+    #: Seconds since the first commit that failed.
+    for_s: float
+    #: Commits failed since (each request's, and maintenance's).
+    failed_commits: int
+    #: SQLite's message of the last failure (``database or disk is full``).
+    error: str
+    #: What the file system had left when SQLite last found no room; else ``None``.
+    fs_free_bytes: int | None
+
+
 class DeadLetterRecord(msgspec.Struct, frozen=True):
     seq: int
     id: str

@@ -39,7 +39,7 @@ from .actions import prune_keys, purge, requeue, vacuum
 from .handoff import Handoff
 from .mirror import Mirror
 from .plan import SOLO, Fail, Limits, Op, Plan, Prune, Purge, Requeue, Settle, Submit
-from .records import OutcomeUnknownError, StoreError
+from .records import OutcomeUnknownError, StoreError, Unwritable
 from .space import Space
 from .sql import PROBE
 from .thread import SqliteThread
@@ -126,6 +126,17 @@ class Writer:
     @property
     def writable(self) -> bool:
         return self._writable and self.failure is None
+
+    def unwritable(self) -> Unwritable | None:
+        """Why no commit succeeds now, while one has failed and none succeeded since."""
+        if self._writable:
+            return None
+        return Unwritable(
+            for_s=round(time.monotonic() - self._unwritable_since, 1),
+            failed_commits=self._failed_commits,
+            error=self._failure_logged,
+            fs_free_bytes=self._space.failed_free,
+        )
 
     @property
     def in_transaction(self) -> bool:
