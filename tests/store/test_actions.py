@@ -202,14 +202,9 @@ async def test_the_ledger_is_not_read_after_the_store_closed(
     assert not any(t.name == "store-ledger" for t in threading.enumerate())
 
 
-async def test_a_ledger_read_given_up_during_a_long_read_ends_in_its_cancellation(
-    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A caller that gives up while the ledger read still runs (a client gone, a stop)
-    gets its cancellation, not the closing connection's time-out, even when that read
-    outlasts the bound on closing; the read's connection closes once it ends."""
-    store = await open_store()
-    await store.submit([action(clock)])
+def _hold_ledger_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make each ledger read, on its thread, set the first event and then wait for the
+    second (10 s at most) before it reads: a long read, held open as long as a test needs."""
     reading, gate = threading.Event(), threading.Event()
     real = store_reads.ledger
 
@@ -226,6 +221,18 @@ async def test_a_ledger_read_given_up_during_a_long_read_ends_in_its_cancellatio
         return run
 
     monkeypatch.setattr(store_reads, "ledger", held)
+    return reading, gate
+
+
+async def test_a_ledger_read_given_up_during_a_long_read_ends_in_its_cancellation(
+    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller that gives up while the ledger read still runs (a client gone, a stop)
+    gets its cancellation, not the closing connection's time-out, even when that read
+    outlasts the bound on closing; the read's connection closes once it ends."""
+    store = await open_store()
+    await store.submit([action(clock)])
+    reading, gate = _hold_ledger_reads(monkeypatch)
     monkeypatch.setattr(opening, "CONNECTION_CLOSE_S", 0.05)
     ledger = asyncio.ensure_future(store.ledger())
     await wait_until(reading.is_set, 10, "the ledger read under way")
@@ -253,22 +260,7 @@ async def test_a_ledger_read_does_not_hold_up_the_flushers_reads(
     at once, and the ledger still reads what was committed."""
     store = await open_store()
     await store.submit([action(clock) for _ in range(3)])
-    reading, gate = threading.Event(), threading.Event()
-    real = store_reads.ledger
-
-    def held(
-        agent_key: str | None, since: str | None, until: str | None
-    ) -> Callable[[sqlite3.Connection], list[LedgerRow]]:
-        read = real(agent_key, since, until)
-
-        def run(db: sqlite3.Connection) -> list[LedgerRow]:
-            reading.set()
-            gate.wait(10)
-            return read(db)
-
-        return run
-
-    monkeypatch.setattr(store_reads, "ledger", held)
+    reading, gate = _hold_ledger_reads(monkeypatch)
     ledger = asyncio.ensure_future(store.ledger())
     await wait_until(reading.is_set, 10, "the ledger read under way")
     leased = await asyncio.wait_for(store.lease(10, frozenset()), 5)
