@@ -177,20 +177,20 @@ MOVED_ASIDE_MARK: Final = ".corrupt-"
 SQLITE_FULL: Final = 13
 
 
+def _primary_code(exc: BaseException) -> int | None:
+    """SQLite's primary result code of a ``sqlite3`` error (the extended code's low byte)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(exc, sqlite3.Error) and code is not None else None
+
+
 def is_full(exc: BaseException) -> bool:
     """Whether a ``sqlite3`` error says there was no room to write."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF == SQLITE_FULL
+    return _primary_code(exc) == SQLITE_FULL
 
 
 def is_corruption(exc: BaseException) -> bool:
     """Whether a ``sqlite3`` error says the file is damaged."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return (
-        isinstance(exc, sqlite3.DatabaseError)
-        and code is not None
-        and code & 0xFF in _CORRUPT_CODES
-    )
+    return isinstance(exc, sqlite3.DatabaseError) and _primary_code(exc) in _CORRUPT_CODES
 
 
 def integrity_check(conn: sqlite3.Connection, *, quick: bool = False) -> list[str]:

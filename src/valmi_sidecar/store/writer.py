@@ -92,11 +92,11 @@ class Writer:
         # The flusher waits for outcomes to be saved: riders go in the next transaction.
         self._boarding = False
         self._writable = True
-        #: While not writable: since when, the commits failed meanwhile, and the error
-        #: logged (another error is logged again; the same one, only counted).
+        #: While not writable: since when, the commits failed meanwhile, and the last
+        #: error (a different one is logged again; the same one, only counted).
         self._unwritable_since = 0.0
         self._failed_commits = 0
-        self._failure_logged = ""
+        self._last_error = ""
         self.failure: BaseException | None = None
         #: The operations of the transaction in progress.
         self._group: list[Op] = []
@@ -134,7 +134,7 @@ class Writer:
         return Unwritable(
             for_s=round(time.monotonic() - self._unwritable_since, 1),
             failed_commits=self._failed_commits,
-            error=self._failure_logged,
+            error=self._last_error,
             fs_free_bytes=self._space.failed_free,
         )
 
@@ -503,13 +503,13 @@ class Writer:
         if self._writable:
             self._unwritable_since = time.monotonic()
             self._failed_commits = 0
-            self._failure_logged = ""
+            self._last_error = ""
         self._writable = False
         self._failed_commits += 1
-        if str(exc) != self._failure_logged:
+        if str(exc) != self._last_error:
             # Once for each error while it lasts: a full disk fails every request, and a
             # line for each would fill the disk the logs share.
-            self._failure_logged = str(exc)
+            self._last_error = str(exc)
             log.error(
                 "commit_failed",
                 error=str(exc),
