@@ -9,9 +9,16 @@ limit so that it can forward 1,000 events/s) and bare aiohttp (``tools.py bare``
 parses the body, answers 202, stores nothing). Floor and sidecar forward to the project's
 fake API (``valmi-sidecar fake-api``), with the same ``--upstream-concurrency``.
 
-Load points, each measured for every target in turn (floor, sidecar, bare), ``--rounds``
-times, interleaved (round 1: every point for every target; then round 2; ...), so that the
-machine's drift falls on all three alike:
+A fourth target, the control (``floor-again``; ``--no-control`` leaves it out), is the
+floor once more, a process of its own measured as the first: its ratio to the floor is
+what a ratio reads when nothing differs, the run's own noise; a CPU verdict nearer 1.2
+than that noise is marked as within it (docs/PERFORMANCE.md, "The run's own noise").
+
+Load points, each measured for every target in turn, ``--rounds`` times, interleaved
+(round 1: every point for every target; then round 2; ...), each round in another order
+(``round_order``: floor, sidecar, control, bare; then sidecar, bare, floor, control; ...),
+so that the machine's drift falls on all of them alike and no target always runs first or
+right after the same other:
 
 - paced at ``--rates`` (10, 100 and 1,000 events/s in total): wrk with the Lua ``delay``
   of ``run.py`` (one thread, ``--paced-connections`` keep-alive connections), a process of
@@ -53,6 +60,7 @@ sys.path.insert(0, str(HERE))
 
 from floor_stats import (  # noqa: E402 - beside this script
     CLOSED,
+    CONTROL,
     LOOP,
     NAMES,
     TARGETS,
@@ -127,7 +135,7 @@ def target_process(
 ) -> Iterator[tuple[str, int]]:
     """A fresh process and data directory for one measurement: ``(ingest URL, pid)``;
     ``python``, the interpreter's command for the floor and the sidecar."""
-    if target == "floor":
+    if target in ("floor", CONTROL):
         with floor_process(
             run_dir, fake, forwarding=forwarding, concurrency=concurrency, python=python
         ) as x:
@@ -246,6 +254,19 @@ def measure(
     }
 
 
+def round_order(targets: Sequence[str], n: int) -> list[str]:
+    """The order of ``targets`` in round ``n`` (from 0), a Williams design: over a cycle of
+    rounds each target runs once in every place and right after each other target once
+    (with an even number of targets; with an odd number, every second cycle runs the
+    orders backwards), so that no target always runs first or after the same other."""
+    k = len(targets)
+    first = [0]
+    for i in range(1, k):  # 0, 1, k-1, 2, k-2, ...
+        first.append((i + 1) // 2 if i % 2 else k - i // 2)
+    order = [targets[(j + n) % k] for j in first]
+    return order[::-1] if k % 2 and (n // k) % 2 else order
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
@@ -259,6 +280,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="each paced window's load")
     parser.add_argument("--closed-seconds", type=float, default=10.0)
     parser.add_argument("--no-closed", action="store_true", help="paced points only")
+    parser.add_argument(
+        "--no-control",
+        action="store_true",
+        help="measure the floor once a round, not a second time as the run's noise",
+    )
     parser.add_argument("--paced-connections", type=int, default=16)
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--settle-s", type=float, default=0.3)
@@ -286,15 +312,16 @@ def main() -> int:
         for rate in args.rates:
             scripts[str(rate)] = work / f"paced-{rate}.lua"
             scripts[str(rate)].write_text(_PACED_LUA.format(body=BODY.decode(), rate=rate))
+        targets = [*TARGETS] if args.no_control else [*TARGETS, CONTROL]
         for n in range(args.rounds):
             for point in points:
-                for target in TARGETS:
+                for target in round_order(targets, n):
                     run_dir = work / f"{target}-{point}-{n}"
                     run = measure(args, target, point, run_dir, fake, scripts[point])
                     run["round"] = n
                     runs.append(run)
                     print(
-                        f"  round {n + 1} {point:>6} {target:<7} {run['events']:>6,} events "
+                        f"  round {n + 1} {point:>6} {target:<11} {run['events']:>6,} events "
                         f"{run['us_per_event']:>7,.0f} µs/event "
                         f"({run['cpu_pct_of_core']:.1f}% of a core) "
                         f"{run['events_per_s']:>7,.0f} ev/s p50 {run['p50_ms']:.1f} "

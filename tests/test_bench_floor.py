@@ -6,6 +6,7 @@ the rounds' medians, ranges and ratios are what the table says."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib.util
 import json
 import os
@@ -50,6 +51,7 @@ floor = _load("floor")
 stats = _load("floor_stats")
 parts = _load("commit_parts")
 kernel_counts = _load("kernel_counts")
+compare = _load("floor_compare")
 
 
 # -- the body check: the sidecar's, exactly ----------------------------------------------
@@ -438,6 +440,60 @@ def test_the_table_splits_off_the_event_loops_thread_when_the_runs_carry_it() ->
     assert "| of which the event loop's thread, floor / sidecar | 800 µs / 1,100 µs |" in table
     older = stats.markdown(stats.summarize([_run("floor", "100", 0, 1.0)], ["100"]), ["100"], "")
     assert "event loop's thread" not in older  # runs saved before the split was read
+
+
+def test_the_floor_against_itself_tells_a_verdict_from_the_runs_noise() -> None:
+    """At 10 ev/s the floor's second process reads 10% from its first in one round, and
+    the sidecar's 1.20 cannot be told from 1.2; at 100 ev/s the floor reads within 2% of
+    itself, and the sidecar's 1.50 is a miss beyond doubt."""
+    again = stats.CONTROL
+    runs = [
+        _run("floor", "10", 0, 1000.0),
+        _run(again, "10", 0, 1100.0),
+        _run("sidecar", "10", 0, 1250.0),
+        _run("floor", "10", 1, 1000.0),
+        _run(again, "10", 1, 950.0),
+        _run("sidecar", "10", 1, 1150.0),
+        _run("floor", "100", 0, 1000.0),
+        _run(again, "100", 0, 1020.0),
+        _run("sidecar", "100", 0, 1500.0),
+        _run("floor", "100", 1, 1000.0),
+        _run(again, "100", 1, 990.0),
+        _run("sidecar", "100", 1, 1500.0),
+    ]
+    summary = stats.summarize(runs, ["10", "100"])
+    noise_10 = stats.cpu_noise(summary, "10")
+    noise_100 = stats.cpu_noise(summary, "100")
+    assert noise_10 is not None
+    assert noise_100 is not None
+    assert pytest.approx(0.1) == noise_10[0]
+    assert not noise_10[1]
+    assert pytest.approx(0.02) == noise_100[0]
+    assert noise_100[1]
+    table = stats.markdown(summary, ["10", "100"], "header")
+    assert "| ratio floor again / floor (nothing differs: the run's noise) | " in table
+    assert "| CPU per event ≤ 1.2 x the floor's (10 ev/s) | 1.20 (1.15-1.25) | yes, within" in table
+    assert "| CPU per event ≤ 1.2 x the floor's (100 ev/s) | 1.50 | **no** |" in table
+    without = stats.summarize([r for r in runs if r["target"] != again], ["10"])
+    assert stats.cpu_noise(without, "10") is None
+    assert "floor again" not in stats.markdown(without, ["10"], "header")
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_rounds_vary_which_target_runs_first_and_after_which(k: int) -> None:
+    """Over a cycle of rounds (``k``, twice that for an odd ``k``) every target runs once
+    in every place, and right after every other target as often as after any."""
+    targets = [f"t{i}" for i in range(k)]
+    cycle = k if k % 2 == 0 else 2 * k
+    orders = [compare.round_order(targets, n) for n in range(2 * cycle)]
+    assert all(sorted(o) == targets for o in orders)
+    assert orders[:cycle] == orders[cycle:]  # then it repeats
+    for place in range(k):
+        seen = collections.Counter(o[place] for o in orders[:cycle])
+        assert set(seen.values()) == {cycle // k}, (place, seen)
+    followed = collections.Counter((o[i - 1], o[i]) for o in orders[:cycle] for i in range(1, k))
+    assert len(followed) == k * (k - 1)
+    assert len(set(followed.values())) == 1, followed
 
 
 def _run_script(name: str, *args: str) -> str:
