@@ -180,6 +180,10 @@ def summarize(runs: Sequence[Mapping[str, Any]], points: Sequence[str]) -> dict[
     rate = _paired(runs, CLOSED, "sidecar", "bare", "events_per_s")
     if rate is not None:
         ratios["events_per_s_sidecar_over_bare"] = rate.as_dict()
+    # The same for the floor: what the host lets a durable ingest reach at that hour.
+    floor_rate = _paired(runs, CLOSED, "floor", "bare", "events_per_s")
+    if floor_rate is not None:
+        ratios["events_per_s_floor_over_bare"] = floor_rate.as_dict()
     if top is not None:
         p99 = _paired(runs, top, "sidecar", "floor", "p99_ms")
         if p99 is not None:
@@ -283,7 +287,11 @@ def markdown(summary: Mapping[str, Any], points: Sequence[str], header: str) -> 
         lines += ["", f"p50/p99 at {int(top):,} ev/s paced: " + ", ".join(lat) + "."]
     if "events_per_s_sidecar_over_bare" in summary["ratios"]:
         share = _spread(summary["ratios"]["events_per_s_sidecar_over_bare"])
-        lines += ["", f"Closed loop, sidecar events/s ÷ bare aiohttp's: {share.show(2)}."]
+        text = f"Closed loop, sidecar events/s ÷ bare aiohttp's: {share.show(2)}"
+        if "events_per_s_floor_over_bare" in summary["ratios"]:
+            floor_share = _spread(summary["ratios"]["events_per_s_floor_over_bare"])
+            text += f"; the floor's: {floor_share.show(2)}"
+        lines += ["", text + "."]
     lines += ["", "| target | measured | holds |", "| --- | ---: | :---: |"]
     noise = _cpu_noise(summary)
     for (name, value, ok), point in zip(verdicts(summary), _verdict_points(summary), strict=True):

@@ -422,6 +422,7 @@ def test_verdicts_and_table_name_the_issues_targets() -> None:
     ] == stats.verdicts(summary)
     table = stats.markdown(summary, ["1000", "closed"], "header")
     assert "| ratio sidecar / floor | 1.10 | 2.00 |" in table
+    assert "Closed loop, sidecar events/s ÷ bare aiohttp's: 0.80; the floor's: 1.00." in table
     assert "| bare aiohttp, receive only | 70 µs | 50 µs, 20,000 ev/s |" in table
     assert (
         "p50/p99 at 1,000 ev/s paced: floor 0.5/1.0 ms, sidecar 1.5/3.0 ms, bare 0.2/0.5 ms."
