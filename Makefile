@@ -26,7 +26,7 @@ fake-api: $(PY)
 	$(VENV)/bin/valmi-sidecar fake-api
 
 # Ingest, peer queue, forwarding, backlog, footprint, side by side, then `make floor` (about
-# 55 minutes; not in CI). Writes benchmarks/results/bench.{md,json,png} and floor.{md,json}.
+# 50 minutes; not in CI). Writes benchmarks/results/bench.{md,json,png} and floor.{md,json}.
 # Uses wrk when installed (apt-get install wrk).
 bench: $(PY)
 	$(VENV)/bin/pip install --quiet -e '.[bench]'
@@ -35,7 +35,7 @@ bench: $(PY)
 
 # CPU per delivered event against a lean floor (benchmarks/floor.py) and bare aiohttp, paced
 # at 10, 100 and 1,000 events/s and in a closed loop, 3 interleaved rounds, the floor measured
-# twice in each as the run's own noise (about 25 minutes;
+# twice in each as the run's own noise (about 20 minutes;
 # not in CI; needs wrk). Writes benchmarks/results/floor.{md,json}.
 floor: $(PY)
 	$(VENV)/bin/pip install --quiet -e '.[bench]'

@@ -1,6 +1,6 @@
 """``make floor``: CPU per delivered event of the sidecar against a lean floor (issue 19).
 
-    .venv/bin/python benchmarks/floor_compare.py                       # 3 rounds, about 25 min
+    .venv/bin/python benchmarks/floor_compare.py                       # 3 rounds, about 20 min
     .venv/bin/python benchmarks/floor_compare.py --rounds 1 --seconds 10   # a quick look
 
 Three targets, each a fresh process and data directory per measurement: the floor
