@@ -52,6 +52,7 @@ stats = _load("floor_stats")
 parts = _load("commit_parts")
 kernel_counts = _load("kernel_counts")
 compare = _load("floor_compare")
+instructions = _load("instructions")
 
 
 # -- the body check: the sidecar's, exactly ----------------------------------------------
@@ -495,6 +496,88 @@ def test_rounds_vary_which_target_runs_first_and_after_which(k: int) -> None:
     followed = collections.Counter((o[i - 1], o[i]) for o in orders[:cycle] for i in range(1, k))
     assert len(followed) == k * (k - 1)
     assert len(set(followed.values())) == 1, followed
+
+
+# Two threads' dumps of one window as callgrind writes them (format 1, --separate-threads,
+# --compress-strings): names spelled out once, in the first file that uses them.
+_LOOP_DUMP = """version: 1
+creator: callgrind-3.19.0
+pid: 4242
+cmd:  python floor.py
+part: 1
+
+thread: 1
+
+positions: line
+events: Ir
+summary: 1600
+ob=(1) /usr/lib/libpython3.11.so.1.0
+fl=(1) ceval.c
+fn=(1) _PyEval_EvalFrameDefault
+10 500
++2 300
+cob=(2) /usr/lib/x86_64-linux-gnu/libsqlite3.so.0.8.6
+cfl=(2) ???
+cfn=(2) sqlite3_step
+calls=3 0
+12 700
+ob=(2)
+fl=(2)
+fn=(2)
+0 600
+ob=(3) /usr/lib/x86_64-linux-gnu/libc.so.6
+fl=(3) ???
+fn=(3) memset
+* 200
+totals: 1600
+"""
+_WRITER_DUMP = """version: 1
+part: 1
+
+thread: 3
+
+events: Ir
+ob=(2)
+fl=(2)
+fn=(2)
+0 900
+ob=(1)
+fl=(1)
+fn=(1)
+5 100
+totals: 1000
+"""
+
+
+def test_callgrind_dumps_are_read_per_thread_and_shared_object(tmp_path: Path) -> None:
+    """Each cost line counts once, where it is spent: the 700 after ``calls=`` is the
+    callee's (already in its own 600: callgrind's sums are the files' totals), and a name
+    given by id in the writer's file was spelled out in the loop's."""
+    (tmp_path / "floor.callgrind.4242.1-03").write_text(_WRITER_DUMP)
+    (tmp_path / "floor.callgrind.4242.1-01").write_text(_LOOP_DUMP)
+    loop = instructions.parse_dump(_LOOP_DUMP.splitlines())
+    assert 1 == loop.thread
+    assert 1600 == loop.total == sum(loop.by_object.values())
+    assert 800 == loop.by_object["/usr/lib/libpython3.11.so.1.0"]
+    counts = instructions.read_dumps(sorted(tmp_path.iterdir(), reverse=True))
+    assert {
+        "loop": 1600,
+        "others": 1000,
+        "all": 2600,
+        "the interpreter": 900,
+        "SQLite": 1500,
+        "libc": 200,
+    } == counts
+    assert "the rest" == instructions.object_group("/x/_http_parser.cpython-311.so")
+
+
+def test_the_instruction_table_divides_by_events_and_compares_with_the_floor() -> None:
+    floor = {"events": 10, "all": 10_000, "loop": 8_000, "others": 2_000, "SQLite": 1_000}
+    sidecar = {"events": 20, "all": 30_000, "loop": 20_000, "others": 10_000, "SQLite": 6_000}
+    table = instructions.markdown({"floor": floor, "sidecar": sidecar})
+    assert "| floor | 1,000 | 800 | 200 | 0 | 100 | 0 | 0 |" in table
+    assert "| sidecar | 1,500 | 1,000 | 500 | 0 | 300 | 0 | 0 |" in table
+    assert "| sidecar / floor | 1.50 | 1.25 | 2.50 |" in table
 
 
 def _run_script(name: str, *args: str) -> str:

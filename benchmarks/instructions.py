@@ -1,0 +1,206 @@
+"""User-space instructions per delivered event, the sidecar against the lean floor, counted
+by valgrind's callgrind: a count that a shared machine's neighbours do not move (two runs
+of the same code read within a few percent), where CPU times move by a tenth and more.
+
+    .venv/bin/python benchmarks/instructions.py                  # 5 events/s for 30 s
+    .venv/bin/python benchmarks/instructions.py --rate 2 --seconds 60
+
+Needs valgrind (``apt-get install valgrind``); not in CI. Each target
+(``benchmarks/floor.py``, then ``valmi-sidecar run`` with ``durability=full``) runs under
+``valgrind --tool=callgrind --separate-threads=yes --instr-atstart=no`` and forwards to the
+fake API. Callgrind runs the process on its own CPU emulation, tens of times slower, so the
+rate is low (``--rate``, 5 by default): every event is received, committed, sent and
+settled alone, as at 10 and 100 events/s natively. After a warm-up whose deliveries are
+waited for, counting is switched on (``callgrind_control -i on``), events are posted at
+``--rate`` for ``--seconds`` (an httpx client on one keep-alive connection), and once the
+fake API holds every one of them and its count has held still, the counts are dumped
+(``callgrind_control -d``): one file per thread.
+
+Per delivered event: the instructions executed by the event loop's thread (the main
+thread) and by the other threads (SQLite's), and all of them by shared object (the
+interpreter, SQLite, libc, the rest). What the kernel does for the process (its system
+calls, the disk's writes) is not counted here: see ``kernel_counts.py``. Instructions are
+not time (a cold cache makes each dearer at a low rate), but what the sidecar executes
+beyond the floor is counted exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from calls import TARGETS, post_paced  # noqa: E402 - beside this script
+from floor_compare import target_process, wait_delivered  # noqa: E402 - beside this script
+from run import PY, fake_api  # noqa: E402 - beside this script
+
+#: Start-up under callgrind takes seconds, not the tenths of a second of a native start.
+READY_TIMEOUT_S = 300.0
+#: The shared objects named in the table; the rest are summed as one.
+OBJECTS = {"libpython": "the interpreter", "libsqlite3": "SQLite", "libc.": "libc"}
+
+
+@dataclass
+class ThreadCost:
+    """One thread's instructions (``Ir``) in a callgrind dump: its total and its own
+    cost by shared object (a callee's cost counted where it is spent, not at its caller)."""
+
+    thread: int
+    total: int = 0
+    by_object: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+_NAMED = re.compile(r"\((\d+)\)(?: (.*))?")
+
+
+def parse_dump(lines: Iterable[str], names: dict[str, str] | None = None) -> ThreadCost:
+    """Read one callgrind output file (format version 1, with ``--separate-threads=yes``
+    one thread's): its ``thread:`` and ``totals:`` lines, and the self cost of each cost
+    line under the ``ob=`` (object) it belongs to. The line after ``calls=`` is the call's
+    inclusive cost, charged to the callee's own lines: it is skipped. Names may be
+    compressed: ``ob=(3) /lib/x.so`` (or ``cob=``) defines id 3, a later ``ob=(3)`` refers
+    to it, in this file or in a later thread's of the same dump (``names``, shared)."""
+    cost = ThreadCost(thread=0)
+    names = {} if names is None else names
+    obj = "???"
+    after_call = False
+    for raw in lines:
+        line = raw.rstrip("\n")
+        if not line:
+            continue
+        if after_call:
+            after_call = False
+            continue
+        head = line[0]
+        if head.isdigit() or head in "+-*":
+            parts = line.split()
+            if len(parts) >= 2:
+                cost.by_object[obj] += int(parts[1])
+            continue
+        key, _, value = line.partition("=")
+        if key == "ob":
+            obj = _name(value, names)
+        elif key == "cob":
+            _name(value, names)  # a callee's object: named here, charged at its own lines
+        elif key == "calls":
+            after_call = True
+        elif line.startswith("thread:"):
+            cost.thread = int(line.split(":", 1)[1])
+        elif line.startswith("totals:"):
+            cost.total = int(line.split(":", 1)[1].split()[0])
+    return cost
+
+
+def _name(value: str, names: dict[str, str]) -> str:
+    m = _NAMED.fullmatch(value)
+    if m is None:
+        return value
+    ref, name = m.groups()
+    if name is not None:
+        names[ref] = name
+    return names.get(ref, value)
+
+
+def object_group(path: str) -> str:
+    """The row of the table that a shared object's instructions go to."""
+    base = path.rsplit("/", 1)[-1]
+    for prefix, label in OBJECTS.items():
+        if base.startswith(prefix):
+            return label
+    return "the rest"
+
+
+def read_dumps(paths: Iterable[Path]) -> dict[str, int]:
+    """Instructions of one process's threads, from their dump files: ``loop`` (thread 1,
+    the main thread), ``others``, ``all``, and ``all`` by ``object_group``."""
+    out: collections.Counter[str] = collections.Counter()
+    names: dict[str, str] = {}
+    # In thread order: a name is spelled out once, in the first file that needs it.
+    for path in sorted(paths, key=lambda p: int(p.name.rsplit("-", 1)[1])):
+        with path.open() as f:
+            t = parse_dump(f, names)
+        out["loop" if t.thread == 1 else "others"] += t.total
+        out["all"] += t.total
+        for obj, n in t.by_object.items():
+            out[object_group(obj)] += n
+    return dict(out)
+
+
+def _control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=60)
+
+
+def measure(target: str, work: Path, fake: str, args: argparse.Namespace) -> dict[str, int]:
+    out = work / f"{target}.callgrind"
+    valgrind = ("valgrind", "--tool=callgrind", "--separate-threads=yes", "--instr-atstart=no")
+    python = (*valgrind, f"--callgrind-out-file={out}.%p", PY)
+    with target_process(
+        target, work / target, fake, forwarding=True, concurrency=16, python=python
+    ) as (url, pid):
+        warm = post_paced(url, args.rate, args.warmup_s)
+        wait_delivered(fake, warm, args.settle_s, READY_TIMEOUT_S)
+        httpx.post(fake + "/_fake/reset", timeout=30.0)
+        _control("-i", "on", str(pid))
+        acked = post_paced(url, args.rate, args.seconds)
+        events = wait_delivered(fake, acked, args.settle_s, READY_TIMEOUT_S)
+        _control("-d", str(pid))  # part 1: the window, one file per thread
+        _control("-i", "off", str(pid))
+        dumps = sorted(work.glob(f"{out.name}.{pid}.1-*"))
+    if not dumps:
+        raise SystemExit(f"{target}: callgrind wrote no dump of the window under {work}")
+    return {"events": events, **read_dumps(dumps)}
+
+
+def markdown(results: Mapping[str, Mapping[str, int]]) -> str:
+    groups = [*OBJECTS.values(), "the rest"]
+    lines = [
+        "| instructions per delivered event | all | event loop's thread | other threads | "
+        + " | ".join(groups)
+        + " |",
+        "| --- |" + " ---: |" * (3 + len(groups)),
+    ]
+    for target in TARGETS:
+        r = results[target]
+        n = r["events"]
+        cells = [r.get(k, 0) / n for k in ("all", "loop", "others", *groups)]
+        lines.append(f"| {target} | " + " | ".join(f"{c:,.0f}" for c in cells) + " |")
+    ratio = [
+        results["sidecar"].get(k, 0)
+        / results["sidecar"]["events"]
+        / max(results["floor"].get(k, 0) / results["floor"]["events"], 1e-9)
+        for k in ("all", "loop", "others", *groups)
+    ]
+    lines.append("| sidecar / floor | " + " | ".join(f"{q:.2f}" for q in ratio) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rate", type=float, default=5.0, help="events a second")
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--warmup-s", type=float, default=5.0)
+    ap.add_argument("--settle-s", type=float, default=1.0)
+    ap.add_argument("--dir", type=Path, default=HERE, help="where the data directories go")
+    args = ap.parse_args()
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("needs valgrind and callgrind_control (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, fake_api() as fake:
+        results = {t: measure(t, Path(tmp), fake, args) for t in TARGETS}
+    print(f"{args.rate:g} events/s for {args.seconds:g} s (one client), under callgrind:\n")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
