@@ -2,15 +2,18 @@
 by valgrind's callgrind: a count that a shared machine's neighbours do not move (two runs
 of the same code read within a few percent), where CPU times move by a tenth and more.
 
-    .venv/bin/python benchmarks/instructions.py                  # 5 events/s for 30 s
-    .venv/bin/python benchmarks/instructions.py --rate 2 --seconds 60
+    .venv/bin/python benchmarks/instructions.py                  # 10 events/s for 20 s
+    .venv/bin/python benchmarks/instructions.py --rate 5 --seconds 30
 
 Needs valgrind (``apt-get install valgrind``); not in CI. Each target
 (``benchmarks/floor.py``, then ``valmi-sidecar run`` with ``durability=full``) runs under
 ``valgrind --tool=callgrind --separate-threads=yes --instr-atstart=no`` and forwards to the
 fake API. Callgrind runs the process on its own CPU emulation, tens of times slower, so the
-rate is low (``--rate``, 5 by default): every event is received, committed, sent and
-settled alone, as at 10 and 100 events/s natively. After a warm-up whose deliveries are
+rate is low (``--rate``, 10 by default): every event is received, committed and sent alone,
+its delivery recorded in the next event's commit, one commit an event, as at 10 and 100
+events/s natively. The last column says so (``fdatasync`` calls per event): at 5 events/s
+the gap between events is longer than either target waits for a delivery to ride, and
+both commit twice an event. After a warm-up whose deliveries are
 waited for, counting is switched on (``callgrind_control -i on``), events are posted at
 ``--rate`` for ``--seconds`` (an httpx client on one keep-alive connection), and once the
 fake API holds every one of them and its count has held still, the counts are dumped
@@ -60,9 +63,12 @@ class ThreadCost:
     thread: int
     total: int = 0
     by_object: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Calls to ``fdatasync`` and ``fsync``: the commits that reached the disk.
+    syncs: int = 0
 
 
 _NAMED = re.compile(r"\((\d+)\)(?: (.*))?")
+_SYNCS = frozenset({"fdatasync", "fsync"})
 
 
 def parse_dump(lines: Iterable[str], names: dict[str, str] | None = None) -> ThreadCost:
@@ -75,6 +81,7 @@ def parse_dump(lines: Iterable[str], names: dict[str, str] | None = None) -> Thr
     cost = ThreadCost(thread=0)
     names = {} if names is None else names
     obj = "???"
+    callee = ""
     after_call = False
     for raw in lines:
         line = raw.rstrip("\n")
@@ -91,11 +98,17 @@ def parse_dump(lines: Iterable[str], names: dict[str, str] | None = None) -> Thr
             continue
         key, _, value = line.partition("=")
         if key == "ob":
-            obj = _name(value, names)
+            obj = _name("ob", value, names)
         elif key == "cob":
-            _name(value, names)  # a callee's object: named here, charged at its own lines
+            _name("ob", value, names)  # a callee's object: named here, charged at its own lines
+        elif key in ("fn", "cfn"):
+            name = _name("fn", value, names)
+            if key == "cfn":
+                callee = name
         elif key == "calls":
             after_call = True
+            if callee in _SYNCS:
+                cost.syncs += int(value.split()[0])
         elif line.startswith("thread:"):
             cost.thread = int(line.split(":", 1)[1])
         elif line.startswith("totals:"):
@@ -103,14 +116,15 @@ def parse_dump(lines: Iterable[str], names: dict[str, str] | None = None) -> Thr
     return cost
 
 
-def _name(value: str, names: dict[str, str]) -> str:
+def _name(kind: str, value: str, names: dict[str, str]) -> str:
+    """The name ``value`` gives or refers to; objects and functions number apart."""
     m = _NAMED.fullmatch(value)
     if m is None:
         return value
     ref, name = m.groups()
     if name is not None:
-        names[ref] = name
-    return names.get(ref, value)
+        names[kind + ref] = name
+    return names.get(kind + ref, value)
 
 
 def object_group(path: str) -> str:
@@ -124,7 +138,8 @@ def object_group(path: str) -> str:
 
 def read_dumps(paths: Iterable[Path]) -> dict[str, int]:
     """Instructions of one process's threads, from their dump files: ``loop`` (thread 1,
-    the main thread), ``others``, ``all``, and ``all`` by ``object_group``."""
+    the main thread), ``others``, ``all``, and ``all`` by ``object_group``; and ``syncs``,
+    its calls to ``fdatasync`` and ``fsync``."""
     out: collections.Counter[str] = collections.Counter()
     names: dict[str, str] = {}
     # In thread order: a name is spelled out once, in the first file that needs it.
@@ -133,6 +148,7 @@ def read_dumps(paths: Iterable[Path]) -> dict[str, int]:
             t = parse_dump(f, names)
         out["loop" if t.thread == 1 else "others"] += t.total
         out["all"] += t.total
+        out["syncs"] += t.syncs
         for obj, n in t.by_object.items():
             out[object_group(obj)] += n
     return dict(out)
@@ -168,14 +184,18 @@ def markdown(results: Mapping[str, Mapping[str, int]]) -> str:
     lines = [
         "| instructions per delivered event | all | event loop's thread | other threads | "
         + " | ".join(groups)
-        + " |",
-        "| --- |" + " ---: |" * (3 + len(groups)),
+        + " | syncs (commits) |",
+        "| --- |" + " ---: |" * (4 + len(groups)),
     ]
     for target in TARGETS:
         r = results[target]
         n = r["events"]
         cells = [r.get(k, 0) / n for k in ("all", "loop", "others", *groups)]
-        lines.append(f"| {target} | " + " | ".join(f"{c:,.0f}" for c in cells) + " |")
+        lines.append(
+            f"| {target} | "
+            + " | ".join(f"{c:,.0f}" for c in cells)
+            + f" | {r.get('syncs', 0) / n:.2f} |"
+        )
     ratio = [
         results["sidecar"].get(k, 0)
         / results["sidecar"]["events"]
@@ -188,8 +208,8 @@ def markdown(results: Mapping[str, Mapping[str, int]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rate", type=float, default=5.0, help="events a second")
-    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--rate", type=float, default=10.0, help="events a second")
+    ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--warmup-s", type=float, default=5.0)
     ap.add_argument("--settle-s", type=float, default=1.0)
     ap.add_argument("--dir", type=Path, default=HERE, help="where the data directories go")

@@ -545,7 +545,16 @@ ob=(1)
 fl=(1)
 fn=(1)
 5 100
-totals: 1000
+cob=(3)
+cfi=(3)
+cfn=(4) fdatasync
+calls=2 0
+6 10
+ob=(3)
+fl=(3)
+fn=(4)
+0 10
+totals: 1010
 """
 
 
@@ -558,25 +567,29 @@ def test_callgrind_dumps_are_read_per_thread_and_shared_object(tmp_path: Path) -
     loop = instructions.parse_dump(_LOOP_DUMP.splitlines())
     assert 1 == loop.thread
     assert 1600 == loop.total == sum(loop.by_object.values())
+    assert 0 == loop.syncs
     assert 800 == loop.by_object["/usr/lib/libpython3.11.so.1.0"]
     counts = instructions.read_dumps(sorted(tmp_path.iterdir(), reverse=True))
     assert {
         "loop": 1600,
-        "others": 1000,
-        "all": 2600,
+        "others": 1010,
+        "all": 2610,
         "the interpreter": 900,
         "SQLite": 1500,
-        "libc": 200,
+        "libc": 210,
+        "syncs": 2,  # the writer's two calls to fdatasync, named by id in its own file
     } == counts
     assert "the rest" == instructions.object_group("/x/_http_parser.cpython-311.so")
 
 
 def test_the_instruction_table_divides_by_events_and_compares_with_the_floor() -> None:
     floor = {"events": 10, "all": 10_000, "loop": 8_000, "others": 2_000, "SQLite": 1_000}
+    floor["syncs"] = 10
     sidecar = {"events": 20, "all": 30_000, "loop": 20_000, "others": 10_000, "SQLite": 6_000}
+    sidecar["syncs"] = 10
     table = instructions.markdown({"floor": floor, "sidecar": sidecar})
-    assert "| floor | 1,000 | 800 | 200 | 0 | 100 | 0 | 0 |" in table
-    assert "| sidecar | 1,500 | 1,000 | 500 | 0 | 300 | 0 | 0 |" in table
+    assert "| floor | 1,000 | 800 | 200 | 0 | 100 | 0 | 0 | 1.00 |" in table
+    assert "| sidecar | 1,500 | 1,000 | 500 | 0 | 300 | 0 | 0 | 0.50 |" in table
     assert "| sidecar / floor | 1.50 | 1.25 | 2.50 |" in table
 
 
