@@ -4,6 +4,8 @@ of the same code read within a few percent), where CPU times move by a tenth and
 
     .venv/bin/python benchmarks/instructions.py                  # 10 events/s for 20 s
     .venv/bin/python benchmarks/instructions.py --rate 5 --seconds 30
+    cp -r src /tmp/before   # ...change the code, then, old against new:
+    .venv/bin/python benchmarks/instructions.py --also /tmp/before
 
 Needs valgrind (``apt-get install valgrind``); not in CI. Each target
 (``benchmarks/floor.py``, then ``valmi-sidecar run`` with ``durability=full``) runs under
@@ -158,12 +160,30 @@ def _control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=60)
 
 
-def measure(target: str, work: Path, fake: str, args: argparse.Namespace) -> dict[str, int]:
-    out = work / f"{target}.callgrind"
+def command(out: Path, src: Path | None = None) -> tuple[str, ...]:
+    """The interpreter's command under callgrind, its dumps named ``out.<pid>...``; with
+    ``src``, the package imported from there (``PYTHONPATH``). ``env`` goes first: valgrind
+    does not follow an ``exec``, so it must start the interpreter itself."""
     valgrind = ("valgrind", "--tool=callgrind", "--separate-threads=yes", "--instr-atstart=no")
-    python = (*valgrind, f"--callgrind-out-file={out}.%p", PY)
+    env = () if src is None else ("env", f"PYTHONPATH={src}")
+    return (*env, *valgrind, f"--callgrind-out-file={out}.%p", PY)
+
+
+def measure(
+    target: str,
+    work: Path,
+    fake: str,
+    args: argparse.Namespace,
+    *,
+    src: Path | None = None,
+    label: str = "",
+) -> dict[str, int]:
+    """One target's instructions in the window (``src``, ``label``: another source tree's
+    sidecar, and the name of its files under ``work``)."""
+    label = label or target
+    out = work / f"{label}.callgrind"
     with target_process(
-        target, work / target, fake, forwarding=True, concurrency=16, python=python
+        target, work / label, fake, forwarding=True, concurrency=16, python=command(out, src)
     ) as (url, pid):
         warm = post_paced(url, args.rate, args.warmup_s)
         wait_delivered(fake, warm, args.settle_s, READY_TIMEOUT_S)
@@ -187,22 +207,25 @@ def markdown(results: Mapping[str, Mapping[str, int]]) -> str:
         + " | syncs (commits) |",
         "| --- |" + " ---: |" * (4 + len(groups)),
     ]
-    for target in TARGETS:
-        r = results[target]
+    keys = ("all", "loop", "others", *groups)
+    for name, r in results.items():
         n = r["events"]
-        cells = [r.get(k, 0) / n for k in ("all", "loop", "others", *groups)]
+        cells = [r.get(k, 0) / n for k in keys]
         lines.append(
-            f"| {target} | "
+            f"| {name} | "
             + " | ".join(f"{c:,.0f}" for c in cells)
             + f" | {r.get('syncs', 0) / n:.2f} |"
         )
-    ratio = [
-        results["sidecar"].get(k, 0)
-        / results["sidecar"]["events"]
-        / max(results["floor"].get(k, 0) / results["floor"]["events"], 1e-9)
-        for k in ("all", "loop", "others", *groups)
-    ]
-    lines.append("| sidecar / floor | " + " | ".join(f"{q:.2f}" for q in ratio) + " |")
+
+    def ratio(num: str, den: str) -> str:
+        a, b = results[num], results[den]
+        q = [a.get(k, 0) / a["events"] / max(b.get(k, 0) / b["events"], 1e-9) for k in keys]
+        return f"| {num} / {den} | " + " | ".join(f"{x:.2f}" for x in q) + " |"
+
+    for name in results:
+        if name != "floor":
+            lines.append(ratio(name, "floor"))
+    lines += [ratio(name, "sidecar") for name in results if name not in TARGETS]
     return "\n".join(lines)
 
 
@@ -213,11 +236,27 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=5.0)
     ap.add_argument("--settle-s", type=float, default=1.0)
     ap.add_argument("--dir", type=Path, default=HERE, help="where the data directories go")
+    ap.add_argument(
+        "--also",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="SRC",
+        help="also a sidecar whose package is imported from SRC (a directory holding "
+        "valmi_sidecar, e.g. a copy of src/ before a change): old against new",
+    )
     args = ap.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("needs valgrind and callgrind_control (apt-get install valgrind)")
+    for src in args.also:
+        if not (src / "valmi_sidecar").is_dir():
+            raise SystemExit(f"--also {src}: no valmi_sidecar package there (give a copy of src/)")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, fake_api() as fake:
         results = {t: measure(t, Path(tmp), fake, args) for t in TARGETS}
+        for i, src in enumerate(args.also):
+            results[f"sidecar from {src}"] = measure(
+                "sidecar", Path(tmp), fake, args, src=src.resolve(), label=f"also-{i}"
+            )
     print(f"{args.rate:g} events/s for {args.seconds:g} s (one client), under callgrind:\n")
     print(markdown(results))
 

@@ -591,6 +591,23 @@ def test_the_instruction_table_divides_by_events_and_compares_with_the_floor() -
     assert "| floor | 1,000 | 800 | 200 | 0 | 100 | 0 | 0 | 1.00 |" in table
     assert "| sidecar | 1,500 | 1,000 | 500 | 0 | 300 | 0 | 0 | 0.50 |" in table
     assert "| sidecar / floor | 1.50 | 1.25 | 2.50 |" in table
+    before = {"events": 10, "all": 16_000, "loop": 10_000, "others": 6_000, "SQLite": 3_000}
+    ab = instructions.markdown({"floor": floor, "sidecar": sidecar, "sidecar from old": before})
+    assert "| sidecar from old | 1,600 | 1,000 | 600 | 0 | 300 | 0 | 0 | 0.00 |" in ab
+    assert "| sidecar from old / floor | 1.60 |" in ab
+    assert "| sidecar from old / sidecar | 1.07 | 1.00 | 1.20 |" in ab
+
+
+def test_valgrind_starts_the_interpreter_itself(tmp_path: Path) -> None:
+    """valgrind does not follow an exec: ``env`` (for another source tree) must come
+    before it, and the interpreter right after its own options."""
+    plain = instructions.command(tmp_path / "x")
+    assert "valgrind" == plain[0]
+    assert f"--callgrind-out-file={tmp_path / 'x'}.%p" == plain[-2]
+    other = instructions.command(tmp_path / "x", tmp_path / "old")
+    assert ("env", f"PYTHONPATH={tmp_path / 'old'}", "valgrind") == other[:3]
+    assert plain[-1] == other[-1]
+    assert "python" in Path(other[-1]).name
 
 
 def _run_script(name: str, *args: str) -> str:
