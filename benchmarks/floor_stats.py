@@ -257,22 +257,19 @@ def markdown(summary: Mapping[str, Any], points: Sequence[str], header: str) -> 
             out.append(text)
         return f"| {NAMES[target]} | " + " | ".join(out) + " |"
 
-    ratio_cells = []
-    for point in points:
-        d = summary["ratios"]["cpu_sidecar_over_floor"].get(point)
-        ratio_cells.append("" if d is None else _spread(d).show(2))
+    def ratio_row(title: str, by_point: Mapping[str, Any]) -> str:
+        cells_ = [_spread(by_point[p]).show(2) if p in by_point else "" for p in points]
+        return f"| {title} | " + " | ".join(cells_) + " |"
+
     lines += [
         row("floor"),
         row("sidecar"),
-        "| ratio sidecar / floor | " + " | ".join(ratio_cells) + " |",
+        ratio_row("ratio sidecar / floor", summary["ratios"]["cpu_sidecar_over_floor"]),
     ]
     again = summary["ratios"].get("cpu_floor_again_over_floor", {})
     if again:
-        cells_again = [_spread(again[p]).show(2) if p in again else "" for p in points]
         lines.append(
-            "| ratio floor again / floor (nothing differs: the run's noise) | "
-            + " | ".join(cells_again)
-            + " |"
+            ratio_row("ratio floor again / floor (nothing differs: the run's noise)", again)
         )
     loop_row = _loop_row(cells, points)
     if loop_row is not None:
@@ -296,8 +293,11 @@ def markdown(summary: Mapping[str, Any], points: Sequence[str], header: str) -> 
         lines += ["", text + "."]
     lines += ["", "| target | measured | holds |", "| --- | ---: | :---: |"]
     noise = _cpu_noise(summary)
-    for (name, value, ok), point in zip(verdicts(summary), _verdict_points(summary), strict=True):
+    # The CPU ratios' rows come first in ``verdicts``, in the order of their points.
+    cpu_points = list(summary["ratios"]["cpu_sidecar_over_floor"])
+    for i, (name, value, ok) in enumerate(verdicts(summary)):
         held = "yes" if ok else "**no**"
+        point = cpu_points[i] if i < len(cpu_points) else None
         if point in noise and not noise[point][1]:
             held += ", within the noise"
         lines.append(f"| {name} | {value} | {held} |")
@@ -315,14 +315,6 @@ def markdown(summary: Mapping[str, Any], points: Sequence[str], header: str) -> 
 
 def _where(point: str) -> str:
     return "closed loop" if point == CLOSED else f"{int(point):,} ev/s"
-
-
-def _verdict_points(summary: Mapping[str, Any]) -> list[str | None]:
-    """The load point of each of ``verdicts``' rows (``None``: not a CPU ratio's)."""
-    ratios = summary["ratios"]
-    out: list[str | None] = list(ratios["cpu_sidecar_over_floor"])
-    out += [None] * (len(verdicts(summary)) - len(out))
-    return out
 
 
 def cpu_noise(summary: Mapping[str, Any], point: str) -> tuple[float, bool] | None:

@@ -51,8 +51,9 @@ from calls import TARGETS, post_paced  # noqa: E402 - beside this script
 from floor_compare import target_process, wait_delivered  # noqa: E402 - beside this script
 from run import PY, fake_api  # noqa: E402 - beside this script
 
-#: Start-up under callgrind takes seconds, not the tenths of a second of a native start.
-READY_TIMEOUT_S = 300.0
+#: How long the fake API may wait for a window's deliveries: under callgrind a process runs
+#: tens of times slower than natively.
+DELIVERY_TIMEOUT_S = 300.0
 #: The shared objects named in the table; the rest are summed as one.
 OBJECTS = {"libpython": "the interpreter", "libsqlite3": "SQLite", "libc.": "libc"}
 
@@ -186,11 +187,11 @@ def measure(
         target, work / label, fake, forwarding=True, concurrency=16, python=command(out, src)
     ) as (url, pid):
         warm = post_paced(url, args.rate, args.warmup_s)
-        wait_delivered(fake, warm, args.settle_s, READY_TIMEOUT_S)
+        wait_delivered(fake, warm, args.settle_s, DELIVERY_TIMEOUT_S)
         httpx.post(fake + "/_fake/reset", timeout=30.0)
         _control("-i", "on", str(pid))
         acked = post_paced(url, args.rate, args.seconds)
-        events = wait_delivered(fake, acked, args.settle_s, READY_TIMEOUT_S)
+        events = wait_delivered(fake, acked, args.settle_s, DELIVERY_TIMEOUT_S)
         _control("-d", str(pid))  # part 1: the window, one file per thread
         _control("-i", "off", str(pid))
         dumps = sorted(work.glob(f"{out.name}.{pid}.1-*"))
