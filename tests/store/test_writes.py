@@ -241,11 +241,19 @@ async def test_a_group_of_any_size_stores_every_event_and_key(
     accepted = await asyncio.gather(*(store.submit([e]) for e in events))
     assert commits + 1 == store.commits  # all n in one group, so in len(row_chunks(n)) rows
     assert [[e.id] for e in events] == [[a.id for a in acc] for acc in accepted]
-    stored = rows(store, "SELECT seq, id, idem_key, body FROM events ORDER BY seq")
-    assert [(e.id, e.idem_key, e.body) for e in events] == [r[1:] for r in stored]
+    fields = ", ".join(sql.EVENT_FIELDS)
+    stored = rows(store, f"SELECT seq, {fields}, typeof(body) FROM events ORDER BY seq")
+    # Every field in its column; the body a blob (bound as a bytearray, read as bytes).
+    assert [(*(getattr(e, f) for f in sql.EVENT_FIELDS), "blob") for e in events] == [
+        r[1:] for r in stored
+    ]
     assert list(range(stored[0][0], stored[0][0] + n)) == [r[0] for r in stored]
-    keys = rows(store, f"SELECT idem_key, {sql.KEY_ID}, fingerprint FROM keys ORDER BY idem_key")
-    assert sorted((e.idem_key, e.id, e.fingerprint) for e in events) == keys
+    keys = rows(
+        store,
+        f"SELECT idem_key, {sql.KEY_ID}, fingerprint, typeof(fingerprint) FROM keys"
+        " ORDER BY idem_key",
+    )
+    assert sorted((e.idem_key, e.id, e.fingerprint, "blob") for e in events) == keys
     again = await asyncio.gather(*(store.submit([e]) for e in events if e.idem_key != e.id))
     assert all(acc[0].duplicate for acc in again)
     assert n == store.counts().queued

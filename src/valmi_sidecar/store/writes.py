@@ -8,7 +8,6 @@ to the mirror of the committed state (``mirror.Mirror``) and the disk (``space.S
 
 from __future__ import annotations
 
-import operator
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,6 @@ from .sql import (
     BUMP_COUNTER,
     DELETE_EVENT,
     DELETE_EVENTS,
-    EVENT_FIELDS,
     EVENT_ROW_VALUES,
     GROUP_WRITE,
     GROUP_WRITE_COLUMNS,
@@ -299,8 +297,27 @@ def _dedupe(
     return accepted, mine, new, dups
 
 
-#: A new event's values in ``INSERT_EVENT`` order, after ``seq`` and ``size``.
-_event_values: Final = operator.attrgetter(*EVENT_FIELDS)
+# Python's ``sqlite3`` binds an int, a float, a str and a bytearray as they are, but runs
+# its adaptation protocol for any other type, ``bytes`` included: a tuple, a dictionary
+# lookup and two failed attribute lookups, one of which formats an AttributeError's
+# message, all with the GIL held (about 0.5 µs a value, against 0.07 to copy a 280-byte
+# body). So the blobs the writer binds for each event, its body and its fingerprint, go
+# as bytearrays; SQLite stores the same blob either way.
+def _event_values(e: NewEvent) -> tuple[Any, ...]:
+    """A new event's values in ``INSERT_EVENT`` order (``EVENT_FIELDS``), after ``seq``
+    and ``size``, its body as a bytearray."""
+    return (
+        e.id,
+        e.idem_key,
+        e.kind,
+        bytearray(e.body),
+        e.agent_key,
+        e.event_type,
+        e.value,
+        e.received_at,
+        e.created_at,
+    )
+
 
 #: A group of at least this many submissions (and nothing else to write) is written in
 #: one call to SQLite (``GROUP_WRITE``), not one per table. Python's ``sqlite3`` lets go
@@ -349,7 +366,7 @@ def _one_call(db: sqlite3.Connection, plan: Plan) -> bool:
         return False
     values: list[Any] = []
     for seq, e in plan.fresh:
-        values += (0, seq, len(e.body), *_event_values(e), e.fingerprint, *_NO_LEDGER)
+        values += (0, seq, len(e.body), *_event_values(e), bytearray(e.fingerprint), *_NO_LEDGER)
     for (agent_key, kind, event_type, day), deltas in plan.ledger.items():
         row: list[Any] = [0] * _GROUP_WRITE_WIDTH
         row[0] = 1
@@ -384,7 +401,8 @@ def _write_and_commit(db: sqlite3.Connection, plan: Plan, *, one_call: bool) -> 
         return
     if plan.fresh:
         keys = [
-            (e.idem_key, e.id, e.fingerprint, e.created_at, e.received_at) for _, e in plan.fresh
+            (e.idem_key, e.id, bytearray(e.fingerprint), e.created_at, e.received_at)
+            for _, e in plan.fresh
         ]
         _insert_rows(db, INSERT_KEY, KEY_ROW_VALUES, keys)
         rows = [(seq, len(e.body), *_event_values(e)) for seq, e in plan.fresh]
