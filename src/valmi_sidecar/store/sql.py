@@ -95,13 +95,14 @@ _EVENT_COLUMNS: Final = ("seq", "size", *EVENT_FIELDS)
 _INSERT_EVENT: Final = f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)})"
 INSERT_EVENT: Final = _INSERT_EVENT + " VALUES {rows}"
 EVENT_ROW_VALUES: Final = len(EVENT_FIELDS) + 2
-#: A large group's new events, their keys and its ledger rows in one statement: an
-#: ``INSERT`` of ``GROUP_WRITE_COLUMNS`` rows into a TEMP view whose INSTEAD OF triggers
-#: write them (``GROUP_WRITE_VIEW``, made on the writer's connection when it opens; TEMP,
-#: so nothing of it is stored in the file). ``op`` 0 is a new event with its key row
-#: (written as ``INSERT_KEY`` and ``INSERT_EVENT`` write them), 1 a ledger row (as
-#: ``UPSERT_LEDGER_ROWS``), any other nothing: a row that pads the statement to its size.
-GROUP_WRITE_COLUMNS: Final = ("op", *_EVENT_COLUMNS, "fingerprint", *_LEDGER_COLUMNS[3:])
+#: A large group's new events and their keys in one statement: an ``INSERT`` of
+#: ``GROUP_WRITE_COLUMNS`` rows into a TEMP view whose INSTEAD OF trigger writes them
+#: (``GROUP_WRITE_VIEW``, made on the writer's connection when it opens; TEMP, so nothing
+#: of it is stored in the file). ``op`` 0 is a new event with its key row (written as
+#: ``INSERT_KEY`` and ``INSERT_EVENT`` write them), any other nothing: a row that pads the
+#: statement to its size. Only a group with nothing else to write takes it, so it has no
+#: ledger rows: the ledger counts an event once it is settled (schema version 5).
+GROUP_WRITE_COLUMNS: Final = ("op", *_EVENT_COLUMNS, "fingerprint")
 
 
 def _new(columns: tuple[str, ...]) -> str:
@@ -119,12 +120,6 @@ GROUP_WRITE_VIEW: Final = (
     + _INSERT_EVENT
     + " VALUES "
     + _new(_EVENT_COLUMNS)
-    + "; END;\nCREATE TEMP TRIGGER IF NOT EXISTS group_write_ledger INSTEAD OF INSERT ON"
-    " group_write WHEN NEW.op = 1 BEGIN "
-    + _INSERT_LEDGER
-    + " VALUES "
-    + _new(_LEDGER_COLUMNS)
-    + LEDGER_ADD
     + "; END;"
 )
 GROUP_WRITE: Final = (

@@ -329,20 +329,16 @@ def _event_values(e: NewEvent) -> tuple[Any, ...]:
 #: the loop is what limits. A quiet sidecar's groups, and a batch (one submission of
 #: many events, little work on the loop), keep the statements.
 ONE_CALL_MIN_SUBMITS: Final = 8
-#: Rows (events and ledger rows) of one such call at most: a larger group, which only a
-#: backlog of waiting requests makes, is written as statements.
+#: Events of one such call at most: a larger group, which only a backlog of waiting
+#: requests makes, is written as statements.
 ONE_CALL_MAX_ROWS: Final = 1024
 _GROUP_WRITE_WIDTH: Final = len(GROUP_WRITE_COLUMNS)
-#: Each column's place in a ``GROUP_WRITE`` row.
-_GW: Final = {name: i for i, name in enumerate(GROUP_WRITE_COLUMNS)}
-#: ``op`` of a row that no trigger writes (``sql.GROUP_WRITE``).
-_PAD_OP: Final = 2
-# The columns a row's trigger does not read are bound as 0, not NULL: Python's
-# ``sqlite3`` looks for an adapter for every ``None`` it binds (a tuple, a dictionary
-# lookup and two attribute lookups, with the GIL held), for an int it does not.
-#: A padding row: ``op`` 2, so no trigger writes it.
+#: ``op`` of a row that the trigger does not write (``sql.GROUP_WRITE``).
+_PAD_OP: Final = 1
+# A padding row's other columns are bound as 0, not NULL: Python's ``sqlite3`` looks for
+# an adapter for every ``None`` it binds (see ``_event_values``), for an int it does not.
+#: A padding row, which writes nothing.
 _PAD_ROW: Final[tuple[int, ...]] = (_PAD_OP,) + (0,) * (_GROUP_WRITE_WIDTH - 1)
-_NO_LEDGER: Final[tuple[int, ...]] = (0,) * (_GROUP_WRITE_WIDTH - _GW["day"])
 
 
 def prepare_group_writes(db: sqlite3.Connection) -> None:
@@ -354,29 +350,20 @@ def prepare_group_writes(db: sqlite3.Connection) -> None:
 
 
 def _one_call(db: sqlite3.Connection, plan: Plan) -> bool:
-    """Write the group's events, keys and ledger in one statement and commit, when it
-    writes nothing else; else leave it to the statements (``False``)."""
-    rows = len(plan.fresh) + len(plan.ledger)
+    """Write the group's events and keys in one statement and commit, when it writes
+    nothing else; else leave it to the statements (``False``)."""
+    rows = len(plan.fresh)
     if (
         not plan.fresh
         or rows > ONE_CALL_MAX_ROWS
         or plan.duplicates
+        or plan.ledger  # settlements counted (and written: the next condition)
         or db.in_transaction  # settlements were written: the statements' transaction
     ):
         return False
     values: list[Any] = []
     for seq, e in plan.fresh:
-        values += (0, seq, len(e.body), *_event_values(e), bytearray(e.fingerprint), *_NO_LEDGER)
-    for (agent_key, kind, event_type, day), deltas in plan.ledger.items():
-        row: list[Any] = [0] * _GROUP_WRITE_WIDTH
-        row[0] = 1
-        row[_GW["agent_key"]], row[_GW["kind"]], row[_GW["event_type"]] = (
-            agent_key,
-            kind,
-            event_type,
-        )
-        row[_GW["day"] :] = (day, *deltas)
-        values += row
+        values += (0, seq, len(e.body), *_event_values(e), bytearray(e.fingerprint))
     # Padded to a multiple of 8 rows: each size is a statement of its own, prepared once
     # and cached (``opening._WRITER_CACHED_STATEMENTS``); 8 keeps the padding small.
     size = -(-rows // 8) * 8
