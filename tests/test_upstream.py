@@ -281,6 +281,7 @@ def test_other_client_exceptions_pause_and_never_dead_letter(exc: Exception) -> 
     [
         ("evt_key_1", None),
         ("k\tk", None),  # a tab is allowed in a header value
+        ("clé-ü", None),  # printable, not ASCII: sent UTF-8 encoded
         ("k\r\nX-Injected: 1", "control character"),
         ("k\x00", "control character"),
         ("k\x7f", "control character"),

@@ -271,7 +271,8 @@ async def _read_json_body(request: web.Request) -> bytes:
     # The declared type was checked by the guard, before the route.
     settings = request.app[SETTINGS]
     limit = settings.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
+    declared = request.content_length  # parsed from the header on every read
+    if declared is not None and declared > limit:
         raise too_large(limit)
     try:
         if request.content.is_eof():
