@@ -6,6 +6,7 @@ of the same code read within a few percent), where CPU times move by a tenth and
     .venv/bin/python benchmarks/instructions.py --rate 5 --seconds 30
     cp -r src /tmp/before   # ...change the code, then, old against new:
     .venv/bin/python benchmarks/instructions.py --also /tmp/before
+    .venv/bin/python benchmarks/instructions.py --closed 20      # a closed loop, 20 s
 
 Needs valgrind (``apt-get install valgrind``); not in CI. Each target
 (``benchmarks/floor.py``, then ``valmi-sidecar run`` with ``durability=full``) runs under
@@ -20,6 +21,13 @@ waited for, counting is switched on (``callgrind_control -i on``), events are po
 ``--rate`` for ``--seconds`` (an httpx client on one keep-alive connection), and once the
 fake API holds every one of them and its count has held still, the counts are dumped
 (``callgrind_control -d``): one file per thread.
+
+``--closed SECONDS`` counts a closed loop instead, ingest only, as ``make floor``'s last
+point: both targets start without an API key (neither forwards), wrk keeps 64
+connections busy for that long (about 300 requests a second under callgrind, so the
+writer commits groups of 20 to 40 events, as natively), and the counts are per
+acknowledged request. There the sidecar writes large groups through its one-call path,
+and what its writer's thread does with the GIL held is what the event loop waits for.
 
 Per delivered event: the instructions executed by the event loop's thread (the main
 thread) and by the other threads (SQLite's), and all of them by shared object (the
@@ -48,12 +56,23 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from calls import TARGETS, post_paced  # noqa: E402 - beside this script
-from floor_compare import target_process, wait_delivered  # noqa: E402 - beside this script
-from run import PY, fake_api  # noqa: E402 - beside this script
+from floor_compare import (  # noqa: E402 - beside this script
+    CLOSED_CONNECTIONS,
+    acknowledged,
+    target_process,
+    wait_delivered,
+)
+from run import PY, fake_api, wrk  # noqa: E402 - beside this script
+from tools import BODY  # noqa: E402 - beside this script
 
 #: How long the fake API may wait for a window's deliveries: under callgrind a process runs
 #: tens of times slower than natively.
 DELIVERY_TIMEOUT_S = 300.0
+#: wrk's script for the closed loop: the benchmarks' body, back to back.
+CLOSED_LUA = """wrk.method = "POST"
+wrk.body = [[{body}]]
+wrk.headers["Content-Type"] = "application/json"
+"""
 #: The shared objects named in the table; the rest are summed as one.
 OBJECTS = {"libpython": "the interpreter", "libsqlite3": "SQLite", "libc.": "libc"}
 
@@ -183,15 +202,23 @@ def measure(
     sidecar, and the name of its files under ``work``)."""
     label = label or target
     out = work / f"{label}.callgrind"
+    closed = args.closed is not None
     with target_process(
-        target, work / label, fake, forwarding=True, concurrency=16, python=command(out, src)
+        target, work / label, fake, forwarding=not closed, concurrency=16, python=command(out, src)
     ) as (url, pid):
-        warm = post_paced(url, args.rate, args.warmup_s)
-        wait_delivered(fake, warm, args.settle_s, DELIVERY_TIMEOUT_S)
-        httpx.post(fake + "/_fake/reset", timeout=30.0)
-        _control("-i", "on", str(pid))
-        acked = post_paced(url, args.rate, args.seconds)
-        events = wait_delivered(fake, acked, args.settle_s, DELIVERY_TIMEOUT_S)
+        if closed:
+            script = work / "closed.lua"
+            script.write_text(CLOSED_LUA.format(body=BODY.decode()))
+            wrk(url, CLOSED_CONNECTIONS, args.warmup_s, script)
+            _control("-i", "on", str(pid))
+            events = acknowledged(wrk(url, CLOSED_CONNECTIONS, args.closed, script))
+        else:
+            warm = post_paced(url, args.rate, args.warmup_s)
+            wait_delivered(fake, warm, args.settle_s, DELIVERY_TIMEOUT_S)
+            httpx.post(fake + "/_fake/reset", timeout=30.0)
+            _control("-i", "on", str(pid))
+            acked = post_paced(url, args.rate, args.seconds)
+            events = wait_delivered(fake, acked, args.settle_s, DELIVERY_TIMEOUT_S)
         _control("-d", str(pid))  # part 1: the window, one file per thread
         _control("-i", "off", str(pid))
         dumps = sorted(work.glob(f"{out.name}.{pid}.1-*"))
@@ -200,10 +227,10 @@ def measure(
     return {"events": events, **read_dumps(dumps)}
 
 
-def markdown(results: Mapping[str, Mapping[str, int]]) -> str:
+def markdown(results: Mapping[str, Mapping[str, int]], per: str = "delivered event") -> str:
     groups = [*OBJECTS.values(), "the rest"]
     lines = [
-        "| instructions per delivered event | all | event loop's thread | other threads | "
+        f"| instructions per {per} | all | event loop's thread | other threads | "
         + " | ".join(groups)
         + " | syncs (commits) |",
         "| --- |" + " ---: |" * (4 + len(groups)),
@@ -236,6 +263,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--warmup-s", type=float, default=5.0)
     ap.add_argument("--settle-s", type=float, default=1.0)
+    ap.add_argument(
+        "--closed",
+        type=float,
+        metavar="SECONDS",
+        help="count a closed loop of 64 connections for SECONDS instead, ingest only "
+        "(needs wrk): per acknowledged request",
+    )
     ap.add_argument("--dir", type=Path, default=HERE, help="where the data directories go")
     ap.add_argument(
         "--also",
@@ -249,6 +283,8 @@ def main() -> None:
     args = ap.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("needs valgrind and callgrind_control (apt-get install valgrind)")
+    if args.closed is not None and shutil.which("wrk") is None:
+        raise SystemExit("--closed needs wrk (apt-get install wrk)")
     for src in args.also:
         if not (src / "valmi_sidecar").is_dir():
             raise SystemExit(f"--also {src}: no valmi_sidecar package there (give a copy of src/)")
@@ -258,6 +294,13 @@ def main() -> None:
             results[f"sidecar from {src}"] = measure(
                 "sidecar", Path(tmp), fake, args, src=src.resolve(), label=f"also-{i}"
             )
+    if args.closed is not None:
+        print(
+            f"A closed loop of {CLOSED_CONNECTIONS} connections for {args.closed:g} s, ingest"
+            " only, under callgrind:\n"
+        )
+        print(markdown(results, "acknowledged request"))
+        return
     print(f"{args.rate:g} events/s for {args.seconds:g} s (one client), under callgrind:\n")
     print(markdown(results))
 

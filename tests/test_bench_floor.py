@@ -596,6 +596,18 @@ def test_the_instruction_table_divides_by_events_and_compares_with_the_floor() -
     assert "| sidecar from old | 1,600 | 1,000 | 600 | 0 | 300 | 0 | 0 | 0.00 |" in ab
     assert "| sidecar from old / floor | 1.60 |" in ab
     assert "| sidecar from old / sidecar | 1.07 | 1.00 | 1.20 |" in ab
+    closed = instructions.markdown({"floor": floor, "sidecar": sidecar}, "acknowledged request")
+    assert closed.startswith("| instructions per acknowledged request | all |")
+    assert "| sidecar / floor | 1.50 | 1.25 | 2.50 |" in closed
+
+
+def test_the_closed_loop_script_posts_the_benchmarks_body() -> None:
+    """``--closed`` drives wrk with a script of its own: a POST of the same JSON body as
+    every other measurement, declared JSON (else the guard answers 415, nothing stored)."""
+    script = instructions.CLOSED_LUA.format(body=instructions.BODY.decode())
+    assert 'wrk.method = "POST"' in script
+    assert f"wrk.body = [[{instructions.BODY.decode()}]]" in script
+    assert 'wrk.headers["Content-Type"] = "application/json"' in script
 
 
 def test_valgrind_starts_the_interpreter_itself(tmp_path: Path) -> None:
