@@ -62,17 +62,12 @@ from floor_compare import (  # noqa: E402 - beside this script
     target_process,
     wait_delivered,
 )
-from run import PY, fake_api, wrk  # noqa: E402 - beside this script
+from run import _WRK_LUA, PY, fake_api, wrk  # noqa: E402 - beside this script
 from tools import BODY  # noqa: E402 - beside this script
 
 #: How long the fake API may wait for a window's deliveries: under callgrind a process runs
 #: tens of times slower than natively.
 DELIVERY_TIMEOUT_S = 300.0
-#: wrk's script for the closed loop: the benchmarks' body, back to back.
-CLOSED_LUA = """wrk.method = "POST"
-wrk.body = [[{body}]]
-wrk.headers["Content-Type"] = "application/json"
-"""
 #: The shared objects named in the table; the rest are summed as one.
 OBJECTS = {"libpython": "the interpreter", "libsqlite3": "SQLite", "libc.": "libc"}
 
@@ -208,7 +203,7 @@ def measure(
     ) as (url, pid):
         if closed:
             script = work / "closed.lua"
-            script.write_text(CLOSED_LUA.format(body=BODY.decode()))
+            script.write_text(_WRK_LUA.format(body=BODY.decode()))  # floor_compare's closed loop
             wrk(url, CLOSED_CONNECTIONS, args.warmup_s, script)
             _control("-i", "on", str(pid))
             events = acknowledged(wrk(url, CLOSED_CONNECTIONS, args.closed, script))

@@ -601,15 +601,6 @@ def test_the_instruction_table_divides_by_events_and_compares_with_the_floor() -
     assert "| sidecar / floor | 1.50 | 1.25 | 2.50 |" in closed
 
 
-def test_the_closed_loop_script_posts_the_benchmarks_body() -> None:
-    """``--closed`` drives wrk with a script of its own: a POST of the same JSON body as
-    every other measurement, declared JSON (else the guard answers 415, nothing stored)."""
-    script = instructions.CLOSED_LUA.format(body=instructions.BODY.decode())
-    assert 'wrk.method = "POST"' in script
-    assert f"wrk.body = [[{instructions.BODY.decode()}]]" in script
-    assert 'wrk.headers["Content-Type"] = "application/json"' in script
-
-
 def test_valgrind_starts_the_interpreter_itself(tmp_path: Path) -> None:
     """valgrind does not follow an exec: ``env`` (for another source tree) must come
     before it, and the interpreter right after its own options."""
