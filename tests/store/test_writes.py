@@ -234,19 +234,29 @@ async def test_a_group_of_any_size_stores_every_event_and_key(
     """A small group's rows go in multi-row statements, several when it passes a chunk; a
     large one's in one statement through the TEMP view, and one past ``ONE_CALL_MAX_ROWS``
     in statements again: every event is stored once, in order, with its key (a client's
-    key or the sidecar's)."""
+    key or the sidecar's), an action's missing value as NULL and an outcome's as given."""
     store = await open_store()
-    events = [action(clock, key=f"key-{i}" if i % 2 else None) for i in range(n)]
+    # Actions with the sidecar's key and with a client's, and outcomes.
+    kinds = [
+        lambda i: action(clock),
+        lambda i: outcome(clock, i / 4, key=f"key-{i}"),
+        lambda i: action(clock, key=f"key-{i}"),
+    ]
+    events = [kinds[i % 3](i) for i in range(n)]
     commits = store.commits
     accepted = await asyncio.gather(*(store.submit([e]) for e in events))
     assert commits + 1 == store.commits  # all n in one group, so in len(row_chunks(n)) rows
     assert [[e.id] for e in events] == [[a.id for a in acc] for acc in accepted]
     fields = ", ".join(sql.EVENT_FIELDS)
-    stored = rows(store, f"SELECT seq, {fields}, typeof(body) FROM events ORDER BY seq")
-    # Every field in its column; the body a blob (bound as a bytearray, read as bytes).
-    assert [(*(getattr(e, f) for f in sql.EVENT_FIELDS), "blob") for e in events] == [
-        r[1:] for r in stored
-    ]
+    stored = rows(
+        store, f"SELECT seq, {fields}, typeof(body), typeof(value) FROM events ORDER BY seq"
+    )
+    # Every field in its column; the body a blob (bound as a bytearray, read as bytes), no
+    # value a NULL (bound as a NaN).
+    assert [
+        (*(getattr(e, f) for f in sql.EVENT_FIELDS), "blob", "null" if e.value is None else "real")
+        for e in events
+    ] == [r[1:] for r in stored]
     assert list(range(stored[0][0], stored[0][0] + n)) == [r[0] for r in stored]
     keys = rows(
         store,

@@ -8,6 +8,7 @@ to the mirror of the committed state (``mirror.Mirror``) and the disk (``space.S
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -302,10 +303,14 @@ def _dedupe(
 # lookup and two failed attribute lookups, one of which formats an AttributeError's
 # message, all with the GIL held (about 0.5 µs a value, against 0.07 to copy a 280-byte
 # body). So the blobs the writer binds for each event, its body and its fingerprint, go
-# as bytearrays; SQLite stores the same blob either way.
+# as bytearrays; SQLite stores the same blob either way. An action has no value: ``None``
+# goes through the same protocol, so it is bound as a NaN, which SQLite stores as NULL
+# (it keeps no NaN: binding one binds NULL). No event's value is a NaN (``events``
+# refuses a value that is not finite), so the two cannot be confused.
 def _event_values(e: NewEvent) -> tuple[Any, ...]:
     """A new event's values in ``INSERT_EVENT`` order (``EVENT_FIELDS``), after ``seq``
-    and ``size``, its body as a bytearray."""
+    and ``size``, its body as a bytearray and no value as a NaN."""
+    value = e.value
     return (
         e.id,
         e.idem_key,
@@ -313,10 +318,14 @@ def _event_values(e: NewEvent) -> tuple[Any, ...]:
         bytearray(e.body),
         e.agent_key,
         e.event_type,
-        e.value,
+        _NO_VALUE if value is None else value,
         e.received_at,
         e.created_at,
     )
+
+
+#: What an event without a value binds: SQLite stores a NaN as NULL.
+_NO_VALUE: Final = math.nan
 
 
 #: A group of at least this many submissions (and nothing else to write) is written in
