@@ -29,7 +29,8 @@ RESULT: dict[str, Any] = json.loads((BENCH / "results" / "bench.json").read_text
 
 
 def _verdict(result: dict[str, Any], start: str) -> tuple[str, str, bool]:
-    (found,) = [v for v in run.verdicts(result) if v[0].startswith(start)]
+    verdicts: list[tuple[str, str, bool]] = run.verdicts(result)
+    (found,) = [v for v in verdicts if v[0].startswith(start)]
     return found
 
 
