@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -34,6 +36,20 @@ if TYPE_CHECKING:
 
 #: The fake API's default key (valmi_sidecar.fake_api.DEFAULT_KEY).
 DEFAULT_KEY = "sk_test_fake"
+#: The benchmarks' scripts: not a package, so their helpers are loaded by path to be tested.
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_bench(name: str) -> ModuleType:
+    """A module of ``benchmarks/``, loaded once under the name ``bench_<name>``."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
 
 ACTION: dict[str, Any] = {
     "agent_key": "agent_abc123xyz",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import importlib.util
 import json
 import os
 import signal
@@ -18,7 +17,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -30,29 +28,17 @@ from valmi_sidecar import events
 from valmi_sidecar.events import ValidationError, parse_one
 from valmi_sidecar.fake_api import FakeValmi
 
-from .conftest import ACTION, DEFAULT_KEY, OUTCOME, wait_until
+from .conftest import ACTION, BENCH, DEFAULT_KEY, OUTCOME, load_bench, wait_until
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 NOW = 1_765_000_000.25
 
 
-def _load(name: str) -> ModuleType:
-    """A module of ``benchmarks/`` (scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-floor = _load("floor")
-stats = _load("floor_stats")
-parts = _load("commit_parts")
-kernel_counts = _load("kernel_counts")
-compare = _load("floor_compare")
-instructions = _load("instructions")
+floor = load_bench("floor")
+stats = load_bench("floor_stats")
+parts = load_bench("commit_parts")
+kernel_counts = load_bench("kernel_counts")
+compare = load_bench("floor_compare")
+instructions = load_bench("instructions")
 
 
 # -- the body check: the sidecar's, exactly ----------------------------------------------

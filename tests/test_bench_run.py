@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from .conftest import BENCH, load_bench
 
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _load("run")
+run = load_bench("run")
 #: A whole result as ``make bench`` writes it, whose backlog points the tests replace.
 RESULT: dict[str, Any] = json.loads((BENCH / "results" / "bench.json").read_text())
 
