@@ -105,7 +105,7 @@ _HTTP_CODES: Final = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def guarded(handler: Handler, *, token: bool, routed: bool = True) -> Handler:
+def guarded(app: web.Application, handler: Handler, *, token: bool, routed: bool = True) -> Handler:
     """``handler`` behind the local-only guard and the one error shape; with ``token``,
     behind the ingest token too when one is set. Every route is added through it
     (``add_get``, ``add_post``; checked when the application starts).
@@ -119,11 +119,12 @@ def guarded(handler: Handler, *, token: bool, routed: bool = True) -> Handler:
 
     A wrapper around each route, not an aiohttp middleware: aiohttp runs an application's
     middlewares through two more coroutines and a chain of calls on every request, and
-    every event pays them (docs/PERFORMANCE.md, "The guard around each route")."""
+    every event pays them (docs/PERFORMANCE.md, "The guard around each route"). The
+    application's policy is read once, here: it is set before any route is added, and
+    nothing replaces it (a reload changes the ingest token's value, not the policy)."""
+    policy = app[POLICY]
 
     async def guard(request: web.Request) -> web.StreamResponse:
-        app = request.app
-        policy = app[POLICY]
         headers = request.headers
         method = request.method
         refusal = policy.refusal(method, headers, routed=routed)
@@ -140,7 +141,7 @@ def guarded(handler: Handler, *, token: bool, routed: bool = True) -> Handler:
             response.headers["Access-Control-Max-Age"] = str(_CORS_MAX_AGE_S)
         else:
             try:
-                if token and app[TOKEN].secret is not None:
+                if token and request.app[TOKEN].secret is not None:
                     check_token(request)
                 response = await handler(request)
             except Exception as exc:  # noqa: BLE001 - every failure is rendered, see _error_response
@@ -168,7 +169,7 @@ def add_post(app: web.Application, path: str, handler: Handler) -> None:
 def _guard_route(app: web.Application, path: str, handler: Handler) -> Handler:
     # Every route under /v1/ (ingest, status, the operator's) takes the token: a route
     # added there is guarded without asking.
-    route = guarded(handler, token=TOKEN in app and path.startswith("/v1/"))
+    route = guarded(app, handler, token=TOKEN in app and path.startswith("/v1/"))
     app[GUARDED].add(route)
     return route
 
@@ -192,7 +193,7 @@ def _add_fallback(app: web.Application, handler: Handler, *, routed: bool) -> No
     """Send what no route takes to ``handler``, behind the guard (without the token: a
     404 or a proxied request, whose own server checks it); and check, when the
     application starts, that every route is behind the guard."""
-    route = guarded(handler, token=False, routed=routed)
+    route = guarded(app, handler, token=False, routed=routed)
     app[GUARDED].add(route)
     # A catch-all resource is tried after every other: aiohttp walks a path's prefixes
     # from the longest, and this one's is "/".
@@ -258,7 +259,11 @@ def check_token(request: web.Request) -> None:
 
 
 def check_accepting(request: web.Request) -> None:
-    if request.app[LIFECYCLE].draining:
+    _check_accepting(request.app[LIFECYCLE])
+
+
+def _check_accepting(lifecycle: Lifecycle) -> None:
+    if lifecycle.draining:
         raise ApiError(
             503,
             "shutting_down",
@@ -267,9 +272,8 @@ def check_accepting(request: web.Request) -> None:
         )
 
 
-async def _read_json_body(request: web.Request) -> bytes:
+async def _read_json_body(request: web.Request, settings: Settings) -> bytes:
     # The declared type was checked by the guard, before the route.
-    settings = request.app[SETTINGS]
     limit = settings.max_body_bytes
     declared = request.content_length  # parsed from the header on every read
     if declared is not None and declared > limit:
@@ -334,15 +338,16 @@ def _ingest_one(kind: Kind) -> Handler:
     guard's, ``_store`` written out in it."""
 
     async def ingest(request: web.Request) -> web.Response:
-        check_accepting(request)
-        raw = await _read_json_body(request)
+        app = request.app  # a property that calls two more: read once
+        _check_accepting(app[LIFECYCLE])
+        raw = await _read_json_body(request, app[SETTINGS])
         key = _idempotency_key(request)
         try:
             event = events.parse_one(kind, raw, idem_key=key)
         except ValidationError as exc:
             raise _refuse(exc) from exc
         try:
-            (accepted,) = await request.app[INGEST].submit_soon([event])
+            (accepted,) = await app[INGEST].submit_soon([event])
         except (StoreError, IdempotencyConflictError) as exc:
             raise store_api_error(request, exc, ingest=True) from exc
         headers = {"Idempotent-Replayed": "true"} if accepted.duplicate else None
@@ -358,7 +363,7 @@ post_outcome: Final = _ingest_one("outcome")
 
 async def post_batch(request: web.Request) -> web.Response:
     check_accepting(request)
-    raw = await _read_json_body(request)
+    raw = await _read_json_body(request, request.app[SETTINGS])
     key = _idempotency_key(request)
     try:
         batch = events.parse_batch(raw, idem_key=key)
