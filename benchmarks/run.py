@@ -588,40 +588,48 @@ def empty_queue(args: argparse.Namespace, work: Path, script: Path, fake: str) -
     return out
 
 
-def ingest_more(
-    args: argparse.Namespace,
-    work: Path,
-    script: Path,
-    fake: str,
-    data: Path,
-    point: dict[str, Any],
-    first: dict[str, float],
+def backlog_ingest(
+    args: argparse.Namespace, data: Path, script: Path, fake: str, point: dict[str, Any]
+) -> dict[str, Any]:
+    """Ingest at 64 connections on top of the backlog in ``data``, a sidecar started for
+    it: its start-up (the first time) and its resident memory's peak go in ``point``."""
+    side = Sidecar(data, fake)
+    try:
+        point.setdefault("ready_s", side.ready_s)
+        point.setdefault("rss_ready_mib", rss_mib(side.proc.pid))
+        with RssSampler(side.proc.pid) as rss:
+            result = load(side.url + "/v1/actions", 64, args.seconds, script)
+        point["rss_ingest_max_mib"] = max(point.get("rss_ingest_max_mib", 0.0), rss.max_mib)
+        return result
+    finally:
+        side.stop()
+        httpx.post(fake + "/_fake/reset", timeout=10.0)
+
+
+def ingest_rounds_measured(
+    args: argparse.Namespace, work: Path, script: Path, fake: str, data: Path, point: dict[str, Any]
 ) -> list[dict[str, float]]:
-    """A backlog point's ingest rounds: ``first`` (the empty queue's window, then the
-    backlog's), and ``--rounds`` in all, the order alternating; each round's share of the
-    empty queue's events/s is the backlog's against its own round's (one window each
-    swings by more than the 10% the target allows on a shared machine)."""
-    rounds = [first]
-    for r in range(1, args.rounds):
+    """A backlog point's ingest in ``--rounds`` rounds, the backlog's window and a fresh
+    empty queue's in alternating order, the first round's empty queue the one ``point``
+    holds; each round's share is the backlog's events/s against its own round's empty
+    queue (one window each swings by more than the 10% the target allows on a shared
+    machine). The first backlog window is ``point["ingest"]``."""
+    rounds = []
+    for r in range(args.rounds):
         rates: dict[str, float] = {}
         for which in ("backlog", "empty") if r % 2 else ("empty", "backlog"):
-            if which == "empty":
+            if which == "backlog":
+                result = backlog_ingest(args, data, script, fake, point)
+                point.setdefault("ingest", result)
+            elif r == 0:
+                result = point["empty"]["ingest"]
+            else:
                 run = work / f"empty-{time.monotonic_ns()}"
-                rates[which] = empty_ingest(args, run, script, fake)["events_per_s"]
+                result = empty_ingest(args, run, script, fake)
                 shutil.rmtree(run, ignore_errors=True)
-                continue
-            side = Sidecar(data, fake)
-            try:
-                with RssSampler(side.proc.pid) as rss:
-                    rates[which] = load(side.url + "/v1/actions", 64, args.seconds, script)[
-                        "events_per_s"
-                    ]
-                point["rss_ingest_max_mib"] = max(point["rss_ingest_max_mib"], rss.max_mib)
-            finally:
-                side.stop()
-            httpx.post(fake + "/_fake/reset", timeout=10.0)
-        rounds.append(rates)
-    return [{**x, "share": x["backlog"] / x["empty"]} for x in rounds]
+            rates[which] = result["events_per_s"]
+        rounds.append({**rates, "share": rates["backlog"] / rates["empty"]})
+    return rounds
 
 
 def backlog(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any]:
@@ -633,23 +641,12 @@ def backlog(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any
             empty = empty_queue(args, work, script, fake)
             built = tool("prefill", "--data-dir", str(data), "-n", str(target - queued))
             queued = int(built["queued"])
-            side = Sidecar(data, fake)
             point: dict[str, Any] = {
                 "backlog": queued,
                 "prefill_s": built["elapsed_s"],
                 "empty": empty,
             }
-            try:
-                point |= {"ready_s": side.ready_s, "rss_ready_mib": rss_mib(side.proc.pid)}
-                with RssSampler(side.proc.pid) as rss:
-                    point["ingest"] = load(side.url + "/v1/actions", 64, args.seconds, script)
-                point["rss_ingest_max_mib"] = rss.max_mib
-            finally:
-                side.stop()
-            httpx.post(fake + "/_fake/reset", timeout=10.0)
-            first = {"empty": empty["ingest"]["events_per_s"]}
-            first["backlog"] = point["ingest"]["events_per_s"]
-            point["ingest_rounds"] = ingest_more(args, work, script, fake, data, point, first)
+            point["ingest_rounds"] = ingest_rounds_measured(args, work, script, fake, data, point)
             side = Sidecar(data, fake, rate_limit_per_min=UNLIMITED_PER_MIN)
             try:
                 with RssSampler(side.proc.pid) as rss:
@@ -921,8 +918,8 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{b['ready_s']:.2f} / {b['rss_ready_mib']:.0f}, {b['rss_ingest_max_mib']:.0f}, {b['rss_drain_max_mib']:.0f} |"
             )
             rounds = ingest_rounds(b)
-            backlog_in = Spread.of(x["backlog"] for x in rounds).median
-            empty_in = Spread.of(x["empty"] for x in rounds).median
+            backlog_in = statistics.median(x["backlog"] for x in rounds)
+            empty_in = statistics.median(x["empty"] for x in rounds)
             lines.append(
                 f"| backlog {b['backlog']:,}: ingest @64 (median of {len(rounds)} rounds) /"
                 f" drain, events/s | {backlog_in:,.0f} / {b['drain']['events_per_s']:,.0f} |"
