@@ -120,9 +120,11 @@ def guarded(app: web.Application, handler: Handler, *, token: bool, routed: bool
     A wrapper around each route, not an aiohttp middleware: aiohttp runs an application's
     middlewares through two more coroutines and a chain of calls on every request, and
     every event pays them (docs/PERFORMANCE.md, "The guard around each route"). The
-    application's policy is read once, here: it is set before any route is added, and
-    nothing replaces it (a reload changes the ingest token's value, not the policy)."""
+    application's policy and ingest token are read once, here: both are set before any
+    route is added, and nothing replaces them (a reload changes the token's value, in
+    place, not the policy)."""
     policy = app[POLICY]
+    holder = app[TOKEN] if token else None
 
     async def guard(request: web.Request) -> web.StreamResponse:
         headers = request.headers
@@ -141,8 +143,9 @@ def guarded(app: web.Application, handler: Handler, *, token: bool, routed: bool
             response.headers["Access-Control-Max-Age"] = str(_CORS_MAX_AGE_S)
         else:
             try:
-                if token and request.app[TOKEN].secret is not None:
-                    check_token(request)
+                secret = holder.secret if holder is not None else None
+                if secret is not None:
+                    check_token(secret, request)
                 response = await handler(request)
             except Exception as exc:  # noqa: BLE001 - every failure is rendered, see _error_response
                 response = _error_response(request, exc)
@@ -242,11 +245,10 @@ def _count_refusal(request: web.Request, code: str) -> None:
         refused[code] = refused.get(code, 0) + 1
 
 
-def check_token(request: web.Request) -> None:
-    """Refuse the request (401) unless it carries the ingest token, when one is set."""
-    token = request.app[TOKEN].secret
-    if token is None:
-        return  # An agent's own Authorization header (its Valmi key) is ignored.
+def check_token(token: Secret, request: web.Request) -> None:
+    """Refuse the request (401) unless it carries ``token``, the ingest token set. (An
+    agent's own Authorization header, its Valmi key, is ignored when none is set: the
+    guard calls this only when one is.)"""
     given = request.headers.get("Authorization", "")
     scheme, _, value = given.partition(" ")
     expected = token.reveal().encode()
@@ -333,14 +335,18 @@ def _refuse(exc: ValidationError) -> ApiError:
     )
 
 
-def _ingest_one(kind: Kind) -> Handler:
-    """The route of one event of ``kind``. Every event takes it: one coroutine under the
-    guard's, ``_store`` written out in it."""
+def _ingest_one(app: web.Application, kind: Kind) -> Handler:
+    """The route of one event of ``kind`` in ``app``. Every event takes it: one coroutine
+    under the guard's, ``_store`` written out in it. The lifecycle and the settings are
+    read once, here (both are set before any route is added, and nothing replaces them);
+    the store is read from ``app`` on each request, as it is set only when the
+    application starts."""
+    lifecycle = app[LIFECYCLE]
+    settings = app[SETTINGS]
 
     async def ingest(request: web.Request) -> web.Response:
-        app = request.app  # a property that calls two more: read once
-        _check_accepting(app[LIFECYCLE])
-        raw = await _read_json_body(request, app[SETTINGS])
+        _check_accepting(lifecycle)
+        raw = await _read_json_body(request, settings)
         key = _idempotency_key(request)
         try:
             event = events.parse_one(kind, raw, idem_key=key)
@@ -355,10 +361,6 @@ def _ingest_one(kind: Kind) -> Handler:
         return web.Response(status=202, body=_encode(body), content_type=_JSON, headers=headers)
 
     return ingest
-
-
-post_action: Final = _ingest_one("action")
-post_outcome: Final = _ingest_one("outcome")
 
 
 async def post_batch(request: web.Request) -> web.Response:
@@ -454,8 +456,8 @@ def ingest_app(
 
 
 def add_ingest_routes(app: web.Application) -> None:
-    add_post(app, "/v1/actions", post_action)
-    add_post(app, "/v1/outcomes", post_outcome)
+    add_post(app, "/v1/actions", _ingest_one(app, "action"))
+    add_post(app, "/v1/outcomes", _ingest_one(app, "outcome"))
     add_post(app, "/v1/batch", post_batch)
 
 

@@ -346,6 +346,11 @@ class Store:
         """What ``submit`` does, without a task: the future resolves after the commit (or
         with the same errors). For callers that submit many at once (the ingest workers'
         channel); raises ``StoreError`` at once if the store is closing or stopped."""
+        if events and not self._closing and self._writer.failure is None:
+            # ``_submit_future`` written out for the usual case: every event takes it.
+            future: asyncio.Future[list[Accepted]] = asyncio.get_running_loop().create_future()
+            self._writer.enqueue(Submit(events, future))
+            return future
         return self._submit_future(events)
 
     def _submit_future(

@@ -110,9 +110,8 @@ class Writer:
         self._late_lock = threading.Lock()
         self._late_open = False
         #: The events and body bytes of the group ``_take_group`` took last, with ``_late``:
-        #: what joining counts against the group's bounds.
-        self._late_events = 0
-        self._late_bytes = 0
+        #: what joining counts against the group's bounds; and its submissions (``_dispatch``).
+        self._late_events = self._late_bytes = self._taken_submits = 0
         #: The wake-up for riders waiting for company, or for the next probe.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -153,7 +152,7 @@ class Writer:
         return len(self._pending) + len(self._riders)
 
     def enqueue(self, op: Op) -> None:
-        if _rides(op):
+        if type(op) is Settle and op.ride_until > 0:  # ``_rides``, written out: every event
             self._riders.append(op)
             if self._timer is not None and self._timer_at <= op.ride_until and not self._boarding:
                 # The wake-up set for the riders before it comes first: nothing to decide
@@ -369,33 +368,40 @@ class Writer:
                     group.append(rider)
                     n += len(rider.settlements)
             self._boarding = False
+        submits = 0
         while pending and n < MAX_GROUP_EVENTS:
             op = pending[0]
-            if isinstance(op, SOLO):
-                if group:
-                    break
-                pending.popleft()
-                if not op.future.done():
-                    return [op]
-                continue
-            if isinstance(op, Submit):
+            if type(op) is Submit:  # nearly every operation: asked first
                 size = 0
                 for e in op.events:
                     size += len(e.body)
                 if group and body_bytes + size > self._space.budget.group_body_bytes:
                     break
-            else:
-                size = 0
+                pending.popleft()
+                if op.future.done():
+                    continue  # cancelled by its caller: not stored, nobody waits for it
+                group.append(op)
+                body_bytes += size
+                n += len(op.events)
+                submits += 1
+                continue
+            if isinstance(op, SOLO):
+                if group:
+                    break
+                pending.popleft()
+                if not op.future.done():
+                    self._taken_submits = 0
+                    return [op]
+                continue
+            assert isinstance(op, Settle)
             pending.popleft()
-            if op.future.done():
-                continue  # cancelled by its caller: not stored, nobody waits for it
-            assert isinstance(op, Submit | Settle)
-            group.append(op)
-            body_bytes += size
-            n += len(op.events) if isinstance(op, Submit) else len(op.settlements)
+            if not op.future.done():
+                group.append(op)
+                n += len(op.settlements)
         # What submissions that join this group count against its bounds (``_join_late``).
         self._late_events = n
         self._late_bytes = body_bytes
+        self._taken_submits = submits
         return group
 
     def _riders_gather(self) -> bool:
@@ -451,10 +457,7 @@ class Writer:
             # Many submissions at once: requests came in while the last commit ran, so the
             # loop is busy. Hand the thread the GIL now rather than when the loop runs dry.
             # (The group is written in one call to SQLite then, ``writes.ONE_CALL_MIN_SUBMITS``.)
-            hand_over = (
-                len(group) >= ONE_CALL_MIN_SUBMITS
-                and sum(isinstance(op, Submit) for op in group) >= ONE_CALL_MIN_SUBMITS
-            )
+            hand_over = self._taken_submits >= ONE_CALL_MIN_SUBMITS
             self.conn.submit(fn, functools.partial(self._done, group, started), hand_over=hand_over)
         except BaseException:
             # Never written: back in line, to be failed as pending.
@@ -700,8 +703,14 @@ def _rides(op: Op) -> TypeGuard[Settle]:
 
 def _resolve_all(plan: Plan) -> None:
     for op, result in plan.results:
-        if not op.future.done():
-            _resolve(op, result)
+        # ``_resolve``, written out: every event's operation is resolved here.
+        future = op.future
+        if future.done():
+            continue
+        if isinstance(result, Fail):
+            future.set_exception(result.error)
+        else:
+            future.set_result(result)
 
 
 def _resolve(op: Op, result: Any) -> None:
