@@ -278,6 +278,8 @@ class Receiver:
     def __init__(self, writer: Writer, senders: Senders | None) -> None:
         self._writer = writer
         self._senders = senders
+        # Held, as the sidecar's store holds it: asking for it makes a system call.
+        self._loop = asyncio.get_running_loop()
 
     def committed(
         self, group: list[tuple[Event, asyncio.Future[None]]], error: BaseException | None
@@ -316,7 +318,7 @@ class Receiver:
             details = [p.as_dict() for p in exc.problems]
             return _refusal(400, "invalid_request", str(exc), details)
         event_id = new_event_id(now)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = self._loop.create_future()
         self._writer.submit(Event(kind, key if key is not None else event_id, body), future)
         try:
             await future

@@ -85,6 +85,9 @@ class Store:
         self._data_dir = data_dir
         self._path = data_dir / DB_NAME
         self._lock_fd: int | None = lock_fd
+        # Opened on the loop that uses it. Held, not asked for each submission: asking
+        # (``asyncio.get_running_loop``) makes a ``getpid`` system call every time.
+        self._loop = asyncio.get_running_loop()
         self._reader = conns.reader
         self._ledger_lock = asyncio.Lock()
         self._clock = options.clock
@@ -348,7 +351,7 @@ class Store:
         channel); raises ``StoreError`` at once if the store is closing or stopped."""
         if events and not self._closing and self._writer.failure is None:
             # ``_submit_future`` written out for the usual case: every event takes it.
-            future: asyncio.Future[list[Accepted]] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[list[Accepted]] = self._loop.create_future()
             self._writer.enqueue(Submit(events, future))
             return future
         return self._submit_future(events)
@@ -480,7 +483,7 @@ class Store:
             raise StoreError("the store is closing")
         if self._writer.failure is not None:
             raise StoreError(f"the store's writer stopped: {self._writer.failure!r}")
-        return asyncio.get_running_loop().create_future()
+        return self._loop.create_future()
 
     @property
     def writer_connection(self) -> SqliteThread:
