@@ -261,35 +261,47 @@ def check_token(token: Secret, request: web.Request) -> None:
 
 
 def check_accepting(request: web.Request) -> None:
-    _check_accepting(request.app[LIFECYCLE])
+    if request.app[LIFECYCLE].draining:
+        raise _draining()
 
 
-def _check_accepting(lifecycle: Lifecycle) -> None:
-    if lifecycle.draining:
-        raise ApiError(
-            503,
-            "shutting_down",
-            "the sidecar is shutting down; retry shortly (events already accepted are kept)",
-            retry_after_s=RETRY_AFTER_DRAINING_S,
-        )
+def _draining() -> ApiError:
+    return ApiError(
+        503,
+        "shutting_down",
+        "the sidecar is shutting down; retry shortly (events already accepted are kept)",
+        retry_after_s=RETRY_AFTER_DRAINING_S,
+    )
 
 
-async def _read_json_body(request: web.Request, settings: Settings) -> bytes:
-    # The declared type was checked by the guard, before the route.
-    limit = settings.max_body_bytes
+def _body_at_hand(request: web.Request, limit: int) -> bytes | None:
+    """The body when it came whole with the headers (the usual case), taken as it lies in
+    the buffer; else ``None``: ``_read_json_body`` waits for it. The declared type was
+    checked by the guard, before the route."""
     declared = request.content_length  # parsed from the header on every read
     if declared is not None and declared > limit:
         raise too_large(limit)
+    content = request.content
+    if not content.is_eof():
+        return None
     try:
-        if request.content.is_eof():
-            # The whole body came with the headers (the usual case): take it as it lies in
-            # the buffer. Without a Content-Length (chunked) nothing was checked yet.
-            raw = request.content.read_nowait()
-            if len(raw) > limit:
-                raise too_large(limit)
-            return raw
+        raw = content.read_nowait()
+    except (ConnectionError, ClientPayloadError) as exc:
+        raise _incomplete() from exc
+    # Without a Content-Length (chunked) nothing was checked yet.
+    if len(raw) > limit:
+        raise too_large(limit)
+    return raw
+
+
+async def _read_json_body(request: web.Request, settings: Settings) -> bytes:
+    """The body within ``max_body_bytes``, waited for at most ``client_timeout_s``."""
+    raw = _body_at_hand(request, settings.max_body_bytes)
+    if raw is not None:
+        return raw
+    try:
         async with asyncio.timeout(settings.client_timeout_s):
-            return await request.read()
+            raw = await request.read()
     except TimeoutError:
         # A client trickling its body holds only its own connection, and not for long.
         raise ApiError(
@@ -298,16 +310,17 @@ async def _read_json_body(request: web.Request, settings: Settings) -> bytes:
             f"the body did not arrive within {settings.client_timeout_s:g} s; send it at once",
         ) from None
     except (ConnectionError, ClientPayloadError) as exc:
-        # The client closed before the whole body arrived: nothing to store or answer.
-        raise ApiError(
-            400, "incomplete_body", "the connection ended before the whole body arrived"
-        ) from exc
+        raise _incomplete() from exc
+    return raw  # within client_max_size, which aiohttp's read enforces
 
 
-def _idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
+def _incomplete() -> ApiError:
+    # The client closed before the whole body arrived: nothing to store or answer.
+    return ApiError(400, "incomplete_body", "the connection ended before the whole body arrived")
+
+
+def _idempotency_key(key: str) -> str:
+    """``key``, the ``Idempotency-Key`` header given, when it is a valid key."""
     problem = events.check_idempotency_key(key)
     if problem is not None:
         raise ApiError(
@@ -344,10 +357,18 @@ def _ingest_one(app: web.Application, kind: Kind) -> Handler:
     lifecycle = app[LIFECYCLE]
     settings = app[SETTINGS]
 
+    limit = settings.max_body_bytes
+
     async def ingest(request: web.Request) -> web.Response:
-        _check_accepting(lifecycle)
-        raw = await _read_json_body(request, settings)
-        key = _idempotency_key(request)
+        if lifecycle.draining:
+            raise _draining()
+        # The body at hand (the usual case) is taken without a coroutine to wait for it.
+        raw = _body_at_hand(request, limit)
+        if raw is None:
+            raw = await _read_json_body(request, settings)
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            key = _idempotency_key(key)
         try:
             event = events.parse_one(kind, raw, idem_key=key)
         except ValidationError as exc:
@@ -366,7 +387,9 @@ def _ingest_one(app: web.Application, kind: Kind) -> Handler:
 async def post_batch(request: web.Request) -> web.Response:
     check_accepting(request)
     raw = await _read_json_body(request, request.app[SETTINGS])
-    key = _idempotency_key(request)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        key = _idempotency_key(key)
     try:
         batch = events.parse_batch(raw, idem_key=key)
     except ValidationError as exc:
