@@ -201,6 +201,39 @@ async def test_a_chunked_body_arriving_with_its_headers_is_stored_whole(
     assert json.loads(raw) == json.loads(stored)
 
 
+async def test_a_body_arriving_in_pieces_after_its_headers_is_awaited_and_stored_whole(
+    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+) -> None:
+    """The route takes a body already at hand without waiting; one still on its way (here
+    in three pieces, 0.1 s apart, after the headers) is awaited and stored whole."""
+    sidecar, url = await sidecar_factory()
+    raw = json.dumps({**ACTION, "timestamp": "2026-01-15T10:30:00Z"}).encode()
+    head = (
+        "POST /v1/actions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(raw)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        third = -(-len(raw) // 3)
+        for start in range(0, len(raw), third):
+            await writer.drain()
+            await asyncio.sleep(0.1)  # pacing the client, not waiting for a result
+            writer.write(raw[start : start + third])
+        answer = await asyncio.wait_for(reader.read(), 10.0)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status_line, _, payload = answer.partition(b"\r\n\r\n")
+    assert 202 == int(status_line.split()[1]), payload
+    event_id = json.loads(payload)["id"]
+    assert sidecar.store is not None
+    with sqlite3.connect(sidecar.store.path) as db:
+        (stored,) = db.execute("SELECT body FROM events WHERE id = ?", (event_id,)).fetchone()
+    assert json.loads(raw) == json.loads(stored)
+
+
 async def test_a_chunked_body_over_the_limit_arriving_at_once_is_refused_413(
     sidecar_factory: SidecarFactory, client: httpx.AsyncClient
 ) -> None:
