@@ -159,13 +159,19 @@ async def test_body_over_the_limit_without_content_length_is_refused_413(
     assert "payload_too_large" == error_of(resp)["code"]
 
 
-async def raw_exchange(url: str, request: bytes) -> tuple[int, dict[str, Any]]:
-    """Write ``request`` in one piece on a new connection; the status and JSON body of the
-    answer (the request asks the server to close after it)."""
+async def raw_exchange(
+    url: str, request: bytes, *later: bytes, gap_s: float = 0.1
+) -> tuple[int, dict[str, Any]]:
+    """Write ``request`` on a new connection, then each of ``later`` ``gap_s`` apart; the
+    status and JSON body of the answer (the request asks the server to close after it)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
         writer.write(request)
+        for piece in later:
+            await writer.drain()
+            await asyncio.sleep(gap_s)  # pacing the client, not waiting for a result
+            writer.write(piece)
         answer = await asyncio.wait_for(reader.read(), 10.0)
     finally:
         writer.close()
@@ -202,7 +208,7 @@ async def test_a_chunked_body_arriving_with_its_headers_is_stored_whole(
 
 
 async def test_a_body_arriving_in_pieces_after_its_headers_is_awaited_and_stored_whole(
-    sidecar_factory: SidecarFactory, client: httpx.AsyncClient
+    sidecar_factory: SidecarFactory,
 ) -> None:
     """The route takes a body already at hand without waiting; one still on its way (here
     in three pieces, 0.1 s apart, after the headers) is awaited and stored whole."""
@@ -212,25 +218,13 @@ async def test_a_body_arriving_in_pieces_after_its_headers_is_awaited_and_stored
         "POST /v1/actions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(raw)}\r\nConnection: close\r\n\r\n"
     ).encode()
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(head)
-        third = -(-len(raw) // 3)
-        for start in range(0, len(raw), third):
-            await writer.drain()
-            await asyncio.sleep(0.1)  # pacing the client, not waiting for a result
-            writer.write(raw[start : start + third])
-        answer = await asyncio.wait_for(reader.read(), 10.0)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    status_line, _, payload = answer.partition(b"\r\n\r\n")
-    assert 202 == int(status_line.split()[1]), payload
-    event_id = json.loads(payload)["id"]
+    third = -(-len(raw) // 3)
+    pieces = [raw[i : i + third] for i in range(0, len(raw), third)]
+    status, payload = await raw_exchange(url, head, *pieces)
+    assert 202 == status, payload
     assert sidecar.store is not None
     with sqlite3.connect(sidecar.store.path) as db:
-        (stored,) = db.execute("SELECT body FROM events WHERE id = ?", (event_id,)).fetchone()
+        (stored,) = db.execute("SELECT body FROM events WHERE id = ?", (payload["id"],)).fetchone()
     assert json.loads(raw) == json.loads(stored)
 
 
