@@ -12,6 +12,7 @@ from valmi_sidecar.events import parse_batch, parse_one
 from valmi_sidecar.store import (
     Accepted,
     DeadLetter,
+    DeadLetterFilter,
     Delivered,
     IdempotencyConflictError,
     ReadOnlyDatabase,
@@ -22,7 +23,7 @@ from valmi_sidecar.store import (
     writes,
 )
 
-from .conftest import DAY, Clock, OpenStore, action, outcome, rows
+from .conftest import DAY, Clock, OpenStore, action, dead_letter, outcome, rows
 
 
 async def test_duplicate_returns_original_and_stores_nothing(
@@ -315,21 +316,25 @@ async def test_a_large_group_stores_the_rows_the_statements_store(
         else outcome(clock, value=i / 4, key=f"out-{i}" if i % 5 == 0 else None)
         for i in range(40)
     ]
+    # The first commit of a file reserves seqs (``writes.SEQ_RESERVE``), which takes the
+    # statements: one event first, in both files, so that the group after it is one call.
+    first = action(clock)
     one_by_one = await open_store(tmp_path / "small")
-    for e in events:
+    for e in [first, *events]:
         await one_by_one.submit([e])
     together = await open_store(tmp_path / "large")
+    await together.submit([first])
     commits = together.commits
     await asyncio.gather(*(together.submit([e]) for e in events))
     assert commits + 1 == together.commits  # one group of 40 submissions: one call
     assert _stored(one_by_one) == _stored(together)
-    assert 40 == together.counts().queued == one_by_one.counts().queued
+    assert 41 == together.counts().queued == one_by_one.counts().queued
     # The keys de-duplicate after a reopen as before it.
     await together.close()
     reopened = await open_store(tmp_path / "large")
     again = await asyncio.gather(*(reopened.submit([e]) for e in events if e.idem_key != e.id))
     assert all(acc[0].duplicate for acc in again)
-    assert (40, len(again)) == (reopened.counts().queued, reopened.counts().duplicates)
+    assert (41, len(again)) == (reopened.counts().queued, reopened.counts().duplicates)
 
 
 async def test_a_large_group_that_does_not_fit_stores_nothing(
@@ -354,3 +359,92 @@ async def test_a_large_group_that_does_not_fit_stores_nothing(
     await wait_until(lambda: store.writable, 10, "the writer's probe to find room again")
     await asyncio.gather(*(store.submit([e]) for e in events))
     assert 41 == store.counts().queued
+
+
+def _last_commit_pages(wal: Path) -> set[int]:
+    """The pages the WAL's last commit wrote: its frames after the commit before it."""
+    data = wal.read_bytes()
+    page_size = int.from_bytes(data[8:12], "big")
+    salts = data[16:24]
+    pages: list[int] = []
+    last: set[int] = set()
+    at = 32
+    while at + 24 + page_size <= len(data) and data[at + 8 : at + 16] == salts:
+        pages.append(int.from_bytes(data[at : at + 4], "big"))
+        if int.from_bytes(data[at + 4 : at + 8], "big"):  # a commit's last frame
+            last, pages = set(pages), []
+        at += 24 + page_size
+    return last
+
+
+async def test_the_highest_seq_is_recorded_once_a_block_not_in_every_commit(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """``AUTOINCREMENT``'s record of the highest seq (``sqlite_sequence``) is a page of
+    its own: moved a block ahead, it leaves a commit's WAL frames until a commit goes
+    past it, whether written as statements or, for a large group, in one call."""
+    store = await open_store()
+    wal = Path(f"{store.path}-wal")
+    sequence = "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+    await store.submit([action(clock)])
+    ((page,),) = rows(store, "SELECT rootpage FROM sqlite_schema WHERE name = 'sqlite_sequence'")
+    assert page in _last_commit_pages(wal)
+    assert [(1 + writes.SEQ_RESERVE,)] == rows(store, sequence)
+    for _ in range(3):
+        await store.submit([action(clock)])
+        assert page not in _last_commit_pages(wal)
+    # Seqs 5 to 1028: past the block, so it moves ahead from the last of them.
+    await store.submit([action(clock) for _ in range(writes.SEQ_RESERVE)])
+    assert page in _last_commit_pages(wal)
+    assert [(4 + 2 * writes.SEQ_RESERVE,)] == rows(store, sequence)
+    # Large groups: one within the block is one call that leaves the page out; one past
+    # it takes the statements that move it.
+    reserved = 4 + 2 * writes.SEQ_RESERVE
+    group = 2 * writes.ONE_CALL_MIN_SUBMITS
+    await store.submit([action(clock) for _ in range(writes.SEQ_RESERVE - 4 - group)])
+    for past in (False, True):
+        commits = store.commits
+        await asyncio.gather(*(store.submit([action(clock)]) for _ in range(group)))
+        assert (commits + 1, past) == (store.commits, page in _last_commit_pages(wal))
+    last = 2 * writes.SEQ_RESERVE + group
+    assert reserved < last
+    assert [(last, last + writes.SEQ_RESERVE)] == rows(
+        store, f"SELECT max(e.seq), ({sequence}) FROM events e"
+    )
+    assert last == store.counts().queued
+
+
+async def test_seqs_are_never_reused_after_a_restart_or_a_requeue(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """A seq names one event for good (a late outcome of a send, a dead letter): after
+    every event was delivered and the sidecar restarted, and after a re-queue, new seqs
+    go on past every seq given before, leaving a gap of one block at most."""
+    store = await open_store()
+    await store.submit([action(clock) for _ in range(3)])
+    delivered = await store.lease(10, frozenset())
+    await store.settle([Delivered(e.seq) for e in delivered])
+    assert 0 == store.counts().queued
+    used = max(e.seq for e in delivered)
+    await store.close()
+
+    store = await open_store()
+    await dead_letter(store, 2)
+    dead = await store.dead_letters()
+    assert used < min(d.seq for d in dead)
+    assert max(d.seq for d in dead) <= used + writes.SEQ_RESERVE + 2
+    assert 2 == await store.requeue_dead_letters(DeadLetterFilter(), 10)
+    requeued = await store.lease(10, frozenset())
+    assert max(d.seq for d in dead) < min(e.seq for e in requeued)
+    await store.submit([action(clock)])
+    (new,) = [
+        e for e in await store.lease(10, frozenset()) if e.seq not in {r.seq for r in requeued}
+    ]
+    assert max(e.seq for e in requeued) < new.seq
+    await store.close()
+
+    store = await open_store()
+    await store.submit([action(clock)])
+    seqs = [e.seq for e in await store.lease(10, frozenset())]
+    assert 4 == len(seqs)
+    assert new.seq < seqs[-1] <= new.seq + writes.SEQ_RESERVE + 1

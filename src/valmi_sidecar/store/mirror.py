@@ -41,6 +41,8 @@ class Mirror:
         #: The first queued event: its seq and the start of its age.
         self.oldest: tuple[int, float] | None = None
         self.next_seq = 1
+        #: The events table's ``sqlite_sequence`` value (``writes.SEQ_RESERVE``).
+        self.seq_reserved = 0
         #: Dead letters stored now, and their body bytes.
         self.dead_stored = 0
         self.dead_bytes = 0
@@ -67,7 +69,10 @@ class Mirror:
         sql = "SELECT count(*), coalesce(sum(length(body)), 0) FROM dead_letters"
         self.dead_stored, self.dead_bytes = map(int, db.execute(sql).fetchone())
         for (seq,) in db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'"):
-            self.next_seq = int(seq) + 1
+            # Past a block reserved and not used up before a restart: seqs are never
+            # reused, so a restart may leave a gap (``writes.SEQ_RESERVE`` at most).
+            self.seq_reserved = int(seq)
+            self.next_seq = self.seq_reserved + 1
         if self.received != self.queued + self.delivered + self.dead_lettered:
             log.warning(
                 "counts_do_not_reconcile",
@@ -89,7 +94,9 @@ class Mirror:
         )
 
     def snapshot(self, now: float) -> Snapshot:
-        return Snapshot(self.next_seq, self.oldest, self.queued, self.queued_bytes, now)
+        return Snapshot(
+            self.next_seq, self.oldest, self.queued, self.queued_bytes, now, self.seq_reserved
+        )
 
     def dead_letter_disk_bytes(self) -> int:
         """What the stored dead letters take on disk: bodies plus rows, estimated."""
@@ -115,6 +122,8 @@ class Mirror:
         self.duplicates += plan.duplicates
         if plan.next_seq:
             self.next_seq = plan.next_seq
+            # SQLite itself moves ``sqlite_sequence`` up to the highest seq written past it.
+            self.seq_reserved = max(self.seq_reserved, plan.seq_reserved, plan.next_seq - 1)
         if plan.oldest_changed:
             self.oldest = plan.oldest
         if plan.dead_lettered:

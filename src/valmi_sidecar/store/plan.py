@@ -103,6 +103,8 @@ class Snapshot:
     queued_bytes: int
     #: The time a re-queue gives its events as the start of their age.
     now: float
+    #: The events table's ``sqlite_sequence`` value: seqs up to it need no write of it.
+    seq_reserved: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,8 @@ class Plan:
     removed: int = 0
     removed_bytes: int = 0
     next_seq: int = 0
+    #: The ``sqlite_sequence`` value this transaction stored ahead (0: none).
+    seq_reserved: int = 0
     oldest: tuple[int, float] | None = None
     oldest_changed: bool = False
     ledger: LedgerDelta = field(default_factory=dict)

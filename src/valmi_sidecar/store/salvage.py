@@ -214,7 +214,9 @@ class Salvage:
             report.unreadable.append(UnreadableRow(seq, eid, "its record is damaged"))
 
     def _max_seq(self, known: array[int] | None) -> int | None:
-        """The highest seq the table has held, from what can still be read of it."""
+        """The highest seq the table has held, from what can still be read of it (or up
+        to ``writes.SEQ_RESERVE`` above it: ``sqlite_sequence`` is moved ahead a block at
+        a time, so probing to it costs that many lookups at most)."""
         found = [known[-1]] if known else []
         for sql in (
             "SELECT seq FROM sqlite_sequence WHERE name = 'events'",

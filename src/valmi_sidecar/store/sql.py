@@ -167,6 +167,8 @@ RETRY: Final = (
     "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE seq = ?"
 )
 DELETE_EVENTS: Final = "DELETE FROM events WHERE seq IN {list}"
+#: ``writes.SEQ_RESERVE``: never lowers it (a re-queue may have written past it).
+RESERVE_SEQS: Final = "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'events'"
 DELETE_EVENT: Final = "DELETE FROM events WHERE seq = ?"
 SETTLE_KEYS: Final = "UPDATE keys SET state = ?, settled_at = ? WHERE idem_key IN {list}"
 #: The age of a re-queued dead letter counts from its re-queueing.

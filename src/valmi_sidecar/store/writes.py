@@ -61,6 +61,7 @@ from .sql import (
     LEDGER_ROW_VALUES,
     OLDEST,
     REMEMBERED_SINCE,
+    RESERVE_SEQS,
     RETRY,
     SETTLE_KEYS,
     UPSERT_LEDGER_ROWS,
@@ -159,7 +160,10 @@ class GroupWriter:
             seq, first = plan.fresh[0]
             plan.oldest = (seq, first.received_at)
             plan.oldest_changed = True
-        _write_and_commit(db, plan, one_call=len(submits) >= ONE_CALL_MIN_SUBMITS)
+        last = plan.next_seq - 1
+        reserve_to = last + SEQ_RESERVE if plan.fresh and last > start.seq_reserved else 0
+        one_call = len(submits) >= ONE_CALL_MIN_SUBMITS and not reserve_to
+        _write_and_commit(db, plan, one_call=one_call, reserve_to=reserve_to)
         # Committed: from here on nothing may fail the group's operations.
         try:
             self._space.checkpoint_if_big(db, group=True)
@@ -328,6 +332,16 @@ def _event_values(e: NewEvent) -> tuple[Any, ...]:
 _NO_VALUE: Final = math.nan
 
 
+#: How far past the seqs it writes a transaction moves the events table's
+#: ``sqlite_sequence`` (``AUTOINCREMENT``'s record of the highest seq), once it reaches
+#: them. SQLite rewrites that row, a page of its own, only when an insert goes past it:
+#: moved ahead a block at a time, it is written once a block instead of in every commit
+#: (one WAL frame of a one-event commit's five). Seqs are still never reused: after a
+#: restart they go on past the block, so a restart may leave a gap of this many at most,
+#: and salvage, which reads the value as the highest seq held, looks that much further.
+SEQ_RESERVE: Final = 1024
+
+
 #: A group of at least this many submissions (and nothing else to write) is written in
 #: one call to SQLite (``GROUP_WRITE``), not one per table. Python's ``sqlite3`` lets go
 #: of the GIL around every step of every statement, and that many requests stored at
@@ -390,9 +404,12 @@ def _one_call(db: sqlite3.Connection, plan: Plan) -> bool:
     return True
 
 
-def _write_and_commit(db: sqlite3.Connection, plan: Plan, *, one_call: bool) -> None:
+def _write_and_commit(
+    db: sqlite3.Connection, plan: Plan, *, one_call: bool, reserve_to: int = 0
+) -> None:
     """Write the group's new events and keys, its ledger and duplicates, and commit; in
-    one call to SQLite when ``one_call`` and nothing else is to be written."""
+    one call to SQLite when ``one_call`` and nothing else is to be written. With
+    ``reserve_to``, ``sqlite_sequence`` is moved ahead to it (``SEQ_RESERVE``)."""
     if one_call and _one_call(db, plan):
         return
     if plan.fresh:
@@ -403,6 +420,9 @@ def _write_and_commit(db: sqlite3.Connection, plan: Plan, *, one_call: bool) -> 
         _insert_rows(db, INSERT_KEY, KEY_ROW_VALUES, keys)
         rows = [(seq, len(e.body), *_event_values(e)) for seq, e in plan.fresh]
         _insert_rows(db, INSERT_EVENT, EVENT_ROW_VALUES, rows)
+        if reserve_to:
+            db.execute(RESERVE_SEQS, (reserve_to,))
+            plan.seq_reserved = reserve_to
     if plan.ledger:
         rows = [(*k, *d) for k, d in plan.ledger.items()]
         _insert_rows(db, UPSERT_LEDGER_ROWS, LEDGER_ROW_VALUES, rows)
