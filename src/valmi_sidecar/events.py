@@ -104,11 +104,29 @@ _last_second: tuple[int, str] = (-1, "")
 def rfc3339(ts: float) -> str:
     """Format a Unix time as RFC 3339 UTC with milliseconds: ``2024-01-15T10:30:00.123Z``.
 
-    Milliseconds are truncated, as in ``new_event_id``. The date and time of the last
-    second are kept: every event of a busy second formats only its milliseconds.
+    Milliseconds are truncated, as in ``new_event_id``.
     """
+    return _rfc3339_ms(int(ts * 1000))
+
+
+def receipt_time(now: float | None = None) -> tuple[float, str]:
+    """An event's receipt time (``now``, or the clock's), cut to the millisecond that its
+    RFC 3339 form shows, and that form: its ``received_at`` and ``created_at``.
+
+    Cut, the time is one that SQLite formats as the same text (``strftime`` rounds to
+    the nearest millisecond, where ``rfc3339`` truncates), so the key row, kept for the
+    de-dup window, leaves its ``created_at`` out (``sql.KEY_CREATED_AT``). With the time as
+    the clock gave it, half the key rows kept theirs (24 bytes each).
+    """
+    ms = int((time.time() if now is None else now) * 1000)
+    return ms / 1000, _rfc3339_ms(ms)
+
+
+def _rfc3339_ms(unix_ms: int) -> str:
+    """``rfc3339`` of a time in whole milliseconds. The date and time of the last second
+    are kept: every event of a busy second formats only its milliseconds."""
     global _last_second  # noqa: PLW0603 - a one-entry cache on the hot path
-    second, ms = divmod(int(ts * 1000), 1000)
+    second, ms = divmod(unix_ms, 1000)
     cached, prefix = _last_second
     if second != cached:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
@@ -399,8 +417,8 @@ def parse_one(
     problems = check_body(kind, obj)
     if problems:
         raise ValidationError(problems)
-    received_at = time.time() if now is None else now
-    return _stamp(kind, obj, idem_key, received_at, rfc3339(received_at), encoded=encoded)
+    received_at, created_at = receipt_time(now)
+    return _stamp(kind, obj, idem_key, received_at, created_at, encoded=encoded)
 
 
 def parse_batch(
@@ -441,8 +459,7 @@ def parse_batch(
         )
     if problems:
         raise ValidationError(problems)
-    received_at = time.time() if now is None else now
-    created_at = rfc3339(received_at)
+    received_at, created_at = receipt_time(now)
     return [
         _stamp(
             kind, entry, None if idem_key is None else f"{idem_key}:{i}", received_at, created_at

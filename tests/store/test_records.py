@@ -86,8 +86,6 @@ async def test_a_key_row_leaves_out_what_it_can_derive_and_reads_back_whole(
 ) -> None:
     """A key the sidecar made is the event's id, and ``created_at`` is the receipt time's
     formatting: the row stores neither (a day of keys is kept), and reads back both."""
-    # A receipt time whose milliseconds SQLite's strftime and ours format alike (where
-    # they differ, created_at is kept as it is).
     event = parse_one("action", b'{"agent_key": "a", "action_type": "llm_call"}', now=T0 + 0.25)
     assert event.id == event.idem_key
     await store.submit([event])
@@ -101,3 +99,24 @@ async def test_a_key_row_leaves_out_what_it_can_derive_and_reads_back_whole(
         id_.decode(),
         created_at.decode(),
     )
+
+
+async def test_no_key_row_keeps_its_created_at_whatever_the_clock_read(store: Store) -> None:
+    """The clock reads fractions of a millisecond, which ``created_at`` truncates and
+    SQLite's formatting rounds: the receipt time is cut to the millisecond it shows, so
+    every key row leaves ``created_at`` out (before, about half kept 24 bytes of it for
+    the de-dup window) and the stored receipt time still reads back as that text."""
+    body = b'{"agent_key": "a", "action_type": "llm_call"}'
+    # Fractions spread over the millisecond, half of them past its middle.
+    events = [parse_one("action", body, now=T0 + i / 997) for i in range(400)]
+    await store.submit(events)
+    with sqlite3.connect(f"file:{store.path}?mode=ro", uri=True) as conn:
+        stored = conn.execute("SELECT count(*) FROM keys WHERE created_at != ''").fetchone()[0]
+        formatted = [
+            conn.execute(
+                "SELECT strftime('%Y-%m-%dT%H:%M:%fZ', ?, 'unixepoch')", (e.received_at,)
+            ).fetchone()[0]
+            for e in events
+        ]
+    assert (0, [e.created_at for e in events]) == (stored, formatted)
+    assert [e.created_at[20:23] for e in events[:3]] == ["000", "001", "002"]
