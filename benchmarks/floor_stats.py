@@ -186,10 +186,16 @@ def summarize(runs: Sequence[Mapping[str, Any]], points: Sequence[str]) -> dict[
     floor_rate = _paired(runs, CLOSED, "floor", "bare", "events_per_s")
     if floor_rate is not None:
         ratios["events_per_s_floor_over_bare"] = floor_rate.as_dict()
+    rate_again = _paired(runs, CLOSED, CONTROL, "floor", "events_per_s")
+    if rate_again is not None:
+        ratios["events_per_s_floor_again_over_floor"] = rate_again.as_dict()
     if top is not None:
         p99 = _paired(runs, top, "sidecar", "floor", "p99_ms")
         if p99 is not None:
             ratios["p99_sidecar_over_floor"] = p99.as_dict()
+        p99_again = _paired(runs, top, CONTROL, "floor", "p99_ms")
+        if p99_again is not None:
+            ratios["p99_floor_again_over_floor"] = p99_again.as_dict()
     return {"cells": cells, "ratios": ratios, "latency_point": top}
 
 
@@ -293,24 +299,72 @@ def markdown(summary: Mapping[str, Any], points: Sequence[str], header: str) -> 
         lines += ["", text + "."]
     lines += ["", "| target | measured | holds |", "| --- | ---: | :---: |"]
     noise = _cpu_noise(summary)
-    # The CPU ratios' rows come first in ``verdicts``, in the order of their points.
-    cpu_points = list(summary["ratios"]["cpu_sidecar_over_floor"])
-    for i, (name, value, ok) in enumerate(verdicts(summary)):
+    others = _other_noise(summary)
+    # The CPU ratios' rows come first in ``verdicts``, in the order of their points, then
+    # the closed loop's share of bare aiohttp's events/s and the p99, when measured.
+    rows = list(summary["ratios"]["cpu_sidecar_over_floor"])
+    rows += [key for key in _OTHER_TARGETS if key in summary["ratios"]]
+    for (name, value, ok), row_key in zip(verdicts(summary), rows, strict=True):
         held = "yes" if ok else "**no**"
-        point = cpu_points[i] if i < len(cpu_points) else None
-        if point in noise and not noise[point][1]:
+        found = noise.get(row_key) or others.get(row_key)
+        if found is not None and not found[1]:
             held += ", within the noise"
         lines.append(f"| {name} | {value} | {held} |")
-    if noise:
+    if noise or others:
+        parts = [f"{_where(p)} {text}" for p, (text, _) in noise.items()]
+        parts += [f"{_OTHER_TARGETS[key][1]} {text}" for key, (text, _) in others.items()]
         lines += [
             "",
             "The floor against itself (a second floor process each round, measured as the "
             "first): "
-            + "; ".join(f"{_where(p)} {text}" for p, (text, _) in noise.items())
-            + ". A CPU ratio is within the noise when it lies nearer 1.2 than the floor's "
+            + "; ".join(parts)
+            + ". A ratio is within the noise when it lies nearer its bound than the floor's "
             "farthest round from itself.",
         ]
     return "\n".join(lines) + "\n"
+
+
+#: The targets beside the CPU's, by the ratio ``verdicts`` reads: the ratio of the
+#: floor against itself that tells their noise, what the footnote calls that ratio, and
+#: the target's bound.
+_OTHER_TARGETS: Final[Mapping[str, tuple[str, str, float]]] = {
+    "events_per_s_sidecar_over_bare": (
+        "events_per_s_floor_again_over_floor",
+        "its events/s in the closed loop",
+        0.75,
+    ),
+    "p99_sidecar_over_floor": ("p99_floor_again_over_floor", "its p99", 2.0),
+}
+
+
+def _noise(again: Mapping[str, float], measured: float, bound: float) -> tuple[float, bool]:
+    """How far the floor read from itself (the largest per-round ``|again / floor - 1|``),
+    and whether ``measured`` lies farther than that from ``bound`` (``|measured / bound -
+    1|``): a verdict apart from the noise."""
+    noise = max(abs(again["high"] - 1), abs(again["low"] - 1))
+    return noise, abs(measured / bound - 1) > noise
+
+
+def other_noise(summary: Mapping[str, Any], ratio: str) -> tuple[float, bool] | None:
+    """``cpu_noise`` for the closed loop's share of bare aiohttp's events/s
+    (``events_per_s_sidecar_over_bare``) or the p99 (``p99_sidecar_over_floor``): the
+    floor's events/s, or its p99, against its second process of the same round."""
+    again_key, _, bound = _OTHER_TARGETS[ratio]
+    again = summary["ratios"].get(again_key)
+    measured = summary["ratios"].get(ratio)
+    if again is None or measured is None:
+        return None
+    return _noise(again, measured["median"], bound)
+
+
+def _other_noise(summary: Mapping[str, Any]) -> dict[str, tuple[str, bool]]:
+    out: dict[str, tuple[str, bool]] = {}
+    for ratio, (again_key, _, _) in _OTHER_TARGETS.items():
+        found = other_noise(summary, ratio)
+        if found is not None:
+            again = _spread(summary["ratios"][again_key])
+            out[ratio] = (f"{again.show(2)} (±{found[0]:.0%})", found[1])
+    return out
 
 
 def _where(point: str) -> str:
@@ -326,8 +380,7 @@ def cpu_noise(summary: Mapping[str, Any], point: str) -> tuple[float, bool] | No
     ratio = summary["ratios"]["cpu_sidecar_over_floor"].get(point)
     if again is None or ratio is None:
         return None
-    noise = max(abs(again["high"] - 1), abs(again["low"] - 1))
-    return noise, abs(ratio["median"] / CPU_BOUND - 1) > noise
+    return _noise(again, ratio["median"], CPU_BOUND)
 
 
 def _cpu_noise(summary: Mapping[str, Any]) -> dict[str, tuple[str, bool]]:
