@@ -129,9 +129,20 @@ def order(fake: FakeValmi) -> list[int]:
     return [r.body["metadata"]["i"] for r in fake.events()]
 
 
-def assert_within_rate_budget(fake: FakeValmi, limit_per_min: int, *, slack_s: float) -> None:
+#: Slack for the arrivals' jitter in ``assert_within_rate_budget``. On a busy machine the
+#: first requests of a burst wait for their connections and for the loop, and those after
+#: them catch up, so they reach the fake API closer together than they were sent (at 100
+#: a second, with two other processes spinning on the 2 cores, 28 arrived within 59 ms:
+#: 0.14 of a request over a 20 ms slack). A sender that does not pace is still caught:
+#: the burst plus a tenth of a second's tokens is far below a backlog sent at once.
+ARRIVAL_SLACK_S = 0.1
+
+
+def assert_within_rate_budget(
+    fake: FakeValmi, limit_per_min: int, *, slack_s: float = ARRIVAL_SLACK_S
+) -> None:
     """No 429, and requests i..j inclusive fit the burst plus the tokens earned between
-    them (with ``slack_s`` for the clocks of two processes)."""
+    them (with ``slack_s`` for their arrival's jitter, and the clocks of two processes)."""
     assert 0 == fake.status_counts.get(429, 0)
     _, burst = rate_budget(limit_per_min)
     times = fake.arrival_times
@@ -320,7 +331,7 @@ async def test_events_committed_while_the_flusher_idles_keep_the_rate_limit(
         await store.submit([action(i)])
     await wait_until(lambda: 12 == store.counts().delivered, 10, "12 delivered")
     assert list(range(12)) == order(fake)
-    assert_within_rate_budget(fake, limit, slack_s=0.02)
+    assert_within_rate_budget(fake, limit)
 
 
 async def test_a_commit_of_more_events_than_one_take_is_sent_whole_once_each(
@@ -736,7 +747,7 @@ async def test_rate_limit_paces_requests_and_sees_no_429(
     await store.submit([action(i) for i in range(12)])
     await start_flusher(fake, rate_limit_per_min=limit, upstream_concurrency=16)
     await wait_until(lambda: 12 == store.counts().delivered, 10, "12 delivered")
-    assert_within_rate_budget(fake, limit, slack_s=0.02)
+    assert_within_rate_budget(fake, limit)
 
 
 def test_a_backlog_paced_by_the_rate_limit_asks_for_each_token_a_few_times_at_most(
@@ -780,7 +791,7 @@ def test_a_backlog_paced_by_the_rate_limit_asks_for_each_token_a_few_times_at_mo
 
     uvloop.run(forward_backlog())
     assert n == len(fake.received)
-    assert_within_rate_budget(fake, limit, slack_s=0.02)
+    assert_within_rate_budget(fake, limit)
     assert asked <= 4 * n, f"{asked / n:.1f} token waits asked per event"
 
 
@@ -806,9 +817,8 @@ async def test_the_default_rate_limit_is_the_budget_of_the_api_key_kind(
         resp = await client.post(url + "/v1/actions", json={**ACTION, "metadata": {"i": i}})
         assert 202 == resp.status_code, resp.text
     await fake.wait_until(lambda: n == len(fake.received), timeout_s=20)
-    # 100 ms of slack for a busy machine (at 10,000 a minute, the 30 arrive within about
-    # 0.2 s)
-    assert_within_rate_budget(fake, limit, slack_s=0.1)
+    # At 10,000 a minute, the 30 would arrive within about 0.2 s.
+    assert_within_rate_budget(fake, limit)
 
 
 async def test_exhausted_remaining_budget_waits_for_reset_without_429(
