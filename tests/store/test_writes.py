@@ -337,6 +337,37 @@ async def test_a_large_group_stores_the_rows_the_statements_store(
     assert (41, len(again)) == (reopened.counts().queued, reopened.counts().duplicates)
 
 
+async def test_a_group_of_the_sidecars_own_keys_answers_each_submission_in_order(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """A group whose every key is the sidecar's own is planned in one pass: each
+    submission (single events and a batch among them) gets its own events' ids, the
+    events take seqs in the order submitted, and each kind is counted once an event."""
+    store = await open_store()
+    await store.submit([action(clock)])  # the first commit reserves seqs: statements
+    singles = [action(clock) if i % 3 else outcome(clock, value=i) for i in range(12)]
+    batch = [outcome(clock, value=0.5), action(clock), action(clock)]
+    commits = store.commits
+    answers = await asyncio.gather(
+        *(store.submit([e]) for e in singles[:6]),
+        store.submit(batch),
+        *(store.submit([e]) for e in singles[6:]),
+    )
+    assert commits + 1 == store.commits
+    submitted = [[e] for e in singles[:6]] + [batch] + [[e] for e in singles[6:]]
+    assert [[(e.id, e.created_at, False) for e in sub] for sub in submitted] == [
+        [(a.id, a.created_at, a.duplicate) for a in answer] for answer in answers
+    ]
+    leased = await store.lease(100, frozenset())
+    in_order = [e for sub in submitted for e in sub]
+    assert [e.id for e in in_order] == [e.id for e in leased[1:]]
+    assert sorted(e.seq for e in leased) == [e.seq for e in leased]
+    kinds = [e.kind for e in in_order]
+    assert {"action": 1 + kinds.count("action"), "outcome": kinds.count("outcome")} == (
+        store.stats.received
+    )
+
+
 async def test_a_large_group_that_does_not_fit_stores_nothing(
     open_store: OpenStore, clock: Clock
 ) -> None:

@@ -221,29 +221,25 @@ class GroupWriter:
         group fits, each of them would have: the same plan as ``_plan_submits`` gives,
         without the work of de-duplication and of a check per submission (a busy
         sidecar's every group, the writer's thread holding the GIL meanwhile)."""
-        n = body_bytes = need = 0
-        for op in submits:
-            for e in op.events:
-                size = len(e.body)
-                n += 1
-                body_bytes += size
-                need += event_disk_bytes(size)
+        # Whole-group passes, not a call or a comprehension per event or submission: the
+        # writer's thread holds the GIL here, which a busy event loop waits for.
+        events = [e for op in submits for e in op.events]
+        sizes = [len(e.body) for e in events]
+        n = len(events)
         if start.queued + n > self._limits.max_events:
             return False
-        if self._space.room_for(db, plan, need) is not None:
+        if self._space.room_for(db, plan, sum(map(event_disk_bytes, sizes))) is not None:
             # Submission by submission instead: the first of them may fit, and each check
             # there decides ``plan.disk_full`` anew (a measurement of the database made
             # here stays in the plan: nothing was written since).
             return False
-        seq = plan.next_seq
-        for op in submits:
-            accepted = [Accepted(e.id, e.created_at, duplicate=False) for e in op.events]
-            seq = _add_fresh(plan, op.events, seq)
-            plan.results.append((op, accepted))
+        plan.results += [
+            (op, [Accepted(e.id, e.created_at, False) for e in op.events]) for op in submits
+        ]
+        plan.next_seq = _add_fresh(plan, events, plan.next_seq)
         plan.received = n
-        plan.queued_bytes = body_bytes
+        plan.queued_bytes = sum(sizes)
         plan.events += n
-        plan.next_seq = seq
         return True
 
     def _refusal(
@@ -261,11 +257,11 @@ class GroupWriter:
 def _add_fresh(plan: Plan, events: Sequence[NewEvent], seq: int) -> int:
     """Add accepted new ``events`` to ``plan`` (their rows and counts; the ledger table
     counts them once they are settled), the first at ``seq``; the next seq."""
+    kinds = plan.received_kinds
     for e in events:
-        count(plan.received_kinds, e.kind)
-        plan.fresh.append((seq, e))
-        seq += 1
-    return seq
+        kinds[e.kind] = kinds.get(e.kind, 0) + 1
+    plan.fresh += enumerate(events, seq)
+    return seq + len(events)
 
 
 _Dedupe = tuple[list[Accepted], dict[str, tuple[str, bytes, str]], list[NewEvent], list[str]]
