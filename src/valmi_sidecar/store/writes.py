@@ -221,8 +221,9 @@ class GroupWriter:
         group fits, each of them would have: the same plan as ``_plan_submits`` gives,
         without the work of de-duplication and of a check per submission (a busy
         sidecar's every group, the writer's thread holding the GIL meanwhile)."""
-        # Whole-group passes, not a call or a comprehension per event or submission: the
-        # writer's thread holds the GIL here, which a busy event loop waits for.
+        # Passes over the whole group (its events, their sizes, their seqs in one
+        # ``enumerate``), not a call per event: the writer's thread holds the GIL here,
+        # which a busy event loop waits for.
         events = [e for op in submits for e in op.events]
         sizes = [len(e.body) for e in events]
         n = len(events)
