@@ -138,17 +138,15 @@ def order(fake: FakeValmi) -> list[int]:
 ARRIVAL_SLACK_S = 0.1
 
 
-def assert_within_rate_budget(
-    fake: FakeValmi, limit_per_min: int, *, slack_s: float = ARRIVAL_SLACK_S
-) -> None:
+def assert_within_rate_budget(fake: FakeValmi, limit_per_min: int) -> None:
     """No 429, and requests i..j inclusive fit the burst plus the tokens earned between
-    them (with ``slack_s`` for their arrival's jitter, and the clocks of two processes)."""
+    them (with ``ARRIVAL_SLACK_S`` for their arrival's jitter)."""
     assert 0 == fake.status_counts.get(429, 0)
     _, burst = rate_budget(limit_per_min)
     times = fake.arrival_times
     for i in range(len(times)):
         for j in range(i + 1, len(times)):
-            assert j - i + 1 <= burst + (times[j] - times[i] + slack_s) * limit_per_min / 60
+            assert j - i + 1 <= burst + (times[j] - times[i] + ARRIVAL_SLACK_S) * limit_per_min / 60
 
 
 class RecordingUpstream(Upstream):

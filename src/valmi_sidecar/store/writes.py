@@ -258,9 +258,8 @@ class GroupWriter:
 def _add_fresh(plan: Plan, events: Sequence[NewEvent], seq: int) -> int:
     """Add accepted new ``events`` to ``plan`` (their rows and counts; the ledger table
     counts them once they are settled), the first at ``seq``; the next seq."""
-    kinds = plan.received_kinds
     for e in events:
-        kinds[e.kind] = kinds.get(e.kind, 0) + 1
+        count(plan.received_kinds, e.kind)
     plan.fresh += enumerate(events, seq)
     return seq + len(events)
 
