@@ -27,6 +27,9 @@ right after the same other:
   The window runs from just before the load until the fake API holds every event the
   target acknowledged and its count has held still for ``--settle-s``, so that recording
   the deliveries (the floor's delete, the sidecar's settle) falls inside it too.
+  With ``--steady-s S``, the floor and the sidecar first serve a closed loop of S seconds,
+  forwarded and waited for: the window then measures a process that has run (its WAL at
+  full size, its tables holding what it served), not a fresh one.
 - a closed loop, ingest only: 64 connections back to back (wrk, else ``tools.py load``),
   after a one-second warm-up; floor and sidecar start without an API key, so neither
   forwards, as the issue's last column.
@@ -206,13 +209,27 @@ def closed_loop(url: str, seconds: float, script: Path) -> dict[str, Any]:
 
 
 def measure(
-    args: argparse.Namespace, target: str, point: str, run_dir: Path, fake: str, script: Path
+    args: argparse.Namespace,
+    target: str,
+    point: str,
+    run_dir: Path,
+    fake: str,
+    script: Path,
+    burst_script: Path | None = None,
 ) -> dict[str, Any]:
     paced = point != CLOSED
     forwards = paced and target != "bare"
     with target_process(
         target, run_dir, fake, forwarding=paced, concurrency=args.upstream_concurrency
     ) as (url, pid):
+        if paced and forwards and args.steady_s > 0 and burst_script is not None:
+            # A process that has run for a while: its WAL at full size, its tables holding
+            # what it served. A fresh one's first minutes are not what a pod pays for each
+            # event, and they differ between targets (docs/PERFORMANCE.md, "A fresh process
+            # against one that has run").
+            httpx.post(fake + "/_fake/reset", timeout=30.0)
+            burst = closed_loop(url, args.steady_s, burst_script)
+            wait_delivered(fake, acknowledged(burst), args.settle_s, args.drain_timeout_s)
         if paced:
             warm = wrk(url, args.paced_connections, args.warmup_s, script)
             if forwards:
@@ -287,6 +304,14 @@ def main() -> int:
     )
     parser.add_argument("--paced-connections", type=int, default=16)
     parser.add_argument("--warmup-s", type=float, default=2.0)
+    parser.add_argument(
+        "--steady-s",
+        type=float,
+        default=0.0,
+        help="before each paced window of the floor and the sidecar, a closed loop of this "
+        "many seconds, forwarded and waited for, so that the window measures a process that "
+        "has run (its WAL at full size, its tables holding what it served); 0: a fresh one",
+    )
     parser.add_argument("--settle-s", type=float, default=0.3)
     parser.add_argument("--drain-timeout-s", type=float, default=60.0)
     parser.add_argument("--upstream-concurrency", type=int, default=16)
@@ -317,7 +342,9 @@ def main() -> int:
             for point in points:
                 for target in round_order(targets, n):
                     run_dir = work / f"{target}-{point}-{n}"
-                    run = measure(args, target, point, run_dir, fake, scripts[point])
+                    run = measure(
+                        args, target, point, run_dir, fake, scripts[point], scripts[CLOSED]
+                    )
                     run["round"] = n
                     runs.append(run)
                     print(
