@@ -215,14 +215,14 @@ def measure(
     run_dir: Path,
     fake: str,
     script: Path,
-    burst_script: Path | None = None,
+    burst_script: Path,
 ) -> dict[str, Any]:
     paced = point != CLOSED
     forwards = paced and target != "bare"
     with target_process(
         target, run_dir, fake, forwarding=paced, concurrency=args.upstream_concurrency
     ) as (url, pid):
-        if paced and forwards and args.steady_s > 0 and burst_script is not None:
+        if forwards and args.steady_s > 0:
             # A process that has run for a while: its WAL at full size, its tables holding
             # what it served. A fresh one's first minutes are not what a pod pays for each
             # event, and they differ between targets (docs/PERFORMANCE.md, "A fresh process
