@@ -27,9 +27,11 @@ right after the same other:
   The window runs from just before the load until the fake API holds every event the
   target acknowledged and its count has held still for ``--settle-s``, so that recording
   the deliveries (the floor's delete, the sidecar's settle) falls inside it too.
-  With ``--steady-s S``, the floor and the sidecar first serve a closed loop of S seconds,
-  forwarded and waited for: the window then measures a process that has run (its WAL at
-  full size, its tables holding what it served), not a fresh one.
+  Before the warm-up, the floor and the sidecar (and the control) first serve a closed
+  loop of ``--steady-s`` seconds (3 by default), forwarded and waited for: the window then
+  measures a process that has run (its WAL at full size and reused, its tables holding
+  what it served), as a pod's does, not a fresh one whose WAL still grows (0 measures
+  fresh processes, as runs before this default did).
 - a closed loop, ingest only: 64 connections back to back (wrk, else ``tools.py load``),
   after a one-second warm-up; floor and sidecar start without an API key, so neither
   forwards, as the issue's last column.
@@ -307,10 +309,11 @@ def main() -> int:
     parser.add_argument(
         "--steady-s",
         type=float,
-        default=0.0,
+        default=3.0,
         help="before each paced window of the floor and the sidecar, a closed loop of this "
         "many seconds, forwarded and waited for, so that the window measures a process that "
-        "has run (its WAL at full size, its tables holding what it served); 0: a fresh one",
+        "has run (its WAL at full size, its tables holding what it served); 0: a fresh one "
+        "(default 3)",
     )
     parser.add_argument("--settle-s", type=float, default=0.3)
     parser.add_argument("--drain-timeout-s", type=float, default=60.0)
@@ -362,8 +365,14 @@ def main() -> int:
         f"SQLite {m['sqlite']}, load from {m['load_generator']}; command: `{command}`. "
         f"CPU µs per delivered event of the target process alone, median (and range) of "
         f"{args.rounds} interleaved round(s); paced with {args.paced_connections} keep-alive "
-        f"connections, {args.seconds:g} s a window; ratios are per round, each against the "
-        "run of the same round."
+        f"connections, {args.seconds:g} s a window, "
+        + (
+            f"the floor's and the sidecar's each after a closed loop of {args.steady_s:g} s "
+            "that they served and forwarded (processes that have run)"
+            if args.steady_s > 0
+            else "each in a fresh process"
+        )
+        + "; ratios are per round, each against the run of the same round."
     )
     md = markdown(summary, points, header)
     result = {
