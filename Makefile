@@ -34,7 +34,8 @@ bench: $(PY)
 	$(PY) benchmarks/floor_compare.py
 
 # CPU per delivered event against a lean floor (benchmarks/floor.py) and bare aiohttp, paced
-# at 10, 100 and 1,000 events/s and in a closed loop, 3 interleaved rounds, the floor measured
+# at 10, 100 and 1,000 events/s (each after a 3 s closed loop, so on processes that have run)
+# and in a closed loop, 3 interleaved rounds, the floor measured
 # twice in each as the run's own noise (about 20 minutes;
 # not in CI; needs wrk). Writes benchmarks/results/floor.{md,json}.
 floor: $(PY)
