@@ -34,7 +34,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from floor_compare import target_process, wait_delivered  # noqa: E402 - beside this script
+from floor_compare import SETTLE_S, target_process, wait_delivered  # noqa: E402
 from run import PY, fake_api  # noqa: E402 - beside this script
 from tools import BODY  # noqa: E402 - beside this script
 
@@ -132,7 +132,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rate", type=float, default=100.0, help="events a second")
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--settle-s", type=float, default=0.3)
+    ap.add_argument("--settle-s", type=float, default=SETTLE_S)
     ap.add_argument("--top", type=int, default=20, help="the sidecar's own functions listed")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, fake_api() as fake:

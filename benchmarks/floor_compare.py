@@ -60,6 +60,8 @@ from typing import Any
 
 import httpx
 
+from valmi_sidecar.settler import RIDE_S
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -92,6 +94,10 @@ from run import (  # noqa: E402 - beside this script
 from tools import API_KEY, BODY  # noqa: E402 - beside this script
 
 CLOSED_CONNECTIONS = 64
+#: How long the fake API's count holds still before a window ends, by default: longer
+#: than a delivery may ride before the sidecar records it (``settler.RIDE_S``), so that
+#: recording the last deliveries falls inside the window.
+SETTLE_S = RIDE_S + 0.3
 READY_TIMEOUT_S = 60.0
 
 
@@ -315,7 +321,13 @@ def main() -> int:
         "has run (its WAL at full size, its tables holding what it served); 0: a fresh one "
         "(default 3)",
     )
-    parser.add_argument("--settle-s", type=float, default=0.3)
+    parser.add_argument(
+        "--settle-s",
+        type=float,
+        default=SETTLE_S,
+        help="a window ends once the fake API's count has held still this long (default "
+        f"{SETTLE_S:g}: longer than a delivery rides before it is recorded)",
+    )
     parser.add_argument("--drain-timeout-s", type=float, default=60.0)
     parser.add_argument("--upstream-concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, default=HERE / "results")

@@ -43,7 +43,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from calls import TARGETS, post_paced  # noqa: E402 - beside this script
-from floor_compare import acknowledged, target_process, wait_delivered  # noqa: E402
+from floor_compare import (  # noqa: E402 - beside this script
+    SETTLE_S,
+    acknowledged,
+    target_process,
+    wait_delivered,
+)
 from run import _PACED_LUA, fake_api, wrk  # noqa: E402 - beside this script
 from tools import BODY  # noqa: E402 - beside this script
 
@@ -177,7 +182,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rate", type=float, default=10.0, help="events a second")
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--settle-s", type=float, default=0.3)
+    ap.add_argument("--settle-s", type=float, default=SETTLE_S)
     ap.add_argument(
         "--connections",
         type=int,

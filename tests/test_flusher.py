@@ -280,12 +280,16 @@ async def test_concurrent_forwarding_delivers_every_event_once(
 async def test_an_idle_flusher_forwards_a_new_event_promptly(
     store: Store, fake: FakeValmi, start_flusher: StartFlusher
 ) -> None:
+    """Sent at once; recorded once its delivery has ridden (``settler.RIDE_S``), alone
+    when no other event comes."""
     flusher, _ = await start_flusher(fake)
     await store.submit([action(0)])
-    await wait_until(lambda: 1 == store.counts().delivered, 1.0, "prompt delivery")
+    await wait_until(lambda: 1 == fake.requests, 1.0, "prompt delivery")
     assert "ok" == flusher.state
+    await wait_until(lambda: 1 == store.counts().delivered, settler.RIDE_S + 2, "recorded")
     await store.submit([action(1)])
-    await wait_until(lambda: 2 == store.counts().delivered, 1.0, "prompt delivery again")
+    await wait_until(lambda: 2 == fake.requests, 1.0, "prompt delivery again")
+    await wait_until(lambda: 2 == store.counts().delivered, settler.RIDE_S + 2, "recorded")
 
 
 async def test_one_event_at_a_time_costs_few_queue_reads(
@@ -371,7 +375,7 @@ async def test_a_lone_delivery_is_recorded_in_the_next_received_events_transacti
 ) -> None:
     """One event at a time (a quiet agent): each delivery waits for the next event's
     transaction instead of making one of its own, and is recorded by it."""
-    monkeypatch.setattr(settler, "SETTLE_LINGER_S", 30.0)  # it waits for the next event
+    monkeypatch.setattr(settler, "RIDE_S", 30.0)  # it waits for the next event
     monkeypatch.setattr(store_core, "RIDERS_GATHER_S", 0.0)  # and boards it (store tests)
     flusher, _ = await start_flusher(fake)
     await store.submit([action(0)])
@@ -398,7 +402,7 @@ async def test_deliveries_answered_together_all_ride_on_the_next_transaction(
 ) -> None:
     """A few deliveries answered before the next event (a burst, then quiet) each ride
     from the sender, and the next event's transaction records them all."""
-    monkeypatch.setattr(settler, "SETTLE_LINGER_S", 30.0)  # they wait for the next event
+    monkeypatch.setattr(settler, "RIDE_S", 30.0)  # they wait for the next event
     monkeypatch.setattr(store_core, "RIDERS_GATHER_S", 0.0)  # and board it (store tests)
     n = settler.RIDE_BELOW - 1
     flusher, _ = await start_flusher(fake, upstream_concurrency=n)
@@ -411,6 +415,44 @@ async def test_deliveries_answered_together_all_ride_on_the_next_transaction(
     await store.submit([action(n)])
     assert commits + 1 == store.commits  # one transaction for the event and the deliveries
     assert (n, 1) == (store.counts().delivered, store.counts().queued)
+
+
+async def test_deliveries_at_a_few_events_a_second_are_recorded_several_at_a_time(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher
+) -> None:
+    """A quiet agent, 10 events a second: each event has its transaction, and the
+    deliveries ride on them together, about five in every fifth (``RIDERS_GATHER_S``),
+    not one in each: the key, event and ledger writes of a settlement once for several."""
+    await start_flusher(fake)
+    n = 20
+    recorded: list[int] = []
+    for i in range(n):
+        before = store.counts().delivered
+        await store.submit([action(i)])
+        recorded.append(store.counts().delivered - before)
+        await asyncio.sleep(0.1)  # the agent's pace
+    await wait_until(lambda: n == store.counts().delivered, settler.RIDE_S + 5, "all recorded")
+    assert n == fake.requests
+    carrying = [k for k in recorded if k]
+    assert len(carrying) <= n // 3, recorded  # one in every transaction before
+    assert max(carrying) >= 3, recorded
+
+
+async def test_a_drain_records_riding_deliveries_without_waiting_for_their_ride(
+    store: Store, fake: FakeValmi, start_flusher: StartFlusher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopping sidecar takes no more events for a delivery to ride on: the drain
+    records it at once and ends with the queue empty."""
+    monkeypatch.setattr(settler, "RIDE_S", 30.0)
+    flusher, task = await start_flusher(fake)
+    await store.submit([action(0)])
+    await wait_until(lambda: 1 == fake.requests and 0 == flusher.in_flight, 5, "sent, answered")
+    assert (0, 1) == (store.counts().delivered, store.counts().queued)  # riding
+    started = time.monotonic()
+    await flusher.drain(10.0)
+    assert time.monotonic() - started < 5.0
+    assert task.done()
+    assert (1, 0) == (store.counts().delivered, store.counts().queued)
 
 
 async def test_outage_then_recovery_delivers_each_key_exactly_once(

@@ -558,6 +558,10 @@ class Flusher:
                 return self._policy.state
             if not self._running:
                 return "stopped"
+            if self._settler.unsaved:
+                # Outcomes riding would wait up to ``settler.RIDE_S`` for received events,
+                # which a stopping sidecar no longer takes: record them now.
+                self._settler.hurry()
             if not self._settler.waiting and self._sending == 0:
                 queued = self._queued()
                 if queued == 0:

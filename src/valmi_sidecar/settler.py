@@ -19,7 +19,7 @@ import structlog
 
 from .disk import SETTLE_DEAD_BYTES
 from .logs import debug_enabled
-from .store import DeadLetter, Settlement, Store, StoreError
+from .store import DeadLetter, Delivered, Settlement, Store, StoreError
 
 #: How long finished outcomes wait for company before one settle transaction (unless a
 #: batch is full). A settle joins the group commit of the events being received, and a
@@ -27,11 +27,20 @@ from .store import DeadLetter, Settlement, Store, StoreError
 #: The cost: an event's delivery is recorded up to this much later, so a crash in
 #: between re-sends it (same key).
 SETTLE_LINGER_S: Final = 0.1
-#: Fewer outcomes than this ride: they wait (up to ``SETTLE_LINGER_S``) in the writer for
-#: the next transaction of received events instead of lingering here, since a settle
-#: transaction of its own costs the writer several times what riding costs. More ride
-#: not: at high rates they would make every ingest transaction a larger one.
+#: Fewer outcomes than this ride: they wait (up to ``RIDE_S``) in the writer for the next
+#: transaction of received events instead of lingering here, since a settle transaction
+#: of its own costs the writer several times what riding costs. More ride not: at high
+#: rates they would make every ingest transaction a larger one.
 RIDE_BELOW: Final = 8
+#: How long a riding delivery waits in the writer for a transaction of received events
+#: before it is recorded alone. Riders gather company for half of it
+#: (``store.core.RIDERS_GATHER_S``), so at a few events a second one transaction records
+#: several deliveries, and their statements and pages are written once for all of them.
+#: It bounds nothing else: a crash re-sends at most ``Flusher.max_unsaved`` events (same
+#: key) whatever it is, a drain boards the riders at once, and so does the flusher when
+#: it waits for outcomes to be saved. A retry or a dead letter rides ``SETTLE_LINGER_S``
+#: at most: its event is not sent again, nor its refusal shown, until it is recorded.
+RIDE_S: Final = 1.0
 #: After a failed settle (disk full or failing), wait this long before trying it again.
 SETTLE_RETRY_S: Final = 1.0
 
@@ -76,7 +85,8 @@ class Settler:
             # waiting for it to wake again after the commit (two loop iterations an event).
             # Riders join the same next transaction, as a batch made here would.
             try:
-                future = self._store.settle_soon([settlement], ride_s=SETTLE_LINGER_S)
+                ride_s = RIDE_S if type(settlement) is Delivered else SETTLE_LINGER_S
+                future = self._store.settle_soon([settlement], ride_s=ride_s)
             except StoreError:
                 pass  # closing or stopped: the task meets the same error and retries
             else:
@@ -139,7 +149,7 @@ class Settler:
                             await self._now.wait()
                 self._now.clear()
                 try:
-                    await self._commit(SETTLE_LINGER_S if ride else 0.0)
+                    await self._commit(_ride_s(self._pending) if ride else 0.0)
                 except StoreError as exc:
                     log.warning(
                         "settle_failed",
@@ -171,6 +181,13 @@ class Settler:
         self._recorded(batch, started)
 
 
+def _ride_s(pending: list[Settlement]) -> float:
+    """How long ``pending``, riding, waits for received events (``RIDE_S``)."""
+    if all(type(s) is Delivered for s in pending):
+        return RIDE_S
+    return SETTLE_LINGER_S
+
+
 def _within_dead_bytes(pending: list[Settlement]) -> int:
     """How many of the first outcomes one settle transaction takes: its dead letters (whose
     bodies it copies) within ``SETTLE_DEAD_BYTES``, the disk budget's bound; one at least."""
@@ -183,4 +200,4 @@ def _within_dead_bytes(pending: list[Settlement]) -> int:
     return len(pending)
 
 
-__all__ = ["SETTLE_LINGER_S", "SETTLE_RETRY_S", "Settler"]
+__all__ = ["RIDE_S", "SETTLE_LINGER_S", "SETTLE_RETRY_S", "Settler"]

@@ -62,12 +62,13 @@ CLOSE_DRAIN_S: Final = 5.0
 #: A rider (``settle_soon`` with ``ride_s``) sits out the transactions of submissions that
 #: come sooner than this (or half its ``ride_s``) after it, to gather company; then the
 #: riders board one together (the writer lets them on sooner when ``writer.RIDERS_FULL``
-#: ride, or with a settlement that does not ride). At 100 events/s a transaction then
-#: records five deliveries with every fifth event instead of one with every event: the
-#: settlement's statements, and the start of the writing that its first statement pays,
-#: once for five. A crash in between re-sends what was delivered and not yet recorded,
-#: with the same key, as it did before.
-RIDERS_GATHER_S: Final = 0.05
+#: ride, or with a settlement that does not ride). At 10 events/s a transaction then
+#: records five deliveries with every fifth event, and at 100 eight with every eighth,
+#: instead of one with every event: the settlement's statements and pages (the events'
+#: delete, the keys' update, the ledger row), and the start of the writing that its first
+#: statement pays, once for several. A crash in between re-sends what was delivered and
+#: not yet recorded, with the same key, at most the flusher's bound on unsaved outcomes.
+RIDERS_GATHER_S: Final = 0.5
 
 
 class Store:
