@@ -19,7 +19,7 @@ import structlog
 
 from .disk import SETTLE_DEAD_BYTES
 from .logs import debug_enabled
-from .store import DeadLetter, Delivered, Settlement, Store, StoreError
+from .store import DeadLetter, Delivered, Settle, Settlement, Store, StoreError
 
 #: How long finished outcomes wait for company before one settle transaction (unless a
 #: batch is full). A settle joins the group commit of the events being received, and a
@@ -60,8 +60,11 @@ class Settler:
         self._pending: list[Settlement] = []
         # Outcomes in the settle transaction that ``run`` makes now.
         self._committing = 0
-        # Outcomes riding from ``add``, each waiting in the writer for a transaction.
+        # Outcomes riding from ``add``, waiting in the writer for a transaction.
         self._riding = 0
+        # The deliveries riding from ``add`` that later ones join while the writer has not
+        # taken it: one operation, one future and one callback for them all.
+        self._ride: Settle | None = None
         self._wake = asyncio.Event()
         # Set when leasing waits for outcomes to be saved: stop lingering.
         self._now = asyncio.Event()
@@ -84,21 +87,32 @@ class Settler:
             # Few and in no hurry: it rides at once, without waking the task below and
             # waiting for it to wake again after the commit (two loop iterations an event).
             # Riders join the same next transaction, as a batch made here would.
+            delivered = type(settlement) is Delivered
+            if delivered and self._ride is not None and self._ride.join(settlement):
+                self._riding += 1
+                return
             try:
-                ride_s = RIDE_S if type(settlement) is Delivered else SETTLE_LINGER_S
-                future = self._store.settle_soon([settlement], ride_s=ride_s)
+                ride_s = RIDE_S if delivered else SETTLE_LINGER_S
+                ride = self._store.ride_soon([settlement], ride_s=ride_s)
             except StoreError:
                 pass  # closing or stopped: the task meets the same error and retries
             else:
                 self._riding += 1
+                if delivered:
+                    self._ride = ride
                 started = time.monotonic()
-                future.add_done_callback(functools.partial(self._rode, [settlement], started))
+                ride.future.add_done_callback(
+                    functools.partial(self._rode, ride.settlements, started)
+                )
                 return
         self._pending.append(settlement)
         self._wake.set()
 
     def _rode(self, batch: list[Settlement], started: float, future: asyncio.Future[None]) -> None:
-        """A riding batch's transaction ended (``add``'s fast path)."""
+        """A riding batch's transaction ended (``add``'s fast path); ``batch`` holds
+        the settlements that joined it too."""
+        if self._ride is not None and self._ride.future is future:
+            self._ride = None
         self._riding -= len(batch)
         error = asyncio.CancelledError() if future.cancelled() else future.exception()
         if error is not None:

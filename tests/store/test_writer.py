@@ -401,6 +401,36 @@ async def test_riders_board_at_once_when_many_or_with_a_settlement_that_does_not
     assert n + 2 == store.counts().delivered
 
 
+async def test_settlements_join_a_rider_until_the_writer_takes_it(
+    open_store: OpenStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settler's deliveries ride as one operation: each joins the one waiting, is
+    recorded in its transaction and resolves with it; once the writer took it for a
+    transaction, none joins (its thread reads it) and the next rides anew."""
+    monkeypatch.setattr(store_core, "RIDERS_GATHER_S", 0.0)  # they board the next submission
+    store = await open_store()
+    await store.submit([action(clock) for _ in range(4)])
+    a, b, c, d = await store.lease(4, frozenset())
+    ride = store.ride_soon([Delivered(a.seq)], ride_s=30.0)
+    assert ride.join(Delivered(b.seq))
+    assert ride.join(Delivered(c.seq))
+    await asyncio.sleep(0)
+    commits = store.commits
+    submitted = store.submit_soon([action(clock)])
+    assert not ride.future.done()
+    await asyncio.sleep(0)  # the writer takes the submission and the rider
+    assert not ride.join(Delivered(d.seq))  # taken: too late to join
+    await asyncio.wait_for(asyncio.gather(submitted, ride.future), 5)
+    assert (commits + 1, 3, 2) == (
+        store.commits,
+        store.counts().delivered,
+        store.counts().queued,
+    )
+    assert not ride.join(Delivered(d.seq))  # recorded: too late as well
+    await store.settle([Delivered(d.seq)])
+    assert (4, 1) == (store.counts().delivered, store.counts().queued)
+
+
 async def test_riders_board_at_once_when_their_outcomes_are_awaited(
     open_store: OpenStore, clock: Clock
 ) -> None:

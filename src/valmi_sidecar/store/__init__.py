@@ -20,6 +20,7 @@ from . import handoff
 from .core import Store
 from .files import moved_aside_files
 from .mirror import RATE_WINDOW_S
+from .plan import Settle
 from .readonly import ReadOnlyDatabase
 from .records import (
     DEAD_LETTER_WARN_SHARE,
@@ -76,6 +77,7 @@ __all__ = [
     "ReadOnlyDatabase",
     "Retry",
     "SalvageReport",
+    "Settle",
     "Settlement",
     "Store",
     "StoreError",

@@ -382,17 +382,26 @@ class Store:
         """What ``settle`` does, without a task: the future resolves after the commit (or
         fails with the same errors); raises ``StoreError`` at once if the store is closing
         or stopped. For the flusher, which records most outcomes this way."""
+        if ride_s > 0 and settlements:
+            return self.ride_soon(list(settlements), ride_s=ride_s).future
         future: asyncio.Future[None] = self._loop_future()
         if not settlements:
             future.set_result(None)
-            return future
-        if ride_s > 0:
-            now = time.monotonic()
-            boards_at = now + min(RIDERS_GATHER_S, ride_s / 2)
-            self._writer.enqueue(Settle(settlements, future, now + ride_s, boards_at))
         else:
-            self._writer.enqueue(Settle(settlements, future))
+            self._writer.enqueue(Settle(list(settlements), future))
         return future
+
+    def ride_soon(self, settlements: list[Settlement], *, ride_s: float) -> Settle:
+        """``settle_soon`` of ``settlements`` that ride (``ride_s`` > 0), as the writer's
+        operation: its ``future``, and ``join`` for more settlements to ride with them
+        until the writer takes it (one future and one callback for all of them). Raises
+        ``StoreError`` as ``settle_soon`` does."""
+        op = Settle(settlements, self._loop_future())
+        now = time.monotonic()
+        op.ride_until = now + ride_s
+        op.boards_at = now + min(RIDERS_GATHER_S, ride_s / 2)
+        self._writer.enqueue(op)
+        return op
 
     def board_riders(self) -> None:
         """Record the riding settlements now, alone if no submission comes, instead of

@@ -33,7 +33,7 @@ class Submit:
 
 @dataclass(slots=True, eq=False)
 class Settle:
-    settlements: Sequence[Settlement]
+    settlements: list[Settlement]
     future: asyncio.Future[None]
     #: A rider waits, until this ``time.monotonic()``, for a transaction of submissions to
     #: join rather than making one of its own (0: no wait).
@@ -41,6 +41,18 @@ class Settle:
     #: Before this ``time.monotonic()`` a rider sits out transactions of submissions, to
     #: gather company (``core.RIDERS_GATHER_S``).
     boards_at: float = 0.0
+    #: Taken by the writer for a transaction: from then on its thread reads
+    #: ``settlements``, and none may join.
+    boarded: bool = False
+
+    def join(self, settlement: Settlement) -> bool:
+        """Add ``settlement`` to this rider while it waits (on the event loop, as the
+        writer takes riders): recorded in the same transaction, its future resolved with
+        this one's. ``False`` once the writer took it, or it ended."""
+        if self.boarded or self.future.done():
+            return False
+        self.settlements.append(settlement)
+        return True
 
 
 @dataclass(slots=True, eq=False)

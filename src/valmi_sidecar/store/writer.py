@@ -364,6 +364,7 @@ class Writer:
             # (An operation that runs alone, first in line, goes first; they wait on.)
             while riders and n < MAX_GROUP_EVENTS:
                 rider = riders.popleft()
+                rider.boarded = True  # none joins it from here: its thread reads it
                 if not rider.future.done():
                     group.append(rider)
                     n += len(rider.settlements)
