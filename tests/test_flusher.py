@@ -455,6 +455,36 @@ async def test_a_drain_records_riding_deliveries_without_waiting_for_their_ride(
     assert (1, 0) == (store.counts().delivered, store.counts().queued)
 
 
+async def test_a_backlog_drained_while_nothing_is_received_is_recorded_without_a_ride(
+    tmp_path: Path, fake: FakeValmi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deliveries wait for company only while events are being received. A backlog
+    forwarded after a restart, with nothing coming in, has its deliveries recorded at
+    once and the queue reads empty, not a ride later; the next event received rides."""
+    monkeypatch.setattr(settler, "RIDE_S", 30.0)
+    path = tmp_path / "backlog"
+    before = await Store.open(path, durability="normal")
+    try:
+        await before.submit([action(i) for i in range(3)])
+    finally:
+        await before.close()
+    store = await Store.open(path, durability="normal")
+    upstream = Upstream(fake.url, Secret(DEFAULT_KEY), timeout_s=2.0, max_connections=4)
+    flusher = Flusher(store, upstream, fast_settings(path, fake.url))
+    task = asyncio.create_task(flusher.run())
+    try:
+        await wait_until(lambda: 3 == store.counts().delivered, 5, "the backlog recorded")
+        assert 0 == store.counts().queued
+        await store.submit([action(3)])
+        await wait_until(lambda: 4 == fake.requests and 0 == flusher.in_flight, 5, "answered")
+        assert (3, 1) == (store.counts().delivered, store.counts().queued)  # riding
+    finally:
+        await stop(flusher, task)
+        await upstream.aclose()
+        await store.close()
+    assert [0, 1, 2, 3] == order(fake)
+
+
 async def test_outage_then_recovery_delivers_each_key_exactly_once(
     store: Store, fake: FakeValmi, start_flusher: StartFlusher
 ) -> None:

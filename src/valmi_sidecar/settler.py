@@ -40,6 +40,9 @@ RIDE_BELOW: Final = 8
 #: key) whatever it is, a drain boards the riders at once, and so does the flusher when
 #: it waits for outcomes to be saved. A retry or a dead letter rides ``SETTLE_LINGER_S``
 #: at most: its event is not sent again, nor its refusal shown, until it is recorded.
+#: So do deliveries while no event is being received (none went into a transaction for
+#: ``RIDE_S``, a backlog's drain): no company is coming, and waiting would only show
+#: them queued longer.
 RIDE_S: Final = 1.0
 #: After a failed settle (disk full or failing), wait this long before trying it again.
 SETTLE_RETRY_S: Final = 1.0
@@ -92,7 +95,7 @@ class Settler:
                 self._riding += 1
                 return
             try:
-                ride_s = RIDE_S if delivered else SETTLE_LINGER_S
+                ride_s = self._deliveries_ride_s() if delivered else SETTLE_LINGER_S
                 ride = self._store.ride_soon([settlement], ride_s=ride_s)
             except StoreError:
                 pass  # closing or stopped: the task meets the same error and retries
@@ -163,7 +166,7 @@ class Settler:
                             await self._now.wait()
                 self._now.clear()
                 try:
-                    await self._commit(_ride_s(self._pending) if ride else 0.0)
+                    await self._commit(self._ride_s() if ride else 0.0)
                 except StoreError as exc:
                     log.warning(
                         "settle_failed",
@@ -180,6 +183,19 @@ class Settler:
                 log.warning("final_settle_failed", error=f"{type(exc).__name__}: {exc}")
             raise
 
+    def _ride_s(self) -> float:
+        """How long the outcomes pending, riding, wait for received events."""
+        if all(type(s) is Delivered for s in self._pending):
+            return self._deliveries_ride_s()
+        return SETTLE_LINGER_S
+
+    def _deliveries_ride_s(self) -> float:
+        """How long deliveries ride: ``RIDE_S`` while events are being received, else
+        ``SETTLE_LINGER_S`` (see ``RIDE_S``)."""
+        if self._store.received_within(RIDE_S):
+            return RIDE_S
+        return SETTLE_LINGER_S
+
     async def _commit(self, ride_s: float = 0.0) -> None:
         n = _within_dead_bytes(self._pending)
         batch, self._pending = self._pending[:n], self._pending[n:]
@@ -193,13 +209,6 @@ class Settler:
         finally:
             self._committing = 0
         self._recorded(batch, started)
-
-
-def _ride_s(pending: list[Settlement]) -> float:
-    """How long ``pending``, riding, waits for received events (``RIDE_S``)."""
-    if all(type(s) is Delivered for s in pending):
-        return RIDE_S
-    return SETTLE_LINGER_S
 
 
 def _within_dead_bytes(pending: list[Settlement]) -> int:

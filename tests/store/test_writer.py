@@ -431,6 +431,24 @@ async def test_settlements_join_a_rider_until_the_writer_takes_it(
     assert (4, 1) == (store.counts().delivered, store.counts().queued)
 
 
+async def test_the_store_tells_whether_events_are_being_received(
+    open_store: OpenStore, clock: Clock
+) -> None:
+    """What the settler asks before a delivery rides: whether received events went into
+    a transaction lately. A store just opened has received none; recording outcomes,
+    without any event received, does not count."""
+    store = await open_store()
+    assert not store.received_within(3600)
+    started = time.monotonic()
+    await store.submit([action(clock) for _ in range(2)])
+    assert store.received_within(time.monotonic() - started + 0.5)
+    (a, _) = await store.lease(2, frozenset())
+    await asyncio.sleep(0.3)
+    await store.settle([Delivered(a.seq)])
+    assert not store.received_within(0.2)  # the settlement's transaction is not one
+    assert store.received_within(3600)
+
+
 async def test_riders_board_at_once_when_their_outcomes_are_awaited(
     open_store: OpenStore, clock: Clock
 ) -> None:

@@ -249,6 +249,10 @@ class Store:
 
     # -- state ---------------------------------------------------------------------------
 
+    def received_within(self, seconds: float) -> bool:
+        """Whether received events went into a transaction in the last ``seconds``."""
+        return time.monotonic() - self._writer.submitted_at < seconds
+
     @property
     def writable(self) -> bool:
         """False after a failed commit (or once the writer stopped) until a commit succeeds."""

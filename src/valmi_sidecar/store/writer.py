@@ -112,9 +112,10 @@ class Writer:
         #: The events and body bytes of the group ``_take_group`` took last, with ``_late``:
         #: what joining counts against the group's bounds; and its submissions (``_dispatch``).
         self._late_events = self._late_bytes = self._taken_submits = 0
-        #: The wake-up for riders waiting for company, or for the next probe.
+        #: The wake-up for riders waiting for company, or for the next probe; and when
+        #: (``time.monotonic``) the thread was last handed submissions (``Store.received_within``).
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer_at, self.submitted_at = 0.0, float("-inf")
         #: Resolved when the writer stopped (``run`` returns), failed with a crash.
         self._stopped: asyncio.Future[None] | None = None
         self._ended = False
@@ -455,6 +456,8 @@ class Writer:
             if not isinstance(group[0], SOLO):
                 self._late_open = True  # counted from ``_take_group``'s bounds
                 fn = self._late_joined(group, fn)
+            if self._taken_submits:
+                self.submitted_at = started
             # Many submissions at once: requests came in while the last commit ran, so the
             # loop is busy. Hand the thread the GIL now rather than when the loop runs dry.
             # (The group is written in one call to SQLite then, ``writes.ONE_CALL_MIN_SUBMITS``.)
