@@ -62,6 +62,10 @@ PROBE_INTERVAL_S: Final = 1.0
 class Writer:
     """Runs every write of one store, in group transactions (see the module's text)."""
 
+    #: When (``time.monotonic``) the thread was last handed submissions: riders wait for
+    #: company only while events are being received (``Store.received_within``).
+    submitted_at: float = float("-inf")
+
     def __init__(
         self,
         conn: SqliteThread,
@@ -112,10 +116,9 @@ class Writer:
         #: The events and body bytes of the group ``_take_group`` took last, with ``_late``:
         #: what joining counts against the group's bounds; and its submissions (``_dispatch``).
         self._late_events = self._late_bytes = self._taken_submits = 0
-        #: The wake-up for riders waiting for company, or for the next probe; and when
-        #: (``time.monotonic``) the thread was last handed submissions (``Store.received_within``).
+        #: The wake-up for riders waiting for company, or for the next probe.
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at, self.submitted_at = 0.0, float("-inf")
+        self._timer_at = 0.0
         #: Resolved when the writer stopped (``run`` returns), failed with a crash.
         self._stopped: asyncio.Future[None] | None = None
         self._ended = False
