@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from valmi_sidecar import events
-from valmi_sidecar.events import ValidationError, parse_batch, parse_one
+from valmi_sidecar.events import Kind, ValidationError, check_body, parse_batch, parse_one
 
 NOW = 1_700_000_000.123
 
@@ -375,3 +375,81 @@ def test_event_ids_are_unique_time_ordered_and_not_shared_with_a_forked_child() 
     assert os.waitpid(child, 0)[1] == 0
     assert from_child.startswith("evt_000000000000")
     assert from_child != events.new_event_id(0.0)
+
+
+def _bodies_around_the_rules() -> list[tuple[str, object]]:
+    """Bodies on each side of each rule ``check_body`` applies."""
+    names = ["x", " x ", "", " ", "\t\n", "\u00a0", "\u2003", "a" * 256, "a" * 257, 7, None, True]
+    values: list[object] = [
+        1.5, 0, -3, True, False, None, "2", float("inf"), float("nan"), 2**53, -(2**53),
+        2**53 + 1, 2**1023, 2**1100, [1], {"v": 1},
+    ]  # fmt: skip
+    stamps: list[object] = [
+        None, "2026-01-15T10:30:00Z", "2026-01-15T10:30:00.250+01:00", "2026-01-15",
+        "2026-02-30T10:30:00Z", "2026-01-15T10:30:00", 5,
+    ]  # fmt: skip
+    bodies: list[tuple[str, object]] = [("action", []), ("action", "x"), ("outcome", None)]
+    for name in names:
+        bodies.append(("action", {"agent_key": name, "action_type": "llm_call"}))
+        bodies.append(("action", {"agent_key": "a", "action_type": name}))
+        bodies.append(("outcome", {"agent_key": "a", "outcome_type": name, "value": 1}))
+    for value in values:
+        bodies.append(("outcome", {"agent_key": "a", "outcome_type": "t", "value": value}))
+    for ts in stamps:
+        bodies.append(("action", {"agent_key": "a", "action_type": "t", "timestamp": ts}))
+    metadatas: list[object] = [{}, {"m": 1}, None, [], "x"]
+    for metadata in metadatas:
+        bodies.append(("action", {"agent_key": "a", "action_type": "t", "metadata": metadata}))
+    bodies += [
+        ("action", {"agent_key": "a"}),
+        ("action", {"agent_key": "a", "action_type": "t", "extra": 1}),
+        ("action", {"agent_key": "a", "action_type": "t", "value": 1}),
+        ("outcome", {"agent_key": "a", "outcome_type": "t"}),
+        ("outcome", {"agent_key": "a", "action_type": "t", "value": 1}),
+    ]
+    return bodies
+
+
+@pytest.mark.parametrize(("kind", "body"), _bodies_around_the_rules())
+def test_the_check_of_a_plain_body_agrees_with_the_full_check(kind: Kind, body: object) -> None:
+    """``check_body`` passes a usual body without asking each rule in turn: it must
+    never pass one that the full check refuses, and says the same of every other."""
+    assert events._problems(kind, body, "") == check_body(kind, body)
+
+
+def test_the_usual_bodies_take_the_plain_check() -> None:
+    usual: list[tuple[Kind, dict[str, object]]] = [
+        ("action", {"agent_key": "a1", "action_type": "llm_call"}),
+        ("action", {"agent_key": "a1", "action_type": "llm_call", "metadata": {"tokens": 3}}),
+        ("outcome", {"agent_key": "a1", "outcome_type": "ticket_resolved", "value": 1}),
+        ("outcome", {"agent_key": "a1", "outcome_type": "sale", "value": 12.5,
+                     "timestamp": "2026-01-15T10:30:00Z"}),
+    ]  # fmt: skip
+    assert all(events._plainly_valid(kind, body) for kind, body in usual)
+    assert [] == [check_body(kind, body) for kind, body in usual if check_body(kind, body)]
+
+
+_FIELD_VALUES = st.one_of(
+    st.text(max_size=300),
+    st.sampled_from([" ", "\u00a0x", "a" * 256, "a" * 257, "2026-01-15T10:30:00Z"]),
+    st.integers(),
+    st.floats(),
+    st.none(),
+    st.booleans(),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.lists(st.integers(), max_size=2),
+)
+_FIELD_NAMES = st.sampled_from(
+    ["agent_key", "action_type", "outcome_type", "value", "metadata", "timestamp", "x"]
+)
+
+
+@settings(max_examples=400)
+@given(
+    kind=st.sampled_from(["action", "outcome"]),
+    body=st.dictionaries(_FIELD_NAMES, _FIELD_VALUES, max_size=6),
+)
+def test_any_body_is_judged_alike_by_the_plain_and_the_full_check(
+    kind: Kind, body: dict[str, Any]
+) -> None:
+    assert events._problems(kind, body, "") == check_body(kind, body)

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ACTION, OUTCOME, SidecarFactory, wait_until
 from valmi_sidecar import __version__
-from valmi_sidecar.metrics import DrainForecast, drain_forecast
+from valmi_sidecar.metrics import DrainForecast, UpstreamStats, drain_forecast
 
 if TYPE_CHECKING:
     from valmi_sidecar.fake_api import FakeValmi
@@ -316,3 +316,17 @@ async def test_every_metric_the_sidecar_exposes_is_in_the_readme(
     ours = {n.removeprefix("valmi_sidecar_") for n in names if n.startswith("valmi_sidecar_")}
     assert len(ours) > 30
     assert set() == {n for n in ours if f"`{n}" not in readme}
+
+
+@pytest.mark.parametrize(
+    ("status", "status_class"),
+    [(None, "error"), (99, "error"), (100, "1xx"), (204, "2xx"), (308, "3xx"), (404, "4xx"),
+     (599, "5xx"), (600, "error")],
+)  # fmt: skip
+def test_each_upstream_answer_counts_in_its_status_class(
+    status: int | None, status_class: str
+) -> None:
+    stats = UpstreamStats()
+    stats.observe(status, 0.01)
+    assert {status_class: 1} == {k: n for k, n in stats.requests.items() if n}
+    assert (1, 0.01) == (stats.duration.count, stats.duration.sum)

@@ -308,3 +308,78 @@ def test_only_an_event_tried_before_expires_and_never_while_paused() -> None:
     assert policy.expired(3, age_limit + 1)
     answer(clock, policy, Ev(1), Answer("pause", 401, "HTTP 401"))
     assert not policy.expired(3, age_limit + 1)  # it is the probe
+
+
+def _delivery_then_failures(
+    policy: UpstreamPolicy[Ev], clock: Clock, *, quiet: bool
+) -> tuple[Decision[Ev] | None, tuple[object, ...], str]:
+    """A plain delivery (through ``on_quiet_delivery`` first when ``quiet``), then
+    failures up to one short of a backoff: what a caller can see of the policy after."""
+    d = None
+    if not (quiet and policy.on_quiet_delivery(OK)):
+        d = answer(clock, policy, Ev(50), OK)
+    seen: tuple[object, ...] = (
+        policy.state,
+        policy.hold_until,
+        policy.generation,
+        policy.held,
+        policy.probed,
+        policy.next_attempt_in_s,
+        policy.send_limit(16),
+        policy.answered,
+        policy.last_error,
+    )
+    for seq in range(60, 60 + BACKOFF_AFTER_FAILURES - 1):
+        answer(clock, policy, Ev(seq), FAIL)
+    return d, seen, policy.state
+
+
+_BEFORE_A_DELIVERY = {
+    "nothing": [],
+    "one failure": [FAIL],
+    "a backoff": [FAIL] * BACKOFF_AFTER_FAILURES,
+    "a refusal held": [refused()],
+    "a pause": [Answer("pause", 401, "HTTP 401")],
+    "a 429": [Answer("retry", 429, "HTTP 429", retry_after_s=1.0)],
+    "a budget told": [
+        Answer("delivered", 202, "", rate_limit_remaining=50, rate_limit_reset_s=9.0)
+    ],
+}
+
+
+@pytest.mark.parametrize("before", list(_BEFORE_A_DELIVERY))
+def test_a_quiet_delivery_leaves_the_policy_as_on_answer_would(before: str) -> None:
+    """The flusher asks ``on_quiet_delivery`` first for every answer: where it takes one,
+    nothing may differ from what ``on_answer`` decides; where ``on_answer`` would decide
+    something (dead letters, a note, the end of a hold), it declines."""
+    outcomes: list[tuple[Decision[Ev] | None, tuple[object, ...], str]] = []
+    for quiet in (True, False):
+        clock = Clock()
+        policy = make(clock)
+        for i, reply in enumerate(_BEFORE_A_DELIVERY[before]):
+            answer(clock, policy, Ev(i + 1, attempts=1), reply)
+        clock.t += 2.0  # past a 429's hold
+        policy.wait_s()
+        outcomes.append(_delivery_then_failures(policy, clock, quiet=quiet))
+    (taken_d, taken_seen, taken_after), (d, seen, after) = outcomes
+    assert d is not None
+    assert (seen, after) == (taken_seen, taken_after)
+    if taken_d is None:  # taken quietly: on_answer had nothing to decide
+        assert ("delivered", [], [], [], False) == (
+            d.action,
+            d.release,
+            d.dead_letters,
+            d.notes,
+            d.release_buffer,
+        )
+    quiet_expected = before in ("nothing", "a budget told")
+    assert quiet_expected == (taken_d is None)
+
+
+def test_a_delivery_that_tells_the_rate_limit_is_not_quiet() -> None:
+    policy = make(Clock())
+    told = Answer("delivered", 202, "", rate_limit_remaining=0, rate_limit_reset_s=5.0)
+    assert not policy.on_quiet_delivery(told)
+    assert not policy.on_quiet_delivery(FAIL)
+    assert policy.on_quiet_delivery(OK)
+    assert policy.answered

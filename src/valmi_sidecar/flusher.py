@@ -296,7 +296,9 @@ class Flusher:
     def _send_now(self, event: QueuedEvent) -> bool:
         """``_try_send`` once the gate was asked with nothing awaited since: only the
         event's age and the token are left to check."""
-        if self._policy.expired(event.attempts, self._clock() - event.received_at):
+        if event.attempts and self._policy.expired(
+            event.attempts, self._clock() - event.received_at
+        ):  # an event never tried gets its chance: asked only of one tried before
             self._expire(event)
             return True
         taken, notes = self._policy.take()
@@ -406,11 +408,18 @@ class Flusher:
             return False
         if self._gate() != 0.0:
             return False
-        self._buffer_events(self._store.take_fresh(self._policy.send_limit(self._batch)))
-        while self._buffer:
-            # The gate was asked just now, with nothing awaited: what _try_send would ask
+        events = self._store.take_fresh(self._policy.send_limit(self._batch))
+        in_flight = self._in_flight
+        for i, event in enumerate(events):
+            # As _buffer_events and the lease loop's pass would, without the buffer's
+            # round trip for each event (every event comes this way at a steady pace).
+            if event.seq in in_flight:
+                continue
+            in_flight.add(event.seq)
+            # The gate was asked with nothing awaited since: what _try_send would ask
             # again cannot have changed (a send's answer comes in a later callback).
-            if not self._send_now(self._buffer.popleft()) or (self._buffer and self._gate() != 0.0):
+            if not self._send_now(event) or (i + 1 < len(events) and self._gate() != 0.0):
+                self._buffer_events(events[i + 1 :])
                 return False
         return not self._store.fresh  # more than one take: the loop takes the rest
 
@@ -431,7 +440,8 @@ class Flusher:
         self._to_send.append((event, generation))
 
     async def _sender(self, upstream: Upstream) -> None:
-        """One of the pool: send what the lease loop hands over, one event at a time."""
+        """One of the pool: send what the lease loop hands over, one event at a time (in
+        this coroutine, not one of its own: every event paid for one)."""
         loop = asyncio.get_running_loop()
         while True:
             if self._to_send:
@@ -440,29 +450,34 @@ class Flusher:
                 waiting: asyncio.Future[tuple[QueuedEvent, int]] = loop.create_future()
                 self._idle.append(waiting)
                 event, generation = await waiting
-            await self._send(upstream, event, generation)
-
-    async def _send(self, upstream: Upstream, event: QueuedEvent, generation: int) -> None:
-        sent_at = time.monotonic()
-        try:
-            if self._policy.refresh_key_first:
-                # A rotated key (a Kubernetes Secret updated in place) resumes delivery
-                # without a restart, which for an emptyDir queue would lose it.
-                await upstream.refresh_key()
-            answer = await upstream.send(event)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                self._unlease(event.seq)  # stays queued; same key next time
-            self._wake.set()
-            raise
-        finally:
-            self._sending -= 1
-        self._on_answer(event, answer, generation, sent_at)
+            sent_at = time.monotonic()
+            try:
+                if self._policy.refresh_key_first:
+                    # A rotated key (a Kubernetes Secret updated in place) resumes delivery
+                    # without a restart, which for an emptyDir queue would lose it.
+                    await upstream.refresh_key()
+                answer = await upstream.send(event)
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    self._unlease(event.seq)  # stays queued; same key next time
+                self._wake.set()
+                raise
+            finally:
+                self._sending -= 1
+            self._on_answer(event, answer, generation, sent_at)
 
     def _on_answer(
         self, event: QueuedEvent, answer: Answer, generation: int, sent_at: float
     ) -> None:
         policy = self._policy
+        if policy.on_quiet_delivery(answer):
+            # What on_answer would decide, with nothing to ask it: the usual answer.
+            self._settler.add(Delivered(event.seq))
+            self._summary["delivered"] += 1
+            self._progress.set()
+            if self._wants_room:
+                self._wake.set()
+            return
         before = (policy.state, policy.hold_until)
         d = policy.on_answer(event, answer, generation, sent_at, sending=self._sending)
         self._apply(event, answer, d)

@@ -51,6 +51,8 @@ UPSTREAM_STATES: Final = ("ok", "backing_off", "rate_limited", "paused", "disabl
 KINDS: Final = ("action", "outcome")
 #: Upstream answers by class; ``error`` is a transport error or timeout (no answer).
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")
+#: Each HTTP status's class, looked up once a request rather than formatted.
+_STATUS_CLASS: Final = {s: f"{s // 100}xx" for s in range(100, 600)}
 #: The receiver's refusal codes, shown at 0 before the first (others appear when seen).
 REFUSAL_CODES: Final = (
     "invalid_request",
@@ -86,8 +88,7 @@ class UpstreamStats:
 
     def observe(self, status: int | None, seconds: float) -> None:
         """Count one request: its HTTP status, or ``None`` for a transport error."""
-        key = "error" if status is None or not 100 <= status < 600 else f"{status // 100}xx"
-        self.requests[key] += 1
+        self.requests[_STATUS_CLASS.get(status, "error") if status is not None else "error"] += 1
         self.duration.observe(seconds)
 
 

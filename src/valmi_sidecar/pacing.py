@@ -55,6 +55,8 @@ class TokenBucket:
 
     def delay(self) -> float:
         """Seconds until a token is available (``0.0`` when one is available now)."""
+        if self._tokens >= 1.0 - _EPSILON:
+            return 0.0  # a refill only adds: asked before every send, this is the usual answer
         self._refill()
         if self._tokens >= 1.0 - _EPSILON:
             return 0.0

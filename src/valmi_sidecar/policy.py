@@ -274,6 +274,29 @@ class UpstreamPolicy(Generic[E]):
         self._refused.clear()
         self._probed.clear()
 
+    def on_quiet_delivery(self, answer: Answer) -> bool:
+        """``on_answer`` for the usual answer, taken here when it decides nothing: a
+        delivery that says nothing of the rate limit, while all is well (no failure, pause,
+        rate limit or refusal to clear). Then the flusher records the delivery and nothing
+        else changes. ``False``: ask ``on_answer``."""
+        if (
+            self._state != "ok"
+            or answer.verdict != "delivered"
+            or answer.rate_limit_remaining is not None
+            or answer.rate_limit_reset_s is not None
+            or self._refused
+            or self._probed
+            or self._failures
+            or self._pauses
+            or self._systemic
+            or self._rate_limits
+            or self._pause_status is not None
+        ):
+            return False
+        self._answered = True
+        self._delivered_at = self._clock()
+        return True
+
     def on_answer(
         self, event: E, answer: Answer, generation: int, sent_at: float, *, sending: int
     ) -> Decision[E]:

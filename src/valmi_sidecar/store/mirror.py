@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import deque
-from typing import Final
+from typing import Final, TypeVar
 
 import structlog
 
@@ -25,6 +25,8 @@ log = structlog.get_logger("valmi_sidecar.store")
 #: ``rates()``: one sample of the counts a second at most, over about a minute.
 RATE_SAMPLE_S: Final = 1.0
 RATE_WINDOW_S: Final = 60.0
+
+_K = TypeVar("_K")
 
 
 class Mirror:
@@ -105,15 +107,15 @@ class Mirror:
     def apply(self, plan: Plan) -> None:
         """The effect of a committed transaction."""
         stats = self.stats
-        for counts, into in (
-            (plan.received_kinds, stats.received),
-            (plan.delivered_kinds, stats.delivered),
-            (plan.duplicate_kinds, stats.duplicates),
-        ):
-            for kind, n in counts.items():
-                into[kind] = into.get(kind, 0) + n
-        for key, n in plan.dead_by.items():
-            stats.dead_lettered[key] = stats.dead_lettered.get(key, 0) + n
+        # Each asked first: a commit of one event fills one of them, or two.
+        if plan.received_kinds:
+            _add(stats.received, plan.received_kinds)
+        if plan.delivered_kinds:
+            _add(stats.delivered, plan.delivered_kinds)
+        if plan.duplicate_kinds:
+            _add(stats.duplicates, plan.duplicate_kinds)
+        if plan.dead_by:
+            _add(stats.dead_lettered, plan.dead_by)
         self.received += plan.received
         self.queued += plan.received - plan.removed + plan.requeued
         self.queued_bytes += plan.queued_bytes - plan.removed_bytes
@@ -176,3 +178,8 @@ class Mirror:
         samples.append((now, self.received, self.delivered, dead_total))
         while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW_S:
             samples.popleft()
+
+
+def _add(into: dict[_K, int], counts: dict[_K, int]) -> None:
+    for key, n in counts.items():
+        into[key] = into.get(key, 0) + n
