@@ -693,6 +693,29 @@ def test_calls_counts_each_targets_calls_per_event_by_origin() -> None:
     assert all(".py:" in line for line in listed)
 
 
+def test_opcodes_counts_each_targets_bytecode_per_event_by_thread_and_origin() -> None:
+    """``benchmarks/opcodes.py`` traces a window of the floor and of the sidecar, each
+    forwarding to the fake API, and counts the bytecode instructions per delivered event
+    on the event loop's thread and the others, by where the code lives; it lists the
+    sidecar's own functions that execute most on each."""
+    stdout = _run_script("opcodes.py", "--rate", "20", "--seconds", "1", "--top", "3")
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in ("floor", "sidecar"):
+            rows[cells[0]] = [float(c.replace(",", "")) for c in cells[1:]]
+    assert {"floor", "sidecar"} == set(rows)
+    for _total, loop_own, loop_aiohttp, _, _, others_own, *_ in rows.values():
+        assert loop_own > 0
+        assert loop_aiohttp > 1_000  # a request served and one sent, each event
+        assert others_own > 0  # the writer's thread
+    for total, *columns in rows.values():
+        assert abs(total - sum(columns)) <= len(columns)  # the columns add up (rounded)
+    listed = [line for line in stdout.splitlines() if line.startswith("- ")]
+    assert 6 == len(listed)  # the top 3 of each thread
+    assert all(".py:" in line for line in listed)
+
+
 def test_kernel_counts_reads_each_targets_writes_and_switches_per_event(tmp_path: Path) -> None:
     """``benchmarks/kernel_counts.py`` reads the kernel's counters of every thread of the
     floor and of the sidecar around a window of forwarded events: the event loop's
