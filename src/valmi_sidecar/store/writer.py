@@ -290,7 +290,8 @@ class Writer:
             return
         try:
             while self._pending or self._riders:
-                riding_s = self._riders_wait_s()
+                # Riders wait only when nothing else is pending (asked here: every commit).
+                riding_s = None if self._pending else self._riders_wait_s()
                 if riding_s is not None:
                     self._wake_in(riding_s)
                     return
@@ -535,7 +536,8 @@ class Writer:
 
     def _committed_group(self, group: list[Op], started: float, plan: Plan) -> None:
         first = group[0]
-        if isinstance(first, Requeue | Purge):
+        solo = isinstance(first, SOLO)
+        if solo and isinstance(first, Requeue | Purge):
             result = plan.results[0][1]
             if isinstance(result, Fail) or result == 0:  # no transaction was made
                 if not first.future.done():
@@ -543,18 +545,22 @@ class Writer:
                 self._release()
                 return
         self._committed()
-        if not isinstance(first, SOLO):
+        if not solo:
             stats = self._mirror.stats
             stats.commit_seconds.observe(time.monotonic() - started)
             stats.commit_events.observe(plan.events)
         self._apply(plan)
-        if isinstance(first, SOLO):
+        if solo:
             self._after_solo(plan)  # resolves the operation once the WAL is bounded
             return
         _resolve_all(plan)
 
     def _transaction(self, first: Op, group: list[Op]) -> Callable[[sqlite3.Connection], Plan]:
         """The function that runs ``group`` on the writer's thread."""
+        if type(first) is Submit or type(first) is Settle:  # nearly every transaction
+            return functools.partial(
+                self._groups.write, group, self._mirror.snapshot(self._clock())
+            )
         if isinstance(first, Prune):
             return functools.partial(self._prune, first)
         if isinstance(first, Purge):
