@@ -86,6 +86,28 @@ def post_paced(url: str, rate: float, seconds: float) -> int:
     return acked
 
 
+def signalled_window(
+    url: str, pid: int, fake: str, args: argparse.Namespace, out: Path, label: str
+) -> int:
+    """A warm-up whose deliveries are waited for, then ``--rate`` events for ``--seconds``
+    between SIGUSR1 and SIGUSR2 to ``pid`` (a target under ``profiled.py`` or
+    ``traced.py``), once the fake API holds them all; waits for the target to write
+    ``out``. The events delivered in the window."""
+    warm = post_paced(url, args.rate, 1.0)
+    wait_delivered(fake, warm, args.settle_s, 60.0)
+    httpx.post(fake + "/_fake/reset", timeout=30.0)
+    os.kill(pid, signal.SIGUSR1)
+    acked = post_paced(url, args.rate, args.seconds)
+    events = wait_delivered(fake, acked, args.settle_s, 60.0)
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + PROFILE_TIMEOUT_S
+    while not out.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{label}: nothing written to {out}")
+        time.sleep(0.02)
+    return events
+
+
 def measure(target: str, work: Path, fake: str, args: argparse.Namespace) -> dict[str, object]:
     out = work / f"{target}.prof"
     os.environ["BENCH_PROFILE_OUT"] = str(out)
@@ -93,18 +115,7 @@ def measure(target: str, work: Path, fake: str, args: argparse.Namespace) -> dic
     with target_process(
         target, work / target, fake, forwarding=True, concurrency=16, python=python
     ) as (url, pid):
-        warm = post_paced(url, args.rate, 1.0)
-        wait_delivered(fake, warm, args.settle_s, 60.0)
-        httpx.post(fake + "/_fake/reset", timeout=30.0)
-        os.kill(pid, signal.SIGUSR1)
-        acked = post_paced(url, args.rate, args.seconds)
-        events = wait_delivered(fake, acked, args.settle_s, 60.0)
-        os.kill(pid, signal.SIGUSR2)
-        deadline = time.monotonic() + PROFILE_TIMEOUT_S
-        while not out.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{target}: no profile written to {out}")
-            time.sleep(0.02)
+        events = signalled_window(url, pid, fake, args, out, target)
     by_origin, own = count(pstats.Stats(str(out)), events)
     return {"events": events, "by_origin": by_origin, "own": own}
 

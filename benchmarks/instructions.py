@@ -181,8 +181,32 @@ def command(out: Path, src: Path | None = None) -> tuple[str, ...]:
     ``src``, the package imported from there (``PYTHONPATH``). ``env`` goes first: valgrind
     does not follow an ``exec``, so it must start the interpreter itself."""
     valgrind = ("valgrind", "--tool=callgrind", "--separate-threads=yes", "--instr-atstart=no")
-    env = () if src is None else ("env", f"PYTHONPATH={src}")
-    return (*env, *valgrind, f"--callgrind-out-file={out}.%p", PY)
+    return (*from_source(src), *valgrind, f"--callgrind-out-file={out}.%p", PY)
+
+
+def from_source(src: Path | None) -> tuple[str, ...]:
+    """What a target's command starts with to import the package from ``src`` (none: the
+    installed one)."""
+    return () if src is None else ("env", f"PYTHONPATH={src}")
+
+
+def add_also(ap: argparse.ArgumentParser) -> None:
+    """``--also SRC``, repeatable: old against new in one run."""
+    ap.add_argument(
+        "--also",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="SRC",
+        help="also a sidecar whose package is imported from SRC (a directory holding "
+        "valmi_sidecar, e.g. a copy of src/ before a change): old against new",
+    )
+
+
+def check_also(sources: Iterable[Path]) -> None:
+    for src in sources:
+        if not (src / "valmi_sidecar").is_dir():
+            raise SystemExit(f"--also {src}: no valmi_sidecar package there (give a copy of src/)")
 
 
 def measure(
@@ -268,23 +292,13 @@ def main() -> None:
         "(needs wrk): per acknowledged request",
     )
     ap.add_argument("--dir", type=Path, default=HERE, help="where the data directories go")
-    ap.add_argument(
-        "--also",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="SRC",
-        help="also a sidecar whose package is imported from SRC (a directory holding "
-        "valmi_sidecar, e.g. a copy of src/ before a change): old against new",
-    )
+    add_also(ap)
     args = ap.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("needs valgrind and callgrind_control (apt-get install valgrind)")
     if args.closed is not None and shutil.which("wrk") is None:
         raise SystemExit("--closed needs wrk (apt-get install wrk)")
-    for src in args.also:
-        if not (src / "valmi_sidecar").is_dir():
-            raise SystemExit(f"--also {src}: no valmi_sidecar package there (give a copy of src/)")
+    check_also(args.also)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, fake_api() as fake:
         results = {t: measure(t, Path(tmp), fake, args) for t in TARGETS}
         for i, src in enumerate(args.also):

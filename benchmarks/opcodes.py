@@ -23,33 +23,22 @@ import argparse
 import collections
 import json
 import os
-import signal
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from calls import origin, post_paced  # noqa: E402 - beside this script
-from floor_compare import SETTLE_S, target_process, wait_delivered  # noqa: E402
+from calls import origin, signalled_window  # noqa: E402 - beside this script
+from floor_compare import SETTLE_S, target_process  # noqa: E402
+from instructions import add_also, check_also, from_source  # noqa: E402
 from run import PY, fake_api  # noqa: E402 - beside this script
 
 ORIGINS = ("own code", "aiohttp", "asyncio", "other")
 THREADS = ("loop", "others")
-WRITE_TIMEOUT_S = 60.0
-
-
-def command(src: Path | None = None) -> tuple[str, ...]:
-    """The interpreter's command for a target; with ``src``, its package imported from
-    there (``PYTHONPATH``)."""
-    env = () if src is None else ("env", f"PYTHONPATH={src}")
-    return (*env, PY, str(HERE / "traced.py"))
 
 
 def count(rows: Sequence[Mapping[str, Any]], events: int) -> dict[str, Any]:
@@ -82,21 +71,11 @@ def measure(
     label = label or target
     out = work / f"{label}.json"
     os.environ["BENCH_OPCODES_OUT"] = str(out)
+    python = (*from_source(src), PY, str(HERE / "traced.py"))
     with target_process(
-        target, work / label, fake, forwarding=True, concurrency=16, python=command(src)
+        target, work / label, fake, forwarding=True, concurrency=16, python=python
     ) as (url, pid):
-        warm = post_paced(url, args.rate, 1.0)
-        wait_delivered(fake, warm, args.settle_s, 60.0)
-        httpx.post(fake + "/_fake/reset", timeout=30.0)
-        os.kill(pid, signal.SIGUSR1)
-        acked = post_paced(url, args.rate, args.seconds)
-        events = wait_delivered(fake, acked, args.settle_s, 60.0)
-        os.kill(pid, signal.SIGUSR2)
-        deadline = time.monotonic() + WRITE_TIMEOUT_S
-        while not out.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{label}: no counts written to {out}")
-            time.sleep(0.02)
+        events = signalled_window(url, pid, fake, args, out, label)
     return count(json.loads(out.read_text()), events)
 
 
@@ -133,19 +112,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--settle-s", type=float, default=SETTLE_S)
     ap.add_argument("--top", type=int, default=15, help="own functions listed, per thread")
-    ap.add_argument(
-        "--also",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="SRC",
-        help="also a sidecar whose package is imported from SRC (a directory holding "
-        "valmi_sidecar, e.g. a copy of src/ before a change): old against new",
-    )
+    add_also(ap)
     args = ap.parse_args()
-    for src in args.also:
-        if not (src / "valmi_sidecar").is_dir():
-            raise SystemExit(f"--also {src}: no valmi_sidecar package there (give a copy of src/)")
+    check_also(args.also)
     with tempfile.TemporaryDirectory() as tmp, fake_api() as fake:
         results = {t: measure(t, Path(tmp), fake, args) for t in ("floor", "sidecar")}
         for i, src in enumerate(args.also):

@@ -34,7 +34,11 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 def main() -> None:
     signal.signal(signal.SIGUSR1, _start)
     signal.signal(signal.SIGUSR2, _stop)
-    args = sys.argv[1:]
+    run_program(sys.argv[1:])
+
+
+def run_program(args: list[str]) -> None:
+    """Run ``-m MODULE ARGS...`` or ``SCRIPT ARGS...`` as ``python`` would, as ``__main__``."""
     if args[:1] == ["-m"]:
         sys.argv = [args[1], *args[2:]]
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)

@@ -17,12 +17,15 @@ from __future__ import annotations
 import collections
 import json
 import os
-import runpy
 import signal
 import sys
 import threading
 from types import CodeType, FrameType
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from profiled import run_program
 
 _MAIN = threading.get_ident()
 #: Per thread kind (the main thread or not): instructions and entries, by code object.
@@ -93,13 +96,7 @@ def main() -> None:
     signal.signal(signal.SIGUSR2, _stop)
     sys.settrace(_trace)
     threading.settrace(_trace)
-    args = sys.argv[1:]
-    if args[:1] == ["-m"]:
-        sys.argv = [args[1], *args[2:]]
-        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = args
-        runpy.run_path(args[0], run_name="__main__")
+    run_program(sys.argv[1:])
 
 
 if __name__ == "__main__":
