@@ -557,10 +557,6 @@ class Writer:
 
     def _transaction(self, first: Op, group: list[Op]) -> Callable[[sqlite3.Connection], Plan]:
         """The function that runs ``group`` on the writer's thread."""
-        if type(first) is Submit or type(first) is Settle:  # nearly every transaction
-            return functools.partial(
-                self._groups.write, group, self._mirror.snapshot(self._clock())
-            )
         if isinstance(first, Prune):
             return functools.partial(self._prune, first)
         if isinstance(first, Purge):
