@@ -84,11 +84,11 @@ async def test_calls_run_one_at_a_time_in_order_on_one_thread_that_is_not_the_lo
     assert [thread_id] == [t.ident for t in threading.enumerate() if t.name.startswith("sqlite-")]
 
 
-async def test_a_hand_over_runs_the_job_and_never_waits_long_for_a_busy_thread(
+async def test_a_submitted_job_never_holds_the_loop_while_the_thread_is_busy(
     conn: SqliteThread,
 ) -> None:
-    """``submit(..., hand_over=True)`` waits for the thread to take the job, but only for
-    ``HAND_OVER_S``: a thread held by a long call does not hold the event loop with it."""
+    """``submit`` only queues the job: a thread held by a long call does not hold the
+    event loop with it, and the job runs, its reply on the loop, once the thread is free."""
     loop = asyncio.get_running_loop()
     replies: list[asyncio.Future[tuple[object, BaseException | None]]] = []
 
@@ -99,7 +99,6 @@ async def test_a_hand_over_runs_the_job_and_never_waits_long_for_a_busy_thread(
         conn.submit(
             lambda db: db.execute(sql).fetchall(),
             lambda result, exc: reply.set_result((result, exc)),
-            hand_over=True,
         )
         return time.monotonic() - started
 
@@ -107,7 +106,7 @@ async def test_a_hand_over_runs_the_job_and_never_waits_long_for_a_busy_thread(
     assert ([(1,)], None) == await asyncio.wait_for(replies[0], 10)
     gate, busy = await occupy(conn)  # held until the gate opens (30 s at most)
     waited = submit("SELECT 2")
-    assert waited < 1.0  # not the busy call's time: HAND_OVER_S at most, and scheduling
+    assert waited < 1.0  # not the busy call's time
     assert not replies[1].done()
     gate.set()
     assert ([(2,)], None) == await asyncio.wait_for(replies[1], 10)

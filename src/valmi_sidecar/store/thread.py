@@ -24,9 +24,6 @@ from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
-#: How long ``submit(..., hand_over=True)`` waits for the thread to take its job, at most.
-HAND_OVER_S = 0.002
-
 #: What the loop is told of a job's outcome: ``(result, None)`` or ``(None, exception)``.
 Reply = Callable[[Any, "BaseException | None"], None]
 #: A job: what to run on the thread, and what to call on the loop with its outcome.
@@ -49,8 +46,6 @@ class SqliteThread:
         self._loop = asyncio.get_running_loop()
         self._conn: sqlite3.Connection | None = None
         self._closed = False
-        #: Set by the thread when it takes a job, while ``submit`` hands one over.
-        self._handing: threading.Event | None = None
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -68,8 +63,6 @@ class SqliteThread:
     def _serve(self) -> None:
         loop = self._loop
         while (job := self._jobs.get()) is not None:
-            if (handing := self._handing) is not None:
-                handing.set()
             fn, reply = job
             try:
                 result = fn()
@@ -85,30 +78,20 @@ class SqliteThread:
         self._jobs.put((fn, functools.partial(_settle, future)))
         return future
 
-    def submit(
-        self, fn: Callable[[sqlite3.Connection], _T], reply: Reply, *, hand_over: bool = False
-    ) -> None:
+    def submit(self, fn: Callable[[sqlite3.Connection], _T], reply: Reply) -> None:
         """Run ``fn(connection)`` on the thread and call ``reply(result, None)``, or
         ``reply(None, exception)``, on the loop: ``call`` without a future and the task
         step that awaiting one takes. Raises ``ConnectionClosedError`` after ``close()``.
 
-        With ``hand_over``, wait (``HAND_OVER_S`` at most) until the thread has taken the
-        job. The thread needs the GIL to take it, and a busy event loop lets go of the GIL
-        only when it runs out of work (or after ``sys.getswitchinterval()``, 5 ms): the
-        job would start only then, and its commit end later still. Waiting here hands the
-        lock over at once; the thread lets go of it again in its first SQLite call."""
+        The loop does not wait for the thread to take the job. The thread needs the GIL
+        to take it, which a busy loop lets go of once it runs out of work (or after
+        ``sys.getswitchinterval()``): what the loop serves meanwhile joins the next
+        transaction, so a busy store commits fewer, larger groups (docs/PERFORMANCE.md,
+        "The GIL no longer handed over")."""
         conn = self._conn
         if self._closed or conn is None:
             raise ConnectionClosedError("the database connection is closed")
-        if not hand_over:
-            self._jobs.put((lambda: fn(conn), reply))
-            return
-        took = self._handing = threading.Event()
-        try:
-            self._jobs.put((lambda: fn(conn), reply))
-            took.wait(HAND_OVER_S)
-        finally:
-            self._handing = None
+        self._jobs.put((lambda: fn(conn), reply))
 
     async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """``fn(connection)`` on the connection's thread."""

@@ -43,7 +43,7 @@ from .records import OutcomeUnknownError, StoreError, Unwritable
 from .space import Space
 from .sql import PROBE
 from .thread import SqliteThread
-from .writes import ONE_CALL_MIN_SUBMITS, GroupWriter
+from .writes import GroupWriter
 
 log = structlog.get_logger("valmi_sidecar.store")
 
@@ -462,11 +462,7 @@ class Writer:
                 fn = self._late_joined(group, fn)
             if self._taken_submits:
                 self.submitted_at = started
-            # Many submissions at once: requests came in while the last commit ran, so the
-            # loop is busy. Hand the thread the GIL now rather than when the loop runs dry.
-            # (The group is written in one call to SQLite then, ``writes.ONE_CALL_MIN_SUBMITS``.)
-            hand_over = self._taken_submits >= ONE_CALL_MIN_SUBMITS
-            self.conn.submit(fn, functools.partial(self._done, group, started), hand_over=hand_over)
+            self.conn.submit(fn, functools.partial(self._done, group, started))
         except BaseException:
             # Never written: back in line, to be failed as pending.
             for op in reversed([*group, *self._close_late()]):
