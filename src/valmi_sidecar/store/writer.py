@@ -114,8 +114,10 @@ class Writer:
         self._late_lock = threading.Lock()
         self._late_open = False
         #: The events and body bytes of the group ``_take_group`` took last, with ``_late``:
-        #: what joining counts against the group's bounds; and its submissions (``_dispatch``).
-        self._late_events = self._late_bytes = self._taken_submits = 0
+        #: what joining counts against the group's bounds.
+        self._late_events = self._late_bytes = 0
+        #: Whether that group holds a submission (``_dispatch``: ``submitted_at``).
+        self._took_submits = False
         #: The wake-up for riders waiting for company, or for the next probe.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -374,7 +376,7 @@ class Writer:
                     group.append(rider)
                     n += len(rider.settlements)
             self._boarding = False
-        submits = 0
+        submits = False
         while pending and n < MAX_GROUP_EVENTS:
             op = pending[0]
             if type(op) is Submit:  # nearly every operation: asked first
@@ -389,14 +391,14 @@ class Writer:
                 group.append(op)
                 body_bytes += size
                 n += len(op.events)
-                submits += 1
+                submits = True
                 continue
             if isinstance(op, SOLO):
                 if group:
                     break
                 pending.popleft()
                 if not op.future.done():
-                    self._taken_submits = 0
+                    self._took_submits = False
                     return [op]
                 continue
             assert isinstance(op, Settle)
@@ -407,7 +409,7 @@ class Writer:
         # What submissions that join this group count against its bounds (``_join_late``).
         self._late_events = n
         self._late_bytes = body_bytes
-        self._taken_submits = submits
+        self._took_submits = submits
         return group
 
     def _riders_gather(self) -> bool:
@@ -460,7 +462,7 @@ class Writer:
             if not isinstance(group[0], SOLO):
                 self._late_open = True  # counted from ``_take_group``'s bounds
                 fn = self._late_joined(group, fn)
-            if self._taken_submits:
+            if self._took_submits:
                 self.submitted_at = started
             self.conn.submit(fn, functools.partial(self._done, group, started))
         except BaseException:
