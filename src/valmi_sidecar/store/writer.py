@@ -114,10 +114,8 @@ class Writer:
         self._late_lock = threading.Lock()
         self._late_open = False
         #: The events and body bytes of the group ``_take_group`` took last, with ``_late``:
-        #: what joining counts against the group's bounds.
-        self._late_events = self._late_bytes = 0
-        #: Whether that group holds a submission (``_dispatch``: ``submitted_at``).
-        self._took_submits = False
+        #: what joining counts against the group's bounds; whether it holds a submission.
+        self._late_events, self._late_bytes, self._took_submits = 0, 0, False
         #: The wake-up for riders waiting for company, or for the next probe.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
