@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/floor_compare.py                       # 3 rounds, about 20 min
     .venv/bin/python benchmarks/floor_compare.py --rounds 1 --seconds 10   # a quick look
+    git archive HEAD~1 src | tar -x -C /tmp/before       # old against new, one run:
+    .venv/bin/python benchmarks/floor_compare.py --rates 1000 --no-closed --rounds 5 \
+        --also /tmp/before/src
 
 Three targets, each a fresh process and data directory per measurement: the floor
 (``benchmarks/floor.py``), the sidecar (``valmi-sidecar run``, ``durability=full``, no rate
@@ -36,6 +39,12 @@ right after the same other:
   after a one-second warm-up; floor and sidecar start without an API key, so neither
   forwards, as the issue's last column.
 
+``--also SRC`` (repeatable) adds the sidecar once more for each source tree given (a
+directory holding ``valmi_sidecar``, such as a copy of ``src/`` before a change, imported
+through ``PYTHONPATH``): ``also-1``, ... run in the same rounds as the other targets, and
+the table gains their CPU per event and p99, each against the sidecar's of the same round.
+The issue's verdicts stay the installed sidecar's.
+
 CPU is the target process's only (its threads together; see ``floor_stats.py`` for why
 the process's CPU-time clock and not ``/proc/<pid>/task/*/schedstat``), per delivered event
 (per acknowledged event for bare, and in the closed loop). Latency is wrk's p50/p99 at the
@@ -66,11 +75,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from floor_stats import (  # noqa: E402 - beside this script
+    ALSO_PREFIX,
     CLOSED,
     CONTROL,
     LOOP,
     NAMES,
     TARGETS,
+    also_target,
     cpu_sample,
     cpu_spent,
     markdown,
@@ -84,7 +95,10 @@ from run import (  # noqa: E402 - beside this script
     TOOLS,
     UNLIMITED_PER_MIN,
     Sidecar,
+    add_also,
+    check_also,
     fake_api,
+    from_source,
     ingest_target,
     machine,
     shown,
@@ -224,11 +238,15 @@ def measure(
     fake: str,
     script: Path,
     burst_script: Path,
+    *,
+    python: Sequence[str] = (PY,),
 ) -> dict[str, Any]:
+    """One target at one load point; an ``--also`` target is the sidecar run by ``python``."""
     paced = point != CLOSED
     forwards = paced and target != "bare"
+    kind = "sidecar" if target.startswith(ALSO_PREFIX) else target
     with target_process(
-        target, run_dir, fake, forwarding=paced, concurrency=args.upstream_concurrency
+        kind, run_dir, fake, forwarding=paced, concurrency=args.upstream_concurrency, python=python
     ) as (url, pid):
         if forwards and args.steady_s > 0:
             # A process that has run for a while: its WAL at full size, its tables holding
@@ -292,6 +310,15 @@ def round_order(targets: Sequence[str], n: int) -> list[str]:
     return order[::-1] if k % 2 and (n // k) % 2 else order
 
 
+def _shown_arg(value: Any) -> Any:
+    """An argument as the results show it: paths relative to the repository."""
+    if isinstance(value, Path):
+        return shown(value)
+    if isinstance(value, list):
+        return [_shown_arg(v) for v in value]
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
@@ -332,7 +359,11 @@ def main() -> int:
     parser.add_argument("--upstream-concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--dir", type=Path, default=HERE, help="where the temporary data goes")
+    add_also(parser)
     args = parser.parse_args()
+    check_also(args.also)
+    # Each --also tree runs as a target of its own, in the same rounds as the rest.
+    also = {also_target(i + 1): src.resolve() for i, src in enumerate(args.also)}
     if args.rates and shutil.which("wrk") is None:
         raise SystemExit(
             "the paced points need wrk (apt-get install wrk); give --rates with no value "
@@ -353,12 +384,21 @@ def main() -> int:
             scripts[str(rate)] = work / f"paced-{rate}.lua"
             scripts[str(rate)].write_text(_PACED_LUA.format(body=BODY.decode(), rate=rate))
         targets = [*TARGETS] if args.no_control else [*TARGETS, CONTROL]
+        targets += list(also)
         for n in range(args.rounds):
             for point in points:
                 for target in round_order(targets, n):
                     run_dir = work / f"{target}-{point}-{n}"
+                    python = (*from_source(also.get(target)), PY)
                     run = measure(
-                        args, target, point, run_dir, fake, scripts[point], scripts[CLOSED]
+                        args,
+                        target,
+                        point,
+                        run_dir,
+                        fake,
+                        scripts[point],
+                        scripts[CLOSED],
+                        python=python,
                     )
                     run["round"] = n
                     runs.append(run)
@@ -370,7 +410,14 @@ def main() -> int:
                         f"p99 {run['p99_ms']:.1f} ms",
                         flush=True,
                     )
-    summary = summarize(runs, points)
+    summary = summarize(runs, points, list(also))
+    for target, src in also.items():
+        # Outside the repository, the tree's last two parts (``before/src``), not the
+        # machine's whole path.
+        inside = shown(src) != src.name
+        summary["also"][target]["source"] = (
+            shown(src) if inside else f"{src.parent.name}/{src.name}"
+        )
     m = machine()
     header = (
         f"Run {started} on {m['cpu']} ({m['cores']} cores, shared), Python {m['python']}, "
@@ -391,7 +438,7 @@ def main() -> int:
         "started": started,
         "command": command,
         "machine": m,
-        "args": {k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {k: _shown_arg(v) for k, v in vars(args).items()},
         "targets": dict(NAMES),
         "runs": runs,
         "summary": summary,

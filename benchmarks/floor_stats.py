@@ -155,10 +155,22 @@ def _paired(
     return Spread.of(ratios) if ratios else None
 
 
-def summarize(runs: Sequence[Mapping[str, Any]], points: Sequence[str]) -> dict[str, Any]:
-    """Medians and ranges per (target, point), and the ratios the issue's targets name."""
+#: The sidecar from another source tree (``floor_compare.py --also``): ``also-1``, ...
+ALSO_PREFIX: Final = "also-"
+
+
+def also_target(n: int) -> str:
+    """The name of the ``n``-th (from 1) ``--also`` sidecar's runs."""
+    return f"{ALSO_PREFIX}{n}"
+
+
+def summarize(
+    runs: Sequence[Mapping[str, Any]], points: Sequence[str], also: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Medians and ranges per (target, point), and the ratios the issue's targets name;
+    for each of the ``also`` targets, its CPU and p99 against the sidecar's, per round."""
     cells: dict[str, dict[str, dict[str, Any]]] = {}
-    for target in (*TARGETS, CONTROL):
+    for target in (*TARGETS, CONTROL, *also):
         for point in points:
             xs = _by(runs, target, point)
             if not xs:
@@ -196,7 +208,28 @@ def summarize(runs: Sequence[Mapping[str, Any]], points: Sequence[str]) -> dict[
         p99_again = _paired(runs, top, CONTROL, "floor", "p99_ms")
         if p99_again is not None:
             ratios["p99_floor_again_over_floor"] = p99_again.as_dict()
-    return {"cells": cells, "ratios": ratios, "latency_point": top}
+    against = _against_sidecar(runs, points, also, top)
+    return {"cells": cells, "ratios": ratios, "latency_point": top, "also": against}
+
+
+def _against_sidecar(
+    runs: Sequence[Mapping[str, Any]], points: Sequence[str], also: Sequence[str], top: str | None
+) -> dict[str, dict[str, Any]]:
+    """Each ``also`` target against the sidecar of the same round: CPU per event at
+    every point, and the p99 at the highest paced rate."""
+    out: dict[str, dict[str, Any]] = {}
+    for target in also:
+        cpu = {}
+        for point in points:
+            spread = _paired(runs, point, target, "sidecar", "us_per_event")
+            if spread is not None:
+                cpu[point] = spread.as_dict()
+        found: dict[str, Any] = {"cpu": cpu}
+        p99 = None if top is None else _paired(runs, top, target, "sidecar", "p99_ms")
+        if p99 is not None:
+            found["p99"] = p99.as_dict()
+        out[target] = found
+    return out
 
 
 def _spread(d: Mapping[str, float]) -> Spread:
@@ -310,6 +343,7 @@ def markdown(summary: Mapping[str, Any], points: Sequence[str], header: str) -> 
         if found is not None and not found[1]:
             held += ", within the noise"
         lines.append(f"| {name} | {value} | {held} |")
+    lines += _also_lines(summary, points)
     if noise or others:
         parts = [f"{_where(p)} {text}" for p, (text, _) in noise.items()]
         parts += [f"{_OTHER_TARGETS[key][1]} {text}" for key, (text, _) in others.items()]
@@ -322,6 +356,48 @@ def markdown(summary: Mapping[str, Any], points: Sequence[str], header: str) -> 
             "farthest round from itself.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _also_lines(summary: Mapping[str, Any], points: Sequence[str]) -> list[str]:
+    """The ``--also`` sidecars beside the sidecar measured: a row each of CPU per event,
+    then its ratio to the sidecar's, and the p99 of each at the highest paced rate."""
+    also: Mapping[str, Any] = summary.get("also", {})
+    if not also:
+        return []
+    cells, top = summary["cells"], summary["latency_point"]
+    titles = [_where(p) for p in points]
+    lines = [
+        "",
+        "Old against new: the sidecar from each `--also` source tree, in the same rounds "
+        "(a ratio is its round's figure against the sidecar's of that round).",
+        "",
+        "| CPU µs per delivered event | " + " | ".join(titles) + " |",
+        "| --- |" + " ---: |" * len(points),
+    ]
+    for target in ("sidecar", *also):
+        shown = [
+            _spread(cells[target][p]["us_per_event"]).show() if p in cells.get(target, {}) else ""
+            for p in points
+        ]
+        source = also.get(target, {}).get("source")
+        label = "sidecar (installed)" if source is None else f"{target} (`{source}`)"
+        lines.append(f"| {label} | " + " | ".join(shown) + " |")
+        if target != "sidecar":
+            cpu = also[target]["cpu"]
+            ratio = [_spread(cpu[p]).show(2) if p in cpu else "" for p in points]
+            lines.append(f"| ratio {target} / sidecar | " + " | ".join(ratio) + " |")
+    if top is not None:
+        lat = []
+        for target in ("sidecar", *also):
+            cell = cells.get(target, {}).get(top)
+            if cell is not None:
+                p50, p99 = _spread(cell["p50_ms"]), _spread(cell["p99_ms"])
+                text = f"{target} {p50.show(1)}/{p99.show(1)} ms"
+                if "p99" in also.get(target, {}):
+                    text += f" (p99 {_spread(also[target]['p99']).show(2)} of the sidecar's)"
+                lat.append(text)
+        lines += ["", f"p50/p99 at {int(top):,} ev/s paced: " + ", ".join(lat) + "."]
+    return lines
 
 
 #: The targets beside the CPU's, by the ratio ``verdicts`` reads: the ratio of the

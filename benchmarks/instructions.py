@@ -63,7 +63,7 @@ from floor_compare import (  # noqa: E402 - beside this script
     target_process,
     wait_delivered,
 )
-from run import _WRK_LUA, PY, fake_api, wrk  # noqa: E402 - beside this script
+from run import _WRK_LUA, PY, add_also, check_also, fake_api, from_source, wrk  # noqa: E402 - beside this script
 from tools import BODY  # noqa: E402 - beside this script
 
 #: How long the fake API may wait for a window's deliveries: under callgrind a process runs
@@ -182,31 +182,6 @@ def command(out: Path, src: Path | None = None) -> tuple[str, ...]:
     does not follow an ``exec``, so it must start the interpreter itself."""
     valgrind = ("valgrind", "--tool=callgrind", "--separate-threads=yes", "--instr-atstart=no")
     return (*from_source(src), *valgrind, f"--callgrind-out-file={out}.%p", PY)
-
-
-def from_source(src: Path | None) -> tuple[str, ...]:
-    """What a target's command starts with to import the package from ``src`` (none: the
-    installed one)."""
-    return () if src is None else ("env", f"PYTHONPATH={src}")
-
-
-def add_also(ap: argparse.ArgumentParser) -> None:
-    """``--also SRC``, repeatable: old against new in one run."""
-    ap.add_argument(
-        "--also",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="SRC",
-        help="also a sidecar whose package is imported from SRC (a directory holding "
-        "valmi_sidecar, e.g. a copy of src/ before a change): old against new",
-    )
-
-
-def check_also(sources: Iterable[Path]) -> None:
-    for src in sources:
-        if not (src / "valmi_sidecar").is_dir():
-            raise SystemExit(f"--also {src}: no valmi_sidecar package there (give a copy of src/)")
 
 
 def measure(

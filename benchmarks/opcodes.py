@@ -34,8 +34,7 @@ sys.path.insert(0, str(HERE))
 
 from calls import origin, signalled_window  # noqa: E402 - beside this script
 from floor_compare import SETTLE_S, target_process  # noqa: E402
-from instructions import add_also, check_also, from_source  # noqa: E402
-from run import PY, fake_api  # noqa: E402 - beside this script
+from run import PY, add_also, check_also, fake_api, from_source  # noqa: E402 - beside this script
 
 ORIGINS = ("own code", "aiohttp", "asyncio", "other")
 THREADS = ("loop", "others")

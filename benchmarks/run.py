@@ -54,7 +54,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -983,6 +983,31 @@ def chart(r: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def from_source(src: Path | None) -> tuple[str, ...]:
+    """What a target's command starts with to import the package from ``src`` (none: the
+    installed one)."""
+    return () if src is None else ("env", f"PYTHONPATH={src}")
+
+
+def add_also(ap: argparse.ArgumentParser) -> None:
+    """``--also SRC``, repeatable: old against new in one run."""
+    ap.add_argument(
+        "--also",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="SRC",
+        help="also a sidecar whose package is imported from SRC (a directory holding "
+        "valmi_sidecar, e.g. a copy of src/ before a change): old against new",
+    )
+
+
+def check_also(sources: Iterable[Path]) -> None:
+    for src in sources:
+        if not (src / "valmi_sidecar").is_dir():
+            raise SystemExit(f"--also {src}: no valmi_sidecar package there (give a copy of src/)")
 
 
 def shown(path: Path) -> str:

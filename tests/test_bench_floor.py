@@ -504,6 +504,52 @@ def test_the_closed_loop_and_the_p99_are_told_from_the_runs_noise_too() -> None:
     assert "within the noise" not in stats.markdown(alone, ["1000", "closed"], "header")
 
 
+def test_old_against_new_pairs_each_also_tree_with_the_sidecar_of_its_round() -> None:
+    """``floor_compare.py --also SRC``: another tree's sidecar, run in the same rounds, is
+    read against the sidecar of the same round (CPU at each point, the p99 at the highest
+    rate), and the table names the tree; the issue's verdicts stay the sidecar's."""
+    old = stats.also_target(1)
+    runs = []
+    for n, scale in enumerate([1.0, 2.0]):
+        runs += [
+            _run("floor", "1000", n, 500.0 * scale, p99=2.0),
+            _run("sidecar", "1000", n, 600.0 * scale, p99=3.0 * scale),
+            _run(old, "1000", n, 660.0 * scale, p99=4.5 * scale),
+            _run("floor", "closed", n, 50.0 * scale, eps=15_000.0),
+            _run("sidecar", "closed", n, 55.0 * scale, eps=12_000.0),
+            _run(old, "closed", n, 44.0 * scale, eps=12_500.0),
+        ]
+    summary = stats.summarize(runs, ["1000", "closed"], [old])
+    found = summary["also"][old]
+    assert pytest.approx(1.1) == found["cpu"]["1000"]["median"]
+    assert pytest.approx(0.8) == found["cpu"]["closed"]["median"]
+    assert pytest.approx(1.5) == found["p99"]["median"]
+    assert pytest.approx(1.2) == summary["ratios"]["cpu_sidecar_over_floor"]["1000"]["median"]
+    found["source"] = "before"
+    table = stats.markdown(summary, ["1000", "closed"], "header")
+    assert f"| {old} (`before`) | 990 (660-1,320) | 66 (44-88) |" in table
+    assert f"| ratio {old} / sidecar | 1.10 | 0.80 |" in table
+    assert "(p99 1.50 of the sidecar's)" in table
+    assert "Old against new" not in stats.markdown(
+        stats.summarize(runs, ["1000", "closed"]), ["1000", "closed"], "header"
+    )
+
+
+def test_a_source_tree_given_as_also_is_the_package_its_process_imports(tmp_path: Path) -> None:
+    """``--also SRC`` runs the sidecar with ``PYTHONPATH=SRC``: the copy, not the
+    installed package, is what it imports; a directory without the package is refused."""
+    run_mod = load_bench("run")
+    src = tmp_path / "old"
+    (src / "valmi_sidecar").mkdir(parents=True)
+    (src / "valmi_sidecar" / "__init__.py").write_text("OLD = True\n")
+    code = "import valmi_sidecar; print(valmi_sidecar.__file__, valmi_sidecar.OLD)"
+    cmd = [*run_mod.from_source(src), sys.executable, "-c", code]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
+    assert f"{src / 'valmi_sidecar' / '__init__.py'} True" == out.strip()
+    with pytest.raises(SystemExit, match="no valmi_sidecar package there"):
+        run_mod.check_also([tmp_path])
+
+
 @pytest.mark.parametrize("k", [2, 3, 4, 5])
 def test_rounds_vary_which_target_runs_first_and_after_which(k: int) -> None:
     """Over a cycle of rounds (``k``, twice that for an odd ``k``) every target runs once
