@@ -25,7 +25,7 @@ from valmi_sidecar.events import NewEvent, parse_one
 from valmi_sidecar.fake_api import FakeValmi
 from valmi_sidecar.flusher import Flusher, FlusherError
 from valmi_sidecar.policy import TokenBucket, full_jitter, rate_budget
-from valmi_sidecar.store import QueuedEvent, Retry, Store, handoff
+from valmi_sidecar.store import Delivered, QueuedEvent, Retry, Settlement, Store, handoff
 from valmi_sidecar.store import core as store_core
 from valmi_sidecar.upstream import Answer, Outgoing, Upstream
 
@@ -436,6 +436,38 @@ async def test_deliveries_at_a_few_events_a_second_are_recorded_several_at_a_tim
     carrying = [k for k in recorded if k]
     assert len(carrying) <= n // 3, recorded  # one in every transaction before
     assert max(carrying) >= 3, recorded
+
+
+async def test_a_settle_batch_stops_lingering_once_enough_outcomes_wait(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outcomes that do not ride linger for company (``SETTLE_LINGER_S``), but only until
+    ``LINGER_FULL`` wait: the batch joins the commit of the events being received, and a
+    larger one would make that commit, and every answer waiting on it, take longer."""
+    monkeypatch.setattr(settler, "SETTLE_LINGER_S", 30.0)
+    # None ride, as when more are answered than ride (forwarding 1,000 events a second).
+    monkeypatch.setattr(settler, "RIDE_BELOW", 0)
+    n = settler.LINGER_FULL
+    await store.submit([action(i) for i in range(n)])
+    leased = await store.lease(n, frozenset())
+    assert n == len(leased)
+    recorded: list[list[Settlement]] = []
+    settling = settler.Settler(store, 256, recorded.append)
+    task = asyncio.create_task(settling.run())
+    try:
+        for e in leased[:-1]:  # one short
+            settling.add(Delivered(e.seq))
+        for _ in range(50):  # the settler's task runs, and lingers
+            await asyncio.sleep(0)
+        assert settling.waiting
+        assert (0, n) == (store.counts().delivered, store.counts().queued)
+        settling.add(Delivered(leased[-1].seq))
+        await wait_until(lambda: n == store.counts().delivered, 5, "the batch recorded")
+        assert 0 == store.counts().queued
+        assert [n] == [len(batch) for batch in recorded]  # one batch, all of them
+    finally:
+        settling.close()
+        await asyncio.wait_for(task, 10)
 
 
 async def test_a_drain_records_riding_deliveries_without_waiting_for_their_ride(

@@ -27,6 +27,12 @@ from .store import DeadLetter, Delivered, Settle, Settlement, Store, StoreError
 #: The cost: an event's delivery is recorded up to this much later, so a crash in
 #: between re-sends it (same key).
 SETTLE_LINGER_S: Final = 0.1
+#: A batch stops lingering once this many outcomes wait. It joins the group commit of the
+#: events being received, and a larger one makes that commit, and the requests in it, take
+#: longer: forwarding 1,000 events a second, 100 ms gathered about a hundred
+#: (docs/PERFORMANCE.md, "A settle batch lingers until 32"). Forwarding at the default
+#: rate limit (10,000 a minute) gathers fewer in 100 ms, so it never ends a wait there.
+LINGER_FULL: Final = 32
 #: Fewer outcomes than this ride: they wait (up to ``RIDE_S``) in the writer for the next
 #: transaction of received events instead of lingering here, since a settle transaction
 #: of its own costs the writer several times what riding costs. More ride not: at high
@@ -58,7 +64,8 @@ class Settler:
         self, store: Store, batch: int, on_settled: Callable[[list[Settlement]], None]
     ) -> None:
         self._store = store
-        self._batch = batch
+        # A batch this large commits without lingering (``LINGER_FULL``, or ``batch``).
+        self._linger_below = min(batch, LINGER_FULL)
         self._on_settled = on_settled
         self._pending: list[Settlement] = []
         # Outcomes in the settle transaction that ``run`` makes now.
@@ -69,7 +76,8 @@ class Settler:
         # taken it: one operation, one future and one callback for them all.
         self._ride: Settle | None = None
         self._wake = asyncio.Event()
-        # Set when leasing waits for outcomes to be saved: stop lingering.
+        # Set to stop lingering: when leasing waits for outcomes to be saved, or once
+        # ``LINGER_FULL`` wait.
         self._now = asyncio.Event()
         self._closing = False
 
@@ -110,6 +118,8 @@ class Settler:
                 return
         self._pending.append(settlement)
         self._wake.set()
+        if len(self._pending) >= LINGER_FULL:
+            self._now.set()  # enough company: see ``LINGER_FULL``
 
     def _rode(self, batch: list[Settlement], started: float, future: asyncio.Future[None]) -> None:
         """A riding batch's transaction ended (``add``'s fast path); ``batch`` holds
@@ -160,7 +170,7 @@ class Settler:
                 ride = len(self._pending) < RIDE_BELOW and not self._closing
                 if ride and self._now.is_set():
                     ride = False  # leasing waits for these outcomes to be saved
-                elif not ride and len(self._pending) < self._batch and not self._closing:
+                elif not ride and len(self._pending) < self._linger_below and not self._closing:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(SETTLE_LINGER_S):
                             await self._now.wait()
@@ -223,4 +233,4 @@ def _within_dead_bytes(pending: list[Settlement]) -> int:
     return len(pending)
 
 
-__all__ = ["RIDE_S", "SETTLE_LINGER_S", "SETTLE_RETRY_S", "Settler"]
+__all__ = ["LINGER_FULL", "RIDE_S", "SETTLE_LINGER_S", "SETTLE_RETRY_S", "Settler"]
