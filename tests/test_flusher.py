@@ -445,6 +445,7 @@ async def test_a_settle_batch_stops_lingering_once_enough_outcomes_wait(
     ``LINGER_FULL`` wait: the batch joins the commit of the events being received, and a
     larger one would make that commit, and every answer waiting on it, take longer."""
     monkeypatch.setattr(settler, "SETTLE_LINGER_S", 30.0)
+    monkeypatch.setattr(settler, "RIDE_S", 30.0)  # events count as being received for 30 s
     # None ride, as when more are answered than ride (forwarding 1,000 events a second).
     monkeypatch.setattr(settler, "RIDE_BELOW", 0)
     n = settler.LINGER_FULL
@@ -465,6 +466,36 @@ async def test_a_settle_batch_stops_lingering_once_enough_outcomes_wait(
         await wait_until(lambda: n == store.counts().delivered, 5, "the batch recorded")
         assert 0 == store.counts().queued
         assert [n] == [len(batch) for batch in recorded]  # one batch, all of them
+    finally:
+        settling.close()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_with_nothing_received_a_settle_batch_lingers_past_the_bound(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog's drain, nothing received: no request waits for the commit the batch
+    joins, so it gathers for its whole linger (a batch at most), as before the bound;
+    the flusher's hurry still ends the wait at once."""
+    monkeypatch.setattr(settler, "SETTLE_LINGER_S", 30.0)
+    monkeypatch.setattr(settler, "RIDE_S", 0.0)  # nothing counts as being received
+    monkeypatch.setattr(settler, "RIDE_BELOW", 0)
+    n = settler.LINGER_FULL + 1
+    await store.submit([action(i) for i in range(n)])
+    leased = await store.lease(n, frozenset())
+    recorded: list[list[Settlement]] = []
+    settling = settler.Settler(store, 256, recorded.append)
+    task = asyncio.create_task(settling.run())
+    try:
+        for e in leased:
+            settling.add(Delivered(e.seq))
+        for _ in range(50):  # the settler's task runs, and lingers
+            await asyncio.sleep(0)
+        assert settling.waiting
+        assert 0 == store.counts().delivered
+        settling.hurry()
+        await wait_until(lambda: n == store.counts().delivered, 5, "the batch recorded")
+        assert [n] == [len(batch) for batch in recorded]
     finally:
         settling.close()
         await asyncio.wait_for(task, 10)

@@ -27,11 +27,13 @@ from .store import DeadLetter, Delivered, Settle, Settlement, Store, StoreError
 #: The cost: an event's delivery is recorded up to this much later, so a crash in
 #: between re-sends it (same key).
 SETTLE_LINGER_S: Final = 0.1
-#: A batch stops lingering once this many outcomes wait. It joins the group commit of the
-#: events being received, and a larger one makes that commit, and the requests in it, take
-#: longer: forwarding 1,000 events a second, 100 ms gathered about a hundred
-#: (docs/PERFORMANCE.md, "A settle batch lingers until 32"). Forwarding at the default
-#: rate limit (10,000 a minute) gathers fewer in 100 ms, so it never ends a wait there.
+#: While events are being received, a batch stops lingering once this many outcomes
+#: wait. It joins the group commit of the events being received, and a larger one makes
+#: that commit, and the requests in it, take longer: forwarding 1,000 events a second,
+#: 100 ms gathered about a hundred (docs/PERFORMANCE.md, "A settle batch lingers until
+#: 32"). Forwarding at the default rate limit (10,000 a minute) gathers fewer in 100 ms,
+#: so it never ends a wait there; nor does a backlog's drain with nothing received,
+#: where larger batches cost the writer less and hold up no request.
 LINGER_FULL: Final = 32
 #: Fewer outcomes than this ride: they wait (up to ``RIDE_S``) in the writer for the next
 #: transaction of received events instead of lingering here, since a settle transaction
@@ -64,8 +66,7 @@ class Settler:
         self, store: Store, batch: int, on_settled: Callable[[list[Settlement]], None]
     ) -> None:
         self._store = store
-        # A batch this large commits without lingering (``LINGER_FULL``, or ``batch``).
-        self._linger_below = min(batch, LINGER_FULL)
+        self._batch = batch
         self._on_settled = on_settled
         self._pending: list[Settlement] = []
         # Outcomes in the settle transaction that ``run`` makes now.
@@ -118,7 +119,7 @@ class Settler:
                 return
         self._pending.append(settlement)
         self._wake.set()
-        if len(self._pending) >= LINGER_FULL:
+        if len(self._pending) >= LINGER_FULL and self._store.received_within(RIDE_S):
             self._now.set()  # enough company: see ``LINGER_FULL``
 
     def _rode(self, batch: list[Settlement], started: float, future: asyncio.Future[None]) -> None:
@@ -170,7 +171,7 @@ class Settler:
                 ride = len(self._pending) < RIDE_BELOW and not self._closing
                 if ride and self._now.is_set():
                     ride = False  # leasing waits for these outcomes to be saved
-                elif not ride and len(self._pending) < self._linger_below and not self._closing:
+                elif not ride and not self._closing and self._lingers():
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(SETTLE_LINGER_S):
                             await self._now.wait()
@@ -192,6 +193,14 @@ class Settler:
             except StoreError as exc:
                 log.warning("final_settle_failed", error=f"{type(exc).__name__}: {exc}")
             raise
+
+    def _lingers(self) -> bool:
+        """Whether the outcomes pending wait for company: fewer than a batch, and fewer
+        than ``LINGER_FULL`` while events are being received."""
+        n = len(self._pending)
+        if n >= self._batch:
+            return False
+        return n < LINGER_FULL or not self._store.received_within(RIDE_S)
 
     def _ride_s(self) -> float:
         """How long the outcomes pending, riding, wait for received events."""
