@@ -412,12 +412,8 @@ def main() -> int:
                     )
     summary = summarize(runs, points, list(also))
     for target, src in also.items():
-        # Outside the repository, the tree's last two parts (``before/src``), not the
-        # machine's whole path.
-        inside = shown(src) != src.name
-        summary["also"][target]["source"] = (
-            shown(src) if inside else f"{src.parent.name}/{src.name}"
-        )
+        # The tree's last two parts (``before/src``), not the machine's whole path.
+        summary["also"][target]["source"] = f"{src.parent.name}/{src.name}"
     m = machine()
     header = (
         f"Run {started} on {m['cpu']} ({m['cores']} cores, shared), Python {m['python']}, "

@@ -78,7 +78,7 @@ class Settler:
         self._ride: Settle | None = None
         self._wake = asyncio.Event()
         # Set to stop lingering: when leasing waits for outcomes to be saved, or once
-        # ``LINGER_FULL`` wait.
+        # enough wait (``_lingers``).
         self._now = asyncio.Event()
         self._closing = False
 
@@ -119,8 +119,8 @@ class Settler:
                 return
         self._pending.append(settlement)
         self._wake.set()
-        if len(self._pending) >= LINGER_FULL and self._store.received_within(RIDE_S):
-            self._now.set()  # enough company: see ``LINGER_FULL``
+        if len(self._pending) >= LINGER_FULL and not self._lingers():
+            self._now.set()  # enough company
 
     def _rode(self, batch: list[Settlement], started: float, future: asyncio.Future[None]) -> None:
         """A riding batch's transaction ended (``add``'s fast path); ``batch`` holds
