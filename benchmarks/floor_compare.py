@@ -45,6 +45,11 @@ through ``PYTHONPATH``): ``also-1``, ... run in the same rounds as the other tar
 the table gains their CPU per event and p99, each against the sidecar's of the same round.
 The issue's verdicts stay the installed sidecar's.
 
+``--pool A.json B.json ...`` measures nothing: it prints the table and verdicts of the
+rounds of several saved runs (``floor.json``, of the same code) taken together, each ratio
+still per round, each against the run of its own round (``floor_stats.pooled``; the
+``--also`` trees are left out). More rounds narrow a median that three leave to the host.
+
 CPU is the target process's only (its threads together; see ``floor_stats.py`` for why
 the process's CPU-time clock and not ``/proc/<pid>/task/*/schedstat``), per delivered event
 (per acknowledged event for bare, and in the closed loop). Latency is wrk's p50/p99 at the
@@ -85,6 +90,7 @@ from floor_stats import (  # noqa: E402 - beside this script
     cpu_sample,
     cpu_spent,
     markdown,
+    pooled,
     summarize,
     verdicts,
 )
@@ -319,6 +325,30 @@ def _shown_arg(value: Any) -> Any:
     return value
 
 
+def pooled_table(files: Sequence[Path]) -> str:
+    """``--pool``: the table and verdicts of several runs' rounds taken together, each
+    ratio still per round. More rounds narrow a median that one run's three leave to the
+    host's noise; the runs should be of the same code (the header names each)."""
+    results = []
+    for path in files:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{path}: cannot read a floor.json there ({exc})") from None
+        if not isinstance(result, dict) or not isinstance(result.get("runs"), list):
+            raise SystemExit(f"{path}: not a result of floor_compare.py (it has no runs)")
+        results.append(result)
+    runs, points = pooled(results)
+    rounds = len({r["round"] for r in runs})
+    header = (
+        f"The rounds of {len(results)} runs taken together, {rounds} in all (each ratio "
+        "is still per round, each against the run of the same round): "
+        + "; ".join(f"{r.get('started', '?')}, `{r.get('command', '?')}`" for r in results)
+        + "."
+    )
+    return markdown(summarize(runs, points), points, header)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
@@ -360,7 +390,20 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--dir", type=Path, default=HERE, help="where the temporary data goes")
     add_also(parser)
+    parser.add_argument(
+        "--pool",
+        type=Path,
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="measure nothing: the rounds of the floor.json files given (runs of the same "
+        "code), taken together, as one table and its verdicts, printed",
+    )
     args = parser.parse_args()
+    if args.pool:
+        print(pooled_table(args.pool))
+        return 0
     check_also(args.also)
     # Each --also tree runs as a target of its own, in the same rounds as the rest.
     also = {also_target(i + 1): src.resolve() for i, src in enumerate(args.also)}

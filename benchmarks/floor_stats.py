@@ -212,6 +212,23 @@ def summarize(
     return {"cells": cells, "ratios": ratios, "latency_point": top, "also": against}
 
 
+def pooled(results: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The runs of several saved results (``floor.json``) taken together, and the load
+    points they hold in the table's order. Each result's rounds are numbered apart from
+    the others', so that a ratio still pairs the runs of one round of one result. The
+    ``--also`` trees are left out: ``also-1`` of one run need not be the tree of
+    another's."""
+    runs: list[dict[str, Any]] = []
+    offset = 0
+    for result in results:
+        own = [r for r in result["runs"] if not str(r["target"]).startswith(ALSO_PREFIX)]
+        runs += [{**r, "round": offset + int(r["round"])} for r in own]
+        offset += max((int(r["round"]) for r in own), default=-1) + 1
+    found = {str(r["point"]) for r in runs}
+    paced = sorted((p for p in found if p != CLOSED), key=int)
+    return runs, paced + ([CLOSED] if CLOSED in found else [])
+
+
 def _against_sidecar(
     runs: Sequence[Mapping[str, Any]], points: Sequence[str], also: Sequence[str], top: str | None
 ) -> dict[str, dict[str, Any]]:

@@ -828,3 +828,65 @@ def test_commit_parts_writes_the_rows_each_variant_names(
     # Each commit appends at least the events table's page to the WAL, one more each for
     # a key row and a ledger row.
     assert frames >= 1 + keys + ledger
+
+
+def _saved(runs: list[dict[str, Any]], started: str) -> dict[str, Any]:
+    return {"started": started, "command": "benchmarks/floor_compare.py", "runs": runs}
+
+
+def test_pooled_runs_keep_each_results_rounds_apart() -> None:
+    """Round 0 of one run pairs with its own round 0, not another run's: the sidecar read
+    2.0 and 1.0 of the floor in the two runs, so the pooled median is 1.5 (pairing across
+    runs would make 1.0 and 0.5 out of nothing). An ``--also`` tree of one run is not
+    another's: left out."""
+    first = _saved(
+        [
+            _run("floor", "closed", 0, 100.0),
+            _run("sidecar", "closed", 0, 200.0),
+            _run(stats.also_target(1), "closed", 0, 150.0),
+        ],
+        "first",
+    )
+    second = _saved(
+        [
+            _run("floor", "1000", 0, 400.0),
+            _run("sidecar", "1000", 0, 400.0),
+            _run("floor", "closed", 0, 200.0),
+            _run("sidecar", "closed", 0, 200.0),
+            _run("floor", "10", 1, 1000.0),
+            _run("sidecar", "10", 1, 1300.0),
+        ],
+        "second",
+    )
+    runs, points = stats.pooled([first, second])
+    assert ["10", "1000", "closed"] == points
+    assert {0, 1, 2} == {r["round"] for r in runs}
+    assert not any(r["target"].startswith(stats.ALSO_PREFIX) for r in runs)
+    summary = stats.summarize(runs, points)
+    closed = summary["ratios"]["cpu_sidecar_over_floor"]["closed"]
+    assert {"median": 1.5, "low": 1.0, "high": 2.0} == closed
+    assert pytest.approx(1.3) == summary["ratios"]["cpu_sidecar_over_floor"]["10"]["median"]
+
+
+def test_pool_prints_the_table_of_saved_runs_and_refuses_what_is_not_one(tmp_path: Path) -> None:
+    """``floor_compare.py --pool A B``: measures nothing, prints the rounds of both runs
+    as one table with its verdicts; a file that is not a saved run is named, not a
+    traceback."""
+    a, b, bad = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "bad.json"
+    for n, (path, us) in enumerate([(a, 1100.0), (b, 1300.0)]):
+        runs = [_run("floor", "1000", 0, 1000.0, p99=2.0), _run("sidecar", "1000", 0, us, p99=3.0)]
+        path.write_text(json.dumps(_saved(runs, f"run {n}")))
+    bad.write_text(json.dumps({"cells": {}}))
+    cmd = [sys.executable, str(BENCH / "floor_compare.py"), "--pool"]
+    done = subprocess.run(
+        [*cmd, str(a), str(b)], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert 0 == done.returncode, done.stderr
+    assert "The rounds of 2 runs taken together, 2 in all" in done.stdout
+    assert "run 0, `benchmarks/floor_compare.py`; run 1," in done.stdout
+    assert "| CPU per event ≤ 1.2 x the floor's (1,000 ev/s) | 1.20 (1.10-1.30) |" in done.stdout
+    refused = subprocess.run(
+        [*cmd, str(a), str(bad)], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert 1 == refused.returncode
+    assert f"{bad}: not a result of floor_compare.py (it has no runs)" in refused.stderr
